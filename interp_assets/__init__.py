@@ -1,0 +1,1 @@
+"""SAE features over text datasets: pure logic modules plus the Dagster asset wiring."""

@@ -1,0 +1,182 @@
+"""Content-addressed store of encoded documents: what makes recompute incremental and crashes cheap.
+
+Activations are keyed by (reader fingerprint, document hash). Documents are encoded in chunks; each
+chunk is committed as two Parquet files, `<id>.acts.parquet` (one row per nonzero) and then
+`<id>.docs.parquet` (one row per document: tokens, truncation, status). The `.docs` file is the commit
+marker: a chunk without it (a crash between the two renames, or mid-write) is ignored and redone.
+A run killed midway therefore redoes at most the chunk in flight, and an unchanged drop encodes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from interp_assets.activations import EncodedTexts, iter_chunks
+
+DOC_STATUS_SCHEMA = pa.schema(
+    [
+        ("doc_hash", pa.string()),
+        ("n_tokens", pa.int32()),
+        ("pooled_tokens", pa.int32()),
+        ("truncated", pa.bool_()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+
+TOKEN_ACTIVATIONS_SCHEMA = pa.schema(
+    [
+        ("dataset", pa.dictionary(pa.int32(), pa.string())),
+        ("doc_id", pa.int32()),
+        ("token_index", pa.int32()),
+        ("token", pa.dictionary(pa.int32(), pa.string())),
+        ("char_start", pa.int32()),
+        ("char_end", pa.int32()),
+        ("feature", pa.int32()),
+        ("activation", pa.float32()),
+    ]
+)
+
+ACTIVATION_STATUS_SCHEMA = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("doc_id", pa.int32()),
+        ("doc_hash", pa.string()),
+        ("n_tokens", pa.int32()),
+        ("pooled_tokens", pa.int32()),
+        ("truncated", pa.bool_()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+
+
+@dataclass
+class EncodeStats:
+    """What one `encode_missing` call did."""
+
+    documents: int
+    reused: int
+    encoded: int
+    rejected: int
+    chunks_written: int
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+class ActivationCache:
+    """Encoded documents for one reader fingerprint, under `<root>/<fingerprint>/`."""
+
+    def __init__(self, root: str | Path, fingerprint: str) -> None:
+        self.dir = Path(root) / fingerprint
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def committed_chunks(self) -> list[str]:
+        """Ids of committed chunks, oldest name first (the order decides which copy of a document wins)."""
+        ids = []
+        for p in sorted(self.dir.glob("*.docs.parquet")):
+            chunk_id = p.name[: -len(".docs.parquet")]
+            if (self.dir / f"{chunk_id}.acts.parquet").exists():
+                ids.append(chunk_id)
+        return ids
+
+    def document_index(self) -> pl.DataFrame:
+        """One row per cached document hash: the chunk holding it and its status (first chunk wins)."""
+        frames = [
+            pl.read_parquet(self.dir / f"{c}.docs.parquet").with_columns(pl.lit(c).alias("chunk"))
+            for c in self.committed_chunks()
+        ]
+        if not frames:
+            return pl.from_arrow(DOC_STATUS_SCHEMA.empty_table()).with_columns(pl.lit("").alias("chunk")).head(0)
+        return pl.concat(frames).unique("doc_hash", keep="first", maintain_order=True)
+
+    def encode_missing(
+        self,
+        encode: Callable[[Sequence[str]], EncodedTexts],
+        documents: pl.DataFrame,
+        *,
+        max_docs: int = 2048,
+        max_chars: int = 400_000,
+        retry_rejected: bool = False,
+        on_chunk: Callable[[int, int], None] | None = None,
+    ) -> EncodeStats:
+        """Encode the documents (columns doc_hash, text) whose hash is not cached yet, chunk by chunk."""
+        unique = documents.select("doc_hash", "text").unique("doc_hash", keep="first", maintain_order=True)
+        index = self.document_index()
+        done = index if not retry_rejected else index.filter(pl.col("status") == "encoded")
+        missing = unique.join(done.select("doc_hash"), on="doc_hash", how="anti", maintain_order="left")
+        texts = missing["text"].to_list()
+        hashes = missing["doc_hash"].to_list()
+        encoded = rejected = chunks = 0
+        lengths = [len(t) for t in texts]
+        for rng in iter_chunks(len(texts), lengths, max_docs, max_chars):
+            result = encode([texts[i] for i in rng])
+            chunk_hashes = [hashes[i] for i in rng]
+            self._commit(chunk_hashes, result)
+            chunks += 1
+            rejected += len(result.errors)
+            encoded += len(rng) - len(result.errors)
+            if on_chunk is not None:
+                on_chunk(rng.stop, len(texts))
+        return EncodeStats(
+            documents=unique.height,
+            reused=unique.height - len(texts),
+            encoded=encoded,
+            rejected=rejected,
+            chunks_written=chunks,
+        )
+
+    def _commit(self, hashes: list[str], result: EncodedTexts) -> None:
+        chunk_id = f"{uuid.uuid1().hex}"
+        acts = result.activations
+        doc_hash = pa.array(np.array(hashes, dtype=object)[acts["doc_index"].to_numpy()], pa.string())
+        acts = acts.drop_columns(["doc_index"]).add_column(0, "doc_hash", doc_hash)
+        status = pa.table(
+            {
+                "doc_hash": pa.array(hashes, pa.string()),
+                "n_tokens": pa.array(result.n_tokens, pa.int32()),
+                "pooled_tokens": pa.array(result.pooled_tokens, pa.int32()),
+                "truncated": pa.array(result.truncated, pa.bool_()),
+                "status": pa.array(["rejected" if i in result.errors else "encoded" for i in range(len(hashes))]),
+                "reason": pa.array([result.errors.get(i) for i in range(len(hashes))], pa.string()),
+            },
+            schema=DOC_STATUS_SCHEMA,
+        )
+        _write_atomic(acts, self.dir / f"{chunk_id}.acts.parquet")
+        _write_atomic(status, self.dir / f"{chunk_id}.docs.parquet")
+
+    def activation_status(self, documents: pl.DataFrame, dataset: str) -> pa.Table:
+        """Per-document outcome for a dataset (columns of ACTIVATION_STATUS_SCHEMA); missing = not encoded."""
+        index = self.document_index().drop("chunk")
+        joined = documents.select("doc_id", "doc_hash").join(index, on="doc_hash", how="left", maintain_order="left")
+        joined = joined.with_columns(
+            pl.lit(dataset).alias("dataset"),
+            pl.col("status").fill_null("missing"),
+            pl.col("doc_id").cast(pl.Int32),
+        ).select(ACTIVATION_STATUS_SCHEMA.names)
+        return joined.to_arrow().cast(ACTIVATION_STATUS_SCHEMA)
+
+    def iter_token_activations(self, documents: pl.DataFrame, dataset: str) -> Iterator[pa.RecordBatch]:
+        """Stream the token_activations rows of `documents` (doc_id, doc_hash), one cache chunk at a time."""
+        index = self.document_index().filter(pl.col("status") == "encoded").select("doc_hash", "chunk")
+        wanted = documents.select(pl.col("doc_id").cast(pl.Int32), "doc_hash").join(index, on="doc_hash")
+        for (chunk_id,), part in wanted.group_by(["chunk"], maintain_order=True):
+            acts = pl.read_parquet(self.dir / f"{chunk_id}.acts.parquet")
+            # keep only this chunk's copy of each document (first chunk wins), then map hash -> doc_id(s)
+            rows = acts.join(part.select("doc_hash", "doc_id"), on="doc_hash").sort("doc_id", "token_index")
+            rows = rows.with_columns(pl.lit(dataset).alias("dataset")).select(TOKEN_ACTIVATIONS_SCHEMA.names)
+            table = rows.to_arrow().cast(TOKEN_ACTIVATIONS_SCHEMA)
+            yield from table.to_batches(max_chunksize=1_000_000)

@@ -1,0 +1,361 @@
+"""The activation engine: read documents with the reader model, encode the hooked layer with the SAE.
+
+Design points (see README, "Activation engine"):
+- the forward pass stops at the hooked layer (a hook raises `_StopForward`): no later layers, no head;
+- documents are sorted by token length and batched by a token budget (padding is bounded);
+- the SAE output stays sparse on the device: for TopK SAEs only `k` values per token ever exist, and
+  for other architectures the dense pre-activations exist on the device one chunk of tokens at a time;
+- special tokens (CLS/SEP/BOS) and chat-template tokens are excluded by default;
+- one failing document is reported with its reason and never takes its batch down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+ACTIVATION_COLUMNS = ("doc_index", "token_index", "token", "char_start", "char_end", "feature", "activation")
+
+# Bound on the dense (tokens x d_sae) pre-activation block that exists on the device at one time.
+_PRE_ACTIVATION_BYTES = 256 * 2**20
+
+
+class _StopForward(Exception):
+    """Raised by the layer hook once the hooked hidden state is captured."""
+
+
+@dataclass
+class EncodedTexts:
+    """Sparse SAE activations for a list of texts (row = one nonzero) plus per-document status."""
+
+    activations: pa.Table
+    n_tokens: np.ndarray  # tokens read by the model (special tokens included), per document
+    pooled_tokens: np.ndarray  # tokens eligible for pooling, per document
+    truncated: np.ndarray  # bool per document
+    errors: dict[int, str] = field(default_factory=dict)  # doc_index -> reason
+
+
+@dataclass
+class _Tokenized:
+    input_ids: list[int]
+    offsets: list[tuple[int, int]]
+    keep: list[bool]  # token is pooled (not special, not template)
+    truncated: bool
+
+
+def sparse_encode(sae: Any, x: Any) -> tuple[Any, Any, Any]:
+    """Encode hidden states `x` [tokens, d_in] with a SAELens SAE, returning sparse (row, feature, value).
+
+    Results equal `sae.encode(x)`'s nonzeros; TopK, standard (ReLU) and JumpReLU SAEs are computed without
+    a dense tokens x d_sae output; other architectures fall back to `sae.encode` one chunk at a time.
+    All three tensors stay on the device of `x`.
+    """
+    import torch
+
+    arch = sae.cfg.architecture()
+    d_sae = int(sae.cfg.d_sae)
+    chunk = max(1, _PRE_ACTIVATION_BYTES // (4 * d_sae))
+    rows, feats, vals = [], [], []
+    for start in range(0, x.shape[0], chunk):
+        xc = x[start : start + chunk]
+        if arch == "topk":
+            sae_in = sae.process_sae_in(xc)
+            pre = sae_in @ sae.W_enc + sae.b_enc
+            if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+                pre = pre * sae.W_dec.norm(dim=-1)
+            k = min(int(sae.cfg.k), d_sae)
+            top_vals, top_idx = torch.topk(pre, k=k, dim=-1, sorted=False)
+            del pre
+            top_vals = top_vals.relu()
+            mask = top_vals > 0
+            r = torch.arange(xc.shape[0], device=x.device).unsqueeze(1).expand_as(top_idx)[mask]
+            f, v = top_idx[mask], top_vals[mask]
+        else:
+            if arch == "standard":
+                pre = sae.process_sae_in(xc) @ sae.W_enc + sae.b_enc
+                acts = pre.relu()
+            elif arch == "jumprelu":
+                pre = sae.process_sae_in(xc) @ sae.W_enc + sae.b_enc
+                acts = pre.relu() * (pre > sae.threshold).to(pre.dtype)
+            else:
+                acts = sae.encode(xc)
+            nz = acts.nonzero(as_tuple=True)
+            r, f = nz[0], nz[1]
+            v = acts[nz]
+            del acts
+        rows.append(r + start)
+        feats.append(f)
+        vals.append(v)
+    if not rows:
+        empty = torch.zeros(0, dtype=torch.long, device=x.device)
+        return empty, empty, torch.zeros(0, dtype=torch.float32, device=x.device)
+    return torch.cat(rows), torch.cat(feats), torch.cat(vals)
+
+
+def tokenize_documents(reader: Any, texts: Sequence[str]) -> list[_Tokenized | str]:
+    """Tokenize each text (truncating to `max_length`); a failure becomes an error string for that text."""
+    tok = reader.tokenizer
+    if reader.chat_template:
+        return [_tokenize_chat(reader, t) for t in texts]
+    try:
+        enc = tok(
+            list(texts),
+            truncation=True,
+            max_length=reader.max_length,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
+    except Exception:  # noqa: BLE001 - fall back to one document at a time to isolate the bad one
+        return [_tokenize_one(reader, t) for t in texts]
+    out: list[_Tokenized | str] = []
+    for i in range(len(texts)):
+        ids = enc["input_ids"][i]
+        special = enc["special_tokens_mask"][i]
+        keep = [not (reader.exclude_special_tokens and s) for s in special]
+        overflow = len(enc.encodings[i].overflowing) > 0 if enc.encodings else False
+        out.append(_Tokenized(ids, [tuple(o) for o in enc["offset_mapping"][i]], keep, overflow))
+    return out
+
+
+def _tokenize_one(reader: Any, text: str) -> _Tokenized | str:
+    try:
+        if not isinstance(text, str):
+            return f"text is {type(text).__name__}, not a string"
+        enc = reader.tokenizer(
+            text,
+            truncation=True,
+            max_length=reader.max_length,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
+        keep = [not (reader.exclude_special_tokens and s) for s in enc["special_tokens_mask"]]
+        overflow = len(enc.encodings[0].overflowing) > 0 if enc.encodings else False
+        return _Tokenized(enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]], keep, overflow)
+    except Exception as exc:  # noqa: BLE001
+        return f"tokenization failed: {type(exc).__name__}: {exc}"
+
+
+def _tokenize_chat(reader: Any, text: str) -> _Tokenized | str:
+    """Wrap `text` as one user message; offsets are made relative to `text`, template tokens marked."""
+    try:
+        tok = reader.tokenizer
+        templated = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
+        start = templated.find(text)
+        if start < 0:
+            return "chat template does not contain the document text verbatim"
+        enc = tok(
+            templated,
+            add_special_tokens=False,
+            truncation=True,
+            max_length=reader.max_length,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
+        end = start + len(text)
+        offsets, keep = [], []
+        for (a, b), special in zip(enc["offset_mapping"], enc["special_tokens_mask"], strict=True):
+            inside = a >= start and b <= end and b > a
+            offsets.append((a - start, b - start) if inside else (0, 0))
+            keep.append(
+                not (reader.exclude_special_tokens and special) and (inside or not reader.exclude_template_tokens)
+            )
+        overflow = len(enc.encodings[0].overflowing) > 0 if enc.encodings else False
+        return _Tokenized(enc["input_ids"], offsets, keep, overflow)
+    except Exception as exc:  # noqa: BLE001
+        return f"chat template failed: {type(exc).__name__}: {exc}"
+
+
+def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Group document indices into batches sorted by length with at most `token_budget` padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = max(lengths[i], lengths[current[-1]] if current else 0)
+        if current and longest * (len(current) + 1) > token_budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _capture_hidden(reader: Any, input_ids: Any, attention_mask: Any) -> Any:
+    """Run the model up to the hooked layer and return its hidden state [B, T, d]."""
+    import torch
+
+    captured: dict[str, Any] = {}
+    module = reader.layer_module
+
+    if reader.hook.position == "post":
+
+        def hook(_mod: Any, _inp: Any, output: Any) -> None:
+            captured["h"] = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+        handle = module.register_forward_hook(hook)
+    else:
+
+        def pre_hook(_mod: Any, args: Any, kwargs: Any) -> None:
+            captured["h"] = args[0] if args else kwargs["hidden_states"]
+            raise _StopForward
+
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            reader.model(input_ids=input_ids, attention_mask=attention_mask)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "h" not in captured:
+        raise RuntimeError("The hooked layer was never reached during the forward pass.")
+    return captured["h"]
+
+
+def _vocab_strings(reader: Any) -> np.ndarray:
+    cached = getattr(reader, "_vocab_strings", None)
+    if cached is None:
+        size = max(len(reader.tokenizer), int(getattr(reader.model.config, "vocab_size", 0) or 0))
+        tokens = reader.tokenizer.convert_ids_to_tokens(list(range(size)))
+        cached = np.array([t if t is not None else "" for t in tokens], dtype=object)
+        reader._vocab_strings = cached
+    return cached
+
+
+def _encode_batch(reader: Any, docs: list[_Tokenized]) -> tuple[np.ndarray, ...]:
+    """Forward one padded batch; return numpy arrays (batch_row, token_index, token_id, feature, value)."""
+    import torch
+
+    pad_id = reader.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = reader.tokenizer.eos_token_id or 0
+    longest = max(len(d.input_ids) for d in docs)
+    ids = torch.full((len(docs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(docs), longest), dtype=torch.long)
+    keep = torch.zeros((len(docs), longest), dtype=torch.bool)
+    for row, d in enumerate(docs):
+        n = len(d.input_ids)
+        ids[row, :n] = torch.tensor(d.input_ids, dtype=torch.long)
+        mask[row, :n] = 1
+        keep[row, :n] = torch.tensor(d.keep, dtype=torch.bool)
+    device = reader.device
+    hidden = _capture_hidden(reader, ids.to(device), mask.to(device))
+    keep_dev = keep.to(device)
+    positions = keep_dev.nonzero(as_tuple=False)  # [n_kept, 2] (row, token_index)
+    x = hidden[keep_dev]
+    with torch.inference_mode():
+        rows, feats, vals = sparse_encode(reader.sae, x)
+    batch_row = positions[rows, 0]
+    token_index = positions[rows, 1]
+    token_id = ids.to(device)[batch_row, token_index]
+    return (
+        batch_row.cpu().numpy().astype(np.int32),
+        token_index.cpu().numpy().astype(np.int32),
+        token_id.cpu().numpy().astype(np.int64),
+        feats.cpu().numpy().astype(np.int32),
+        vals.float().cpu().numpy().astype(np.float32),
+    )
+
+
+def encode_texts(reader: Any, texts: Sequence[str]) -> EncodedTexts:
+    """Encode `texts` with the reader's model and SAE; rows of the result carry `doc_index` into `texts`."""
+    tokenized = tokenize_documents(reader, texts)
+    n = len(texts)
+    errors: dict[int, str] = {}
+    n_tokens = np.zeros(n, dtype=np.int32)
+    pooled = np.zeros(n, dtype=np.int32)
+    truncated = np.zeros(n, dtype=bool)
+    good: list[int] = []
+    for i, t in enumerate(tokenized):
+        if isinstance(t, str):
+            errors[i] = t
+        elif len(t.input_ids) == 0:
+            errors[i] = "document has no tokens"
+        else:
+            good.append(i)
+            n_tokens[i] = len(t.input_ids)
+            pooled[i] = sum(t.keep)
+            truncated[i] = t.truncated
+    parts: list[tuple[np.ndarray, ...]] = []
+    for batch in plan_batches([n_tokens[i] for i in good], reader.token_budget):
+        doc_idx = [good[j] for j in batch]
+        parts.extend(_encode_with_isolation(reader, doc_idx, tokenized, errors))
+    return EncodedTexts(
+        activations=_activation_table(reader, parts, tokenized),
+        n_tokens=n_tokens,
+        pooled_tokens=pooled,
+        truncated=truncated,
+        errors=errors,
+    )
+
+
+def _encode_with_isolation(
+    reader: Any, doc_idx: list[int], tokenized: list[Any], errors: dict[int, str]
+) -> list[tuple[np.ndarray, ...]]:
+    """Encode a batch; if it fails, retry each document alone so only the bad one is rejected."""
+    try:
+        b_row, tok_i, tok_id, feat, val = _encode_batch(reader, [tokenized[i] for i in doc_idx])
+        return [(np.asarray(doc_idx, dtype=np.int32)[b_row], tok_i, tok_id, feat, val)]
+    except Exception as exc:  # noqa: BLE001
+        if len(doc_idx) == 1:
+            errors[doc_idx[0]] = f"model error: {type(exc).__name__}: {str(exc)[:300]}"
+            return []
+        out = []
+        for i in doc_idx:
+            out.extend(_encode_with_isolation(reader, [i], tokenized, errors))
+        return out
+
+
+def _activation_table(reader: Any, parts: list[tuple[np.ndarray, ...]], tokenized: list[Any]) -> pa.Table:
+    if parts:
+        doc_index, token_index, token_id, feature, activation = (np.concatenate(c) for c in zip(*parts, strict=True))
+    else:
+        doc_index = token_index = feature = np.zeros(0, dtype=np.int32)
+        token_id = np.zeros(0, dtype=np.int64)
+        activation = np.zeros(0, dtype=np.float32)
+    # Order rows by (document, token, feature) so storage compresses well and reads are predictable.
+    order = np.lexsort((feature, token_index, doc_index))
+    doc_index, token_index, token_id = doc_index[order], token_index[order], token_id[order]
+    feature, activation = feature[order], activation[order]
+    # Offsets are looked up through one flat array over all documents: base[doc] + token_index.
+    lengths = np.array([len(t.offsets) if not isinstance(t, str) else 0 for t in tokenized], dtype=np.int64)
+    base = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, dtype=np.int64)
+    flat = [o for t in tokenized if not isinstance(t, str) for o in t.offsets]
+    flat_offsets = np.array(flat, dtype=np.int32).reshape(-1, 2)
+    where = base[doc_index] + token_index if len(doc_index) else np.zeros(0, dtype=np.int64)
+    char_start = flat_offsets[where, 0] if len(doc_index) else np.zeros(0, dtype=np.int32)
+    char_end = flat_offsets[where, 1] if len(doc_index) else np.zeros(0, dtype=np.int32)
+    vocab = _vocab_strings(reader)
+    uniq, inverse = np.unique(token_id, return_inverse=True)
+    token = pa.DictionaryArray.from_arrays(
+        pa.array(inverse.astype(np.int32)), pa.array(vocab[uniq].tolist(), type=pa.string())
+    )
+    return pa.table(
+        {
+            "doc_index": pa.array(doc_index, pa.int32()),
+            "token_index": pa.array(token_index, pa.int32()),
+            "token": token,
+            "char_start": pa.array(char_start, pa.int32()),
+            "char_end": pa.array(char_end, pa.int32()),
+            "feature": pa.array(feature, pa.int32()),
+            "activation": pa.array(activation, pa.float32()),
+        }
+    )
+
+
+def iter_chunks(n: int, lengths: Sequence[int] | None, max_docs: int, max_chars: int) -> Iterator[range]:
+    """Split `n` documents (in order) into ranges of at most `max_docs` documents / `max_chars` characters."""
+    start = 0
+    while start < n:
+        end, chars = start, 0
+        while end < n and end - start < max_docs and (end == start or chars < max_chars):
+            chars += lengths[end] if lengths is not None else 0
+            end += 1
+        yield range(start, end)
+        start = end

@@ -1,0 +1,851 @@
+"""Which SAE features differ between two datasets, and how sure we are.
+
+Pure statistics over `pooled_embeddings` frames (README schema); no Dagster here.
+
+Unpaired diff (`diff_features`): a document *has* a feature when its `max_activation` exceeds
+`threshold`. Per feature we compare the document frequencies of A and B with
+
+- the difference `freq_a - freq_b` and its 95% Newcombe hybrid score interval (Newcombe 1998, method 10:
+  Wilson intervals of both proportions combined by square-and-add);
+- `log2_ratio` = log2 of the ratio of the two frequencies with the Haldane-Anscombe correction (0.5 added
+  to every cell of the 2x2 table) and its Wald interval on the log scale;
+- a two-sided p-value: Fisher's exact test when any expected cell of the 2x2 table is below 5, else the
+  two-proportion z test (equal to Pearson's chi-square without continuity correction);
+- Benjamini-Hochberg q-values over *all* features of the SAE (`n_features`): features that fire in
+  neither dataset are counted as tests with p = 1.
+
+Paired diff (`paired_diff_features`): A and B share a key (the same prompts answered by two models);
+exact McNemar test on the discordant pairs and Newcombe's interval for paired proportions (1998b,
+method 10). `metadata_associations` relates features to a boolean or numeric document column.
+
+Everything is vectorized over features (numpy on per-feature counts from one polars group-by), so a
+16k-wide SAE over 100k documents per side is a few hundred milliseconds of work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+from scipy import sparse, special, stats
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+FISHER_MIN_EXPECTED = 5.0
+_FISHER_REL_TOL = 1e-7  # as R's fisher.test: tables within this relative pmf of the observed count as ties
+_FISHER_CHUNK = 4_000_000  # support points evaluated per vectorized Fisher chunk
+
+FrameLike = pl.DataFrame | pl.LazyFrame | pa.Table
+
+DIFF_SCHEMA: dict[str, pl.DataType] = {
+    "feature": pl.Int32(),
+    "docs_a": pl.Int64(),
+    "docs_b": pl.Int64(),
+    "freq_a": pl.Float64(),
+    "freq_b": pl.Float64(),
+    "freq_diff": pl.Float64(),
+    "freq_diff_ci_low": pl.Float64(),
+    "freq_diff_ci_high": pl.Float64(),
+    "log2_ratio": pl.Float64(),
+    "log2_ratio_ci_low": pl.Float64(),
+    "log2_ratio_ci_high": pl.Float64(),
+    "p_value": pl.Float64(),
+    "q_value": pl.Float64(),
+    "significant": pl.Boolean(),
+    "direction": pl.String(),
+    "mean_activation_a": pl.Float64(),
+    "mean_activation_b": pl.Float64(),
+    "test": pl.String(),
+}
+"""Columns of `diff_features` (paired mode adds `n_pairs`, `docs_both`, `docs_a_only`, `docs_b_only`)."""
+
+AGGREGATIONS = ("max", "mean", "sum", "binarize", "count")
+
+
+# --------------------------------------------------------------------------- input helpers
+
+
+def as_lazy(frame: FrameLike, what: str, columns: Sequence[str] = ()) -> pl.LazyFrame:
+    """`frame` (polars or Arrow) as a LazyFrame after checking it has `columns` (errors name `what`)."""
+    if isinstance(frame, pa.Table):
+        frame = pl.from_arrow(frame)
+    if isinstance(frame, pl.DataFrame):
+        lf = frame.lazy()
+    elif isinstance(frame, pl.LazyFrame):
+        lf = frame
+    else:
+        raise TypeError(
+            f"{what}: expected a polars DataFrame/LazyFrame or a pyarrow Table, got {type(frame)!r}."
+        )
+    have = lf.collect_schema().names()
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise ValueError(
+            f"{what} is missing column(s) {missing}; it has {have}. "
+            "Pass the pooled_embeddings / raw_documents table in the README schema."
+        )
+    return lf
+
+
+def pooled_value_expr(aggregation: str) -> pl.Expr:
+    """Expression of one pooled row's value under `aggregation` (README: mean = sum / doc_tokens)."""
+    if aggregation == "max":
+        return pl.col("max_activation").cast(pl.Float64)
+    if aggregation == "sum":
+        return pl.col("sum_activation").cast(pl.Float64)
+    if aggregation == "mean":
+        return pl.col("sum_activation").cast(pl.Float64) / pl.col("doc_tokens").cast(pl.Float64)
+    if aggregation == "count":
+        return pl.col("active_tokens").cast(pl.Float64)
+    if aggregation == "binarize":
+        return pl.lit(1.0, dtype=pl.Float64)
+    raise ValueError(f"Unknown aggregation {aggregation!r}; use one of {list(AGGREGATIONS)}.")
+
+
+def pooled_value_columns(aggregation: str) -> list[str]:
+    """pooled_embeddings columns that `pooled_value_expr(aggregation)` reads."""
+    return {
+        "max": ["max_activation"],
+        "sum": ["sum_activation"],
+        "mean": ["sum_activation", "doc_tokens"],
+        "count": ["active_tokens"],
+        "binarize": [],
+    }[aggregation]
+
+
+def _check_features(features: np.ndarray, n_features: int | None, what: str) -> int:
+    """Validate feature indices; return the number of features BH counts."""
+    if features.size and features.min() < 0:
+        raise ValueError(f"{what} has negative feature index {int(features.min())}; features are 0-based.")
+    top = int(features.max()) + 1 if features.size else 0
+    if n_features is None:
+        return features.size
+    if n_features < top:
+        raise ValueError(
+            f"n_features={n_features} but {what} contains feature {top - 1}; pass the SAE width (d_sae)."
+        )
+    return int(n_features)
+
+
+# --------------------------------------------------------------------------- statistics (vectorized)
+
+
+def wilson_interval(successes: np.ndarray, n: np.ndarray, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval (no continuity correction) of successes / n, elementwise."""
+    x = np.asarray(successes, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    p = x / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * np.sqrt(np.maximum(p * (1 - p) / n + z2 / (4 * n * n), 0.0)) / denom
+    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+
+
+def newcombe_interval(
+    x_a: np.ndarray, n_a: np.ndarray, x_b: np.ndarray, n_b: np.ndarray, z: float = Z95
+) -> tuple[np.ndarray, np.ndarray]:
+    """Newcombe hybrid score interval (method 10) of x_a/n_a - x_b/n_b for independent samples."""
+    p1 = np.asarray(x_a, dtype=np.float64) / n_a
+    p2 = np.asarray(x_b, dtype=np.float64) / n_b
+    l1, u1 = wilson_interval(x_a, n_a, z)
+    l2, u2 = wilson_interval(x_b, n_b, z)
+    d = p1 - p2
+    low = d - np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    high = d + np.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return np.maximum(low, -1.0), np.minimum(high, 1.0)
+
+
+def newcombe_paired_interval(
+    both: np.ndarray, a_only: np.ndarray, b_only: np.ndarray, n: np.ndarray | int, z: float = Z95
+) -> tuple[np.ndarray, np.ndarray]:
+    """Newcombe's interval (1998b, method 10) for the difference of two paired proportions.
+
+    With cells a = both, b = a_only, c = b_only, d = neither: difference (b - c) / n, Wilson intervals of
+    the two marginals, combined with the correlation phi (numerator ad - bc reduced by n/2 when
+    positive, zero when that crosses zero; phi = 0 when a margin is empty).
+    """
+    a = np.asarray(both, dtype=np.float64)
+    b = np.asarray(a_only, dtype=np.float64)
+    c = np.asarray(b_only, dtype=np.float64)
+    n = np.broadcast_to(np.asarray(n, dtype=np.float64), a.shape)
+    d = n - a - b - c
+    p1 = (a + b) / n
+    p2 = (a + c) / n
+    l1, u1 = wilson_interval(a + b, n, z)
+    l2, u2 = wilson_interval(a + c, n, z)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    num = a * d - b * c
+    num = np.where(num > n / 2, num - n / 2, np.where(num < 0, num, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        phi = np.where(margins > 0, num / np.sqrt(margins), 0.0)
+    diff = p1 - p2
+    dl = (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2
+    du = (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2
+    low = diff - np.sqrt(np.maximum(dl, 0.0))
+    high = diff + np.sqrt(np.maximum(du, 0.0))
+    return np.maximum(low, -1.0), np.minimum(high, 1.0)
+
+
+def log2_ratio_interval(
+    x_a: np.ndarray, n_a: np.ndarray, x_b: np.ndarray, n_b: np.ndarray, z: float = Z95
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """log2 of (x_a/n_a) / (x_b/n_b) with 0.5 added to every 2x2 cell (Haldane), and its Wald interval."""
+    a = np.asarray(x_a, dtype=np.float64) + 0.5
+    b = np.asarray(x_b, dtype=np.float64) + 0.5
+    na = np.asarray(n_a, dtype=np.float64) + 1.0
+    nb = np.asarray(n_b, dtype=np.float64) + 1.0
+    ln_rr = np.log(a / na) - np.log(b / nb)
+    se = np.sqrt(np.maximum(1 / a - 1 / na + 1 / b - 1 / nb, 0.0))
+    return ln_rr / math.log(2), (ln_rr - z * se) / math.log(2), (ln_rr + z * se) / math.log(2)
+
+
+def two_proportion_z_pvalue(x_a: np.ndarray, n_a: np.ndarray, x_b: np.ndarray, n_b: np.ndarray) -> np.ndarray:
+    """Two-sided pooled two-proportion z test (= Pearson chi-square on the 2x2 table, no Yates)."""
+    x_a = np.asarray(x_a, dtype=np.float64)
+    x_b = np.asarray(x_b, dtype=np.float64)
+    n_a = np.asarray(n_a, dtype=np.float64)
+    n_b = np.asarray(n_b, dtype=np.float64)
+    pooled = (x_a + x_b) / (n_a + n_b)
+    se = np.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zval = np.where(se > 0, (x_a / n_a - x_b / n_b) / se, 0.0)
+    return np.minimum(2.0 * special.ndtr(-np.abs(zval)), 1.0)
+
+
+def _log_comb(n: np.ndarray, k: np.ndarray) -> np.ndarray:
+    return special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1)
+
+
+def fisher_exact_pvalue(x_a: np.ndarray, n_a: np.ndarray, x_b: np.ndarray, n_b: np.ndarray) -> np.ndarray:
+    """Two-sided Fisher exact p-value of each 2x2 table [[x_a, n_a-x_a], [x_b, n_b-x_b]], vectorized.
+
+    Sums the hypergeometric probabilities of all tables with the observed margins that are no more
+    likely than the observed one (relative tolerance 1e-7). Work is proportional to the support size.
+    """
+    xa = np.asarray(x_a, dtype=np.int64).ravel()
+    xb = np.asarray(x_b, dtype=np.int64).ravel()
+    na = np.broadcast_to(np.asarray(n_a, dtype=np.int64), xa.shape).ravel()
+    nb = np.broadcast_to(np.asarray(n_b, dtype=np.int64), xa.shape).ravel()
+    out = np.ones(xa.shape, dtype=np.float64)
+    total = xa + xb  # successes, the hypergeometric "draws" into row A
+    lo = np.maximum(0, total - nb)
+    hi = np.minimum(total, na)
+    size = hi - lo + 1
+    todo = np.flatnonzero(size > 1)
+    start = 0
+    while start < todo.size:
+        # chunk so that the ragged support arrays stay bounded
+        csum = np.cumsum(size[todo[start:]])
+        stop = start + max(1, int(np.searchsorted(csum, _FISHER_CHUNK, side="right")))
+        idx = todo[start:stop]
+        start = stop
+        sz = size[idx]
+        owner = np.repeat(np.arange(idx.size), sz)
+        offsets = np.cumsum(sz) - sz
+        x = lo[idx][owner] + (np.arange(owner.size) - offsets[owner])
+        n_a_, n_b_, t_ = na[idx], nb[idx], total[idx]
+        lp = _log_comb(n_a_[owner], x) + _log_comb(n_b_[owner], t_[owner] - x)
+        lp_obs = _log_comb(n_a_, xa[idx]) + _log_comb(n_b_, t_ - xa[idx])
+        keep = lp <= lp_obs[owner] + math.log1p(_FISHER_REL_TOL)
+        # normalize by the largest term per table to avoid under/overflow, then divide by the total mass
+        lmax = np.full(idx.size, -np.inf)
+        np.maximum.at(lmax, owner, lp)
+        w = np.exp(lp - lmax[owner])
+        mass = np.bincount(owner, weights=w, minlength=idx.size)
+        tail = np.bincount(owner, weights=np.where(keep, w, 0.0), minlength=idx.size)
+        out[idx] = np.minimum(tail / mass, 1.0)
+    return out.reshape(np.shape(x_a))
+
+
+def min_expected_cell(x_a: np.ndarray, n_a: np.ndarray, x_b: np.ndarray, n_b: np.ndarray) -> np.ndarray:
+    """Smallest expected count of the 2x2 table under independence, elementwise."""
+    x_a = np.asarray(x_a, dtype=np.float64)
+    x_b = np.asarray(x_b, dtype=np.float64)
+    n_a = np.asarray(n_a, dtype=np.float64)
+    n_b = np.asarray(n_b, dtype=np.float64)
+    n = n_a + n_b
+    succ = x_a + x_b
+    return np.minimum(n_a, n_b) * np.minimum(succ, n - succ) / n
+
+
+def two_by_two_pvalue(
+    x_a: np.ndarray, n_a: np.ndarray, x_b: np.ndarray, n_b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided p-values: Fisher exact where an expected cell < 5, else the z test; and the test used."""
+    x_a = np.asarray(x_a, dtype=np.int64)
+    x_b = np.asarray(x_b, dtype=np.int64)
+    n_a = np.broadcast_to(np.asarray(n_a, dtype=np.int64), x_a.shape)
+    n_b = np.broadcast_to(np.asarray(n_b, dtype=np.int64), x_a.shape)
+    use_fisher = min_expected_cell(x_a, n_a, x_b, n_b) < FISHER_MIN_EXPECTED
+    p = two_proportion_z_pvalue(x_a, n_a, x_b, n_b)
+    if use_fisher.any():
+        p[use_fisher] = fisher_exact_pvalue(
+            x_a[use_fisher], n_a[use_fisher], x_b[use_fisher], n_b[use_fisher]
+        )
+    return p, np.where(use_fisher, "fisher_exact", "z_test")
+
+
+def mcnemar_exact_pvalue(a_only: np.ndarray, b_only: np.ndarray) -> np.ndarray:
+    """Exact two-sided McNemar p-value: binomial(b + c, 1/2) test of the discordant pairs."""
+    b = np.asarray(a_only, dtype=np.int64)
+    c = np.asarray(b_only, dtype=np.int64)
+    m = b + c
+    p = np.minimum(1.0, 2.0 * stats.binom.cdf(np.minimum(b, c), m, 0.5))
+    return np.where(m > 0, p, 1.0)
+
+
+def benjamini_hochberg(p_values: np.ndarray, n_tests: int | None = None) -> np.ndarray:
+    """Benjamini-Hochberg q-values; `n_tests` >= len(p) counts untested hypotheses as p = 1."""
+    p = np.asarray(p_values, dtype=np.float64)
+    m = p.size if n_tests is None else int(n_tests)
+    if m < p.size:
+        raise ValueError(f"n_tests={m} is smaller than the number of p-values ({p.size}).")
+    if p.size == 0:
+        return p.copy()
+    if np.isnan(p).any():
+        raise ValueError("p-values contain NaN.")
+    order = np.argsort(p, kind="stable")
+    ranked = p[order] * m / np.arange(1, p.size + 1)
+    q_sorted = np.minimum.accumulate(ranked[::-1])[::-1]
+    q = np.empty_like(p)
+    q[order] = np.minimum(q_sorted, 1.0)
+    return q
+
+
+# --------------------------------------------------------------------------- unpaired diff
+
+
+def _feature_counts(pooled: FrameLike, threshold: float, what: str) -> pl.DataFrame:
+    lf = as_lazy(pooled, what, ["feature", "max_activation"])
+    return (
+        lf.select("feature", "max_activation")
+        .filter(pl.col("max_activation") > threshold)
+        .group_by("feature")
+        .agg(
+            docs=pl.len().cast(pl.Int64),
+            act_sum=pl.col("max_activation").cast(pl.Float64).sum(),
+        )
+        .collect()
+    )
+
+
+def _check_n_docs(n_docs: int, what: str) -> int:
+    if isinstance(n_docs, bool) or not isinstance(n_docs, int | np.integer) or n_docs <= 0:
+        raise ValueError(
+            f"{what}: n_docs must be a positive integer (rows of raw_documents), got {n_docs!r}."
+        )
+    return int(n_docs)
+
+
+def _finish(
+    feature: np.ndarray,
+    docs_a: np.ndarray,
+    docs_b: np.ndarray,
+    freq_a: np.ndarray,
+    freq_b: np.ndarray,
+    ci: tuple[np.ndarray, np.ndarray],
+    log2: tuple[np.ndarray, np.ndarray, np.ndarray],
+    p: np.ndarray,
+    test: np.ndarray,
+    mean_a: np.ndarray,
+    mean_b: np.ndarray,
+    n_tests: int,
+    alpha: float,
+    extra: dict[str, np.ndarray] | None = None,
+) -> pl.DataFrame:
+    q = benjamini_hochberg(p, n_tests)
+    diff = freq_a - freq_b
+    direction = np.where(diff > 0, "a", np.where(diff < 0, "b", None))
+    cols: dict[str, object] = {
+        "feature": feature.astype(np.int32),
+        "docs_a": docs_a.astype(np.int64),
+        "docs_b": docs_b.astype(np.int64),
+        "freq_a": freq_a,
+        "freq_b": freq_b,
+        "freq_diff": diff,
+        "freq_diff_ci_low": ci[0],
+        "freq_diff_ci_high": ci[1],
+        "log2_ratio": log2[0],
+        "log2_ratio_ci_low": log2[1],
+        "log2_ratio_ci_high": log2[2],
+        "p_value": p,
+        "q_value": q,
+        "significant": q < alpha,
+        "direction": pl.Series("direction", direction.tolist(), dtype=pl.String),
+        "mean_activation_a": pl.Series(mean_a).fill_nan(None),
+        "mean_activation_b": pl.Series(mean_b).fill_nan(None),
+        "test": pl.Series("test", test.tolist() if test.size else [], dtype=pl.String),
+    }
+    if extra:
+        cols.update(extra)
+    schema = dict(DIFF_SCHEMA) | {k: pl.Int64() for k in (extra or {})}
+    out = pl.DataFrame(cols, schema=schema)
+    return out.sort(
+        [pl.col("q_value"), pl.col("freq_diff").abs(), pl.col("feature")],
+        descending=[False, True, False],
+    )
+
+
+def diff_features(
+    pooled_a: FrameLike,
+    n_docs_a: int,
+    pooled_b: FrameLike,
+    n_docs_b: int,
+    *,
+    threshold: float = 0.0,
+    alpha: float = 0.05,
+    n_features: int | None = None,
+) -> pl.DataFrame:
+    """Per-feature document-frequency comparison of dataset A against dataset B.
+
+    `pooled_a` / `pooled_b` are pooled_embeddings frames; `n_docs_*` the number of documents of each
+    dataset (documents without any active feature count as not having it). `n_features` is the SAE
+    width: BH then counts every feature of the SAE (those active in neither have p = 1); without it
+    only features active in either dataset are counted. Returns one row per feature active in either,
+    columns `DIFF_SCHEMA`, sorted by q_value then |freq_diff| (descending).
+    """
+    n_a = _check_n_docs(n_docs_a, "dataset A")
+    n_b = _check_n_docs(n_docs_b, "dataset B")
+    ca = _feature_counts(pooled_a, threshold, "pooled_a")
+    cb = _feature_counts(pooled_b, threshold, "pooled_b")
+    joined = ca.join(cb, on="feature", how="full", coalesce=True, suffix="_b").sort("feature")
+    feature = joined["feature"].to_numpy()
+    n_tests = _check_features(feature, n_features, "pooled_a/pooled_b")
+    docs_a = joined["docs"].fill_null(0).to_numpy()
+    docs_b = joined["docs_b"].fill_null(0).to_numpy()
+    for docs, n, side in ((docs_a, n_a, "A"), (docs_b, n_b, "B")):
+        if docs.size and docs.max() > n:
+            f = int(feature[int(np.argmax(docs))])
+            raise ValueError(
+                f"Dataset {side}: feature {f} is active in {int(docs.max())} pooled rows but n_docs={n}; "
+                "pass the number of rows of raw_documents, and check pooled_embeddings has one row per "
+                "(doc_id, feature)."
+            )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_a = joined["act_sum"].fill_null(0.0).to_numpy() / docs_a
+        mean_b = joined["act_sum_b"].fill_null(0.0).to_numpy() / docs_b
+    freq_a = docs_a / n_a
+    freq_b = docs_b / n_b
+    p, test = two_by_two_pvalue(docs_a, n_a, docs_b, n_b)
+    return _finish(
+        feature,
+        docs_a,
+        docs_b,
+        freq_a,
+        freq_b,
+        newcombe_interval(docs_a, n_a, docs_b, n_b),
+        log2_ratio_interval(docs_a, n_a, docs_b, n_b),
+        p,
+        test,
+        mean_a,
+        mean_b,
+        n_tests,
+        alpha,
+    )
+
+
+def split_halves_null(pooled: FrameLike, n_docs: int, seed: int, **kwargs: object) -> pl.DataFrame:
+    """`diff_features` between two random halves of ONE dataset: a null check (nothing may be significant)."""
+    n = _check_n_docs(n_docs, "split_halves_null")
+    if n < 2:
+        raise ValueError("split_halves_null needs at least 2 documents.")
+    lf = as_lazy(pooled, "pooled", ["doc_id", "feature", "max_activation"])
+    perm = np.random.default_rng(seed).permutation(n)
+    half = pl.DataFrame({"doc_id": np.sort(perm[: n // 2]).astype(np.int32)}).lazy()
+    lf = lf.with_columns(pl.col("doc_id").cast(pl.Int32))
+    a = lf.join(half, on="doc_id", how="semi")
+    b = lf.join(half, on="doc_id", how="anti")
+    return diff_features(a, n // 2, b, n - n // 2, **kwargs)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- paired diff
+
+
+def pairs_from_key(documents_a: FrameLike, documents_b: FrameLike, key_column: str) -> pl.DataFrame:
+    """Pair the documents of A and B that share `key_column`; columns doc_id_a, doc_id_b, key.
+
+    The key must exist in both and be unique within each (rows with a null key are left unpaired).
+    """
+    frames = []
+    for frame, side in ((documents_a, "A"), (documents_b, "B")):
+        lf = as_lazy(frame, f"documents of dataset {side}", ["doc_id"])
+        names = lf.collect_schema().names()
+        label = side
+        if "dataset" in names:
+            first = lf.select(pl.col("dataset").first()).collect().item()
+            label = f"{side} ({first})" if first is not None else side
+        if key_column not in names:
+            raise ValueError(
+                f"Dataset {label}: key column {key_column!r} not found; available columns: {names}."
+            )
+        df = lf.select("doc_id", key_column).collect()
+        df = df.filter(pl.col(key_column).is_not_null())
+        dups = df.group_by(key_column).len().filter(pl.col("len") > 1).sort(key_column)
+        if dups.height:
+            shown = dups[key_column].head(10).to_list()
+            more = f" (and {dups.height - 10} more)" if dups.height > 10 else ""
+            raise ValueError(
+                f"Dataset {label}: key column {key_column!r} is not unique; "
+                f"duplicated values: {shown}{more}. "
+                "Pairing needs exactly one document per key on each side: deduplicate or pick another key."
+            )
+        frames.append((df.select("doc_id", key_column), label))
+    (da, la), (db, lb) = frames
+    ta, tb = da.schema[key_column], db.schema[key_column]
+    if ta != tb:
+        if ta.is_integer() and tb.is_integer():
+            da = da.with_columns(pl.col(key_column).cast(pl.Int64))
+            db = db.with_columns(pl.col(key_column).cast(pl.Int64))
+        else:
+            da = da.with_columns(pl.col(key_column).cast(pl.String))
+            db = db.with_columns(pl.col(key_column).cast(pl.String))
+    pairs = da.rename({"doc_id": "doc_id_a"}).join(
+        db.rename({"doc_id": "doc_id_b"}), on=key_column, how="inner"
+    )
+    if pairs.height == 0:
+        raise ValueError(
+            f"No key of {key_column!r} occurs in both dataset {la} and dataset {lb}: nothing to pair."
+        )
+    return pairs.select(
+        pl.col("doc_id_a").cast(pl.Int32), pl.col("doc_id_b").cast(pl.Int32), pl.col(key_column).alias("key")
+    ).sort("doc_id_a")
+
+
+def paired_diff_features(
+    pooled_a: FrameLike,
+    pooled_b: FrameLike,
+    pairs: pl.DataFrame,
+    *,
+    threshold: float = 0.0,
+    alpha: float = 0.05,
+    n_features: int | None = None,
+) -> pl.DataFrame:
+    """Paired diff: document `doc_id_a` of A against `doc_id_b` of B for each row of `pairs`.
+
+    Exact McNemar test per feature with BH q-values over `n_features`; freq_diff interval by Newcombe's
+    paired method 10; log2_ratio of the marginal frequencies (0.5 added to every cell) with the
+    matched-pairs variance (b + c) / ((a + b)(a + c)). Columns `DIFF_SCHEMA` plus n_pairs, docs_both,
+    docs_a_only, docs_b_only; mean activations are over paired documents where the feature fires.
+    """
+    pairs_lf = as_lazy(pairs, "pairs", ["doc_id_a", "doc_id_b"])
+    pr = (
+        pairs_lf.select(pl.col("doc_id_a").cast(pl.Int32), pl.col("doc_id_b").cast(pl.Int32))
+        .collect()
+        .with_row_index("pair")
+    )
+    n = pr.height
+    if n == 0:
+        raise ValueError("pairs is empty: nothing to compare (see pairs_from_key).")
+    if pr.null_count().sum_horizontal().item():
+        raise ValueError("pairs contains null doc_id_a/doc_id_b; drop unmatched rows first.")
+
+    for col in ("doc_id_a", "doc_id_b"):
+        if pr[col].min() < 0:
+            raise ValueError(f"pairs.{col} has negative values; doc_id is 0-based.")
+        dup = pr.filter(pl.col(col).is_duplicated())[col].unique().sort().head(5).to_list()
+        if dup:
+            raise ValueError(
+                f"pairs.{col} repeats document(s) {dup}: each document may be in at most one pair "
+                "(paired tests need independent pairs); deduplicate the pairs."
+            )
+
+    def side(pooled: FrameLike, col: str, what: str) -> tuple[np.ndarray, np.ndarray, sparse.csr_matrix]:
+        """Per-feature doc counts and activation sums over paired docs, and the pair x feature pattern."""
+        df = (
+            as_lazy(pooled, what, ["doc_id", "feature", "max_activation"])
+            .select(pl.col("doc_id").cast(pl.Int32), pl.col("feature").cast(pl.Int32), "max_activation")
+            .filter(pl.col("max_activation") > threshold)
+            .collect()
+        )
+        doc = df["doc_id"].to_numpy()
+        ids = pr[col].to_numpy().astype(np.int64)
+        lut = np.full(max(int(doc.max()) if doc.size else 0, int(ids.max())) + 1, -1, dtype=np.int32)
+        lut[ids] = np.arange(n, dtype=np.int32)
+        pair = lut[doc]
+        keep = pair >= 0
+        feat = df["feature"].to_numpy()[keep]
+        act = df["max_activation"].to_numpy()[keep]
+        del df, doc
+        if feat.size and feat.min() < 0:
+            raise ValueError(f"{what} has negative feature index {int(feat.min())}; features are 0-based.")
+        width = int(feat.max()) + 1 if feat.size else 1
+        pattern = sparse.csr_matrix(
+            (np.ones(feat.size, dtype=np.int8), (pair[keep], feat)), shape=(n, max(width, 1))
+        )
+        return np.bincount(feat, minlength=width), np.bincount(feat, weights=act, minlength=width), pattern
+
+    cnt_a, sum_a, pat_a = side(pooled_a, "doc_id_a", "pooled_a")
+    cnt_b, sum_b, pat_b = side(pooled_b, "doc_id_b", "pooled_b")
+    width = max(cnt_a.size, cnt_b.size)
+    pat_a.resize((n, width))
+    pat_b.resize((n, width))
+    both = pat_a.multiply(pat_b).tocsr()
+    both.eliminate_zeros()
+    n11_all = np.bincount(both.indices, minlength=width)
+    cnt_a = np.pad(cnt_a, (0, width - cnt_a.size))
+    cnt_b = np.pad(cnt_b, (0, width - cnt_b.size))
+    sum_a = np.pad(sum_a, (0, width - sum_a.size))
+    sum_b = np.pad(sum_b, (0, width - sum_b.size))
+    feature = np.flatnonzero((cnt_a > 0) | (cnt_b > 0))
+    n_tests = _check_features(feature, n_features, "pooled_a/pooled_b")
+    docs_a, docs_b, n11 = cnt_a[feature], cnt_b[feature], n11_all[feature]
+    if docs_a.size and max(docs_a.max(), docs_b.max()) > n:
+        raise ValueError(
+            "A paired document has a feature more than once: pooled_embeddings must have one row per "
+            "(doc_id, feature)."
+        )
+    n10 = docs_a - n11
+    n01 = docs_b - n11
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_a = sum_a[feature] / docs_a
+        mean_b = sum_b[feature] / docs_b
+    # log ratio of marginal proportions for matched pairs, 0.5 added to each of the four cells
+    ca, cb_, cc = n11 + 0.5, n10 + 0.5, n01 + 0.5
+    ln_rr = np.log((ca + cb_) / (ca + cc))
+    se = np.sqrt((cb_ + cc) / ((ca + cb_) * (ca + cc)))
+    ln2 = math.log(2)
+    log2 = (ln_rr / ln2, (ln_rr - Z95 * se) / ln2, (ln_rr + Z95 * se) / ln2)
+    p = mcnemar_exact_pvalue(n10, n01)
+    return _finish(
+        feature,
+        docs_a,
+        docs_b,
+        docs_a / n,
+        docs_b / n,
+        newcombe_paired_interval(n11, n10, n01, n),
+        log2,
+        p,
+        np.full(feature.size, "mcnemar_exact"),
+        mean_a,
+        mean_b,
+        n_tests,
+        alpha,
+        extra={
+            "n_pairs": np.full(feature.size, n, dtype=np.int64),
+            "docs_both": n11,
+            "docs_a_only": n10,
+            "docs_b_only": n01,
+        },
+    )
+
+
+# --------------------------------------------------------------------------- metadata associations
+
+
+def metadata_associations(
+    pooled: FrameLike,
+    documents: FrameLike,
+    column: str,
+    *,
+    aggregation: str = "max",
+    n_features: int | None = None,
+    alpha: float = 0.05,
+) -> pl.DataFrame:
+    """Features associated with a boolean or numeric document column.
+
+    Each feature's per-document value is its pooled value under `aggregation` (0 for documents where
+    it does not fire). Boolean column: AUC = P(value of a True doc > value of a False doc) from the
+    Mann-Whitney U (tie-corrected normal approximation with continuity correction, as scipy), p-value,
+    direction `true`/`false` (the group where the feature is higher). Numeric column: point-biserial r
+    of the binarized feature and Spearman rho of the value, each with its t-test p-value; BH runs over
+    both families together (2 tests per feature) and `q_value` is the smaller of the two, `direction`
+    `positive`/`negative` follows that test's sign. Documents with a null in `column` are dropped:
+    `n_docs` and `n_dropped_null` report it. Sorted by q_value.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"Unknown aggregation {aggregation!r}; use one of {list(AGGREGATIONS)}.")
+    docs_lf = as_lazy(documents, "documents", ["doc_id"])
+    schema = docs_lf.collect_schema()
+    usable = [
+        c
+        for c, t in schema.items()
+        if c != "doc_id" and (t == pl.Boolean or t.is_numeric()) and c not in ("source_row",)
+    ]
+    if column not in schema.names():
+        raise ValueError(
+            f"Column {column!r} is not in the documents; usable boolean/numeric columns: {usable}."
+        )
+    dtype = schema[column]
+    if not (dtype == pl.Boolean or dtype.is_numeric()):
+        raise ValueError(
+            f"Column {column!r} has type {dtype}; associations need a boolean or numeric column. "
+            f"Usable columns: {usable} (cast the column first if it holds numbers as text)."
+        )
+    is_bool = dtype == pl.Boolean
+    docs = docs_lf.select(pl.col("doc_id").cast(pl.Int32), pl.col(column).alias("_y")).collect()
+    if not is_bool:
+        docs = docs.with_columns(pl.col("_y").cast(pl.Float64).fill_nan(None))
+    n_null = docs["_y"].null_count()
+    docs = docs.drop_nulls("_y")
+    n = docs.height
+    if docs["doc_id"].n_unique() != n:
+        raise ValueError("documents: doc_id is not unique; pass one dataset's raw_documents.")
+    if n < 3 or docs["_y"].n_unique() < 2:
+        raise ValueError(
+            f"Column {column!r} has {n} non-null value(s) and {docs['_y'].n_unique()} distinct value(s) "
+            "after dropping nulls: an association needs at least 3 documents and 2 distinct values."
+        )
+    cols = ["doc_id", "feature", *pooled_value_columns(aggregation)]
+    lf = as_lazy(pooled, "pooled", cols)
+    vals = (
+        lf.select(pl.col("doc_id").cast(pl.Int32), "feature", pooled_value_expr(aggregation).alias("v"))
+        .filter(pl.col("v") > 0)
+        .join(docs.lazy(), on="doc_id", how="inner")
+    )
+    if is_bool:
+        out = _bool_assoc(vals, docs, n)
+    else:
+        out = _numeric_assoc(vals, docs, n)
+    feature = out["feature"].to_numpy()
+    m = _check_features(feature, n_features, "pooled")
+    if is_bool:
+        q = benjamini_hochberg(out["p_value"].to_numpy(), m)
+        out = out.with_columns(q_value=q, significant=pl.Series(q < alpha))
+    else:
+        p_pb = out["point_biserial_p"].to_numpy()
+        p_sp = out["spearman_p"].to_numpy()
+        q_all = benjamini_hochberg(np.concatenate([p_pb, p_sp]), 2 * m)
+        q_pb, q_sp = q_all[: p_pb.size], q_all[p_pb.size :]
+        use_pb = q_pb < q_sp
+        stat = np.where(use_pb, out["point_biserial_r"].fill_null(0.0), out["spearman_rho"].fill_null(0.0))
+        out = out.with_columns(
+            point_biserial_q=q_pb,
+            spearman_q=q_sp,
+            p_value=np.where(use_pb, p_pb, p_sp),
+            q_value=np.minimum(q_pb, q_sp),
+            direction=pl.Series(
+                np.where(stat > 0, "positive", np.where(stat < 0, "negative", None)).tolist(), dtype=pl.String
+            ),
+        ).with_columns(significant=pl.col("q_value") < alpha)
+    return out.with_columns(
+        n_docs=pl.lit(n, dtype=pl.Int64), n_dropped_null=pl.lit(n_null, dtype=pl.Int64)
+    ).sort(["q_value", "p_value", "feature"])
+
+
+def _within_feature_ranks(vals: pl.LazyFrame) -> pl.LazyFrame:
+    return vals.with_columns(r=pl.col("v").rank("average").over("feature").cast(pl.Float64))
+
+
+def _tie_terms(vals: pl.LazyFrame) -> pl.LazyFrame:
+    return (
+        vals.group_by("feature", "v")
+        .agg(t=pl.len().cast(pl.Float64))
+        .filter(pl.col("t") > 1)
+        .group_by("feature")
+        .agg(ties=(pl.col("t") ** 3 - pl.col("t")).sum())
+    )
+
+
+def _bool_assoc(vals: pl.LazyFrame, docs: pl.DataFrame, n: int) -> pl.DataFrame:
+    n_pos = int(docs["_y"].sum())
+    n_neg = n - n_pos
+    agg = (
+        _within_feature_ranks(vals)
+        .group_by("feature")
+        .agg(
+            k=pl.len().cast(pl.Float64),
+            k_pos=pl.col("_y").sum().cast(pl.Float64),
+            r_pos=pl.col("r").filter(pl.col("_y")).sum(),
+            v_pos=pl.col("v").filter(pl.col("_y")).sum(),
+            v_neg=pl.col("v").filter(~pl.col("_y")).sum(),
+        )
+        .join(_tie_terms(vals), on="feature", how="left")
+        .sort("feature")
+        .collect()
+    )
+    k = agg["k"].to_numpy()
+    k_pos = agg["k_pos"].to_numpy()
+    n0 = n - k
+    rank_sum_pos = (n_pos - k_pos) * (n0 + 1) / 2 + k_pos * n0 + agg["r_pos"].to_numpy()
+    u_pos = rank_sum_pos - n_pos * (n_pos + 1) / 2
+    auc = u_pos / (n_pos * n_neg)
+    ties = agg["ties"].fill_null(0.0).to_numpy() + (n0**3 - n0)
+    sigma = np.sqrt(n_pos * n_neg / 12 * ((n + 1) - ties / (n * (n - 1))))
+    u = np.maximum(u_pos, n_pos * n_neg - u_pos)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (u - n_pos * n_neg / 2 - 0.5) / sigma
+    p = np.where(sigma > 0, np.clip(2 * special.ndtr(-z), 0.0, 1.0), 1.0)
+    direction = np.where(auc > 0.5, "true", np.where(auc < 0.5, "false", None))
+    return pl.DataFrame(
+        {
+            "feature": agg["feature"].cast(pl.Int32),
+            "docs_active": agg["k"].cast(pl.Int64),
+            "docs_true": np.full(k.size, n_pos, dtype=np.int64),
+            "docs_false": np.full(k.size, n_neg, dtype=np.int64),
+            "freq_true": k_pos / n_pos,
+            "freq_false": (k - k_pos) / n_neg,
+            "mean_value_true": agg["v_pos"].to_numpy() / n_pos,
+            "mean_value_false": agg["v_neg"].to_numpy() / n_neg,
+            "auc": auc,
+            "p_value": p,
+            "direction": pl.Series(direction.tolist(), dtype=pl.String),
+            "test": pl.Series(["mann_whitney"] * k.size, dtype=pl.String),
+        }
+    )
+
+
+def _t_test_pvalue(r: np.ndarray, n: int) -> np.ndarray:
+    """Two-sided p-value of a correlation r over n pairs (t with n-2 df; as scipy.stats.pearsonr)."""
+    r = np.clip(r, -1.0, 1.0)
+    df = n - 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = r * np.sqrt(df / ((1 - r) * (1 + r)))
+    p = 2 * stats.t.sf(np.abs(t), df)
+    return np.where(np.isnan(r), 1.0, np.where(np.abs(r) >= 1, 0.0, p))
+
+
+def _numeric_assoc(vals: pl.LazyFrame, docs: pl.DataFrame, n: int) -> pl.DataFrame:
+    y = docs["_y"].to_numpy().astype(np.float64)
+    mean_y = y.mean()
+    var_y = y.var()  # population variance
+    mid = (n + 1) / 2
+    ry = docs.select("doc_id", ry=pl.col("_y").rank("average").cast(pl.Float64) - mid)
+    ss_ry = float((ry["ry"] ** 2).sum())
+    agg = (
+        _within_feature_ranks(vals)
+        .join(ry.lazy(), on="doc_id", how="inner")
+        .group_by("feature")
+        .agg(
+            k=pl.len().cast(pl.Float64),
+            sum_y=pl.col("_y").sum(),
+            sum_r2=(pl.col("r") ** 2).sum(),
+            sum_r_ry=(pl.col("r") * pl.col("ry")).sum(),
+            sum_ry=pl.col("ry").sum(),
+        )
+        .sort("feature")
+        .collect()
+    )
+    k = agg["k"].to_numpy()
+    n0 = n - k
+    # point-biserial: Pearson r of the 0/1 indicator with y
+    px = k / n
+    cov = agg["sum_y"].to_numpy() / n - px * mean_y
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r_pb = np.where(k < n, cov / np.sqrt(px * (1 - px) * var_y), np.nan)
+    # Spearman: zeros share rank (n0+1)/2, active values rank n0 + r within the feature; centred sums
+    c0 = (n0 + 1) / 2 - mid  # centred rank of the tied zeros
+    c = n0 - mid  # active rank centred = r + c
+    sum_ry_act = agg["sum_ry"].to_numpy()
+    cov_s = -c0 * sum_ry_act + agg["sum_r_ry"].to_numpy() + c * sum_ry_act
+    ss_x = n0 * c0**2 + agg["sum_r2"].to_numpy() + c * k * (k + 1) + k * c**2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = np.where(ss_x > 1e-9 * n**3, cov_s / np.sqrt(ss_x * ss_ry), np.nan)
+    return pl.DataFrame(
+        {
+            "feature": agg["feature"].cast(pl.Int32),
+            "docs_active": agg["k"].cast(pl.Int64),
+            "freq": k / n,
+            "mean_y_active": agg["sum_y"].to_numpy() / np.maximum(k, 1),
+            "mean_y_inactive": np.where(
+                n0 > 0, (y.sum() - agg["sum_y"].to_numpy()) / np.maximum(n0, 1), np.nan
+            ),
+            "point_biserial_r": pl.Series(r_pb).fill_nan(None),
+            "point_biserial_p": _t_test_pvalue(r_pb, n),
+            "spearman_rho": pl.Series(rho).fill_nan(None),
+            "spearman_p": _t_test_pvalue(rho, n),
+            "test": pl.Series(["point_biserial+spearman"] * k.size, dtype=pl.String),
+        }
+    ).with_columns(pl.col("mean_y_inactive").fill_nan(None))

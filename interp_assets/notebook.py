@@ -1,0 +1,457 @@
+"""Notebook API over the stored tables (the interp_embed calls users know); never recomputes activations.
+
+    from interp_assets.notebook import Dataset
+    ds = Dataset.load("support_tickets")           # <data_dir>/parquet/{raw_documents,pooled_embeddings,...}
+    X = ds.latents("max")                          # scipy.sparse.csr_matrix (n_docs, d_sae)
+    ds.top_documents_for_feature(123)              # doc_id, value, text
+    print(ds.highlight(doc_id=7, feature=123))     # activating tokens marked << >>
+    long = ds.filter(pl.col("text").str.len_chars() > 500).sort_by_features([123, 456])
+    ds.diff(Dataset.load("other"))                 # interp_assets.diffing.diff_features
+    ds.associations("resolved")                    # interp_assets.diffing.metadata_associations
+
+A Dataset is a view: a shared store (documents sorted by doc_id, lazy pooled_embeddings and
+token_activations) plus the ordered positions of its rows. `filter`, `sort_by_features`, slicing and
+indexing return new views whose `latents()` rows, `documents` and `metadata` follow the view's order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+from scipy import sparse
+
+from interp_assets import paths
+from interp_assets.diffing import (
+    AGGREGATIONS,
+    FrameLike,
+    as_lazy,
+    diff_features,
+    metadata_associations,
+    paired_diff_features,
+    pairs_from_key,
+    pooled_value_columns,
+    pooled_value_expr,
+)
+from interp_assets.reports import highlight_text
+
+CORE_DOCUMENT_COLUMNS = ("dataset", "doc_id", "doc_hash", "text", "source_file", "source_row")
+FEATURE_LABELS_SCHEMA: dict[str, pl.DataType] = {
+    "dataset": pl.String(),
+    "feature": pl.Int32(),
+    "label": pl.String(),
+    "description": pl.String(),
+    "source": pl.String(),
+    "selected_because": pl.String(),
+    "evidence_doc_ids": pl.List(pl.Int32()),
+    "evidence_hash": pl.String(),
+    "sae_id": pl.String(),
+}
+D_SAE_METADATA_KEYS = (b"d_sae", b"interp.d_sae")
+
+_MATERIALIZE_HINT = (
+    "materialize the asset `{asset}` for partition '{name}' first (Dagster UI, or "
+    "`dagster asset materialize -m definitions --select {asset} --partition {name}`)"
+)
+
+
+def _exists(path: str) -> bool:
+    if "://" not in path:
+        return os.path.exists(path)
+    import fsspec  # object stores: only when a URL is configured
+
+    fs, p = fsspec.core.url_to_fs(path)
+    return bool(fs.exists(p))
+
+
+def _stored_d_sae(path: str) -> int | None:
+    """d_sae from a Parquet file's key-value metadata (`d_sae`), if the writer stored it."""
+    if "://" in path:
+        return None
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, ValueError):
+        return None
+    for key in D_SAE_METADATA_KEYS:
+        if key in meta:
+            try:
+                return int(meta[key])
+            except ValueError:
+                return None
+    return None
+
+
+@dataclass
+class _Store:
+    """What all views of one dataset share."""
+
+    name: str
+    documents: pl.DataFrame  # sorted by doc_id
+    pooled: pl.LazyFrame
+    token_activations: pl.LazyFrame | None = None
+    labels: pl.DataFrame | None = None
+    d_sae: int | None = None
+    d_sae_explicit: bool = False
+    where: dict[str, str] = field(default_factory=dict)  # table -> path, for error messages
+    doc_ids: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.doc_ids = self.documents["doc_id"].to_numpy().astype(np.int64)
+
+
+class Dataset:
+    """A dataset's stored documents and SAE features, or an ordered subset of them (see module doc)."""
+
+    def __init__(self, store: _Store, rows: np.ndarray | None = None) -> None:
+        self._store = store
+        self._rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def load(cls, name: str, data_dir: str | None = None, *, d_sae: int | None = None) -> Dataset:
+        """Open dataset `name` from `<data_dir>/parquet` (default data_dir: `interp_assets.paths.data_dir()`).
+
+        Needs raw_documents and pooled_embeddings; token_activations (for `highlight`) and
+        feature_labels are optional. `d_sae` overrides the SAE width stored with the tables.
+        """
+        base = os.path.join(data_dir if data_dir is not None else paths.data_dir(), "parquet")
+        docs_path = paths.table_path(base, "raw_documents", name)
+        if not _exists(docs_path):
+            found = []
+            folder = os.path.join(base, "raw_documents")
+            if "://" not in folder and os.path.isdir(folder):
+                found = sorted(f[: -len(".parquet")] for f in os.listdir(folder) if f.endswith(".parquet"))
+            raise FileNotFoundError(
+                f"Dataset {name!r} has no raw_documents at {docs_path}: "
+                + _MATERIALIZE_HINT.format(asset="raw_documents", name=name)
+                + f". Datasets materialized under {base}: {found or 'none'}."
+            )
+        pooled_path = paths.table_path(base, "pooled_embeddings", name)
+        if not _exists(pooled_path):
+            raise FileNotFoundError(
+                f"Dataset {name!r} has documents but no pooled_embeddings at {pooled_path}: "
+                + _MATERIALIZE_HINT.format(asset="pooled_embeddings", name=name)
+                + " (it needs token_activations, which runs the SAE)."
+            )
+        ta_path = paths.table_path(base, "token_activations", name)
+        labels_path = paths.table_path(base, "feature_labels", name)
+        stored = _stored_d_sae(pooled_path) or (_stored_d_sae(ta_path) if _exists(ta_path) else None)
+        store = _Store(
+            name=name,
+            documents=_prepare_documents(pl.read_parquet(docs_path), name),
+            pooled=pl.scan_parquet(pooled_path),
+            token_activations=pl.scan_parquet(ta_path) if _exists(ta_path) else None,
+            labels=pl.read_parquet(labels_path) if _exists(labels_path) else None,
+            d_sae=d_sae if d_sae is not None else stored,
+            d_sae_explicit=d_sae is not None or stored is not None,
+            where={"pooled_embeddings": pooled_path, "token_activations": ta_path},
+        )
+        return cls(store)
+
+    @classmethod
+    def from_frames(
+        cls,
+        name: str,
+        documents: FrameLike,
+        pooled: FrameLike,
+        *,
+        token_activations: FrameLike | None = None,
+        feature_labels: pl.DataFrame | None = None,
+        d_sae: int | None = None,
+    ) -> Dataset:
+        """A Dataset over in-memory tables in the README schemas (e.g. the outputs of the pure modules)."""
+        docs = as_lazy(documents, f"documents of {name!r}", ["doc_id", "text"]).collect()
+        return cls(
+            _Store(
+                name=name,
+                documents=_prepare_documents(docs, name),
+                pooled=as_lazy(pooled, f"pooled_embeddings of {name!r}", ["doc_id", "feature"]),
+                token_activations=None
+                if token_activations is None
+                else as_lazy(token_activations, f"token_activations of {name!r}", ["doc_id", "feature"]),
+                labels=feature_labels,
+                d_sae=d_sae,
+                d_sae_explicit=d_sae is not None,
+            )
+        )
+
+    def _view(self, rows: np.ndarray) -> Dataset:
+        return Dataset(self._store, rows)
+
+    # ------------------------------------------------------------------ basic properties
+
+    @property
+    def name(self) -> str:
+        """Dataset (partition) name."""
+        return self._store.name
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Positions of this view's rows in the full dataset (sorted by doc_id)."""
+        return np.arange(self._store.documents.height) if self._rows is None else self._rows
+
+    @property
+    def doc_ids(self) -> np.ndarray:
+        """doc_id of every row of this view, in order."""
+        return self._store.doc_ids if self._rows is None else self._store.doc_ids[self._rows]
+
+    def __len__(self) -> int:
+        return self._store.documents.height if self._rows is None else int(self._rows.size)
+
+    def __repr__(self) -> str:
+        total = self._store.documents.height
+        return f"Dataset({self.name!r}, {len(self)} of {total} documents)"
+
+    @property
+    def documents(self) -> pl.DataFrame:
+        """The view's raw_documents rows (all columns), in view order."""
+        docs = self._store.documents
+        return docs if self._rows is None else docs[self._rows]
+
+    @property
+    def metadata(self) -> pl.DataFrame:
+        """doc_id plus the documents' metadata columns (everything but the core raw_documents columns)."""
+        docs = self.documents
+        return docs.select(["doc_id"] + [c for c in docs.columns if c not in CORE_DOCUMENT_COLUMNS])
+
+    @property
+    def d_sae(self) -> int:
+        """SAE width: explicit / stored value, else max feature + 1 over the whole dataset."""
+        st = self._store
+        if st.d_sae is None:
+            top = st.pooled.select(pl.col("feature").max()).collect().item()
+            st.d_sae = 0 if top is None else int(top) + 1
+        return st.d_sae
+
+    # ------------------------------------------------------------------ indexing
+
+    def __getitem__(self, key: Any) -> dict[str, Any] | Dataset:
+        """int -> the row as a dict; slice / list of ints / numpy int or bool array -> a Dataset view."""
+        if isinstance(key, int | np.integer) and not isinstance(key, bool):
+            n = len(self)
+            i = int(key) + n if key < 0 else int(key)
+            if not 0 <= i < n:
+                raise IndexError(f"row {key} is out of range for a Dataset of {n} documents.")
+            return self._store.documents.row(int(self.rows[i]), named=True)
+        if isinstance(key, slice):
+            return self._view(self.rows[key])
+        if isinstance(key, pl.Series):
+            key = key.to_numpy()
+        if isinstance(key, list | tuple | np.ndarray):
+            arr = np.asarray(key)
+            if arr.dtype == bool:
+                return self.filter(arr)
+            if arr.size == 0:
+                return self._view(np.empty(0, dtype=np.int64))
+            if not np.issubdtype(arr.dtype, np.integer):
+                raise TypeError(f"Dataset indices must be integers or booleans, got dtype {arr.dtype}.")
+            n = len(self)
+            if arr.min() < -n or arr.max() >= n:
+                raise IndexError(f"index out of range for a Dataset of {n} documents.")
+            return self._view(self.rows[arr])
+        raise TypeError(
+            "Dataset indices must be an int, a slice, a list/array of ints or a boolean mask; "
+            f"got {type(key)!r}."
+        )
+
+    def filter(self, mask_or_expr: pl.Expr | np.ndarray | pl.Series | Sequence[bool]) -> Dataset:
+        """Keep the rows where the mask is True; a polars expression is evaluated on `documents`."""
+        if isinstance(mask_or_expr, pl.Expr):
+            mask = self.documents.select(mask_or_expr.alias("_mask"))["_mask"]
+            if mask.dtype != pl.Boolean:
+                raise TypeError(f"filter expression must give booleans, got {mask.dtype}.")
+            if mask.len() != len(self):
+                raise ValueError(
+                    f"filter expression gave {mask.len()} values for {len(self)} documents; "
+                    "use a row-wise expression."
+                )
+            arr = mask.fill_null(False).to_numpy()
+        else:
+            arr = (
+                mask_or_expr.fill_null(False).to_numpy()
+                if isinstance(mask_or_expr, pl.Series)
+                else np.asarray(mask_or_expr)
+            )
+            if arr.dtype != bool:
+                raise TypeError(f"filter mask must be booleans, got dtype {arr.dtype}.")
+            if arr.shape != (len(self),):
+                raise ValueError(
+                    f"filter mask has shape {arr.shape}; this Dataset has {len(self)} documents."
+                )
+        return self._view(self.rows[arr])
+
+    # ------------------------------------------------------------------ features
+
+    def _pooled_subset(self, columns: Sequence[str]) -> pl.LazyFrame:
+        lf = self._store.pooled.select(
+            pl.col("doc_id").cast(pl.Int32), *[c for c in columns if c != "doc_id"]
+        )
+        if self._rows is not None:
+            keep = pl.Series("doc_id", np.unique(self.doc_ids).astype(np.int32))
+            lf = lf.filter(pl.col("doc_id").is_in(keep.implode()))
+        return lf
+
+    def _values(self, aggregation: str) -> pl.DataFrame:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"Unknown aggregation {aggregation!r}; use one of {list(AGGREGATIONS)}.")
+        cols = ["feature", *pooled_value_columns(aggregation)]
+        lf = self._pooled_subset(cols)
+        return lf.select(
+            "doc_id", "feature", pooled_value_expr(aggregation).cast(pl.Float32).alias("value")
+        ).collect()
+
+    def _positions(self, doc_id: np.ndarray) -> np.ndarray:
+        """Position in the full (doc_id-sorted) documents of each doc_id; error for unknown ids."""
+        ids = self._store.doc_ids
+        pos = np.searchsorted(ids, doc_id)
+        if ids.size == 0:
+            bad = np.ones(doc_id.shape, dtype=bool)
+        else:
+            bad = (pos >= ids.size) | (ids[np.minimum(pos, ids.size - 1)] != doc_id)
+        if np.any(bad):
+            raise ValueError(
+                f"pooled_embeddings of {self.name!r} has doc_id {int(doc_id[np.argmax(bad)])} that is not in "
+                "raw_documents: the tables are from different materializations; re-materialize "
+                "token_activations and pooled_embeddings for this partition."
+            )
+        return pos
+
+    def latents(self, aggregation: str = "max", compress: bool = True) -> sparse.csr_matrix | np.ndarray:
+        """Document x feature matrix (n_docs, d_sae), rows in this view's order.
+
+        aggregation: max (max activation), mean (sum_activation / doc_tokens), sum, binarize (1.0 where
+        active), count (active tokens). `compress=True` gives a float32 `scipy.sparse.csr_matrix`,
+        False a dense `np.ndarray`.
+        """
+        vals = self._values(aggregation)
+        d = self.d_sae
+        feat = vals["feature"].to_numpy().astype(np.int64)
+        if feat.size and (feat.min() < 0 or feat.max() >= d):
+            raise ValueError(
+                f"pooled_embeddings of {self.name!r} has feature {int(feat.max())} but d_sae={d}; "
+                "pass the SAE width (Dataset.load(..., d_sae=...))."
+            )
+        pos = self._positions(vals["doc_id"].to_numpy().astype(np.int64))
+        data = vals["value"].to_numpy()
+        n_full = self._store.documents.height
+        if pos.size > 1 and np.any(np.diff(pos) < 0):
+            order = np.lexsort((feat, pos))
+            pos, feat, data = pos[order], feat[order], data[order]
+        indptr = np.zeros(n_full + 1, dtype=np.int64)
+        np.cumsum(np.bincount(pos, minlength=n_full), out=indptr[1:])
+        full = sparse.csr_matrix(
+            (data.astype(np.float32, copy=False), feat.astype(np.int32), indptr), shape=(n_full, d)
+        )
+        mat = full if self._rows is None else full[self._rows]
+        return mat if compress else mat.toarray()
+
+    def top_documents_for_feature(self, feature: int, k: int = 10, aggregation: str = "max") -> pl.DataFrame:
+        """The k documents of this view with the highest value of `feature`: doc_id, value, text."""
+        vals = self._values(aggregation).filter(pl.col("feature") == int(feature))
+        top = vals.sort(["value", "doc_id"], descending=[True, False]).head(k)
+        docs = self._store.documents.select(pl.col("doc_id").cast(pl.Int32), "text")
+        return top.join(docs, on="doc_id", how="left", maintain_order="left").select(
+            "doc_id", pl.col("value").cast(pl.Float64), "text"
+        )
+
+    def highlight(self, doc_id: int, feature: int, open_mark: str = "<<", close_mark: str = ">>") -> str:
+        """The text of document `doc_id` with the tokens where `feature` is active wrapped in marks."""
+        ids = self._store.doc_ids
+        pos = int(np.searchsorted(ids, doc_id))
+        if pos >= ids.size or ids[pos] != doc_id:
+            raise KeyError(f"doc_id {doc_id} is not in dataset {self.name!r} ({ids.size} documents).")
+        ta = self._store.token_activations
+        if ta is None:
+            where = self._store.where.get("token_activations", "token_activations")
+            raise FileNotFoundError(
+                f"Dataset {self.name!r} has no token_activations ({where}): "
+                + _MATERIALIZE_HINT.format(asset="token_activations", name=self.name)
+                + "."
+            )
+        spans = (
+            ta.filter((pl.col("doc_id") == int(doc_id)) & (pl.col("feature") == int(feature)))
+            .select("char_start", "char_end")
+            .collect()
+        )
+        text = self._store.documents["text"][pos] or ""
+        return highlight_text(text, spans.rows(), open_mark, close_mark)
+
+    def sort_by_features(
+        self, features: int | Sequence[int], aggregation: str = "max", descending: bool = True
+    ) -> Dataset:
+        """This view reordered by the sum of `features`' values (0 where inactive); ties keep the order."""
+        feats = [int(features)] if isinstance(features, int | np.integer) else [int(f) for f in features]
+        vals = self._values(aggregation).filter(pl.col("feature").is_in(feats))
+        per_doc = vals.group_by("doc_id").agg(pl.col("value").cast(pl.Float64).sum())
+        score = np.zeros(self._store.documents.height)
+        score[self._positions(per_doc["doc_id"].to_numpy().astype(np.int64))] = per_doc["value"].to_numpy()
+        rows = self.rows
+        s = score[rows]
+        order = np.argsort(-s if descending else s, kind="stable")
+        return self._view(rows[order])
+
+    # ------------------------------------------------------------------ labels, diff, associations
+
+    def feature_labels(self) -> pl.DataFrame:
+        """The dataset's feature_labels table, or an empty frame with its columns."""
+        labels = self._store.labels
+        if labels is None:
+            return pl.DataFrame(schema=FEATURE_LABELS_SCHEMA)
+        return labels
+
+    def _diff_width(self, other: Dataset) -> int:
+        a, b = self._store, other._store
+        if a.d_sae_explicit and b.d_sae_explicit and self.d_sae != other.d_sae:
+            raise ValueError(
+                f"{self.name!r} has d_sae={self.d_sae} but {other.name!r} has d_sae={other.d_sae}: "
+                "features of different SAEs cannot be compared."
+            )
+        return max(self.d_sae, other.d_sae)
+
+    def diff(self, other: Dataset, *, key: str | None = None, **kwargs: Any) -> pl.DataFrame:
+        """Features whose document frequency differs between this view (A) and `other` (B).
+
+        Unpaired: `diffing.diff_features`. With `key` (a metadata column both share, e.g. a prompt id):
+        paired `diffing.paired_diff_features` over the documents matched on it. kwargs go to those
+        functions (threshold, alpha, n_features; default n_features: the SAE width).
+        """
+        kwargs.setdefault("n_features", self._diff_width(other))
+        cols = ["feature", "max_activation"]
+        if key is not None:
+            pairs = pairs_from_key(self.documents, other.documents, key)
+            return paired_diff_features(
+                self._pooled_subset(cols), other._pooled_subset(cols), pairs, **kwargs
+            )
+        n_a, n_b = int(np.unique(self.doc_ids).size), int(np.unique(other.doc_ids).size)
+        if n_a == 0 or n_b == 0:
+            raise ValueError(
+                f"Cannot diff an empty Dataset ({self.name!r}: {n_a}, {other.name!r}: {n_b} docs)."
+            )
+        return diff_features(self._pooled_subset(cols), n_a, other._pooled_subset(cols), n_b, **kwargs)
+
+    def associations(self, column: str, **kwargs: Any) -> pl.DataFrame:
+        """Features associated with a boolean / numeric metadata column (`diffing.metadata_associations`)."""
+        kwargs.setdefault("n_features", self.d_sae)
+        agg = kwargs.get("aggregation", "max")
+        cols = ["feature", *pooled_value_columns(agg)] if agg in AGGREGATIONS else ["feature"]
+        docs = self.documents.unique(subset="doc_id", keep="first", maintain_order=True)
+        return metadata_associations(self._pooled_subset(cols), docs, column, **kwargs)
+
+
+def _prepare_documents(docs: pl.DataFrame, name: str) -> pl.DataFrame:
+    if "doc_id" not in docs.columns or "text" not in docs.columns:
+        raise ValueError(
+            f"raw_documents of {name!r} must have doc_id and text columns; it has {docs.columns}. "
+            "Re-materialize raw_documents."
+        )
+    docs = docs.sort("doc_id")
+    if docs["doc_id"].n_unique() != docs.height:
+        dup = docs.filter(pl.col("doc_id").is_duplicated())["doc_id"].unique().sort().head(5).to_list()
+        raise ValueError(f"raw_documents of {name!r} has duplicated doc_id values {dup}; re-materialize it.")
+    return docs

@@ -1,0 +1,35 @@
+"""Where everything lives on disk (or in an object store). One place, so every module agrees."""
+
+from __future__ import annotations
+
+import os
+import re
+
+DATA_DIR_ENV = "INTERP_DATA_DIR"
+DEFAULT_DATA_DIR = "var"
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def data_dir() -> str:
+    """Root of all platform state: `$INTERP_DATA_DIR`, default `./var`."""
+    return os.environ.get(DATA_DIR_ENV, DEFAULT_DATA_DIR)
+
+
+def check_storage_key(key: str, what: str = "partition key") -> str:
+    """Return `key` if it is safe as one path component (letters, digits, `_ . -`; no `..`), else raise."""
+    if not isinstance(key, str) or not _SAFE_KEY.match(key) or ".." in key:
+        raise ValueError(
+            f"Unsafe {what} {key!r}: use 1-128 characters from letters, digits, '_', '.', '-' "
+            "starting with a letter or digit, and no '..'."
+        )
+    return key
+
+
+def table_path(parquet_base: str, table: str, partition: str | None = None) -> str:
+    """Path of one table's Parquet file: `<base>/<table>/<partition>.parquet` or `<base>/<table>.parquet`."""
+    check_storage_key(table, "table name")
+    base = parquet_base.rstrip("/")
+    if partition is None:
+        return f"{base}/{table}.parquet"
+    return f"{base}/{table}/{check_storage_key(partition)}.parquet"

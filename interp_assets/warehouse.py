@@ -1,0 +1,201 @@
+"""DuckDB warehouse: SQL views over the Parquet tables (Parquet stays the source of truth).
+
+DuckDB lets one process hold a database file read-write, and while it does nobody else can open it
+(a read-only holder also blocks writers). So every connection here is short-lived, and opening one
+retries with jittered exponential backoff while another process holds the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import duckdb
+import fsspec
+import polars as pl
+from fsspec.implementations.local import LocalFileSystem
+
+from interp_assets.paths import data_dir
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_GLOB_CHARS = frozenset("*?[]{}")
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class WarehouseLockedError(TimeoutError):
+    """The DuckDB file stayed locked by another process for longer than the timeout."""
+
+
+def default_db_path() -> str:
+    """`<data_dir>/warehouse.duckdb`."""
+    return os.path.join(data_dir(), "warehouse.duckdb")
+
+
+def check_table_name(name: str) -> str:
+    """Return `name` if it is a plain SQL identifier (letters, digits, `_`; max 63), else raise ValueError."""
+    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+        raise ValueError(
+            f"Invalid table name {name!r} for a DuckDB view: use 1-63 letters, digits or '_', "
+            "starting with a letter or '_'."
+        )
+    return name
+
+
+def sql_string_literal(value: str) -> str:
+    """A single-quoted SQL string literal; embedded quotes are doubled so the value cannot end it."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _is_lock_conflict(error: BaseException) -> bool:
+    text = str(error).lower()
+    if isinstance(error, duckdb.IOException):
+        return "lock" in text
+    # Same process, another live connection opened with other settings (read-only vs read-write).
+    return isinstance(error, duckdb.ConnectionException) and "different configuration" in text
+
+
+def _connect(
+    db_path: str, read_only: bool, timeout_s: float, retries: int | None = None
+) -> duckdb.DuckDBPyConnection:
+    """Open `db_path`, retrying lock conflicts with jittered backoff until `timeout_s` or `retries`."""
+    deadline = time.monotonic() + timeout_s
+    delay, attempt = 0.02, 0
+    while True:
+        try:
+            return duckdb.connect(db_path, read_only=read_only)
+        except (duckdb.IOException, duckdb.ConnectionException) as error:
+            if not _is_lock_conflict(error):
+                raise
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (retries is not None and attempt > retries):
+                mode = "read-only" if read_only else "read-write"
+                raise WarehouseLockedError(
+                    f"Could not open the DuckDB warehouse {db_path} {mode}: another process kept it locked "
+                    f"for {timeout_s:.1f}s ({attempt} attempts). Close long-lived DuckDB sessions on it "
+                    f"(CLI, notebooks) or raise timeout_s. Last error: {error}"
+                ) from error
+            time.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
+            delay = min(delay * 2, 0.5)
+
+
+def connect_read_only(
+    db_path: str, retries: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> duckdb.DuckDBPyConnection:
+    """A read-only connection; retries while a writer holds the file. Close it soon (`with` works)."""
+    if db_path != ":memory:" and not os.path.exists(db_path):
+        raise FileNotFoundError(
+            f"DuckDB warehouse {db_path} does not exist: build it with refresh_views() "
+            "(materialize the warehouse asset) first."
+        )
+    return _connect(db_path, read_only=True, timeout_s=timeout_s, retries=retries)
+
+
+def query(
+    db_path: str, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None, timeout_s: float = 60.0
+) -> pl.DataFrame:
+    """Run one read-only query (with `?`/`$name` parameters) and return a Polars DataFrame."""
+    con = connect_read_only(db_path, timeout_s=timeout_s)
+    try:
+        relation = con.sql(sql, params=params)
+        frame = pl.DataFrame() if relation is None else pl.from_arrow(relation.to_arrow_table())
+    finally:
+        con.close()
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def _parquet_files(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+    if not fs.isdir(folder):
+        return []
+    names = (p.rstrip("/").rpartition("/")[2] for p in fs.ls(folder, detail=False))
+    return sorted(f"{folder}/{n}" for n in names if n.endswith(".parquet") and not n.startswith("."))
+
+
+def table_source(parquet_base: str, table: str) -> str | None:
+    """`read_parquet(...)` SQL over a table's Parquet files, or None when it has none.
+
+    Partitioned tables (`<base>/<table>/*.parquet`) are read with a glob so new partitions show up
+    without a refresh; a base path containing glob characters is listed file by file instead.
+    Unpartitioned tables read `<base>/<table>.parquet`. Local paths are made absolute.
+    """
+    check_table_name(table)
+    fs, base = fsspec.core.url_to_fs(parquet_base)
+    local = isinstance(fs, LocalFileSystem)
+    if local:
+        base = os.path.abspath(base)
+        url_base = base
+    else:
+        url_base = parquet_base.rstrip("/")
+    files = _parquet_files(fs, f"{base}/{table}")
+    options = "union_by_name = true, hive_partitioning = false"
+    if files:
+        if _GLOB_CHARS.isdisjoint(url_base):
+            return f"read_parquet({sql_string_literal(f'{url_base}/{table}/*.parquet')}, {options})"
+        urls = [f"{url_base}/{table}/{f.rpartition('/')[2]}" for f in files]
+        return f"read_parquet([{', '.join(sql_string_literal(u) for u in urls)}], {options})"
+    if fs.isfile(f"{base}/{table}.parquet"):
+        return f"read_parquet({sql_string_literal(f'{url_base}/{table}.parquet')}, {options})"
+    return None
+
+
+def apply_views(con: duckdb.DuckDBPyConnection, sources: Mapping[str, str | None]) -> dict[str, int]:
+    """Create or replace one view per table (dropping views of tables without files) in one transaction."""
+    counts: dict[str, int] = {}
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for table, source in sources.items():
+            name = '"' + check_table_name(table) + '"'
+            if source is None:
+                con.execute(f"DROP VIEW IF EXISTS {name}")
+                continue
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {source}")
+            row = con.execute(f"SELECT count(*) FROM {name}").fetchone()
+            counts[table] = int(row[0]) if row else 0
+        con.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        raise
+    return counts
+
+
+def _sources(parquet_base: str, tables: Sequence[str]) -> dict[str, str | None]:
+    for table in tables:
+        check_table_name(table)
+    return {table: table_source(parquet_base, table) for table in tables}
+
+
+def refresh_views(
+    db_path: str, parquet_base: str, tables: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S
+) -> dict[str, int]:
+    """(Re)build the views over `tables` in `db_path` with a short read-write connection.
+
+    Returns row counts of the tables that have Parquet files; views of tables without files are dropped.
+    """
+    sources = _sources(parquet_base, tables)
+    if db_path != ":memory:":
+        os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
+    con = _connect(db_path, read_only=False, timeout_s=timeout_s)
+    try:
+        return apply_views(con, sources)
+    finally:
+        con.close()
+
+
+def refresh_views_with_resource(
+    duckdb_resource: Any, parquet_base: str, tables: Sequence[str]
+) -> dict[str, int]:
+    """`refresh_views` through a dagster-duckdb `DuckDBResource` (its `get_connection()` retries locks)."""
+    sources = _sources(parquet_base, tables)
+    with duckdb_resource.get_connection() as con:
+        try:
+            return apply_views(con, sources)
+        finally:
+            # DuckDBResource.get_connection skips close() on an exception; a leaked one keeps the lock.
+            con.close()

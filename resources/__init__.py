@@ -1,0 +1,1 @@
+"""Dagster resources: the SAE reader (language model + SAE) and the LLM client."""

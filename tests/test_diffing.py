@@ -1,0 +1,392 @@
+"""Tests of interp_assets.diffing on real computation with hand-checked / published values."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from scipy import stats
+
+from interp_assets.diffing import (
+    DIFF_SCHEMA,
+    benjamini_hochberg,
+    diff_features,
+    fisher_exact_pvalue,
+    log2_ratio_interval,
+    mcnemar_exact_pvalue,
+    metadata_associations,
+    newcombe_interval,
+    newcombe_paired_interval,
+    paired_diff_features,
+    pairs_from_key,
+    split_halves_null,
+    two_by_two_pvalue,
+    two_proportion_z_pvalue,
+    wilson_interval,
+)
+
+# --------------------------------------------------------------------------- helpers
+
+
+def pooled(rows: list[tuple[int, int, float]], dataset: str = "d") -> pl.DataFrame:
+    """pooled_embeddings frame (README schema) from (doc_id, feature, max_activation) triples."""
+    doc, feat, act = zip(*rows, strict=True) if rows else ((), (), ())
+    n = len(doc)
+    return pl.DataFrame(
+        {
+            "dataset": [dataset] * n,
+            "doc_id": pl.Series(doc, dtype=pl.Int32),
+            "feature": pl.Series(feat, dtype=pl.Int32),
+            "max_activation": pl.Series(act, dtype=pl.Float32),
+            "sum_activation": pl.Series([2 * a for a in act], dtype=pl.Float32),
+            "active_tokens": pl.Series([2] * n, dtype=pl.Int32),
+            "doc_tokens": pl.Series([10] * n, dtype=pl.Int32),
+        }
+    )
+
+
+def synthetic_pooled(n_docs: int, width: int, seed: int, mean_active: float = 40.0) -> pl.DataFrame:
+    """Realistic-ish pooled table: Zipf feature frequencies, document intensity (long docs fire more)."""
+    rng = np.random.default_rng(seed)
+    w = 1.0 / (np.arange(width) + 5.0) ** 1.4
+    w = w[rng.permutation(width)]
+    intensity = rng.lognormal(0.0, 0.6, n_docs)  # heterogeneous documents -> correlated features
+    scale = mean_active / (w.sum() * intensity.mean())
+    p = 1.0 - np.exp(-np.outer(intensity, w) * scale)
+    doc, feat = np.nonzero(rng.random((n_docs, width)) < p)
+    act = rng.gamma(2.0, 1.0, doc.size).astype(np.float32) + 0.01
+    return pl.DataFrame(
+        {
+            "doc_id": doc.astype(np.int32),
+            "feature": feat.astype(np.int32),
+            "max_activation": act,
+        }
+    )
+
+
+# --------------------------------------------------------------------------- interval formulas
+
+
+def test_wilson_interval_hand_values() -> None:
+    # 7/34: p = 0.205882, z^2 = 3.841459; centre = (p + z^2/68)/(1 + z^2/34) = 0.261740 / 1.112984 = 0.235169;
+    # half = z*sqrt(p(1-p)/34 + z^2/4624)/1.112984 = 1.959964*0.075167/1.112984 = 0.132369
+    lo, hi = wilson_interval(np.array([7, 0]), np.array([34, 10]))
+    assert lo[0] == pytest.approx(0.103495, abs=1e-6)
+    assert hi[0] == pytest.approx(0.367984, abs=1e-6)
+    # 0/10: lower 0, upper z^2/(n + z^2) = 3.841459/13.841459 = 0.277533
+    assert lo[1] == 0.0
+    assert hi[1] == pytest.approx(0.277533, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("xa", "na", "xb", "nb", "low", "high"),
+    [
+        # Newcombe (1998) Statistics in Medicine 17:873, Table II, method 10
+        (56, 70, 48, 80, 0.0524, 0.3339),
+        (9, 10, 3, 10, 0.1705, 0.8090),
+        (6, 7, 2, 7, 0.0582, 0.8062),
+        (5, 56, 0, 29, -0.0381, 0.1926),
+        (0, 10, 0, 20, -0.1611, 0.2775),
+        (10, 10, 0, 10, 0.6075, 1.0000),
+    ],
+)
+def test_newcombe_hybrid_score_matches_published(
+    xa: int, na: int, xb: int, nb: int, low: float, high: float
+) -> None:
+    lo, hi = newcombe_interval(np.array([xa]), np.array([na]), np.array([xb]), np.array([nb]))
+    assert lo[0] == pytest.approx(low, abs=5e-5)
+    assert hi[0] == pytest.approx(high, abs=5e-5)
+
+
+def test_newcombe_paired_matches_published() -> None:
+    # Cavo et al. (2012) in Fagerland, Lydersen & Laake, "Statistical Analysis of Contingency Tables", ch. 8:
+    # [[59, 6], [16, 80]] -> estimate -0.0621, 95% CI -0.1186 to -0.0046
+    lo, hi = newcombe_paired_interval(np.array([59]), np.array([6]), np.array([16]), 161)
+    assert lo[0] == pytest.approx(-0.1186, abs=5e-5)
+    assert hi[0] == pytest.approx(-0.0046, abs=5e-5)
+
+
+def test_log2_ratio_haldane_hand_values() -> None:
+    # 9/10 vs 3/10, 0.5 added to each cell: (9.5/11)/(3.5/11) = 2.714286, log2 = 1.440573;
+    # se(ln) = sqrt(1/9.5 - 1/11 + 1/3.5 - 1/11) = 0.457339; ln CI = 0.998529 +- 0.896369
+    est, lo, hi = log2_ratio_interval(9, 10, 3, 10)
+    assert est == pytest.approx(1.440573, abs=1e-6)
+    assert lo == pytest.approx(0.147386, abs=1e-6)
+    assert hi == pytest.approx(2.733759, abs=1e-6)
+    # zero counts stay finite thanks to the correction: (0.5/11)/(0.5/11) = 1 -> 0
+    est0, lo0, hi0 = log2_ratio_interval(0, 10, 0, 10)
+    assert est0 == pytest.approx(0.0) and lo0 < 0 < hi0
+
+
+# --------------------------------------------------------------------------- p-values
+
+
+def test_fisher_matches_scipy_on_many_tables() -> None:
+    rng = np.random.default_rng(1)
+    na = rng.integers(1, 200, 800)
+    nb = rng.integers(1, 200, 800)
+    xa = np.minimum(rng.integers(0, 8, 800), na)
+    xb = np.minimum(rng.integers(0, 12, 800), nb)
+    xa[:100] = rng.integers(0, na[:100] + 1)  # also large, non-sparse tables
+    got = fisher_exact_pvalue(xa, na, xb, nb)
+    ref = [
+        stats.fisher_exact([[a, n1 - a], [b, n2 - b]]).pvalue
+        for a, n1, b, n2 in zip(xa, na, xb, nb, strict=True)
+    ]
+    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-14)
+
+
+def test_fisher_lady_tasting_tea() -> None:
+    # [[3, 1], [1, 3]]: tables as or less likely: x=3 (16/70), x=1 (16/70), x=4 (1/70), x=0 (1/70) -> 34/70
+    assert fisher_exact_pvalue(np.array([3]), np.array([4]), np.array([1]), np.array([4]))[
+        0
+    ] == pytest.approx(34 / 70, rel=1e-12)
+
+
+def test_z_test_matches_chi_square_without_yates() -> None:
+    xa, na = np.array([300, 51, 4000]), np.array([1000, 400, 10000])
+    xb, nb = np.array([250, 80, 4100]), np.array([1000, 1000, 10000])
+    got = two_proportion_z_pvalue(xa, na, xb, nb)
+    for i in range(3):
+        table = [[xa[i], na[i] - xa[i]], [xb[i], nb[i] - xb[i]]]
+        assert got[i] == pytest.approx(stats.chi2_contingency(table, correction=False).pvalue, rel=1e-10)
+
+
+def test_test_choice_by_expected_cells() -> None:
+    # 9/10 vs 3/10: margins 12 / 8 -> min expected 10*8/20 = 4 < 5 -> Fisher
+    # 60/100 vs 40/100: min expected 100*100/200 = 50 -> z test
+    p, test = two_by_two_pvalue(
+        np.array([9, 60]), np.array([10, 100]), np.array([3, 40]), np.array([10, 100])
+    )
+    assert test.tolist() == ["fisher_exact", "z_test"]
+    assert p[0] == pytest.approx(stats.fisher_exact([[9, 1], [3, 7]]).pvalue, rel=1e-10)
+    assert p[1] == pytest.approx(
+        stats.chi2_contingency([[60, 40], [40, 60]], correction=False).pvalue, rel=1e-10
+    )
+
+
+def test_mcnemar_exact_hand_values() -> None:
+    # 9 vs 2 discordant: 2 * P(X <= 2 | 11, 1/2) = 2 * (1 + 11 + 55) / 2048 = 134/2048
+    # Cavo: 6 vs 16 -> 0.0525 (Fagerland et al.); no discordant pairs -> 1
+    p = mcnemar_exact_pvalue(np.array([9, 6, 0, 5]), np.array([2, 16, 0, 5]))
+    assert p[0] == pytest.approx(134 / 2048, rel=1e-12)
+    assert p[1] == pytest.approx(0.0525, abs=5e-5)
+    assert p[2] == 1.0 and p[3] == 1.0
+
+
+def test_benjamini_hochberg_hand_example() -> None:
+    p = np.array([0.01, 0.04, 0.03, 0.005])
+    # sorted 0.005, 0.01, 0.03, 0.04 -> p*4/rank = 0.02, 0.02, 0.04, 0.04
+    np.testing.assert_allclose(benjamini_hochberg(p), [0.02, 0.04, 0.04, 0.02])
+    # counting 6 more untested hypotheses (p = 1): p*10/rank = 0.05, 0.05, 0.1, 0.1
+    np.testing.assert_allclose(benjamini_hochberg(p, 10), [0.05, 0.1, 0.1, 0.05])
+    # monotone step-up: 0.02*3/2 = 0.03 is beaten by the later 0.021*3/3
+    np.testing.assert_allclose(benjamini_hochberg(np.array([0.001, 0.02, 0.021])), [0.003, 0.021, 0.021])
+    with pytest.raises(ValueError, match="smaller than the number"):
+        benjamini_hochberg(p, 3)
+
+
+# --------------------------------------------------------------------------- diff_features
+
+
+def test_diff_features_small_hand_example() -> None:
+    # A: 10 docs, feature 7 in docs 0..8 (9/10), feature 2 in doc 0 with activation 0.05 (below threshold 0.1)
+    # B: 10 docs, feature 7 in docs 0..2 (3/10), feature 4 in docs 0..1
+    a = pooled([(d, 7, 1.0 + d) for d in range(9)] + [(0, 2, 0.05)], "A")
+    b = pooled([(d, 7, 2.0) for d in range(3)] + [(0, 4, 1.0), (1, 4, 3.0)], "B")
+    out = diff_features(a, 10, b, 10, threshold=0.1, n_features=100)
+    assert out.schema == pl.Schema(DIFF_SCHEMA)
+    assert out["feature"].to_list() == [7, 4]  # feature 2 never exceeds the threshold
+    f7 = out.row(0, named=True)
+    assert (f7["docs_a"], f7["docs_b"]) == (9, 3)
+    assert f7["freq_diff"] == pytest.approx(0.6)
+    assert (f7["freq_diff_ci_low"], f7["freq_diff_ci_high"]) == pytest.approx((0.1705, 0.8090), abs=5e-5)
+    assert f7["log2_ratio"] == pytest.approx(1.440573, abs=1e-6)
+    assert f7["test"] == "fisher_exact"
+    p7 = stats.fisher_exact([[9, 1], [3, 7]]).pvalue  # 0.019762
+    assert f7["p_value"] == pytest.approx(p7, rel=1e-10)
+    # BH over the 100 features of the SAE: rank 1 -> p * 100 / 1
+    assert f7["q_value"] == pytest.approx(min(1.0, p7 * 100))
+    assert f7["direction"] == "a" and f7["significant"] is False
+    assert f7["mean_activation_a"] == pytest.approx(np.mean([1.0 + d for d in range(9)]))
+    assert f7["mean_activation_b"] == pytest.approx(2.0)
+    f4 = out.row(1, named=True)
+    assert (f4["docs_a"], f4["docs_b"], f4["direction"]) == (0, 2, "b")
+    assert f4["mean_activation_a"] is None and f4["mean_activation_b"] == pytest.approx(2.0)
+
+
+def test_diff_features_detects_planted_difference_and_sorts() -> None:
+    rng = np.random.default_rng(3)
+    rows_a, rows_b = [], []
+    for d in range(2000):
+        for f, (pa, pb) in {0: (0.30, 0.20), 1: (0.10, 0.10), 2: (0.02, 0.06), 3: (0.5, 0.5)}.items():
+            if rng.random() < pa:
+                rows_a.append((d, f, 1.0))
+            if rng.random() < pb:
+                rows_b.append((d, f, 1.0))
+    out = diff_features(pooled(rows_a).lazy(), 2000, pooled(rows_b).lazy(), 2000, n_features=16384)
+    sig = out.filter("significant")
+    assert sorted(sig["feature"].to_list()) == [0, 2]
+    assert dict(zip(sig["feature"], sig["direction"], strict=True)) == {0: "a", 2: "b"}
+    assert out["q_value"].is_sorted()
+    for r in sig.iter_rows(named=True):
+        assert r["freq_diff_ci_low"] <= r["freq_diff"] <= r["freq_diff_ci_high"]
+        assert r["log2_ratio_ci_low"] <= r["log2_ratio"] <= r["log2_ratio_ci_high"]
+        assert np.sign(r["freq_diff_ci_low"]) == np.sign(r["freq_diff_ci_high"])  # CI excludes 0
+
+
+def test_diff_features_user_errors() -> None:
+    a = pooled([(0, 1, 1.0), (1, 1, 1.0), (2, 1, 1.0)])
+    with pytest.raises(ValueError, match="n_docs=2"):
+        diff_features(a, 2, a, 5)
+    with pytest.raises(ValueError, match="missing column"):
+        diff_features(a.drop("max_activation"), 5, a, 5)
+    with pytest.raises(ValueError, match="n_features=1"):
+        diff_features(a, 5, a, 5, n_features=1)
+    with pytest.raises(ValueError, match="positive integer"):
+        diff_features(a, 0, a, 5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_null_split_halves_has_no_significant_feature(seed: int) -> None:
+    data = synthetic_pooled(3000, 4096, seed=100 + seed)
+    out = split_halves_null(data, 3000, seed=seed, n_features=4096)
+    assert out.height > 500  # many features tested, including many rare ones (Fisher) and common ones (z)
+    assert {"fisher_exact", "z_test"} <= set(out["test"].unique())
+    assert out["significant"].sum() == 0
+    # and the p-values look uniform-ish: not too many small ones among the well-powered tests
+    common = out.filter(pl.col("test") == "z_test")
+    assert (common["p_value"] < 0.05).mean() < 0.1
+
+
+def test_null_split_halves_false_discovery_rate_over_many_seeds() -> None:
+    data = synthetic_pooled(2000, 512, seed=7)
+    hits = [split_halves_null(data, 2000, seed=s, n_features=512)["significant"].sum() for s in range(20)]
+    # BH at 5% under the complete null: P(any discovery) <= 5% per split
+    assert sum(h > 0 for h in hits) <= 2
+
+
+# --------------------------------------------------------------------------- paired
+
+
+def test_paired_diff_mcnemar_hand_example() -> None:
+    # 20 pairs. feature 5: both in pairs 0-1, A only in pairs 2-10 (9), B only in 11-12 (2), neither 13-19
+    # A's doc ids are the pair numbers; B's doc ids are pair + 100 (shuffled order of pairs)
+    pairs = pl.DataFrame({"doc_id_a": list(range(20)), "doc_id_b": [100 + i for i in range(20)]})[::-1]
+    a = pooled([(i, 5, 1.0) for i in range(0, 11)] + [(i, 9, 2.0) for i in range(20)])
+    b = pooled(
+        [(100 + i, 5, 3.0) for i in (0, 1, 11, 12)] + [(100 + i, 9, 2.0) for i in range(20)] + [(999, 5, 1.0)]
+    )
+    out = paired_diff_features(a, b, pairs, n_features=10)
+    r = out.filter(pl.col("feature") == 5).row(0, named=True)
+    assert (r["n_pairs"], r["docs_both"], r["docs_a_only"], r["docs_b_only"]) == (20, 2, 9, 2)
+    assert (r["docs_a"], r["docs_b"]) == (11, 4)  # doc 999 of B is in no pair: ignored
+    assert r["freq_diff"] == pytest.approx(0.35)
+    assert r["p_value"] == pytest.approx(134 / 2048, rel=1e-12)
+    assert r["q_value"] == pytest.approx(min(1.0, 134 / 2048 * 10))
+    assert r["test"] == "mcnemar_exact" and r["direction"] == "a"
+    assert r["mean_activation_b"] == pytest.approx(3.0)
+    lo, hi = newcombe_paired_interval(np.array([2]), np.array([9]), np.array([2]), 20)
+    assert (r["freq_diff_ci_low"], r["freq_diff_ci_high"]) == pytest.approx((lo[0], hi[0]))
+    # log ratio of marginals, 0.5 per cell: (2.5 + 9.5) / (2.5 + 2.5) = 2.4 -> log2 = 1.263034
+    assert r["log2_ratio"] == pytest.approx(1.263034, abs=1e-6)
+    with pytest.raises(ValueError, match=r"pairs.doc_id_b repeats document\(s\) \[100\]"):
+        paired_diff_features(a, b, pl.DataFrame({"doc_id_a": [0, 1], "doc_id_b": [100, 100]}))
+    f9 = out.filter(pl.col("feature") == 9).row(0, named=True)
+    assert (f9["docs_both"], f9["p_value"], f9["direction"]) == (20, 1.0, None)
+
+
+def test_pairs_from_key_and_errors() -> None:
+    docs_a = pl.DataFrame({"dataset": "gpt", "doc_id": [0, 1, 2, 3], "ticket": [10, 11, 12, None]})
+    docs_b = pl.DataFrame({"dataset": "claude", "doc_id": [0, 1, 2], "ticket": [12, 10, 99]})
+    pairs = pairs_from_key(docs_a, docs_b, "ticket")
+    assert pairs.rows() == [(0, 1, 10), (2, 0, 12)]
+    with pytest.raises(ValueError, match=r"Dataset B \(claude\): key column 'ticket_id' not found"):
+        pairs_from_key(docs_a.with_columns(ticket_id=pl.col("ticket")), docs_b, "ticket_id")
+    dup = pl.DataFrame({"dataset": "claude", "doc_id": [0, 1, 2, 3], "ticket": [12, 10, 12, 10]})
+    with pytest.raises(ValueError, match=r"Dataset B \(claude\).*not unique.*\[10, 12\]"):
+        pairs_from_key(docs_a, dup, "ticket")
+    with pytest.raises(ValueError, match="No key"):
+        pairs_from_key(docs_a, docs_b.with_columns(ticket=pl.col("ticket") + 500), "ticket")
+
+
+# --------------------------------------------------------------------------- metadata associations
+
+
+def _dense(pool: pl.DataFrame, n_docs: int, feature: int) -> np.ndarray:
+    x = np.zeros(n_docs)
+    sub = pool.filter(pl.col("feature") == feature)
+    x[sub["doc_id"].to_numpy()] = sub["max_activation"].to_numpy()
+    return x
+
+
+def test_associations_boolean_planted_signal_matches_scipy() -> None:
+    rng = np.random.default_rng(5)
+    n = 600
+    flag = rng.random(n) < 0.3
+    rows = []
+    for d in range(n):
+        if rng.random() < (0.6 if flag[d] else 0.1):  # feature 3 goes with flag
+            rows.append((d, 3, float(rng.gamma(3.0)) + (1.0 if flag[d] else 0.0)))
+        for f in (0, 1, 2):  # unrelated features; feature 2 has tied activation values
+            if rng.random() < 0.2:
+                rows.append((d, f, 1.0 if f == 2 else float(rng.gamma(2.0))))
+    pool = pooled(rows)
+    flag_col = pl.Series([None] * 5 + flag[5:].tolist(), dtype=pl.Boolean)  # 5 missing values: dropped
+    docs = pl.DataFrame({"doc_id": np.arange(n, dtype=np.int32), "text": ["x"] * n, "flag": flag_col})
+    out = metadata_associations(pool, docs, "flag", n_features=64)
+    assert out["n_dropped_null"][0] == 5 and out["n_docs"][0] == n - 5
+    top = out.row(0, named=True)
+    assert top["feature"] == 3 and top["significant"] and top["direction"] == "true"
+    assert out.filter(pl.col("feature") != 3)["significant"].sum() == 0
+    keep = np.arange(5, n)
+    for f in (0, 2, 3):
+        x = _dense(pool, n, f)[keep]
+        y = flag[keep]
+        ref = stats.mannwhitneyu(x[y], x[~y], method="asymptotic", use_continuity=True)
+        r = out.filter(pl.col("feature") == f).row(0, named=True)
+        assert r["auc"] == pytest.approx(ref.statistic / (y.sum() * (~y).sum()), rel=1e-12)
+        assert r["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
+
+
+def test_associations_numeric_planted_signal_matches_scipy() -> None:
+    rng = np.random.default_rng(6)
+    n = 500
+    y = rng.normal(size=n).round(1)  # ties in the column too
+    rows = []
+    for d in range(n):
+        if rng.random() < 1 / (1 + np.exp(-2 * y[d])):  # feature 8 fires and grows with y
+            rows.append((d, 8, float(np.exp(y[d]) + rng.random())))
+        if rng.random() < 0.3:
+            rows.append((d, 1, float(rng.gamma(2.0))))
+    pool = pooled(rows)
+    docs = pl.DataFrame({"doc_id": np.arange(n, dtype=np.int32), "score": y, "name": ["t"] * n})
+    out = metadata_associations(pool, docs, "score", n_features=16)
+    top = out.row(0, named=True)
+    assert top["feature"] == 8 and top["significant"] and top["direction"] == "positive"
+    for f in (1, 8):
+        x = _dense(pool, n, f)
+        r = out.filter(pl.col("feature") == f).row(0, named=True)
+        pb = stats.pointbiserialr(x > 0, y)
+        sp = stats.spearmanr(x, y)
+        assert r["point_biserial_r"] == pytest.approx(pb.statistic, rel=1e-9)
+        assert r["point_biserial_p"] == pytest.approx(pb.pvalue, rel=1e-7)
+        assert r["spearman_rho"] == pytest.approx(sp.statistic, rel=1e-9)
+        assert r["spearman_p"] == pytest.approx(sp.pvalue, rel=1e-7)
+    with pytest.raises(ValueError, match=r"type String.*Usable columns: \['score'\]"):
+        metadata_associations(pool, docs, "name")
+    with pytest.raises(ValueError, match="not in the documents"):
+        metadata_associations(pool, docs, "nope")
+
+
+def test_associations_other_aggregations() -> None:
+    # mean aggregation = sum_activation / doc_tokens = 2a/10; count = active_tokens = 2 for every row
+    rows = [(d, 0, float(d + 1)) for d in range(0, 10, 2)]  # feature 0 in even docs with rising activation
+    pool = pooled(rows)
+    docs = pl.DataFrame({"doc_id": np.arange(10, dtype=np.int32), "y": np.arange(10, dtype=np.float64)})
+    m = metadata_associations(pool, docs, "y", aggregation="mean").row(0, named=True)
+    x = np.zeros(10)
+    x[::2] = [2 * (d + 1) / 10 for d in range(0, 10, 2)]
+    assert m["spearman_rho"] == pytest.approx(stats.spearmanr(x, np.arange(10)).statistic)
+    c = metadata_associations(pool, docs, "y", aggregation="count").row(0, named=True)
+    assert c["spearman_rho"] == pytest.approx(stats.spearmanr((x > 0) * 2.0, np.arange(10)).statistic)

@@ -1,0 +1,356 @@
+"""Tests of resources.llm.LLMResource against a local OpenAI-compatible server (tests/llm_server.py), and
+labeling + scoring end to end through it. The real `openai` client code runs; only the server is local."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from types import ModuleType
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from interp_assets.labeling import LABEL_SYSTEM_PROMPT, LabelCache, label_features, split_evidence, text_hash
+from interp_assets.scoring import DETECTION_SYSTEM_PROMPT, FUZZ_SYSTEM_PROMPT, score_features
+from resources.llm import LLMBudgetExhausted, LLMError, LLMResource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llm_server import Answer, Delay, FakeLLMServer, Malformed, RateLimited, ServerError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "sk-test-SECRET-0123456789abcdef"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture
+def server() -> FakeLLMServer:
+    with FakeLLMServer(answer="fine") as s:
+        yield s
+
+
+def resource(server: FakeLLMServer, **kw: object) -> LLMResource:
+    defaults = dict(
+        base_url=server.base_url,
+        model="fake-model",
+        api_key=KEY,
+        backoff_base_s=0.02,
+        backoff_max_s=5.0,
+        timeout_s=5.0,
+        max_retries=3,
+        max_calls=100,
+    )
+    return LLMResource(**(defaults | kw))
+
+
+# ------------------------------------------------------------------------------------ the resource
+
+
+def test_enabled_only_with_base_url_and_model() -> None:
+    assert not LLMResource().enabled
+    assert not LLMResource(base_url="http://127.0.0.1:9/v1").enabled
+    assert not LLMResource(model="m").enabled
+    assert LLMResource(base_url="http://127.0.0.1:9/v1", model="m").enabled
+    with pytest.raises(LLMError, match="not configured"):
+        LLMResource(model="m").chat_json(HELLO)
+
+
+def test_chat_json_sends_the_key_only_in_the_authorization_header(server: FakeLLMServer) -> None:
+    llm = resource(server)
+    assert llm.chat_json(HELLO) == "fine"
+    (req,) = server.requests
+    assert req.path == "/v1/chat/completions"
+    assert req.body["model"] == "fake-model" and req.body["messages"] == HELLO
+    assert req.headers["authorization"] == f"Bearer {KEY}"
+    others = {k: v for k, v in req.headers.items() if k != "authorization"}
+    assert KEY not in json.dumps(others) and KEY.encode() not in req.raw_body and KEY not in req.path
+    assert llm.calls_made == 1
+
+
+def test_server_errors_are_retried_with_growing_backoff(server: FakeLLMServer) -> None:
+    server.enqueue(ServerError(500), ServerError(502), ServerError(503))
+    llm = resource(server, backoff_base_s=0.1)
+    assert llm.chat_json(HELLO) == "fine"
+    assert len(server.requests) == 4 and llm.calls_made == 4
+    gaps = [b.received_at - a.received_at for a, b in zip(server.requests, server.requests[1:], strict=False)]
+    # equal jitter: attempt i waits between base * 2**i / 2 and base * 2**i
+    for i, gap in enumerate(gaps):
+        assert 0.1 * 2**i / 2 - 0.01 <= gap <= 0.1 * 2**i + 1.0, gaps
+
+
+@pytest.mark.parametrize(("status", "hint"), [(400, "Check the request"), (401, "Check the API key")])
+def test_client_errors_are_not_retried(server: FakeLLMServer, status: int, hint: str) -> None:
+    server.enqueue(ServerError(status, "nope"))
+    with pytest.raises(LLMError, match=f"HTTP {status}.*not retried.*{hint}"):
+        resource(server).chat_json(HELLO)
+    assert len(server.requests) == 1
+
+
+def test_retry_after_is_honoured(server: FakeLLMServer) -> None:
+    server.enqueue(RateLimited(retry_after=1.0))
+    assert resource(server, backoff_base_s=0.01).chat_json(HELLO) == "fine"
+    first, second = server.requests
+    assert second.received_at - first.received_at >= 1.0
+
+
+def test_retry_after_longer_than_backoff_max_fails_fast(server: FakeLLMServer) -> None:
+    server.enqueue(RateLimited(retry_after=120))
+    start = time.monotonic()
+    with pytest.raises(LLMError, match="asked to wait 120 s, more than backoff_max_s=5"):
+        resource(server).chat_json(HELLO)
+    assert time.monotonic() - start < 2 and len(server.requests) == 1
+
+
+def test_timeouts_are_retried_then_reported(server: FakeLLMServer) -> None:
+    server.enqueue(Delay(1.0))
+    llm = resource(server, timeout_s=0.3)
+    assert llm.chat_json(HELLO) == "fine" and llm.calls_made == 2
+    server.enqueue(*[Delay(1.0)] * 3)
+    with pytest.raises(LLMError, match=r"failed after 3 attempts; last error: timed out after 0\.3 s"):
+        resource(server, timeout_s=0.3, max_retries=2).chat_json(HELLO)
+
+
+def test_malformed_json_is_retried_then_reported(server: FakeLLMServer) -> None:
+    server.enqueue(Malformed())
+    assert resource(server).chat_json(HELLO) == "fine"
+    server.enqueue(*[Malformed()] * 2)
+    with pytest.raises(LLMError, match="failed after 2 attempts; last error: malformed response"):
+        resource(server, max_retries=1).chat_json(HELLO)
+
+
+def test_budget_is_never_exceeded_under_concurrency(server: FakeLLMServer) -> None:
+    server.answer = lambda messages: messages[-1]["content"].upper()
+    server.enqueue(ServerError(500), ServerError(500), ServerError(500))
+    llm = resource(server, max_calls=7, max_concurrency=4, max_retries=2)
+    requests = [[{"role": "user", "content": f"q{i}"}] for i in range(20)]
+    results = llm.map_chat(requests)
+    assert len(server.requests) == 7 and llm.calls_made == 7
+    answers = [r for r in results if isinstance(r, str)]
+    assert len(answers) == 4  # 7 attempts, 3 of them answered 500
+    assert all(r == f"Q{i}" for i, r in enumerate(results) if isinstance(r, str))  # order kept
+    failed = [r for r in results if not isinstance(r, str)]
+    assert all(isinstance(r, LLMError) for r in failed)
+    exhausted = [r for r in failed if isinstance(r, LLMBudgetExhausted)]
+    assert len(exhausted) >= len(failed) - 1  # at most one request can have spent all its attempts on 500s
+    assert all("budget exhausted: all 7 calls" in str(r) and "raise max_calls" in str(r) for r in exhausted)
+    with pytest.raises(LLMBudgetExhausted):
+        llm.chat_json(HELLO)
+    assert len(server.requests) == 7
+
+
+def test_map_chat_bounds_concurrency(server: FakeLLMServer) -> None:
+    server.enqueue(*[Delay(0.2, Answer("slow"))] * 9)
+    results = resource(server, max_concurrency=3).map_chat([HELLO] * 9)
+    assert results == ["slow"] * 9
+    assert server.max_in_flight == 3
+
+
+def test_api_key_never_in_logs_reprs_or_errors(
+    server: FakeLLMServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    for name in ("openai", "httpx", "httpcore", "resources.llm"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    llm = resource(server, timeout_s=0.3, max_retries=1)
+    messages: list[str] = []
+    server.enqueue(ServerError(401, f"Incorrect API key provided: {KEY}."))
+    server.enqueue(ServerError(500, f"upstream said {KEY}"), ServerError(500, f"upstream said {KEY}"))
+    server.enqueue(Delay(1.0), Delay(1.0))
+    for _ in range(3):
+        with pytest.raises(LLMError) as info:
+            llm.chat_json(HELLO)
+        messages += [str(info.value), repr(info.value)]
+    assert "***" in messages[0]  # the echoed key was redacted
+    assert any("retrying" in r.getMessage() for r in caplog.records)
+    assert caplog.records and KEY not in caplog.text
+    assert all(KEY not in m for m in messages)
+    assert KEY not in repr(llm) and KEY not in str(llm)
+
+
+def test_env_var_api_key_outside_and_inside_dagster(
+    server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INTERP_LLM_API_KEY", KEY)
+    configured = LLMResource(
+        base_url=server.base_url, model="fake-model", api_key=dg.EnvVar("INTERP_LLM_API_KEY")
+    )
+    assert configured.chat_json(HELLO) == "fine"  # used directly, e.g. in a notebook
+
+    @dg.asset
+    def probe(llm: LLMResource) -> dg.MaterializeResult:
+        return dg.MaterializeResult(metadata={"answer": llm.chat_json(HELLO), "llm_calls": llm.calls_made})
+
+    result = dg.materialize([probe], resources={"llm": configured})
+    assert result.success
+    metadata = result.asset_materializations_for_node("probe")[0].metadata
+    assert metadata["answer"].value == "fine" and metadata["llm_calls"].value == 1
+    assert KEY not in str(metadata)
+    assert [r.headers["authorization"] for r in server.requests] == [f"Bearer {KEY}"] * 2
+
+
+# -------------------------------------------------------------------------- labeling + scoring, e2e
+
+
+FAMILIES = {
+    0: ("sorry", "apologize", "apologies"),
+    1: ("refund", "reimbursement", "chargeback"),
+    2: ("rain", "snow", "storm"),
+}
+FILLERS = [
+    "the order number is {i}",
+    "my account was opened last year",
+    "the courier came on Tuesday",
+    "please check the attached form",
+    "the office is on the second floor",
+    "thanks for the quick reply",
+]
+PHRASES = {
+    0: ["we are sorry for the wait", "I apologize for the confusion", "our apologies for the mix-up"],
+    1: ["I would like a refund", "the reimbursement is pending", "the bank opened a chargeback"],
+    2: ["the rain delayed the truck", "snow closed the road", "a storm hit the depot"],
+}
+
+
+def corpus(n: int = 360) -> pl.DataFrame:
+    texts = []
+    for i in range(n):
+        parts = [FILLERS[i % 6].format(i=i)]
+        if i % 4 in (0, 1):
+            parts.append(PHRASES[i % 3][i // 3 % 3])
+        parts.append(FILLERS[(i * 7 + 1) % 6].format(i=i))
+        texts.append(". ".join(parts).capitalize() + ".")
+    return pl.DataFrame(
+        {
+            "dataset": "support",
+            "doc_id": pl.Series(range(n), dtype=pl.Int32),
+            "doc_hash": [text_hash(t) for t in texts],
+            "text": texts,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("label_scores", ROOT / "benchmarks" / "label_scores.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+MARK = re.compile(r"<<(.*?)>>")
+LINE = re.compile(r"^(\d+)\. (.*)$", re.MULTILINE)
+
+
+def oracle(messages: list[dict]) -> str:
+    """A stand-in LLM that reads the prompts the way a model would: label = the most marked words;
+    detection = does the text contain a label word; fuzz = is a highlighted word a label word."""
+    system, user = messages[0]["content"], messages[-1]["content"]
+    if system == LABEL_SYSTEM_PROMPT:
+        firing = user.split("does NOT fire")[0]
+        if "<<rain>>" in firing:  # the weather feature gets a malformed answer
+            return "I am not sure what this feature does."
+        words = Counter(w.lower() for m in MARK.findall(firing) for w in re.findall(r"\w+", m))
+        top = [w for w, _ in words.most_common(3)]
+        return f'Sure:\n```json\n{{"label": "{", ".join(top)}", "description": "Mentions of {top[0]}."}}\n```'
+    label = user.splitlines()[0].removeprefix("Explanation: ").split(". ")[0]
+    terms = set(label.split(", "))
+    texts = [t for _, t in LINE.findall(user.split("Texts:", 1)[1])]
+    if system == DETECTION_SYSTEM_PROMPT:
+        answers = [int(bool(terms & set(re.findall(r"\w+", t.lower())))) for t in texts]
+    else:
+        assert system == FUZZ_SYSTEM_PROMPT
+        answers = [
+            int(any(w in terms for m in MARK.findall(t) for w in re.findall(r"\w+", m.lower())))
+            for t in texts
+        ]
+    return json.dumps(answers)
+
+
+def test_label_and_score_end_to_end(server: FakeLLMServer, bench: ModuleType, tmp_path: Path) -> None:
+    server.answer = oracle
+    docs = corpus()
+    acts = bench.rule_based_activations(docs, FAMILIES)
+    llm = resource(server, max_calls=1000)
+    cache = LabelCache(tmp_path / "labels.parquet")
+    params = dict(n_evidence=10, n_holdout=20)
+    errors: list[str] = []
+    labels = label_features(
+        acts,
+        docs,
+        [0, 1, 2],
+        dataset="support",
+        sae_id="rules",
+        llm=llm,
+        cache=cache,
+        errors=errors,
+        **params,
+    )
+    by_feature = {r["feature"]: r for r in labels.iter_rows(named=True)}
+    assert by_feature[0]["source"] == "llm:fake-model" and "sorry" in by_feature[0]["label"]
+    assert by_feature[1]["source"] == "llm:fake-model" and "refund" in by_feature[1]["label"]
+    assert by_feature[2]["source"] == "offline:log-odds"  # malformed answer: offline label kept instead
+    assert len(errors) == 1 and errors[0].startswith("feature 2: LLM label failed") and "no JSON" in errors[0]
+    assert len(server.requests) == 3 and len(cache) == 2
+    # the labeler saw only evidence documents
+    label_prompt = next(r for r in server.requests if "sorry" in r.messages[-1]["content"]).messages[-1][
+        "content"
+    ]
+    heldout = split_evidence(acts, docs, 0, **params).heldout_doc_ids
+    assert not any(docs["text"][d] in label_prompt for d in heldout)
+
+    # a second run is served from the cache: no request, same labels
+    again = label_features(
+        acts, docs, [0, 1, 2], dataset="support", sae_id="rules", llm=llm, cache=cache, **params
+    )
+    assert len(server.requests) == 4  # only feature 2 (not cached) asked again
+    assert again.filter(pl.col("feature") < 2).equals(labels.filter(pl.col("feature") < 2))
+
+    before = len(server.requests)
+    scores = score_features(labels, acts, docs, llm=llm, n_boot=100, **params)
+    assert set(scores["method"]) == {"embedding", "detection", "fuzz"}
+    assert len(server.requests) - before == 2 * 3 * 4  # 2 LLM methods x 3 features x 40 excerpts / 10
+    swapped, _ = bench.swapped_labels(labels)
+    wrong = score_features(swapped, acts, docs, llm=llm, n_boot=100, **params)
+    for method in ("detection", "fuzz"):
+        good = scores.filter(method=method).sort("feature")
+        bad = wrong.filter(method=method).sort("feature")
+        assert (good["f1"] > bad["f1"] + 0.3).all(), (method, good["f1"].to_list(), bad["f1"].to_list())
+        assert (good["precision"] > 0.9).all()
+    assert KEY not in str(scores.to_dicts()) + str(labels.to_dicts())
+
+
+def test_budget_exhaustion_keeps_partial_labels_and_scores(server: FakeLLMServer, bench: ModuleType) -> None:
+    server.answer = oracle
+    docs = corpus()
+    acts = bench.rule_based_activations(docs, FAMILIES)
+    llm = resource(server, max_calls=1, max_concurrency=1)
+    errors: list[str] = []
+    labels = label_features(
+        acts,
+        docs,
+        [0, 1],
+        dataset="support",
+        sae_id="rules",
+        llm=llm,
+        errors=errors,
+        n_evidence=10,
+        n_holdout=20,
+    )
+    assert len(server.requests) == 1
+    assert sorted(labels["source"].to_list()) == ["llm:fake-model", "offline:log-odds"]
+    assert len(errors) == 1 and "budget exhausted" in errors[0]
+    score_errors: list[str] = []
+    scores = score_features(
+        labels, acts, docs, llm=llm, n_evidence=10, n_holdout=20, n_boot=50, errors=score_errors
+    )
+    assert len(server.requests) == 1  # nothing left to spend
+    assert scores["method"].to_list() == ["embedding", "embedding"]  # offline scores still computed
+    assert score_errors and all("budget exhausted" in e for e in score_errors)
