@@ -1,0 +1,68 @@
+"""The Dagster code location: assets, resources, IO managers, sensors, jobs and asset checks.
+
+Loading this module imports neither torch nor sae_lens; the reader model loads on first use.
+"""
+
+import os
+from pathlib import Path
+
+from dagster import Definitions, EnvVar
+from dagster_duckdb import DuckDBResource
+
+from interp_assets.assets import ALL_ASSETS
+from interp_assets.jobs import dataset_job, diff_job, embed_job, label_job
+from interp_assets.paths import data_dir
+from interp_assets.sensors import comparisons_sensor, landing_sensor, warehouse_views_sensor
+from interp_assets.storage import StorageResource
+from io_managers.parquet import ParquetIOManager
+from resources.llm import LLMResource
+from resources.sae_reader import SAEReaderResource
+
+DATA_DIR = str(Path(data_dir()).resolve())
+PARQUET_BASE = os.environ.get("INTERP_PARQUET_BASE", str(Path(DATA_DIR) / "parquet"))
+
+
+def _llm() -> LLMResource:
+    """LLM labeler/scorer: enabled only when INTERP_LLM_BASE_URL and INTERP_LLM_MODEL are set."""
+    return LLMResource(
+        base_url=os.environ.get("INTERP_LLM_BASE_URL") or None,
+        model=os.environ.get("INTERP_LLM_MODEL") or None,
+        api_key=EnvVar("INTERP_LLM_API_KEY") if os.environ.get("INTERP_LLM_API_KEY") else None,
+        max_calls=int(os.environ.get("INTERP_LLM_MAX_CALLS", "200")),
+        max_concurrency=int(os.environ.get("INTERP_LLM_MAX_CONCURRENCY", "4")),
+    )
+
+
+def _sae_reader() -> SAEReaderResource:
+    """The reader: the embedded default unless INTERP_MODEL / INTERP_SAE_* say otherwise."""
+    env = os.environ
+    return SAEReaderResource(
+        model=env.get("INTERP_MODEL", "embedded:all-MiniLM-L6-v2"),
+        sae_path=env.get("INTERP_SAE_PATH") or None,
+        release=env.get("INTERP_SAE_RELEASE") or None,
+        sae_id=env.get("INTERP_SAE_ID") or None,
+        device=env.get("INTERP_DEVICE", "auto"),
+        dtype=env.get("INTERP_DTYPE", "float32"),
+        max_length=int(env.get("INTERP_MAX_LENGTH", "512")),
+        token_budget=int(env.get("INTERP_TOKEN_BUDGET", "16384")),
+        chat_template=env.get("INTERP_CHAT_TEMPLATE", "0") == "1",
+    )
+
+
+def build_resources() -> dict:
+    """All resources, configured from the environment."""
+    return {
+        "storage": StorageResource(data_dir=DATA_DIR, parquet_base_url=PARQUET_BASE),
+        "parquet_io_manager": ParquetIOManager(base_path=PARQUET_BASE),
+        "duckdb": DuckDBResource(database=str(Path(DATA_DIR) / "warehouse.duckdb")),
+        "sae_reader": _sae_reader(),
+        "llm": _llm(),
+    }
+
+
+defs = Definitions(
+    assets=ALL_ASSETS,
+    jobs=[dataset_job, embed_job, label_job, diff_job],
+    sensors=[landing_sensor, comparisons_sensor, warehouse_views_sensor],
+    resources=build_resources(),
+)

@@ -1,0 +1,39 @@
+"""Jobs. Model-heavy steps run in one process so the reader model loads once per run."""
+
+from dagster import AssetSelection, define_asset_job, in_process_executor
+
+from interp_assets.partitions import comparisons_partitions, datasets_partitions
+
+DATASET_ASSETS = ["raw_documents", "token_activations", "pooled_embeddings", "feature_labels", "feature_scores"]
+
+dataset_job = define_asset_job(
+    "dataset_job",
+    selection=AssetSelection.assets(*DATASET_ASSETS),
+    partitions_def=datasets_partitions,
+    executor_def=in_process_executor,
+    description="Read one dataset's drop and compute its activations, pooled embeddings, labels and scores.",
+)
+
+embed_job = define_asset_job(
+    "embed_job",
+    selection=AssetSelection.assets("raw_documents", "token_activations", "pooled_embeddings"),
+    partitions_def=datasets_partitions,
+    executor_def=in_process_executor,
+    description="Read one dataset's drop and compute its activations and pooled embeddings.",
+)
+
+label_job = define_asset_job(
+    "label_job",
+    selection=AssetSelection.assets("feature_labels", "feature_scores"),
+    partitions_def=datasets_partitions,
+    executor_def=in_process_executor,
+    description="Label and score one dataset's features (after its comparison partners are embedded).",
+)
+
+diff_job = define_asset_job(
+    "diff_job",
+    selection=AssetSelection.assets("diff_reports"),
+    partitions_def=comparisons_partitions,
+    executor_def=in_process_executor,
+    description="Compare two datasets and render the report.",
+)

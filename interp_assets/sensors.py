@@ -1,0 +1,101 @@
+"""Sensors: new data drops, declared comparisons, and the DuckDB views after each successful run."""
+
+import json
+
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    DagsterRunStatus,
+    RunRequest,
+    RunStatusSensorContext,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    run_status_sensor,
+    sensor,
+)
+from dagster_duckdb import DuckDBResource
+
+from interp_assets.assets import WAREHOUSE_TABLES
+from interp_assets.comparisons import load_comparisons
+from interp_assets.ingest import DropError, list_drops
+from interp_assets.jobs import dataset_job, diff_job
+from interp_assets.partitions import comparisons_partitions, datasets_partitions
+from interp_assets.storage import StorageResource
+from interp_assets.warehouse import refresh_views_with_resource
+
+
+def plan_drop_runs(drops: list, cursor: dict[str, str]) -> tuple[list, dict[str, str]]:
+    """Drops whose fingerprint differs from the one recorded in `cursor`, and the updated cursor."""
+    changed = [d for d in drops if cursor.get(d.dataset) != d.fingerprint]
+    updated = dict(cursor)
+    updated.update({d.dataset: d.fingerprint for d in changed})
+    return changed, updated
+
+
+@sensor(job=dataset_job, minimum_interval_seconds=30, description="Adds a dataset partition for each new or "
+        "changed drop in <data_dir>/landing and runs its assets; an identical re-drop triggers nothing.")
+def landing_sensor(context: SensorEvaluationContext, storage: StorageResource):
+    if not storage.landing_dir.exists():
+        return SkipReason(f"Landing folder {storage.landing_dir} does not exist yet; create it and drop files there.")
+    try:
+        drops = list_drops(storage.landing_dir, min_age_s=5.0)
+    except DropError as exc:
+        return SkipReason(str(exc))
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    changed, updated = plan_drop_runs(drops, cursor)
+    if not changed:
+        return SkipReason("No new or changed drops.")
+    existing = set(context.instance.get_dynamic_partitions(datasets_partitions.name))
+    new_names = sorted({d.dataset for d in changed} - existing)
+    return SensorResult(
+        run_requests=[
+            RunRequest(run_key=f"{d.dataset}:{d.fingerprint[:16]}", partition_key=d.dataset) for d in changed
+        ],
+        dynamic_partitions_requests=[datasets_partitions.build_add_request(new_names)] if new_names else [],
+        cursor=json.dumps(updated, sort_keys=True),
+    )
+
+
+def _latest_storage_id(context: SensorEvaluationContext, asset: str, partition: str) -> int | None:
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]), limit=1
+    ).records
+    return records[0].storage_id if records else None
+
+
+@sensor(job=diff_job, minimum_interval_seconds=30, description="Runs diff_reports for each comparison declared "
+        "in <data_dir>/config/comparisons.json once both datasets have fresh feature_scores.")
+def comparisons_sensor(context: SensorEvaluationContext, storage: StorageResource):
+    try:
+        comparisons = load_comparisons(storage.config_dir / "comparisons.json")
+    except ValueError as exc:
+        return SkipReason(str(exc))
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    existing = set(context.instance.get_dynamic_partitions(comparisons_partitions.name))
+    requests, new_keys = [], []
+    for comparison in comparisons:
+        ids = [_latest_storage_id(context, "feature_scores", ds) for ds in (comparison.a, comparison.b)]
+        if None in ids:
+            continue
+        stamp = f"{ids[0]}-{ids[1]}"
+        if cursor.get(comparison.key) == stamp:
+            continue
+        cursor[comparison.key] = stamp
+        if comparison.key not in existing:
+            new_keys.append(comparison.key)
+        requests.append(RunRequest(run_key=f"{comparison.key}:{stamp}", partition_key=comparison.key))
+    if not requests:
+        return SkipReason("No comparison has new inputs.")
+    return SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[comparisons_partitions.build_add_request(new_keys)] if new_keys else [],
+        cursor=json.dumps(cursor, sort_keys=True),
+    )
+
+
+@run_status_sensor(run_status=DagsterRunStatus.SUCCESS, monitor_all_code_locations=False,
+                   description="(Re)builds the DuckDB views over the Parquet tables after every successful run.")
+def warehouse_views_sensor(context: RunStatusSensorContext, storage: StorageResource, duckdb: DuckDBResource):
+    counts = refresh_views_with_resource(duckdb, storage.parquet_base, WAREHOUSE_TABLES)
+    context.log.info(f"DuckDB views refreshed: {counts}")

@@ -1,0 +1,44 @@
+"""The storage resource: where landing drops, Parquet tables, caches, reports and DuckDB live."""
+
+from pathlib import Path
+
+from dagster import ConfigurableResource
+
+
+class StorageResource(ConfigurableResource):
+    """All platform state under one `data_dir` (default `$INTERP_DATA_DIR` or `./var`).
+
+    `parquet_base` may be an object-store URL (s3://...) when the IO manager is pointed there too;
+    landing, config, caches and reports are local folders.
+    """
+
+    data_dir: str
+    parquet_base_url: str | None = None
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def parquet_base(self) -> str:
+        return self.parquet_base_url or str(self.root / "parquet")
+
+    @property
+    def landing_dir(self) -> Path:
+        return self.root / "landing"
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "config"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def duckdb_path(self) -> Path:
+        return self.root / "warehouse.duckdb"

@@ -1,0 +1,84 @@
+"""The main job on the embedded default: ingest the demo drops, materialize the whole graph, print where
+the report and the DuckDB file are. Usage: python scripts/run_main_job.py [--landing demo/landing]"""
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--landing", default=str(ROOT / "demo" / "landing"), help="folder of drops to ingest")
+    parser.add_argument("--comparisons", default=str(ROOT / "demo" / "comparisons.json"))
+    parser.add_argument("--data-dir", default=os.environ.get("INTERP_DATA_DIR", str(ROOT / "var")))
+    args = parser.parse_args()
+    data_dir = Path(args.data_dir).resolve()
+    os.environ["INTERP_DATA_DIR"] = str(data_dir)
+    home = data_dir / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(home)
+    sys.path.insert(0, str(ROOT))
+
+    from dagster import DagsterInstance
+
+    from interp_assets.comparisons import load_comparisons
+    from interp_assets.ingest import list_drops
+    from interp_assets.warehouse import query, refresh_views
+
+    landing = data_dir / "landing"
+    (data_dir / "config").mkdir(parents=True, exist_ok=True)
+    landing.mkdir(parents=True, exist_ok=True)
+    for src in sorted(Path(args.landing).iterdir()):
+        if src.is_file():
+            shutil.copy(src, landing / src.name)
+    shutil.copy(args.comparisons, data_dir / "config" / "comparisons.json")
+
+    import definitions
+
+    defs = definitions.defs
+    instance = DagsterInstance.get()
+    drops = list_drops(landing)
+    names = [d.dataset for d in drops]
+    instance.add_dynamic_partitions("datasets", [n for n in names if not instance.has_dynamic_partition("datasets", n)])
+    for job_name in ("embed_job", "label_job"):
+        job = defs.resolve_job_def(job_name)
+        for name in names:
+            print(f"== {job_name} [{name}]", flush=True)
+            result = job.execute_in_process(partition_key=name, instance=instance, raise_on_error=False)
+            if not result.success:
+                print(f"   {job_name} failed for {name}; see the run in the UI. Other datasets go on.", flush=True)
+    comparisons = [c for c in load_comparisons(data_dir / "config" / "comparisons.json") if {c.a, c.b} <= set(names)]
+    keys = [c.key for c in comparisons]
+    instance.add_dynamic_partitions("comparisons", [k for k in keys if not instance.has_dynamic_partition("comparisons", k)])
+    diff_job = defs.resolve_job_def("diff_job")
+    for key in keys:
+        print(f"== diff_job [{key}]", flush=True)
+        diff_job.execute_in_process(partition_key=key, instance=instance, raise_on_error=True)
+
+    from interp_assets.assets import WAREHOUSE_TABLES
+
+    db = data_dir / "warehouse.duckdb"
+    counts = refresh_views(str(db), definitions.PARQUET_BASE, WAREHOUSE_TABLES)
+    print("\nDuckDB tables (rows):")
+    for table, n in counts.items():
+        print(f"  {table:20s} {n}")
+    for key in keys:
+        top = query(str(db), "select * from diff_reports where comparison = ?", [key])
+        print(f"\nReport {key}:\n  {top['report_markdown_path'][0]}\n  {top['report_html_path'][0]}")
+        print(query(str(db), "select f.feature, f.freq_a, f.freq_b, f.q_value, l.label from diff_features f "
+                    "left join (select distinct on (feature) feature, label from feature_labels "
+                    "where dataset = ?) l using (feature) where comparison = ? and significant "
+                    "and direction = 'b' order by q_value, abs(freq_diff) desc limit 8",
+                    [key.split("__vs__")[1], key]))
+    print(f"\nDuckDB file: {db}\n  duckdb {db} \"select count(*) from token_activations\"")
+    print(f"Dagster UI:  DAGSTER_HOME={home} INTERP_DATA_DIR={data_dir} dagster dev -f definitions.py")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
