@@ -1,0 +1,28 @@
+# Two commands on a fresh machine:
+#   make demo   set up, then run the main job on the embedded default (no keys, no GPU, no downloads)
+#   make test   set up, then run the tests
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test ui lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+setup: $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+
+demo: setup
+	$(BIN)/python scripts/run_main_job.py
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+ui:
+	DAGSTER_HOME=$(CURDIR)/var/dagster_home INTERP_DATA_DIR=$(CURDIR)/var $(BIN)/dagster dev -f definitions.py
+
+lint:
+	$(BIN)/ruff check .

@@ -1,0 +1,198 @@
+"""End-to-end backbone: sensors, the full asset chain, bad drops, DuckDB, and the webserver's GraphQL."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import polars as pl
+import pytest
+from dagster import DagsterInstance, build_sensor_context, materialize
+from dagster_duckdb import DuckDBResource
+
+from interp_assets.assets import ALL_ASSETS, WAREHOUSE_TABLES
+from interp_assets.sensors import landing_sensor
+from interp_assets.storage import StorageResource
+from interp_assets.warehouse import query, refresh_views
+from io_managers.parquet import ParquetIOManager
+from resources.llm import LLMResource
+from resources.sae_reader import SAEReaderResource
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _resources(data_dir: Path) -> dict:
+    return {
+        "storage": StorageResource(data_dir=str(data_dir)),
+        "parquet_io_manager": ParquetIOManager(base_path=str(data_dir / "parquet")),
+        "duckdb": DuckDBResource(database=str(data_dir / "warehouse.duckdb")),
+        "sae_reader": SAEReaderResource(device="cpu"),
+        "llm": LLMResource(),
+    }
+
+
+def _small_demo(landing: Path, n: int = 80) -> None:
+    landing.mkdir(parents=True)
+    lines = (ROOT / "demo/landing/support_assistant_a.jsonl").read_text().splitlines()[:n]
+    (landing / "support_assistant_a.jsonl").write_text("\n".join(lines) + "\n")
+    rows = pl.read_csv(ROOT / "demo/landing/support_assistant_b.csv").head(n)
+    rows.write_csv(landing / "support_assistant_b.csv")
+
+
+def test_definitions_load_without_torch_or_sae_lens():
+    code = "import sys, definitions; print('torch' in sys.modules, 'sae_lens' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_landing_sensor_adds_partitions_and_ignores_identical_redrop(tmp_path):
+    _small_demo(tmp_path / "landing", n=5)
+    for p in (tmp_path / "landing").iterdir():
+        os.utime(p, (time.time() - 60, time.time() - 60))
+    instance = DagsterInstance.ephemeral()
+    storage = StorageResource(data_dir=str(tmp_path))
+    ctx = build_sensor_context(instance=instance, resources={"storage": storage})
+    result = landing_sensor(ctx)
+    assert sorted(r.partition_key for r in result.run_requests) == ["support_assistant_a", "support_assistant_b"]
+    assert sorted(result.dynamic_partitions_requests[0].partition_keys) == [
+        "support_assistant_a",
+        "support_assistant_b",
+    ]
+    # identical re-drop (new mtime, same bytes): nothing
+    shutil.copy(tmp_path / "landing/support_assistant_a.jsonl", tmp_path / "copy.jsonl")
+    shutil.copy(tmp_path / "copy.jsonl", tmp_path / "landing/support_assistant_a.jsonl")
+    os.utime(tmp_path / "landing/support_assistant_a.jsonl", (time.time() - 60, time.time() - 60))
+    again = landing_sensor(build_sensor_context(instance=instance, resources={"storage": storage}, cursor=result.cursor))
+    assert not getattr(again, "run_requests", None)
+    # a changed drop: one run for that dataset only
+    with open(tmp_path / "landing/support_assistant_a.jsonl", "a") as fh:
+        fh.write(json.dumps({"text": "A brand new reply about a refund."}) + "\n")
+    os.utime(tmp_path / "landing/support_assistant_a.jsonl", (time.time() - 60, time.time() - 60))
+    changed = landing_sensor(build_sensor_context(instance=instance, resources={"storage": storage}, cursor=result.cursor))
+    assert [r.partition_key for r in changed.run_requests] == ["support_assistant_a"]
+
+
+def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
+    data = tmp_path / "data"
+    _small_demo(data / "landing")
+    (data / "landing" / "broken.csv").write_text("title,body\nx,y\n")  # no text column
+    (data / "config").mkdir()
+    shutil.copy(ROOT / "demo/comparisons.json", data / "config/comparisons.json")
+    instance = DagsterInstance.ephemeral()
+    names = ["support_assistant_a", "support_assistant_b", "broken"]
+    instance.add_dynamic_partitions("datasets", names)
+    resources = _resources(data)
+    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
+    embed = [by_name[n] for n in ("raw_documents", "token_activations", "pooled_embeddings")]
+    label = [by_name[n] for n in ("feature_labels", "feature_scores")]
+
+    bad = materialize(embed, partition_key="broken", instance=instance, resources=resources, raise_on_error=False)
+    assert not bad.success
+    failure = [e for e in bad.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    message = failure.step_failure_data.error.to_string()
+    assert "broken.csv" in message and "text" in message
+
+    for ds in names[:2]:
+        assert materialize(embed, partition_key=ds, instance=instance, resources=resources).success
+    for ds in names[:2]:
+        assert materialize(
+            embed + label, partition_key=ds, instance=instance, resources=resources, selection=label
+        ).success
+    key = "support_assistant_a__vs__support_assistant_b"
+    instance.add_dynamic_partitions("comparisons", [key])
+    result = materialize([by_name["diff_reports"]], partition_key=key, instance=instance, resources=resources)
+    assert result.success
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"report_features_labeled": True}
+
+    db = data / "warehouse.duckdb"
+    counts = refresh_views(str(db), str(data / "parquet"), WAREHOUSE_TABLES)
+    for table in ("raw_documents", "token_activations", "pooled_embeddings", "feature_labels", "feature_scores",
+                  "diff_features", "diff_reports", "activation_status"):
+        assert counts.get(table, 0) > 0, table
+    assert query(str(db), "select count(*) as n from raw_documents")["n"][0] == 160
+    report = query(str(db), "select * from diff_reports")
+    md = Path(report["report_markdown_path"][0]).read_text()
+    assert "support\\_assistant\\_b" in md and "<<" in md
+    html = Path(report["report_html_path"][0]).read_text()
+    assert "<svg" in html
+    # The features most over-represented in B carry apology / refund labels.
+    top_b = query(
+        str(db),
+        "select l.label from diff_features f join feature_labels l on l.feature = f.feature and l.dataset = "
+        "f.dataset_b where f.significant and f.direction = 'b' order by f.q_value limit 3",
+    )["label"].to_list()
+    assert any(w in " ".join(top_b) for w in ("sorry", "apolog", "refund")), top_b
+
+    # Re-running an unchanged dataset encodes nothing.
+    again = materialize(embed, partition_key="support_assistant_a", instance=instance, resources=resources)
+    meta = again.asset_materializations_for_node("token_activations")[0].metadata
+    assert meta["encoded_now"].value == 0 and meta["reused_from_cache"].value == 80
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_webserver_serves_assets_and_partitions(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    env = dict(os.environ, DAGSTER_HOME=str(home), INTERP_DATA_DIR=str(tmp_path / "data"))
+    subprocess.run(
+        [sys.executable, "-c", "from dagster import DagsterInstance; "
+         "DagsterInstance.get().add_dynamic_partitions('datasets', ['demo_one'])"],
+        env=env, check=True, cwd=ROOT,
+    )
+    port = _free_port()
+    webserver = shutil.which("dagster-webserver", path=str(Path(sys.executable).parent))
+    proc = subprocess.Popen(
+        [webserver, "-f", "definitions.py", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        query_text = '{ assetNodes { assetKey { path } partitionKeys } }'
+        deadline = time.time() + 90
+        data = None
+        while time.time() < deadline:
+            try:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/graphql",
+                    data=json.dumps({"query": query_text}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                data = json.loads(urllib.request.urlopen(req, timeout=5).read())
+                if data.get("data", {}).get("assetNodes"):
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert data is not None, "webserver did not answer"
+        nodes = {"/".join(n["assetKey"]["path"]): n for n in data["data"]["assetNodes"]}
+        assert {"raw_documents", "token_activations", "pooled_embeddings", "feature_labels", "feature_scores",
+                "diff_reports"} <= set(nodes)
+        assert nodes["raw_documents"]["partitionKeys"] == ["demo_one"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd.csv", "a'b;drop table x.csv", "données été.jsonl"])
+def test_hostile_drop_names_stay_inside_storage(tmp_path, name):
+    from interp_assets.ingest import list_drops
+
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / Path(name).name).write_text('text\n"hello there"\n' if name.endswith(".csv") else '{"text": "hi"}\n')
+    (drop,) = list_drops(landing)
+    from interp_assets.paths import table_path
+
+    path = Path(table_path(str(tmp_path / "parquet"), "raw_documents", drop.dataset)).resolve()
+    assert str(path).startswith(str((tmp_path / "parquet").resolve()))
