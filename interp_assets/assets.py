@@ -225,7 +225,7 @@ class FeatureLabelsConfig(Config):
     """Which features to label and how much evidence to show the labeler."""
 
     n_frequent: int = 20
-    n_distinctive: int = 15
+    n_distinctive: int = 30
     requested_features: list[int] = []
     published_labels_path: str | None = None
     n_evidence: int = 20
