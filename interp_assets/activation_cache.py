@@ -100,7 +100,9 @@ class ActivationCache:
             for c in self.committed_chunks()
         ]
         if not frames:
-            return pl.from_arrow(DOC_STATUS_SCHEMA.empty_table()).with_columns(pl.lit("").alias("chunk")).head(0)
+            return (
+                pl.from_arrow(DOC_STATUS_SCHEMA.empty_table()).with_columns(pl.lit("").alias("chunk")).head(0)
+            )
         return pl.concat(frames).unique("doc_hash", keep="first", maintain_order=True)
 
     def encode_missing(
@@ -150,7 +152,9 @@ class ActivationCache:
                 "n_tokens": pa.array(result.n_tokens, pa.int32()),
                 "pooled_tokens": pa.array(result.pooled_tokens, pa.int32()),
                 "truncated": pa.array(result.truncated, pa.bool_()),
-                "status": pa.array(["rejected" if i in result.errors else "encoded" for i in range(len(hashes))]),
+                "status": pa.array(
+                    ["rejected" if i in result.errors else "encoded" for i in range(len(hashes))]
+                ),
                 "reason": pa.array([result.errors.get(i) for i in range(len(hashes))], pa.string()),
             },
             schema=DOC_STATUS_SCHEMA,
@@ -161,7 +165,9 @@ class ActivationCache:
     def activation_status(self, documents: pl.DataFrame, dataset: str) -> pa.Table:
         """Per-document outcome for a dataset (columns of ACTIVATION_STATUS_SCHEMA); missing = not encoded."""
         index = self.document_index().drop("chunk")
-        joined = documents.select("doc_id", "doc_hash").join(index, on="doc_hash", how="left", maintain_order="left")
+        joined = documents.select("doc_id", "doc_hash").join(
+            index, on="doc_hash", how="left", maintain_order="left"
+        )
         joined = joined.with_columns(
             pl.lit(dataset).alias("dataset"),
             pl.col("status").fill_null("missing"),

@@ -161,7 +161,8 @@ def _tokenize_chat(reader: Any, text: str) -> _Tokenized | str:
             inside = a >= start and b <= end and b > a
             offsets.append((a - start, b - start) if inside else (0, 0))
             keep.append(
-                not (reader.exclude_special_tokens and special) and (inside or not reader.exclude_template_tokens)
+                not (reader.exclude_special_tokens and special)
+                and (inside or not reader.exclude_template_tokens)
             )
         overflow = len(enc.encodings[0].overflowing) > 0 if enc.encodings else False
         return _Tokenized(enc["input_ids"], offsets, keep, overflow)
@@ -314,7 +315,9 @@ def _encode_with_isolation(
 
 def _activation_table(reader: Any, parts: list[tuple[np.ndarray, ...]], tokenized: list[Any]) -> pa.Table:
     if parts:
-        doc_index, token_index, token_id, feature, activation = (np.concatenate(c) for c in zip(*parts, strict=True))
+        doc_index, token_index, token_id, feature, activation = (
+            np.concatenate(c) for c in zip(*parts, strict=True)
+        )
     else:
         doc_index = token_index = feature = np.zeros(0, dtype=np.int32)
         token_id = np.zeros(0, dtype=np.int64)

@@ -43,7 +43,12 @@ from resources.sae_reader import ENGINE_VERSION, SAEReaderResource
 MODEL_POOL = "sae_model"  # every step that runs the reader model shares this concurrency pool
 
 DOCUMENT_REJECTS_SCHEMA = pa.schema(
-    [("dataset", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64()), ("problem", pa.string())]
+    [
+        ("dataset", pa.string()),
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+        ("problem", pa.string()),
+    ]
 )
 
 
@@ -71,7 +76,7 @@ def raw_documents(context: AssetExecutionContext, config: RawDocumentsConfig, st
     drops = {d.dataset: d for d in ingest.list_drops(storage.landing_dir)}
     if dataset not in drops:
         raise FileNotFoundError(
-            f"No drop for dataset {dataset!r} in {storage.landing_dir}: put a CSV/TSV/JSONL/Parquet file named "
+            f"No drop for dataset {dataset!r} in {storage.landing_dir}: put a CSV/TSV/JSONL/Parquet file "
             f"'{dataset}.<ext>' (or a folder '{dataset}/') there, or delete the partition."
         )
     drop = drops[dataset]
@@ -79,24 +84,35 @@ def raw_documents(context: AssetExecutionContext, config: RawDocumentsConfig, st
     text_column = settings.get("text_column", config.text_column)
     id_column = settings.get("id_column", config.id_column)
     result = ingest.read_drop(drop, dataset, text_column=text_column, id_column=id_column)
-    rejects = result.rejects.cast(DOCUMENT_REJECTS_SCHEMA) if result.rejects.num_rows else DOCUMENT_REJECTS_SCHEMA.empty_table()
+    rejects = (
+        result.rejects.cast(DOCUMENT_REJECTS_SCHEMA)
+        if result.rejects.num_rows
+        else DOCUMENT_REJECTS_SCHEMA.empty_table()
+    )
     write_table(storage.parquet_base, "document_rejects", dataset, rejects)
     docs = result.documents
     if rejects.num_rows:
         context.log.warning(
             f"{rejects.num_rows} row(s) of {dataset} rejected, e.g. "
-            + "; ".join(f"{r['source_file']} row {r['source_row']}: {r['problem']}" for r in rejects.slice(0, 3).to_pylist())
+            + "; ".join(
+                f"{r['source_file']} row {r['source_row']}: {r['problem']}"
+                for r in rejects.slice(0, 3).to_pylist()
+            )
         )
     texts = docs.column("text")
     empty = sum(1 for t in texts.to_pylist() if not t or not t.strip())
     yield Output(
         docs,
-        data_version=DataVersion(hashlib.sha256(f"{drop.fingerprint}:{text_column}:{id_column}".encode()).hexdigest()[:24]),
+        data_version=DataVersion(
+            hashlib.sha256(f"{drop.fingerprint}:{text_column}:{id_column}".encode()).hexdigest()[:24]
+        ),
         metadata={
             "documents": docs.num_rows,
             "rejected_rows": rejects.num_rows,
             "drop_fingerprint": drop.fingerprint[:16],
-            "files": MetadataValue.json(list(result.summary.get("per_file", {})) or [str(p) for p in drop.paths]),
+            "files": MetadataValue.json(
+                list(result.summary.get("per_file", {})) or [str(p) for p in drop.paths]
+            ),
             "text_column": text_column,
         },
     )
@@ -116,7 +132,7 @@ def raw_documents(context: AssetExecutionContext, config: RawDocumentsConfig, st
         AssetCheckSpec("every_document_accounted_for", asset="token_activations", blocking=True),
         AssetCheckSpec("activations_finite_and_positive", asset="token_activations", blocking=True),
     ],
-    description="Every nonzero SAE activation of every pooled token (doc_id, token_index, token, char offsets, "
+    description="Every nonzero SAE activation of every pooled token (doc_id, token_index, token, offsets, "
     "feature, activation). Only new or changed documents go through the model (content-hash cache).",
 )
 def token_activations(
@@ -178,7 +194,11 @@ def token_activations(
     yield AssetCheckResult(
         check_name="every_document_accounted_for",
         passed=missing == 0 and status_pl.height == docs.height,
-        metadata={"encoded": count.get("encoded", 0), "rejected": count.get("rejected", 0), "missing": missing},
+        metadata={
+            "encoded": count.get("encoded", 0),
+            "rejected": count.get("rejected", 0),
+            "missing": missing,
+        },
     )
     yield AssetCheckResult(
         check_name="activations_finite_and_positive",
@@ -199,7 +219,9 @@ def pooled_embeddings(
     context: AssetExecutionContext, token_activations: pl.LazyFrame, storage: StorageResource
 ):
     dataset = context.partition_key
-    status = read_table(storage.parquet_base, "activation_status", dataset).filter(pl.col("status") == "encoded")
+    status = read_table(storage.parquet_base, "activation_status", dataset).filter(
+        pl.col("status") == "encoded"
+    )
     pooled = pool_token_activations(token_activations, status.select("doc_id", "pooled_tokens").collect())
     inconsistent = pooled.filter(
         (pl.col("max_activation") > pl.col("sum_activation") * 1.0001)
@@ -217,7 +239,9 @@ def pooled_embeddings(
         },
     )
     yield AssetCheckResult(
-        check_name="pooled_statistics_consistent", passed=inconsistent == 0, metadata={"inconsistent_rows": inconsistent}
+        check_name="pooled_statistics_consistent",
+        passed=inconsistent == 0,
+        metadata={"inconsistent_rows": inconsistent},
     )
 
 
@@ -250,14 +274,22 @@ def _document_embeddings(storage: StorageResource, docs: pl.DataFrame, max_docs:
     from interp_assets.embedding import sentence_embeddings
 
     path = storage.cache_dir / "embeddings" / "minilm.parquet"
-    known = pl.read_parquet(path) if path.exists() else pl.DataFrame(
-        schema={"doc_hash": pl.String, "embedding": pl.List(pl.Float32)}
+    known = (
+        pl.read_parquet(path)
+        if path.exists()
+        else pl.DataFrame(schema={"doc_hash": pl.String, "embedding": pl.List(pl.Float32)})
     )
-    missing = docs.select("doc_hash", "text").unique("doc_hash").join(known.select("doc_hash"), on="doc_hash", how="anti")
+    missing = (
+        docs.select("doc_hash", "text")
+        .unique("doc_hash")
+        .join(known.select("doc_hash"), on="doc_hash", how="anti")
+    )
     if missing.height:
         vectors = sentence_embeddings(missing["text"].to_list())
-        new = pl.DataFrame({"doc_hash": missing["doc_hash"], "embedding": [v for v in vectors.astype(np.float32)]},
-                           schema={"doc_hash": pl.String, "embedding": pl.List(pl.Float32)})
+        new = pl.DataFrame(
+            {"doc_hash": missing["doc_hash"], "embedding": [v for v in vectors.astype(np.float32)]},
+            schema={"doc_hash": pl.String, "embedding": pl.List(pl.Float32)},
+        )
         known = pl.concat([known, new])
         path.parent.mkdir(parents=True, exist_ok=True)
         write_table(str(path.parent), "minilm", None, known)
@@ -290,7 +322,10 @@ def feature_labels(
     for comparison in load_comparisons(storage.config_dir / "comparisons.json"):
         other = comparison.b if comparison.a == dataset else comparison.a if comparison.b == dataset else None
         if other and table_exists(base, "pooled_embeddings", other):
-            partners[other] = (read_table(base, "pooled_embeddings", other), _encoded_doc_count(storage, other))
+            partners[other] = (
+                read_table(base, "pooled_embeddings", other),
+                _encoded_doc_count(storage, other),
+            )
     sae_id = str(_token_activations_metadata(context, dataset).get("reader_fingerprint", "unknown"))
     selected = select_features(
         pooled,
@@ -304,7 +339,9 @@ def feature_labels(
     docs = _documents(storage, dataset)
     acts = token_activations.filter(pl.col("feature").is_in(features)).collect()
     embeddings = _document_embeddings(storage, docs, config.hard_negatives_max_docs)
-    published = labeling.load_published_labels(config.published_labels_path) if config.published_labels_path else None
+    published = (
+        labeling.load_published_labels(config.published_labels_path) if config.published_labels_path else None
+    )
     errors: list[str] = []
     labels = labeling.label_features(
         acts,
@@ -316,7 +353,9 @@ def feature_labels(
         published=published,
         llm=llm if llm.enabled else None,
         cache=labeling.LabelCache(storage.cache_dir / "labels.parquet"),
-        selected_because=dict(zip(selected["feature"].to_list(), selected["selected_because"].to_list(), strict=True)),
+        selected_because=dict(
+            zip(selected["feature"].to_list(), selected["selected_because"].to_list(), strict=True)
+        ),
         n_evidence=config.n_evidence,
         n_holdout=config.n_holdout,
         seed=config.seed,
@@ -365,7 +404,11 @@ def feature_scores(
     labels = feature_labels.collect()
     docs = _documents(storage, dataset)
     features = labels["feature"].to_list()
-    acts = read_table(storage.parquet_base, "token_activations", dataset).filter(pl.col("feature").is_in(features)).collect()
+    acts = (
+        read_table(storage.parquet_base, "token_activations", dataset)
+        .filter(pl.col("feature").is_in(features))
+        .collect()
+    )
     embeddings = _document_embeddings(storage, docs, config.hard_negatives_max_docs)
     errors: list[str] = []
     scores = scoring.score_features(
@@ -443,7 +486,9 @@ def diff_reports(
         diff = diffing.diff_features(
             pooled_a, n_a, pooled_b, n_b, threshold=config.threshold, alpha=config.alpha, n_features=d_sae
         )
-    diff = diff.with_columns(pl.lit(key).alias("comparison"), pl.lit(a).alias("dataset_a"), pl.lit(b).alias("dataset_b"))
+    diff = diff.with_columns(
+        pl.lit(key).alias("comparison"), pl.lit(a).alias("dataset_a"), pl.lit(b).alias("dataset_b")
+    )
     write_table(base, "diff_features", key, diff)
 
     labels, scores = _report_labels(storage, diff, a, b, config.top_n)
@@ -453,11 +498,25 @@ def diff_reports(
     ta_a = read_table(base, "token_activations", a).filter(pl.col("feature").is_in(needed.implode()))
     ta_b = read_table(base, "token_activations", b).filter(pl.col("feature").is_in(needed.implode()))
     examples = reports.report_examples(
-        diff, ta_a.collect(), docs_a, ta_b.collect(), docs_b, top_n=config.top_n, n=config.examples_per_feature
+        diff,
+        ta_a.collect(),
+        docs_a,
+        ta_b.collect(),
+        docs_b,
+        top_n=config.top_n,
+        n=config.examples_per_feature,
     )
     common = dict(
-        name_a=a, name_b=b, n_docs_a=n_a, n_docs_b=n_b, labels=labels, scores=scores, examples=examples,
-        top_n=config.top_n, n_features=d_sae, alpha=config.alpha,
+        name_a=a,
+        name_b=b,
+        n_docs_a=n_a,
+        n_docs_b=n_b,
+        labels=labels,
+        scores=scores,
+        examples=examples,
+        top_n=config.top_n,
+        n_features=d_sae,
+        alpha=config.alpha,
     )
     markdown = reports.render_markdown(diff, **common)
     html = reports.render_html(diff, **common)
@@ -516,10 +575,18 @@ def _report_labels(
     for direction, ds in (("a", a), ("b", b)):
         feats = top[direction]["feature"].to_list()
         if table_exists(base, "feature_labels", ds):
-            label_parts.append(read_table(base, "feature_labels", ds).filter(pl.col("feature").is_in(feats)).collect())
+            label_parts.append(
+                read_table(base, "feature_labels", ds).filter(pl.col("feature").is_in(feats)).collect()
+            )
         if table_exists(base, "feature_scores", ds):
-            score_parts.append(read_table(base, "feature_scores", ds).filter(pl.col("feature").is_in(feats)).collect())
-    labels = pl.concat(label_parts, how="diagonal_relaxed").unique("feature", keep="first") if label_parts else None
+            score_parts.append(
+                read_table(base, "feature_scores", ds).filter(pl.col("feature").is_in(feats)).collect()
+            )
+    labels = (
+        pl.concat(label_parts, how="diagonal_relaxed").unique("feature", keep="first")
+        if label_parts
+        else None
+    )
     scores = pl.concat(score_parts, how="diagonal_relaxed") if score_parts else None
     return labels, scores
 
@@ -562,7 +629,14 @@ def _md_table(frame: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
-ALL_ASSETS = [raw_documents, token_activations, pooled_embeddings, feature_labels, feature_scores, diff_reports]
+ALL_ASSETS = [
+    raw_documents,
+    token_activations,
+    pooled_embeddings,
+    feature_labels,
+    feature_scores,
+    diff_reports,
+]
 WAREHOUSE_TABLES = [
     "raw_documents",
     "document_rejects",

@@ -31,14 +31,21 @@ def load_comparisons(path: Path) -> list[Comparison]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}). Expected a list like "
-                         '[{"a": "dataset_a", "b": "dataset_b"}].') from exc
+        raise ValueError(
+            f'{path}: not valid JSON ({exc}). Expected a list like [{{"a": "dataset_a", "b": "dataset_b"}}].'
+        ) from exc
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of comparisons, got {type(data).__name__}.")
     out = []
     for i, item in enumerate(data):
-        if not isinstance(item, dict) or not isinstance(item.get("a"), str) or not isinstance(item.get("b"), str):
-            raise ValueError(f"{path}: entry {i} must be an object with string fields 'a' and 'b'; got {item!r}.")
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("a"), str)
+            or not isinstance(item.get("b"), str)
+        ):
+            raise ValueError(
+                f"{path}: entry {i} must be an object with string fields 'a' and 'b'; got {item!r}."
+            )
         paired = item.get("paired_on")
         if paired is not None and not isinstance(paired, str):
             raise ValueError(f"{path}: entry {i}: 'paired_on' must be a column name (string).")

@@ -28,8 +28,12 @@ def select_features(
     """
     reasons: dict[int, list[str]] = {}
     freq = (
-        pooled.lazy().group_by("feature").agg(pl.len().alias("docs")).sort(["docs", "feature"], descending=[True, False])
-        .head(n_frequent).collect()
+        pooled.lazy()
+        .group_by("feature")
+        .agg(pl.len().alias("docs"))
+        .sort(["docs", "feature"], descending=[True, False])
+        .head(n_frequent)
+        .collect()
     )
     for f in freq["feature"].to_list():
         reasons.setdefault(int(f), []).append("frequent")

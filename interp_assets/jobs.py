@@ -4,7 +4,13 @@ from dagster import AssetSelection, define_asset_job, in_process_executor
 
 from interp_assets.partitions import comparisons_partitions, datasets_partitions
 
-DATASET_ASSETS = ["raw_documents", "token_activations", "pooled_embeddings", "feature_labels", "feature_scores"]
+DATASET_ASSETS = [
+    "raw_documents",
+    "token_activations",
+    "pooled_embeddings",
+    "feature_labels",
+    "feature_scores",
+]
 
 dataset_job = define_asset_job(
     "dataset_job",

@@ -23,5 +23,7 @@ def parse_comparison_key(key: str) -> tuple[str, str]:
     """Inverse of `comparison_key`."""
     a, sep, b = key.partition(COMPARISON_SEPARATOR)
     if not sep or not a or not b or COMPARISON_SEPARATOR in b:
-        raise ValueError(f"Comparison key {key!r} is not of the form '<dataset_a>{COMPARISON_SEPARATOR}<dataset_b>'.")
+        raise ValueError(
+            f"Comparison key {key!r} is not of the form '<dataset_a>{COMPARISON_SEPARATOR}<dataset_b>'."
+        )
     return a, b

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import polars as pl
 
-POOLED_COLUMNS = ("dataset", "doc_id", "feature", "max_activation", "sum_activation", "active_tokens", "doc_tokens")
+POOLED_COLUMNS = (
+    "dataset",
+    "doc_id",
+    "feature",
+    "max_activation",
+    "sum_activation",
+    "active_tokens",
+    "doc_tokens",
+)
 
 
-def pool_token_activations(token_activations: pl.LazyFrame | pl.DataFrame, doc_tokens: pl.DataFrame) -> pl.DataFrame:
+def pool_token_activations(
+    token_activations: pl.LazyFrame | pl.DataFrame, doc_tokens: pl.DataFrame
+) -> pl.DataFrame:
     """Per (doc_id, feature): max, sum and count of active tokens, plus the document's pooled token count.
 
     `token_activations` holds only pooled tokens (special/template tokens were never stored), so every row
@@ -23,7 +33,9 @@ def pool_token_activations(token_activations: pl.LazyFrame | pl.DataFrame, doc_t
             pl.len().cast(pl.Int32).alias("active_tokens"),
         )
         .join(
-            doc_tokens.lazy().select(pl.col("doc_id").cast(pl.Int32), pl.col("pooled_tokens").alias("doc_tokens")),
+            doc_tokens.lazy().select(
+                pl.col("doc_id").cast(pl.Int32), pl.col("pooled_tokens").alias("doc_tokens")
+            ),
             on="doc_id",
             how="left",
         )

@@ -33,11 +33,17 @@ def plan_drop_runs(drops: list, cursor: dict[str, str]) -> tuple[list, dict[str,
     return changed, updated
 
 
-@sensor(job=dataset_job, minimum_interval_seconds=30, description="Adds a dataset partition for each new or "
-        "changed drop in <data_dir>/landing and runs its assets; an identical re-drop triggers nothing.")
+@sensor(
+    job=dataset_job,
+    minimum_interval_seconds=30,
+    description="Adds a dataset partition for each new or "
+    "changed drop in <data_dir>/landing and runs its assets; an identical re-drop triggers nothing.",
+)
 def landing_sensor(context: SensorEvaluationContext, storage: StorageResource):
     if not storage.landing_dir.exists():
-        return SkipReason(f"Landing folder {storage.landing_dir} does not exist yet; create it and drop files there.")
+        return SkipReason(
+            f"Landing folder {storage.landing_dir} does not exist yet; create it and drop files there."
+        )
     try:
         drops = list_drops(storage.landing_dir, min_age_s=5.0)
     except DropError as exc:
@@ -64,8 +70,12 @@ def _latest_storage_id(context: SensorEvaluationContext, asset: str, partition: 
     return records[0].storage_id if records else None
 
 
-@sensor(job=diff_job, minimum_interval_seconds=30, description="Runs diff_reports for each comparison declared "
-        "in <data_dir>/config/comparisons.json once both datasets have fresh feature_scores.")
+@sensor(
+    job=diff_job,
+    minimum_interval_seconds=30,
+    description="Runs diff_reports for each comparison declared "
+    "in <data_dir>/config/comparisons.json once both datasets have fresh feature_scores.",
+)
 def comparisons_sensor(context: SensorEvaluationContext, storage: StorageResource):
     try:
         comparisons = load_comparisons(storage.config_dir / "comparisons.json")
@@ -94,8 +104,11 @@ def comparisons_sensor(context: SensorEvaluationContext, storage: StorageResourc
     )
 
 
-@run_status_sensor(run_status=DagsterRunStatus.SUCCESS, monitor_all_code_locations=False,
-                   description="(Re)builds the DuckDB views over the Parquet tables after every successful run.")
+@run_status_sensor(
+    run_status=DagsterRunStatus.SUCCESS,
+    monitor_all_code_locations=False,
+    description="(Re)builds the DuckDB views over the Parquet tables after every successful run.",
+)
 def warehouse_views_sensor(context: RunStatusSensorContext, storage: StorageResource, duckdb: DuckDBResource):
     counts = refresh_views_with_resource(duckdb, storage.parquet_base, WAREHOUSE_TABLES)
     context.log.info(f"DuckDB views refreshed: {counts}")

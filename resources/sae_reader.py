@@ -27,7 +27,15 @@ EMBEDDED_SAE = "embedded:minilm-l3-topk"
 ENGINE_VERSION = "1"
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
-_LAYER_LISTS = ("encoder.layer", "transformer.h", "model.layers", "gpt_neox.layers", "layers", "h", "model.decoder.layers")
+_LAYER_LISTS = (
+    "encoder.layer",
+    "transformer.h",
+    "model.layers",
+    "gpt_neox.layers",
+    "layers",
+    "h",
+    "model.decoder.layers",
+)
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ def parse_hook_name(hook_name: str) -> HookPoint:
 
 
 def find_layer_module(model: Any, layer: int) -> Any:
-    """Return the `layer`-th transformer block of a Hugging Face model (BERT, GPT-2, Llama, Gemma, NeoX...)."""
+    """Return the `layer`-th transformer block of a Hugging Face model (BERT, GPT-2, Llama, NeoX...)."""
     for path in _LAYER_LISTS:
         obj = model
         try:
@@ -60,7 +68,9 @@ def find_layer_module(model: Any, layer: int) -> Any:
             continue
         if hasattr(obj, "__len__") and hasattr(obj, "__getitem__"):
             if not 0 <= layer < len(obj):
-                raise ValueError(f"Layer {layer} does not exist: the model has {len(obj)} layers at `{path}`.")
+                raise ValueError(
+                    f"Layer {layer} does not exist: the model has {len(obj)} layers at `{path}`."
+                )
             return obj[layer]
     raise ValueError(
         f"Could not find the list of transformer blocks in {type(model).__name__}; looked for {_LAYER_LISTS}."
@@ -106,7 +116,7 @@ class SAEReader:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of everything that decides the stored activations (model, SAE, hook, dtype, settings, code)."""
+        """Hash of what decides the stored activations (model, SAE, hook, dtype, settings, code)."""
         return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -117,7 +127,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was requested but no CUDA GPU is visible; use device='auto' or 'cpu'.")
+        raise RuntimeError(
+            "device='cuda' was requested but no CUDA GPU is visible; use device='auto' or 'cpu'."
+        )
     if device not in ("cpu",) and not device.startswith("cuda") and device != "mps":
         raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:<n>', 'mps' or 'auto'; got {device!r}.")
     return device
@@ -134,13 +146,16 @@ def load_sae(
 
     if release:
         if not sae_id:
-            raise ValueError(f"SAE release {release!r} needs an `sae_id` (see SAELens's pretrained_saes.yaml).")
+            raise ValueError(
+                f"SAE release {release!r} needs an `sae_id` (see SAELens's pretrained_saes.yaml)."
+            )
         sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
         return sae, {"release": release, "sae_id": sae_id}
     path = Path(sae_path or DEFAULT_SAE_DIR)
     if not (path / "cfg.json").is_file():
         raise FileNotFoundError(
-            f"No SAE found at {path}: expected SAELens's on-disk format (cfg.json + sae_weights.safetensors). "
+            f"No SAE found at {path}: expected SAELens on-disk format "
+            "(cfg.json + sae_weights.safetensors). "
             "Point `sae_path` at such a folder, or set `release` and `sae_id`."
         )
     sae = SAE.load_from_disk(str(path), device=device, dtype=dtype)
@@ -171,7 +186,9 @@ def load_reader(
     """Load the reader model and the SAE and check that they fit together."""
     device = resolve_device(device)
     tokenizer, net = load_reader_model(model, device=device, dtype=dtype)
-    sae, sae_identity = load_sae(sae_path=sae_path, release=release, sae_id=sae_id, device=device, dtype=dtype)
+    sae, sae_identity = load_sae(
+        sae_path=sae_path, release=release, sae_id=sae_id, device=device, dtype=dtype
+    )
     hook = parse_hook_name(hook_name or sae.cfg.metadata.hook_name)
     hidden = getattr(net.config, "hidden_size", None) or getattr(net.config, "n_embd", None)
     if hidden is not None and int(hidden) != int(sae.cfg.d_in):
@@ -183,7 +200,9 @@ def load_reader(
         raise ValueError(f"chat_template=True but the tokenizer of {model!r} defines no chat template.")
     model_path = resolve_model_path(model)
     identity = {
-        "model": model if model == EMBEDDED_READER or not Path(model_path).is_dir() else Path(model_path).name,
+        "model": model
+        if model == EMBEDDED_READER or not Path(model_path).is_dir()
+        else Path(model_path).name,
         "model_config": _config_digest(net.config),
         "sae": sae_identity,
         "hook": [hook.layer, hook.position],

@@ -44,17 +44,26 @@ def main() -> int:
     instance = DagsterInstance.get()
     drops = list_drops(landing)
     names = [d.dataset for d in drops]
-    instance.add_dynamic_partitions("datasets", [n for n in names if not instance.has_dynamic_partition("datasets", n)])
+    instance.add_dynamic_partitions(
+        "datasets", [n for n in names if not instance.has_dynamic_partition("datasets", n)]
+    )
     for job_name in ("embed_job", "label_job"):
         job = defs.resolve_job_def(job_name)
         for name in names:
             print(f"== {job_name} [{name}]", flush=True)
             result = job.execute_in_process(partition_key=name, instance=instance, raise_on_error=False)
             if not result.success:
-                print(f"   {job_name} failed for {name}; see the run in the UI. Other datasets go on.", flush=True)
-    comparisons = [c for c in load_comparisons(data_dir / "config" / "comparisons.json") if {c.a, c.b} <= set(names)]
+                print(
+                    f"   {job_name} failed for {name}; see the run in the UI. Other datasets go on.",
+                    flush=True,
+                )
+    comparisons = [
+        c for c in load_comparisons(data_dir / "config" / "comparisons.json") if {c.a, c.b} <= set(names)
+    ]
     keys = [c.key for c in comparisons]
-    instance.add_dynamic_partitions("comparisons", [k for k in keys if not instance.has_dynamic_partition("comparisons", k)])
+    instance.add_dynamic_partitions(
+        "comparisons", [k for k in keys if not instance.has_dynamic_partition("comparisons", k)]
+    )
     diff_job = defs.resolve_job_def("diff_job")
     for key in keys:
         print(f"== diff_job [{key}]", flush=True)
@@ -70,12 +79,17 @@ def main() -> int:
     for key in keys:
         top = query(str(db), "select * from diff_reports where comparison = ?", [key])
         print(f"\nReport {key}:\n  {top['report_markdown_path'][0]}\n  {top['report_html_path'][0]}")
-        print(query(str(db), "select f.feature, f.freq_a, f.freq_b, f.q_value, l.label from diff_features f "
-                    "left join (select distinct on (feature) feature, label from feature_labels "
-                    "where dataset = ?) l using (feature) where comparison = ? and significant "
-                    "and direction = 'b' order by q_value, abs(freq_diff) desc limit 8",
-                    [key.split("__vs__")[1], key]))
-    print(f"\nDuckDB file: {db}\n  duckdb {db} \"select count(*) from token_activations\"")
+        print(
+            query(
+                str(db),
+                "select f.feature, f.freq_a, f.freq_b, f.q_value, l.label from diff_features f "
+                "left join (select distinct on (feature) feature, label from feature_labels "
+                "where dataset = ?) l using (feature) where comparison = ? and significant "
+                "and direction = 'b' order by q_value, abs(freq_diff) desc limit 8",
+                [key.split("__vs__")[1], key],
+            )
+        )
+    print(f'\nDuckDB file: {db}\n  duckdb {db} "select count(*) from token_activations"')
     print(f"Dagster UI:  DAGSTER_HOME={home} INTERP_DATA_DIR={data_dir} dagster dev -f definitions.py")
     return 0
 

@@ -58,7 +58,10 @@ def test_landing_sensor_adds_partitions_and_ignores_identical_redrop(tmp_path):
     storage = StorageResource(data_dir=str(tmp_path))
     ctx = build_sensor_context(instance=instance, resources={"storage": storage})
     result = landing_sensor(ctx)
-    assert sorted(r.partition_key for r in result.run_requests) == ["support_assistant_a", "support_assistant_b"]
+    assert sorted(r.partition_key for r in result.run_requests) == [
+        "support_assistant_a",
+        "support_assistant_b",
+    ]
     assert sorted(result.dynamic_partitions_requests[0].partition_keys) == [
         "support_assistant_a",
         "support_assistant_b",
@@ -67,13 +70,17 @@ def test_landing_sensor_adds_partitions_and_ignores_identical_redrop(tmp_path):
     shutil.copy(tmp_path / "landing/support_assistant_a.jsonl", tmp_path / "copy.jsonl")
     shutil.copy(tmp_path / "copy.jsonl", tmp_path / "landing/support_assistant_a.jsonl")
     os.utime(tmp_path / "landing/support_assistant_a.jsonl", (time.time() - 60, time.time() - 60))
-    again = landing_sensor(build_sensor_context(instance=instance, resources={"storage": storage}, cursor=result.cursor))
+    again = landing_sensor(
+        build_sensor_context(instance=instance, resources={"storage": storage}, cursor=result.cursor)
+    )
     assert not getattr(again, "run_requests", None)
     # a changed drop: one run for that dataset only
     with open(tmp_path / "landing/support_assistant_a.jsonl", "a") as fh:
         fh.write(json.dumps({"text": "A brand new reply about a refund."}) + "\n")
     os.utime(tmp_path / "landing/support_assistant_a.jsonl", (time.time() - 60, time.time() - 60))
-    changed = landing_sensor(build_sensor_context(instance=instance, resources={"storage": storage}, cursor=result.cursor))
+    changed = landing_sensor(
+        build_sensor_context(instance=instance, resources={"storage": storage}, cursor=result.cursor)
+    )
     assert [r.partition_key for r in changed.run_requests] == ["support_assistant_a"]
 
 
@@ -91,7 +98,9 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     embed = [by_name[n] for n in ("raw_documents", "token_activations", "pooled_embeddings")]
     label = [by_name[n] for n in ("feature_labels", "feature_scores")]
 
-    bad = materialize(embed, partition_key="broken", instance=instance, resources=resources, raise_on_error=False)
+    bad = materialize(
+        embed, partition_key="broken", instance=instance, resources=resources, raise_on_error=False
+    )
     assert not bad.success
     failure = [e for e in bad.all_events if e.event_type_value == "STEP_FAILURE"][0]
     message = failure.step_failure_data.error.to_string()
@@ -112,8 +121,16 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
 
     db = data / "warehouse.duckdb"
     counts = refresh_views(str(db), str(data / "parquet"), WAREHOUSE_TABLES)
-    for table in ("raw_documents", "token_activations", "pooled_embeddings", "feature_labels", "feature_scores",
-                  "diff_features", "diff_reports", "activation_status"):
+    for table in (
+        "raw_documents",
+        "token_activations",
+        "pooled_embeddings",
+        "feature_labels",
+        "feature_scores",
+        "diff_features",
+        "diff_reports",
+        "activation_status",
+    ):
         assert counts.get(table, 0) > 0, table
     assert query(str(db), "select count(*) as n from raw_documents")["n"][0] == 160
     report = query(str(db), "select * from diff_reports")
@@ -147,18 +164,27 @@ def test_webserver_serves_assets_and_partitions(tmp_path):
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
     env = dict(os.environ, DAGSTER_HOME=str(home), INTERP_DATA_DIR=str(tmp_path / "data"))
     subprocess.run(
-        [sys.executable, "-c", "from dagster import DagsterInstance; "
-         "DagsterInstance.get().add_dynamic_partitions('datasets', ['demo_one'])"],
-        env=env, check=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-c",
+            "from dagster import DagsterInstance; "
+            "DagsterInstance.get().add_dynamic_partitions('datasets', ['demo_one'])",
+        ],
+        env=env,
+        check=True,
+        cwd=ROOT,
     )
     port = _free_port()
     webserver = shutil.which("dagster-webserver", path=str(Path(sys.executable).parent))
     proc = subprocess.Popen(
         [webserver, "-f", "definitions.py", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
-        query_text = '{ assetNodes { assetKey { path } partitionKeys } }'
+        query_text = "{ assetNodes { assetKey { path } partitionKeys } }"
         deadline = time.time() + 90
         data = None
         while time.time() < deadline:
@@ -176,8 +202,14 @@ def test_webserver_serves_assets_and_partitions(tmp_path):
             time.sleep(1)
         assert data is not None, "webserver did not answer"
         nodes = {"/".join(n["assetKey"]["path"]): n for n in data["data"]["assetNodes"]}
-        assert {"raw_documents", "token_activations", "pooled_embeddings", "feature_labels", "feature_scores",
-                "diff_reports"} <= set(nodes)
+        assert {
+            "raw_documents",
+            "token_activations",
+            "pooled_embeddings",
+            "feature_labels",
+            "feature_scores",
+            "diff_reports",
+        } <= set(nodes)
         assert nodes["raw_documents"]["partitionKeys"] == ["demo_one"]
     finally:
         proc.terminate()
@@ -190,7 +222,9 @@ def test_hostile_drop_names_stay_inside_storage(tmp_path, name):
 
     landing = tmp_path / "landing"
     landing.mkdir()
-    (landing / Path(name).name).write_text('text\n"hello there"\n' if name.endswith(".csv") else '{"text": "hi"}\n')
+    (landing / Path(name).name).write_text(
+        'text\n"hello there"\n' if name.endswith(".csv") else '{"text": "hi"}\n'
+    )
     (drop,) = list_drops(landing)
     from interp_assets.paths import table_path
 
