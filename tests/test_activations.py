@@ -1,0 +1,100 @@
+"""The activation engine against SAELens's own encode, on a tiny random GPT-2 and a random TopK SAE."""
+
+import numpy as np
+import pytest
+import torch
+from sae_lens import TopKSAE, TopKSAEConfig
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast
+
+from interp_assets.activations import encode_texts
+from resources.sae_reader import SAEReader, parse_hook_name
+
+TEXTS = ["the cat sat on the mat", "a dog", "the cat and the dog sat on a mat together today", "mat cat"]
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {
+        w: i
+        for i, w in enumerate(
+            ["<pad>", "the", "cat", "sat", "on", "mat", "a", "dog", "and", "together", "today"]
+        )
+    }
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(vocab_size=11, n_embd=32, n_layer=3, n_head=2, n_positions=64)).eval()
+    sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=96, k=6, dtype="float32", device="cpu"))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+    return _tokenizer(), model, sae
+
+
+def _reader(parts, hook: str, budget: int) -> SAEReader:
+    tok, model, sae = parts
+    return SAEReader(
+        tok,
+        model,
+        sae,
+        parse_hook_name(hook),
+        device="cpu",
+        dtype="float32",
+        max_length=32,
+        token_budget=budget,
+        exclude_special_tokens=True,
+        chat_template=False,
+        exclude_template_tokens=True,
+        identity={},
+    )
+
+
+def _dense(encoded, doc: int, n_tokens: int, d_sae: int) -> np.ndarray:
+    t = encoded.activations.to_pydict()
+    out = np.zeros((n_tokens, d_sae), np.float32)
+    for d, ti, f, v in zip(t["doc_index"], t["token_index"], t["feature"], t["activation"], strict=True):
+        if d == doc:
+            out[ti, f] = v
+    return out
+
+
+@pytest.mark.parametrize(
+    ("hook", "hidden_index"), [("blocks.1.hook_resid_post", 2), ("blocks.1.hook_resid_pre", 1)]
+)
+@pytest.mark.parametrize("budget", [12, 1000])
+def test_stored_activations_equal_saelens_encode(parts, hook, hidden_index, budget):
+    tok, model, sae = parts
+    encoded = encode_texts(_reader(parts, hook, budget), TEXTS)
+    assert not encoded.errors
+    for i, text in enumerate(TEXTS):
+        ids = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**ids, output_hidden_states=True).hidden_states[hidden_index][0]
+            reference = sae.encode(hidden).numpy()
+        ours = _dense(encoded, i, hidden.shape[0], 96)
+        np.testing.assert_allclose(ours, reference, atol=1e-5)
+        assert encoded.n_tokens[i] == hidden.shape[0]
+
+
+def test_batch_order_and_padding_change_nothing(parts):
+    hook = "blocks.2.hook_resid_post"
+    a = encode_texts(_reader(parts, hook, 8), TEXTS).activations.to_pydict()
+    b = encode_texts(_reader(parts, hook, 10_000), list(reversed(TEXTS))).activations.to_pydict()
+    n = len(TEXTS)
+    rows_a = sorted(
+        zip(a["doc_index"], a["token_index"], a["feature"], np.round(a["activation"], 5), strict=True)
+    )
+    rows_b = sorted(
+        zip(
+            [n - 1 - d for d in b["doc_index"]],
+            b["token_index"],
+            b["feature"],
+            np.round(b["activation"], 5),
+            strict=True,
+        )
+    )
+    assert rows_a == rows_b
