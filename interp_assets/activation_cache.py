@@ -9,7 +9,6 @@ A run killed midway therefore redoes at most the chunk in flight, and an unchang
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from interp_assets.activations import EncodedTexts, iter_chunks
+from io_managers.parquet import write_parquet_atomic
 
 DOC_STATUS_SCHEMA = pa.schema(
     [
@@ -69,12 +68,6 @@ class EncodeStats:
     encoded: int
     rejected: int
     chunks_written: int
-
-
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
 
 
 class ActivationCache:
@@ -159,8 +152,8 @@ class ActivationCache:
             },
             schema=DOC_STATUS_SCHEMA,
         )
-        _write_atomic(acts, self.dir / f"{chunk_id}.acts.parquet")
-        _write_atomic(status, self.dir / f"{chunk_id}.docs.parquet")
+        write_parquet_atomic(str(self.dir / f"{chunk_id}.acts.parquet"), acts)
+        write_parquet_atomic(str(self.dir / f"{chunk_id}.docs.parquet"), status)
 
     def activation_status(self, documents: pl.DataFrame, dataset: str) -> pa.Table:
         """Per-document outcome for a dataset (columns of ACTIVATION_STATUS_SCHEMA); missing = not encoded."""

@@ -21,8 +21,12 @@ from dagster import (
     AssetCheckSpec,
     AssetDep,
     AssetExecutionContext,
+    AssetKey,
+    AssetRecordsFilter,
     Config,
+    DagsterInstance,
     DataVersion,
+    EventLogRecord,
     MetadataValue,
     Output,
     asset,
@@ -36,7 +40,7 @@ from interp_assets.feature_selection import select_features
 from interp_assets.partitions import comparisons_partitions, datasets_partitions, parse_comparison_key
 from interp_assets.pooling import pool_token_activations
 from interp_assets.storage import StorageResource
-from io_managers.parquet import StreamedTable, read_table, table_exists, write_table
+from io_managers.parquet import StreamedTable, markdown_preview, read_table, table_exists, write_table
 from resources.llm import LLMResource
 from resources.sae_reader import ENGINE_VERSION, SAEReaderResource
 
@@ -371,7 +375,7 @@ def feature_labels(
             "sources": MetadataValue.json(labels.group_by("source").len().to_dicts()),
             "labeling_errors": len(errors),
             "llm_calls_made": llm.calls_made if llm.enabled else 0,
-            "labels": MetadataValue.md(_md_table(preview)),
+            "labels": MetadataValue.md(markdown_preview(preview.to_arrow(), max_rows=preview.height)),
         },
     )
 
@@ -432,7 +436,7 @@ def feature_scores(
         metadata={
             "scored_labels": scores.height,
             "scoring_errors": len(errors),
-            "summary": MetadataValue.md(_md_table(summary)),
+            "summary": MetadataValue.md(markdown_preview(summary.to_arrow(), max_rows=summary.height)),
         },
     )
 
@@ -591,16 +595,20 @@ def _report_labels(
     return labels, scores
 
 
+def latest_materialization(instance: DagsterInstance, asset: str, partition: str) -> EventLogRecord | None:
+    """The latest materialization record of one partition of `asset` (None if never materialized)."""
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]), limit=1
+    ).records
+    return records[0] if records else None
+
+
 def _token_activations_metadata(context: AssetExecutionContext, dataset: str) -> dict:
     """Metadata of the latest token_activations materialization of `dataset` (SAE width, fingerprint)."""
-    from dagster import AssetKey, AssetRecordsFilter
-
-    records = context.instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey("token_activations"), asset_partitions=[dataset]), limit=1
-    ).records
-    if not records:
+    record = latest_materialization(context.instance, "token_activations", dataset)
+    if record is None:
         return {}
-    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+    return {k: v.value for k, v in record.asset_materialization.metadata.items()}
 
 
 def _d_sae(context: AssetExecutionContext, dataset: str) -> int | None:
@@ -616,17 +624,6 @@ def _write_text_atomic(path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _md_table(frame: pl.DataFrame) -> str:
-    if frame.height == 0:
-        return "_(empty)_"
-    cols = frame.columns
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in frame.iter_rows():
-        cells = [str(v).replace("|", "\\|").replace("\n", " ")[:80] for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 ALL_ASSETS = [

@@ -3,8 +3,6 @@
 import json
 
 from dagster import (
-    AssetKey,
-    AssetRecordsFilter,
     DagsterRunStatus,
     RunRequest,
     RunStatusSensorContext,
@@ -16,7 +14,7 @@ from dagster import (
 )
 from dagster_duckdb import DuckDBResource
 
-from interp_assets.assets import WAREHOUSE_TABLES
+from interp_assets.assets import WAREHOUSE_TABLES, latest_materialization
 from interp_assets.comparisons import load_comparisons
 from interp_assets.ingest import DropError, list_drops
 from interp_assets.jobs import dataset_job, diff_job
@@ -63,13 +61,6 @@ def landing_sensor(context: SensorEvaluationContext, storage: StorageResource):
     )
 
 
-def _latest_storage_id(context: SensorEvaluationContext, asset: str, partition: str) -> int | None:
-    records = context.instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]), limit=1
-    ).records
-    return records[0].storage_id if records else None
-
-
 @sensor(
     job=diff_job,
     minimum_interval_seconds=30,
@@ -85,7 +76,11 @@ def comparisons_sensor(context: SensorEvaluationContext, storage: StorageResourc
     existing = set(context.instance.get_dynamic_partitions(comparisons_partitions.name))
     requests, new_keys = [], []
     for comparison in comparisons:
-        ids = [_latest_storage_id(context, "feature_scores", ds) for ds in (comparison.a, comparison.b)]
+        records = [
+            latest_materialization(context.instance, "feature_scores", ds)
+            for ds in (comparison.a, comparison.b)
+        ]
+        ids = [r.storage_id if r else None for r in records]
         if None in ids:
             continue
         stamp = f"{ids[0]}-{ids[1]}"
