@@ -171,16 +171,20 @@ def token_activations(
         (reader.fingerprint + "".join(sorted(docs["doc_hash"].to_list()))).encode()
     ).hexdigest()[:24]
 
-    # The IO manager consumes the stream after this function returns, so the value check reads the same
-    # cache rows in a first pass (cheap next to the model).
-    bad_values = 0
-    for batch in cache.iter_token_activations(docs.select("doc_id", "doc_hash"), dataset):
-        act = batch.column("activation").to_numpy(zero_copy_only=False)
-        bad_values += int(np.count_nonzero(~np.isfinite(act) | (act <= 0)))
+    # One pass over the cache: the IO manager writes the stream while Dagster handles the Output, before
+    # this generator resumes, so the counts below are complete by the time the check is yielded.
+    # `stream_done` makes the check fail loudly (not pass silently) if that order ever changed.
+    seen = {"bad_values": 0, "stream_done": False}
+
+    def checked_stream():
+        for batch in cache.iter_token_activations(docs.select("doc_id", "doc_hash"), dataset):
+            act = batch.column("activation").to_numpy(zero_copy_only=False)
+            seen["bad_values"] += int(np.count_nonzero(~np.isfinite(act) | (act <= 0)))
+            yield batch
+        seen["stream_done"] = True
+
     yield Output(
-        StreamedTable(
-            TOKEN_ACTIVATIONS_SCHEMA, cache.iter_token_activations(docs.select("doc_id", "doc_hash"), dataset)
-        ),
+        StreamedTable(TOKEN_ACTIVATIONS_SCHEMA, checked_stream()),
         data_version=DataVersion(version),
         metadata={
             "documents": docs.height,
@@ -206,8 +210,8 @@ def token_activations(
     )
     yield AssetCheckResult(
         check_name="activations_finite_and_positive",
-        passed=bad_values == 0,
-        metadata={"bad_values": bad_values},
+        passed=seen["stream_done"] and seen["bad_values"] == 0,
+        metadata={"bad_values": seen["bad_values"], "rows_checked_while_writing": seen["stream_done"]},
     )
 
 

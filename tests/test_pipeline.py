@@ -150,6 +150,8 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     again = materialize(embed, partition_key="support_assistant_a", instance=instance, resources=resources)
     meta = again.asset_materializations_for_node("token_activations")[0].metadata
     assert meta["encoded_now"].value == 0 and meta["reused_from_cache"].value == 80
+    again_checks = {e.check_name: e.passed for e in again.get_asset_check_evaluations()}
+    assert again_checks["every_document_accounted_for"] and again_checks["activations_finite_and_positive"]
 
 
 def _free_port() -> int:
