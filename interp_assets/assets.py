@@ -326,13 +326,20 @@ def feature_labels(
     base = storage.parquet_base
     pooled = read_table(base, "pooled_embeddings", dataset)
     n_docs = _encoded_doc_count(storage, dataset)
+    docs = _documents(storage, dataset)
     partners = {}
     for comparison in load_comparisons(storage.config_dir / "comparisons.json"):
         other = comparison.b if comparison.a == dataset else comparison.a if comparison.b == dataset else None
         if other and table_exists(base, "pooled_embeddings", other):
+            pairs = (
+                diffing.pairs_from_key(docs, _documents(storage, other), comparison.paired_on)
+                if comparison.paired_on
+                else None
+            )
             partners[other] = (
                 read_table(base, "pooled_embeddings", other),
                 _encoded_doc_count(storage, other),
+                pairs,
             )
     sae_id = str(_token_activations_metadata(context, dataset).get("reader_fingerprint", "unknown"))
     selected = select_features(
@@ -344,7 +351,6 @@ def feature_labels(
         requested=config.requested_features,
     )
     features = selected["feature"].to_list()
-    docs = _documents(storage, dataset)
     acts = token_activations.filter(pl.col("feature").is_in(features)).collect()
     embeddings = _document_embeddings(storage, docs, config.hard_negatives_max_docs)
     published = (
@@ -379,18 +385,18 @@ def feature_labels(
             "sources": MetadataValue.json(labels.group_by("source").len().to_dicts()),
             "labeling_errors": len(errors),
             "llm_calls_made": llm.calls_made if llm.enabled else 0,
+            # feature_scores re-derives the held-out split from exactly these
+            "split_parameters": MetadataValue.json(_split_parameters(config)),
             "labels": MetadataValue.md(markdown_preview(preview.to_arrow(), max_rows=preview.height)),
         },
     )
 
 
-class FeatureScoresConfig(Config):
-    """Must match the FeatureLabelsConfig used for labeling (the scorer re-derives the held-out split)."""
+SPLIT_PARAMETERS = ("n_evidence", "n_holdout", "seed", "hard_negatives_max_docs")
 
-    n_evidence: int = 20
-    n_holdout: int = 40
-    seed: int = 0
-    hard_negatives_max_docs: int = 20000
+
+def _split_parameters(config: FeatureLabelsConfig) -> dict[str, int]:
+    return {name: getattr(config, name) for name in SPLIT_PARAMETERS}
 
 
 @asset(
@@ -403,12 +409,14 @@ class FeatureScoresConfig(Config):
 )
 def feature_scores(
     context: AssetExecutionContext,
-    config: FeatureScoresConfig,
     feature_labels: pl.LazyFrame,
     storage: StorageResource,
     llm: LLMResource,
 ):
     dataset = context.partition_key
+    record = latest_materialization(context.instance, "feature_labels", dataset)
+    stored = record.asset_materialization.metadata.get("split_parameters") if record else None
+    split = stored.value if stored is not None else _split_parameters(FeatureLabelsConfig())
     labels = feature_labels.collect()
     docs = _documents(storage, dataset)
     features = labels["feature"].to_list()
@@ -417,7 +425,7 @@ def feature_scores(
         .filter(pl.col("feature").is_in(features))
         .collect()
     )
-    embeddings = _document_embeddings(storage, docs, config.hard_negatives_max_docs)
+    embeddings = _document_embeddings(storage, docs, split["hard_negatives_max_docs"])
     errors: list[str] = []
     scores = scoring.score_features(
         labels,
@@ -425,9 +433,9 @@ def feature_scores(
         docs,
         llm=llm if llm.enabled else None,
         embeddings=embeddings,
-        n_evidence=config.n_evidence,
-        n_holdout=config.n_holdout,
-        seed=config.seed,
+        n_evidence=split["n_evidence"],
+        n_holdout=split["n_holdout"],
+        seed=split["seed"],
         errors=errors,
     )
     for message in errors[:20]:

@@ -6,14 +6,14 @@ from collections.abc import Iterable, Mapping
 
 import polars as pl
 
-from interp_assets.diffing import diff_features
+from interp_assets.diffing import diff_features, paired_diff_features
 
 
 def select_features(
     pooled: pl.LazyFrame | pl.DataFrame,
     n_docs: int,
     *,
-    partners: Mapping[str, tuple[pl.LazyFrame | pl.DataFrame, int]] | None = None,
+    partners: Mapping[str, tuple[pl.LazyFrame | pl.DataFrame, int, pl.DataFrame | None]] | None = None,
     n_frequent: int = 20,
     n_distinctive: int = 15,
     requested: Iterable[int] = (),
@@ -23,7 +23,8 @@ def select_features(
 
     - `frequent`: the `n_frequent` features active in the most documents;
     - `distinctive:<partner>`: the top `n_distinctive` features significantly more frequent here than in a
-      dataset this one is compared with (the features its diff reports will show);
+      dataset this one is compared with, by the same test its diff report uses (paired when the partner
+      comes with `pairs`: columns doc_id_a = this dataset, doc_id_b = the partner);
     - `requested`: any feature the user asked for.
     """
     reasons: dict[int, list[str]] = {}
@@ -37,8 +38,11 @@ def select_features(
     )
     for f in freq["feature"].to_list():
         reasons.setdefault(int(f), []).append("frequent")
-    for name, (other, other_n) in (partners or {}).items():
-        diff = diff_features(pooled, n_docs, other, other_n, n_features=n_features)
+    for name, (other, other_n, pairs) in (partners or {}).items():
+        if pairs is not None:
+            diff = paired_diff_features(pooled, other, pairs, n_features=n_features)
+        else:
+            diff = diff_features(pooled, n_docs, other, other_n, n_features=n_features)
         top = diff.filter(pl.col("significant") & (pl.col("direction") == "a")).head(n_distinctive)
         for f in top["feature"].to_list():
             reasons.setdefault(int(f), []).append(f"distinctive:{name}")
