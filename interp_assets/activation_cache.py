@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from interp_assets.activations import EncodedTexts, iter_chunks
+from interp_assets.activations import ACTIVATION_DTYPES, EncodedTexts, activation_fields, iter_chunks
 from io_managers.parquet import write_parquet_atomic
 
 DOC_STATUS_SCHEMA = pa.schema(
@@ -32,18 +33,22 @@ DOC_STATUS_SCHEMA = pa.schema(
     ]
 )
 
-TOKEN_ACTIVATIONS_SCHEMA = pa.schema(
-    [
-        ("dataset", pa.dictionary(pa.int32(), pa.string())),
-        ("doc_id", pa.int32()),
-        ("token_index", pa.int32()),
-        ("token", pa.dictionary(pa.int32(), pa.string())),
-        ("char_start", pa.int32()),
-        ("char_end", pa.int32()),
-        ("feature", pa.int32()),
-        ("activation", pa.float32()),
-    ]
-)
+
+
+def token_activations_schema(activation_dtype: str = "float16") -> pa.Schema:
+    """Schema of the token_activations table; `activation` is stored as `activation_dtype`."""
+    return pa.schema(
+        [
+            ("dataset", pa.dictionary(pa.int32(), pa.string())),
+            ("doc_id", pa.int32()),
+            ("token_index", pa.int32()),
+            ("token", pa.dictionary(pa.int32(), pa.string())),
+            ("char_start", pa.int32()),
+            ("char_end", pa.int32()),
+            *activation_fields(activation_dtype),
+        ]
+    )
+
 
 ACTIVATION_STATUS_SCHEMA = pa.schema(
     [
@@ -168,14 +173,28 @@ class ActivationCache:
         ).select(ACTIVATION_STATUS_SCHEMA.names)
         return joined.to_arrow().cast(ACTIVATION_STATUS_SCHEMA)
 
-    def iter_token_activations(self, documents: pl.DataFrame, dataset: str) -> Iterator[pa.RecordBatch]:
-        """Stream the token_activations rows of `documents` (doc_id, doc_hash), one cache chunk at a time."""
+    def stored_activation_dtype(self) -> str | None:
+        """The dtype of the cached activation values (one per cache), or None while the cache is empty."""
+        chunks = self.committed_chunks()
+        if not chunks:
+            return None
+        stored = pq.read_schema(self.dir / f"{chunks[0]}.acts.parquet").field("activation").type
+        return next(name for name, t in ACTIVATION_DTYPES.items() if t == stored)
+
+    def iter_token_activations(
+        self, documents: pl.DataFrame, dataset: str, schema: pa.Schema | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream the token_activations rows of `documents` (doc_id, doc_hash), one cache chunk at a time.
+
+        `schema` defaults to `token_activations_schema` with the dtype the cache holds.
+        """
+        schema = schema or token_activations_schema(self.stored_activation_dtype() or "float16")
         index = self.document_index().filter(pl.col("status") == "encoded").select("doc_hash", "chunk")
         wanted = documents.select(pl.col("doc_id").cast(pl.Int32), "doc_hash").join(index, on="doc_hash")
         for (chunk_id,), part in wanted.group_by(["chunk"], maintain_order=True):
             acts = pl.read_parquet(self.dir / f"{chunk_id}.acts.parquet")
             # keep only this chunk's copy of each document (first chunk wins), then map hash -> doc_id(s)
             rows = acts.join(part.select("doc_hash", "doc_id"), on="doc_hash").sort("doc_id", "token_index")
-            rows = rows.with_columns(pl.lit(dataset).alias("dataset")).select(TOKEN_ACTIVATIONS_SCHEMA.names)
-            table = rows.to_arrow().cast(TOKEN_ACTIVATIONS_SCHEMA)
+            rows = rows.with_columns(pl.lit(dataset).alias("dataset")).select(schema.names)
+            table = rows.to_arrow().cast(schema)
             yield from table.to_batches(max_chunksize=1_000_000)

@@ -33,7 +33,7 @@ from dagster import (
 )
 
 from interp_assets import diffing, ingest, labeling, reports, scoring
-from interp_assets.activation_cache import TOKEN_ACTIVATIONS_SCHEMA, ActivationCache
+from interp_assets.activation_cache import ActivationCache, token_activations_schema
 from interp_assets.activations import encode_texts
 from interp_assets.comparisons import find_comparison, load_comparisons, load_dataset_settings
 from interp_assets.feature_selection import select_features
@@ -175,16 +175,17 @@ def token_activations(
     # this generator resumes, so the counts below are complete by the time the check is yielded.
     # `stream_done` makes the check fail loudly (not pass silently) if that order ever changed.
     seen = {"bad_values": 0, "stream_done": False}
+    schema = token_activations_schema(reader.activation_dtype)
 
     def checked_stream():
-        for batch in cache.iter_token_activations(docs.select("doc_id", "doc_hash"), dataset):
+        for batch in cache.iter_token_activations(docs.select("doc_id", "doc_hash"), dataset, schema):
             act = batch.column("activation").to_numpy(zero_copy_only=False)
             seen["bad_values"] += int(np.count_nonzero(~np.isfinite(act) | (act <= 0)))
             yield batch
         seen["stream_done"] = True
 
     yield Output(
-        StreamedTable(TOKEN_ACTIVATIONS_SCHEMA, checked_stream()),
+        StreamedTable(schema, checked_stream()),
         data_version=DataVersion(version),
         metadata={
             "documents": docs.height,

@@ -28,8 +28,8 @@ def pool_token_activations(
     pooled = (
         lazy.group_by("dataset", "doc_id", "feature")
         .agg(
-            pl.col("activation").max().alias("max_activation"),
-            pl.col("activation").sum().alias("sum_activation"),
+            pl.col("activation").cast(pl.Float32).max().alias("max_activation"),
+            pl.col("activation").cast(pl.Float64).sum().alias("sum_activation"),
             pl.len().cast(pl.Int32).alias("active_tokens"),
         )
         .join(

@@ -114,23 +114,42 @@ def _as_stream(data: Any) -> tuple[pa.Schema, Iterator[pa.RecordBatch] | None, p
     return schema, chained(), None
 
 
-def _encoding_options(schema: pa.Schema) -> dict[str, Any]:
-    """Dictionary encoding on every leaf column, BYTE_STREAM_SPLIT on float leaves (when supported).
+ENCODING_HINT = b"parquet.encoding"
 
-    Dictionary encoding wins over BYTE_STREAM_SPLIT when a column has both, so float leaves are left out
-    of the dictionary list. Leaf paths come from the Parquet schema of a zero-row file (`a.list.element`).
+
+def encoding_hint(field: pa.Field, encoding: str) -> pa.Field:
+    """`field` marked to be written with `encoding`: "byte_stream_split" or "plain" (no dictionary)."""
+    if encoding not in ("byte_stream_split", "plain"):
+        raise ValueError(f"encoding must be 'byte_stream_split' or 'plain', got {encoding!r}.")
+    return field.with_metadata({**(field.metadata or {}), ENCODING_HINT: encoding.encode()})
+
+
+def _encoding_options(schema: pa.Schema) -> dict[str, Any]:
+    """Per-column Parquet encodings: dictionary by default, BYTE_STREAM_SPLIT on float leaves.
+
+    A top-level field can override this with `encoding_hint` (e.g. BYTE_STREAM_SPLIT on an integer
+    column of near-random ids, or plain for float16). Dictionary encoding wins over BYTE_STREAM_SPLIT
+    when a column has both, so split columns are left out of the dictionary list. Leaf paths come from the
+    Parquet schema of a zero-row file (`a.list.element`).
     """
+    hints = {f.name: (f.metadata or {}).get(ENCODING_HINT, b"").decode() for f in schema}
     if not _HAS_BYTE_STREAM_SPLIT:
-        return {"use_dictionary": True}
+        plain = [name for name, hint in hints.items() if hint]
+        return {"use_dictionary": [f.name for f in schema if f.name not in plain] or False}
     buf = io.BytesIO()
     pq.write_table(schema.empty_table(), buf)
     pq_schema = pq.ParquetFile(pa.BufferReader(buf.getvalue())).schema
-    leaves = [pq_schema.column(i) for i in range(len(pq_schema))]
-    floats = [c.path for c in leaves if c.physical_type in _FLOAT_PHYSICAL]
-    others = [c.path for c in leaves if c.physical_type not in _FLOAT_PHYSICAL]
-    if not floats:
-        return {"use_dictionary": True}
-    return {"use_dictionary": others or False, "use_byte_stream_split": floats}
+    split, dictionary = [], []
+    for leaf in (pq_schema.column(i) for i in range(len(pq_schema))):
+        hint = hints.get(leaf.path.split(".")[0], "")
+        if hint == "byte_stream_split" or (not hint and leaf.physical_type in _FLOAT_PHYSICAL):
+            split.append(leaf.path)
+        elif not hint:
+            dictionary.append(leaf.path)
+    options: dict[str, Any] = {"use_dictionary": dictionary or False}
+    if split:
+        options["use_byte_stream_split"] = split
+    return options
 
 
 def _schema_str(schema: pa.Schema) -> str:

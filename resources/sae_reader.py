@@ -24,7 +24,7 @@ DEFAULT_SAE_DIR = str(Path(__file__).resolve().parent / "default_sae")
 EMBEDDED_SAE = "embedded:minilm-l3-topk"
 
 # Bumped whenever a change in our code changes stored activations: part of every cache key.
-ENGINE_VERSION = "1"
+ENGINE_VERSION = "2"
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 _LAYER_LISTS = (
@@ -95,6 +95,7 @@ class SAEReader:
         chat_template: bool,
         exclude_template_tokens: bool,
         identity: dict[str, Any],
+        activation_dtype: str = "float16",
     ) -> None:
         self.tokenizer = tokenizer
         self.model = model
@@ -108,6 +109,7 @@ class SAEReader:
         self.chat_template = chat_template
         self.exclude_template_tokens = exclude_template_tokens
         self.identity = identity
+        self.activation_dtype = activation_dtype
         self.layer_module = find_layer_module(model, hook.layer)
 
     @property
@@ -182,8 +184,14 @@ def load_reader(
     exclude_special_tokens: bool = True,
     chat_template: bool = False,
     exclude_template_tokens: bool = True,
+    activation_dtype: str = "float16",
 ) -> SAEReader:
     """Load the reader model and the SAE and check that they fit together."""
+    if activation_dtype not in ("float16", "float32"):
+        raise ValueError(
+            f"activation_dtype must be 'float16' (compact, ~3 significant digits) or 'float32' (exact); "
+            f"got {activation_dtype!r}."
+        )
     device = resolve_device(device)
     tokenizer, net = load_reader_model(model, device=device, dtype=dtype)
     sae, sae_identity = load_sae(
@@ -211,6 +219,7 @@ def load_reader(
         "exclude_special_tokens": exclude_special_tokens,
         "chat_template": chat_template,
         "exclude_template_tokens": exclude_template_tokens,
+        "activation_dtype": activation_dtype,
         "engine": ENGINE_VERSION,
     }
     return SAEReader(
@@ -226,6 +235,7 @@ def load_reader(
         chat_template=chat_template,
         exclude_template_tokens=exclude_template_tokens,
         identity=identity,
+        activation_dtype=activation_dtype,
     )
 
 
@@ -246,6 +256,7 @@ class SAEReaderResource(ConfigurableResource):
     Defaults run the embedded all-MiniLM-L6-v2 reader with the SAE that ships in `resources/default_sae`.
     Point `model` at a Hugging Face id or folder and `release`/`sae_id` (or `sae_path`) at its SAE for real
     models, e.g. model="gpt2", release="gpt2-small-res-jb", sae_id="blocks.8.hook_resid_pre".
+    `activation_dtype` is how token_activations stores values: float16 (default, half the bytes) or float32.
     """
 
     model: str = EMBEDDED_READER
@@ -260,6 +271,7 @@ class SAEReaderResource(ConfigurableResource):
     exclude_special_tokens: bool = True
     chat_template: bool = False
     exclude_template_tokens: bool = True
+    activation_dtype: str = "float16"
 
     _reader: SAEReader | None = PrivateAttr(default=None)
 

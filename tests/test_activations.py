@@ -1,6 +1,7 @@
 """The activation engine against SAELens's own encode, on a tiny random GPT-2 and a random TopK SAE."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from sae_lens import TopKSAE, TopKSAEConfig
@@ -35,7 +36,7 @@ def parts():
     return _tokenizer(), model, sae
 
 
-def _reader(parts, hook: str, budget: int) -> SAEReader:
+def _reader(parts, hook: str, budget: int, activation_dtype: str = "float32") -> SAEReader:
     tok, model, sae = parts
     return SAEReader(
         tok,
@@ -50,6 +51,7 @@ def _reader(parts, hook: str, budget: int) -> SAEReader:
         chat_template=False,
         exclude_template_tokens=True,
         identity={},
+        activation_dtype=activation_dtype,
     )
 
 
@@ -78,6 +80,37 @@ def test_stored_activations_equal_saelens_encode(parts, hook, hidden_index, budg
         ours = _dense(encoded, i, hidden.shape[0], 96)
         np.testing.assert_allclose(ours, reference, atol=1e-5)
         assert encoded.n_tokens[i] == hidden.shape[0]
+
+
+def test_float16_storage_is_saelens_encode_rounded_to_half_precision(parts):
+    tok, model, sae = parts
+    encoded = encode_texts(_reader(parts, "blocks.1.hook_resid_post", 1000, "float16"), TEXTS)
+    assert encoded.activations.schema.field("activation").type == pa.float16()
+    for i, text in enumerate(TEXTS):
+        ids = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**ids, output_hidden_states=True).hidden_states[2][0]
+            reference = sae.encode(hidden).numpy()
+        ours = _dense(encoded, i, hidden.shape[0], 96)
+        # the same nonzeros, each value the nearest float16 (relative error <= 2**-11)
+        assert np.array_equal(ours != 0, reference != 0)
+        np.testing.assert_allclose(ours, reference, rtol=2**-11, atol=0)
+
+
+def test_float16_overflow_is_rejected_with_its_reason_never_stored_as_inf(parts):
+    tok, model, sae = parts
+    loud = TopKSAE(TopKSAEConfig(d_in=32, d_sae=96, k=6, dtype="float32", device="cpu"))
+    with torch.no_grad():
+        loud.load_state_dict(sae.state_dict())
+        loud.W_enc[:, 7] = 0.0
+        loud.b_enc[7] = 1e6  # feature 7 fires at 1e6 on every token: beyond float16
+    reader = _reader((tok, model, loud), "blocks.1.hook_resid_post", 1000, "float16")
+    encoded = encode_texts(reader, TEXTS)
+    assert set(encoded.errors) == set(range(len(TEXTS)))
+    assert "float16 storage range" in encoded.errors[0] and "activation_dtype='float32'" in encoded.errors[0]
+    assert encoded.activations.num_rows == 0
+    exact = encode_texts(_reader((tok, model, loud), "blocks.1.hook_resid_post", 1000, "float32"), TEXTS)
+    assert not exact.errors
 
 
 def test_batch_order_and_padding_change_nothing(parts):
