@@ -454,6 +454,76 @@ def feature_scores(
     )
 
 
+class FeatureAssociationsConfig(Config):
+    """Which metadata columns to relate to features. Per-dataset `association_columns` take precedence."""
+
+    columns: list[str] | None = None  # None: every boolean, numeric, date or few-valued text column
+    aggregation: str = "max"
+    alpha: float = 0.05
+    max_levels: int = 20
+
+
+@asset(
+    partitions_def=datasets_partitions,
+    io_manager_key="parquet_io_manager",
+    code_version="1",
+    deps=[AssetDep("raw_documents"), AssetDep("pooled_embeddings")],
+    description="Which features go with each metadata column (criterion): AUC for boolean columns and "
+    "each level of a few-valued text column, correlation for numeric and date columns, with BH FDR per "
+    "criterion. Join feature_labels on (dataset, feature) for names.",
+)
+def feature_associations(
+    context: AssetExecutionContext, config: FeatureAssociationsConfig, storage: StorageResource
+):
+    dataset = context.partition_key
+    base = storage.parquet_base
+    columns = _dataset_settings(storage, dataset).get("association_columns", config.columns)
+    docs = _documents(storage, dataset)
+    encoded = read_table(base, "activation_status", dataset).filter(pl.col("status") == "encoded")
+    docs = docs.join(encoded.select("doc_id").collect(), on="doc_id", how="semi")
+    try:
+        criteria, skipped = diffing.metadata_criteria(docs, columns, max_levels=config.max_levels)
+    except ValueError as exc:
+        raise ValueError(
+            f"feature_associations for {dataset!r}: {exc} Fix `association_columns` for this dataset in "
+            f"{storage.config_dir / 'datasets.json'} or the asset's `columns` config."
+        ) from exc
+    associations, failed = diffing.criteria_associations(
+        read_table(base, "pooled_embeddings", dataset),
+        criteria,
+        aggregation=config.aggregation,
+        n_features=_d_sae(context, dataset),
+        alpha=config.alpha,
+    )
+    for criterion, reason in {**skipped, **failed}.items():
+        context.log.info(f"{dataset}: criterion {criterion!r} not tested: {reason}")
+    associations = associations.with_columns(pl.lit(dataset).alias("dataset")).select(
+        "dataset", *diffing.ASSOCIATIONS_SCHEMA
+    )
+    top = (
+        associations.filter("significant").sort("q_value").group_by("criterion", maintain_order=True).head(3)
+    )
+    if table_exists(base, "feature_labels", dataset):
+        labels = read_table(base, "feature_labels", dataset).select("feature", "label").collect()
+        top = top.join(labels, on="feature", how="left", maintain_order="left")
+    shown = top.select(
+        [c for c in ("criterion", "feature", "label", "effect_kind", "effect", "q_value") if c in top.columns]
+    )
+    per_criterion = associations.group_by("criterion").agg(pl.col("significant").sum()).sort("criterion")
+    return Output(
+        associations,
+        metadata={
+            "criteria_tested": per_criterion.height,
+            "significant_rows": int(associations["significant"].sum()),
+            "not_tested": MetadataValue.json({**skipped, **failed}),
+            "significant_per_criterion": MetadataValue.md(
+                markdown_preview(per_criterion.to_arrow(), max_rows=per_criterion.height)
+            ),
+            "top_features": MetadataValue.md(markdown_preview(shown.to_arrow(), max_rows=shown.height)),
+        },
+    )
+
+
 class DiffReportsConfig(Config):
     """Statistics and report settings for one comparison."""
 
@@ -645,6 +715,7 @@ ALL_ASSETS = [
     pooled_embeddings,
     feature_labels,
     feature_scores,
+    feature_associations,
     diff_reports,
 ]
 WAREHOUSE_TABLES = [
@@ -655,6 +726,7 @@ WAREHOUSE_TABLES = [
     "pooled_embeddings",
     "feature_labels",
     "feature_scores",
+    "feature_associations",
     "diff_features",
     "diff_reports",
 ]

@@ -849,3 +849,129 @@ def _numeric_assoc(vals: pl.LazyFrame, docs: pl.DataFrame, n: int) -> pl.DataFra
             "test": pl.Series(["point_biserial+spearman"] * k.size, dtype=pl.String),
         }
     ).with_columns(pl.col("mean_y_inactive").fill_nan(None))
+
+
+# --------------------------------------------------------------------------- criteria over metadata columns
+
+ASSOCIATIONS_SCHEMA: dict[str, pl.DataType] = {
+    "criterion": pl.String(),
+    "column": pl.String(),
+    "level": pl.String(),
+    "feature": pl.Int32(),
+    "test": pl.String(),
+    "effect_kind": pl.String(),
+    "effect": pl.Float64(),
+    "direction": pl.String(),
+    "docs_active": pl.Int64(),
+    "n_docs": pl.Int64(),
+    "freq_true": pl.Float64(),
+    "freq_false": pl.Float64(),
+    "p_value": pl.Float64(),
+    "q_value": pl.Float64(),
+    "significant": pl.Boolean(),
+}
+"""Columns of `feature_associations` (before `dataset`): one row per (criterion, feature)."""
+
+NOT_METADATA = ("doc_id", "doc_hash", "text", "source_file", "source_row", "dataset")
+MIN_LEVEL_DOCS = 5
+
+
+def metadata_criteria(
+    documents: pl.DataFrame, columns: Sequence[str] | None = None, *, max_levels: int = 20
+) -> tuple[pl.DataFrame, dict[str, str]]:
+    """Turn metadata columns into testable criteria: (doc_id + one column per criterion, skipped -> reason).
+
+    Boolean and numeric columns are criteria as they are; dates become days since 1970-01-01; a string
+    column with 2..`max_levels` distinct values gives one boolean criterion per level (`topic=refund`,
+    that level against the rest; levels with fewer than MIN_LEVEL_DOCS documents are skipped). `columns`
+    None means every column except the document bookkeeping (NOT_METADATA); a named column that cannot be
+    used is a ValueError, an automatically picked one is only reported as skipped.
+    """
+    explicit = columns is not None
+    names = list(columns) if explicit else [c for c in documents.columns if c not in NOT_METADATA]
+    missing = [c for c in names if c not in documents.columns]
+    if missing:
+        usable = [c for c in documents.columns if c not in NOT_METADATA]
+        raise ValueError(f"Metadata column(s) {missing} are not in the documents; available: {usable}.")
+    out = [documents.select(pl.col("doc_id").cast(pl.Int32))]
+    skipped: dict[str, str] = {}
+    for name in names:
+        col = documents[name]
+        dtype = col.dtype
+        if dtype == pl.Boolean or dtype.is_numeric():
+            out.append(col.alias(name).to_frame())
+        elif dtype in (pl.Date, pl.Datetime) or isinstance(dtype, pl.Datetime):
+            days = col.cast(pl.Datetime("ms")).dt.epoch("ms").cast(pl.Float64) / 86_400_000
+            out.append(days.alias(f"{name} (days since 1970)").to_frame())
+        elif dtype in (pl.String, pl.Categorical, pl.Enum) or isinstance(dtype, pl.Categorical | pl.Enum):
+            values = col.cast(pl.String)
+            counts = values.drop_nulls().value_counts(sort=True)
+            n_levels = counts.height
+            if n_levels < 2 or n_levels > max_levels:
+                skipped[name] = f"{n_levels} distinct values (criteria need 2..{max_levels})"
+                continue
+            levels = counts.filter(pl.col("count") >= MIN_LEVEL_DOCS)[values.name].to_list()
+            if n_levels == 2:
+                levels = levels[:1]  # the other level is its complement: the same test
+            if not levels:
+                skipped[name] = f"no value is held by at least {MIN_LEVEL_DOCS} documents"
+                continue
+            for level in levels:
+                flag = pl.when(values.is_null()).then(None).otherwise(values == level)
+                out.append(documents.select(flag.alias(f"{name}={level}")))
+        else:
+            skipped[name] = f"type {dtype} (criteria need boolean, numeric, date or few-valued text)"
+    if explicit and skipped:
+        name, reason = next(iter(skipped.items()))
+        raise ValueError(f"Metadata column {name!r} cannot be a criterion: {reason}.")
+    return pl.concat(out, how="horizontal"), skipped
+
+
+def criteria_associations(
+    pooled: FrameLike,
+    criteria: pl.DataFrame,
+    *,
+    aggregation: str = "max",
+    n_features: int | None = None,
+    alpha: float = 0.05,
+) -> tuple[pl.DataFrame, dict[str, str]]:
+    """`metadata_associations` for every criterion column of `criteria` (from `metadata_criteria`).
+
+    One row per (criterion, feature) in ASSOCIATIONS_SCHEMA; the false discovery rate is controlled
+    within each criterion (each is its own question). Boolean criteria report AUC (effect_kind "auc",
+    0.5 = no association); numeric ones the correlation of the test with the smaller q (point-biserial r of
+    "feature fires" or Spearman rho of its value). A criterion that cannot be tested (one distinct
+    value after dropping nulls, say) is returned in the second value with its reason.
+    """
+    frames, failed = [], {}
+    for criterion in criteria.columns[1:]:
+        column, _, level = criterion.partition("=")
+        try:
+            res = metadata_associations(
+                pooled, criteria, criterion, aggregation=aggregation, n_features=n_features, alpha=alpha
+            )
+        except ValueError as exc:
+            failed[criterion] = str(exc)
+            continue
+        if "auc" in res.columns:
+            res = res.with_columns(effect_kind=pl.lit("auc"), effect=pl.col("auc"))
+        else:
+            use_pb = pl.col("point_biserial_q") < pl.col("spearman_q")
+            res = res.with_columns(
+                effect_kind=pl.when(use_pb)
+                .then(pl.lit("point_biserial_r"))
+                .otherwise(pl.lit("spearman_rho")),
+                effect=pl.when(use_pb).then("point_biserial_r").otherwise("spearman_rho"),
+                test=pl.when(use_pb).then(pl.lit("point_biserial")).otherwise(pl.lit("spearman")),
+                freq_true=pl.lit(None, pl.Float64),
+                freq_false=pl.lit(None, pl.Float64),
+            )
+        res = res.with_columns(
+            criterion=pl.lit(criterion),
+            column=pl.lit(column.removesuffix(" (days since 1970)")),
+            level=pl.lit(level or None, pl.String),
+        )
+        frames.append(res.select([pl.col(c).cast(t) for c, t in ASSOCIATIONS_SCHEMA.items()]))
+    if not frames:
+        return pl.DataFrame(schema=ASSOCIATIONS_SCHEMA), failed
+    return pl.concat(frames), failed

@@ -10,6 +10,7 @@ DATASET_ASSETS = [
     "pooled_embeddings",
     "feature_labels",
     "feature_scores",
+    "feature_associations",
 ]
 
 dataset_job = define_asset_job(

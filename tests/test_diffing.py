@@ -390,3 +390,60 @@ def test_associations_other_aggregations() -> None:
     assert m["spearman_rho"] == pytest.approx(stats.spearmanr(x, np.arange(10)).statistic)
     c = metadata_associations(pool, docs, "y", aggregation="count").row(0, named=True)
     assert c["spearman_rho"] == pytest.approx(stats.spearmanr((x > 0) * 2.0, np.arange(10)).statistic)
+
+
+def test_metadata_criteria_cover_booleans_numbers_dates_and_text_levels():
+    import datetime as dt
+
+    from interp_assets.diffing import metadata_criteria
+
+    n = 30
+    docs = pl.DataFrame(
+        {
+            "doc_id": list(range(n)),
+            "text": ["x"] * n,
+            "flag": [i % 2 == 0 for i in range(n)],
+            "score": [float(i) for i in range(n)],
+            "day": [dt.date(2024, 1, 1) + dt.timedelta(days=i) for i in range(n)],
+            "pair": ["yes" if i < 20 else "no" for i in range(n)],
+            "topic": ["a"] * 12 + ["b"] * 15 + ["c"] * 3,
+            "ticket": [f"T{i}" for i in range(n)],
+        }
+    )
+    criteria, skipped = metadata_criteria(docs, max_levels=5)
+    assert criteria.columns == [
+        "doc_id", "flag", "score", "day (days since 1970)", "pair=yes", "topic=b", "topic=a"
+    ]  # fmt: skip
+    assert criteria["day (days since 1970)"][1] - criteria["day (days since 1970)"][0] == 1.0
+    assert criteria["topic=a"].sum() == 12  # level "c" has fewer than MIN_LEVEL_DOCS documents
+    assert "30 distinct values" in skipped["ticket"]
+    with pytest.raises(ValueError, match="'ticket' cannot be a criterion: 30 distinct values"):
+        metadata_criteria(docs, ["ticket"], max_levels=5)
+    with pytest.raises(ValueError, match=r"\['nope'\] are not in the documents"):
+        metadata_criteria(docs, ["nope"])
+
+
+def test_criteria_associations_find_a_planted_level_and_report_untestable_ones():
+    from interp_assets.diffing import criteria_associations, metadata_criteria
+
+    rng = np.random.default_rng(0)
+    n = 200
+    topic = np.where(rng.random(n) < 0.5, "refund", "other")
+    rows = []
+    for d in range(n):
+        if topic[d] == "refund" and rng.random() < 0.9:
+            rows.append((d, 7, 2.0, 2.0, 1, 10))
+        for f in rng.choice(np.arange(20, 60), 3, replace=False):
+            rows.append((d, int(f), 1.0, 1.0, 1, 10))
+    pooled = pl.DataFrame(
+        rows,
+        schema=["doc_id", "feature", "max_activation", "sum_activation", "active_tokens", "doc_tokens"],
+        orient="row",
+    )
+    docs = pl.DataFrame({"doc_id": list(range(n)), "topic": topic.tolist(), "constant": [1.0] * n})
+    criteria, _ = metadata_criteria(docs)
+    result, failed = criteria_associations(pooled, criteria, n_features=64)
+    top = result.filter(pl.col("criterion").str.starts_with("topic=")).sort("q_value").row(0, named=True)
+    assert top["feature"] == 7 and top["significant"] and top["effect_kind"] == "auc"
+    assert result.filter(pl.col("feature") != 7)["significant"].sum() == 0
+    assert "constant" in failed and "distinct value" in failed["constant"]

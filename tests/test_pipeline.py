@@ -96,7 +96,7 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     resources = _resources(data)
     by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
     embed = [by_name[n] for n in ("raw_documents", "token_activations", "pooled_embeddings")]
-    label = [by_name[n] for n in ("feature_labels", "feature_scores")]
+    label = [by_name[n] for n in ("feature_labels", "feature_scores", "feature_associations")]
 
     bad = materialize(
         embed, partition_key="broken", instance=instance, resources=resources, raise_on_error=False
@@ -130,8 +130,20 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
         "diff_features",
         "diff_reports",
         "activation_status",
+        "feature_associations",
     ):
         assert counts.get(table, 0) > 0, table
+    # Criteria: booleans, numbers and each topic level are tested; the id column is not.
+    criteria = query(
+        str(db),
+        "select criterion, count(*) filter (where significant) as n_significant, bool_and(q_value >= p_value) "
+        "as q_not_below_p from feature_associations where dataset = 'support_assistant_b' group by criterion",
+    )
+    tested = set(criteria["criterion"].to_list())
+    assert {"csat", "escalated"} <= tested and any(c.startswith("topic=") for c in tested)
+    assert not any(c.startswith("ticket_id") for c in tested)
+    assert all(criteria["q_not_below_p"].to_list())
+    assert criteria.filter(criteria["criterion"].str.starts_with("topic="))["n_significant"].sum() > 0
     assert query(str(db), "select count(*) as n from raw_documents")["n"][0] == 160
     report = query(str(db), "select * from diff_reports")
     md = Path(report["report_markdown_path"][0]).read_text()
