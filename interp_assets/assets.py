@@ -44,6 +44,7 @@ from io_managers.parquet import StreamedTable, markdown_preview, read_table, tab
 from resources.llm import LLMResource
 from resources.sae_reader import ENGINE_VERSION, SAEReaderResource
 
+DATA_VERSION_TAG = "dagster/data_version"  # the tag Dagster stores a materialization's data version under
 MODEL_POOL = "sae_model"  # every step that runs the reader model shares this concurrency pool
 
 DOCUMENT_REJECTS_SCHEMA = pa.schema(
@@ -386,6 +387,10 @@ def feature_labels(
             "sources": MetadataValue.json(labels.group_by("source").len().to_dicts()),
             "labeling_errors": len(errors),
             "llm_calls_made": llm.calls_made if llm.enabled else 0,
+            # the comparisons_sensor re-labels when a partner's activations change after this
+            "partner_versions": MetadataValue.json(
+                {other: data_version(context.instance, "token_activations", other) for other in partners}
+            ),
             # feature_scores re-derives the held-out split from exactly these
             "split_parameters": MetadataValue.json(_split_parameters(config)),
             "labels": MetadataValue.md(markdown_preview(preview.to_arrow(), max_rows=preview.height)),
@@ -684,6 +689,12 @@ def latest_materialization(instance: DagsterInstance, asset: str, partition: str
         AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]), limit=1
     ).records
     return records[0] if records else None
+
+
+def data_version(instance: DagsterInstance, asset: str, partition: str) -> str | None:
+    """The data version of the latest materialization of one partition of `asset` (None if none)."""
+    record = latest_materialization(instance, asset, partition)
+    return record.asset_materialization.tags.get(DATA_VERSION_TAG) if record else None
 
 
 def _token_activations_metadata(context: AssetExecutionContext, dataset: str) -> dict:

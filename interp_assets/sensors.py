@@ -14,10 +14,10 @@ from dagster import (
 )
 from dagster_duckdb import DuckDBResource
 
-from interp_assets.assets import WAREHOUSE_TABLES, latest_materialization
+from interp_assets.assets import WAREHOUSE_TABLES, data_version, latest_materialization
 from interp_assets.comparisons import load_comparisons
 from interp_assets.ingest import DropError, list_drops
-from interp_assets.jobs import dataset_job, diff_job
+from interp_assets.jobs import dataset_job, diff_job, label_job
 from interp_assets.partitions import comparisons_partitions, datasets_partitions
 from interp_assets.storage import StorageResource
 from interp_assets.warehouse import refresh_views_with_resource
@@ -61,11 +61,30 @@ def landing_sensor(context: SensorEvaluationContext, storage: StorageResource):
     )
 
 
+def stale_labels(instance, a: str, b: str) -> list[str]:
+    """Datasets of comparison (a, b) whose feature_labels were chosen without the partner's current data.
+
+    feature_labels records the token_activations data version of each partner it compared against
+    (`partner_versions`); a missing or different version means its "distinctive" features may miss some of
+    the report's. Re-labeling costs only the new features (labels are cached).
+    """
+    stale = []
+    for ds, other in ((a, b), (b, a)):
+        labels = latest_materialization(instance, "feature_labels", ds)
+        current = data_version(instance, "token_activations", other)
+        if labels is None or current is None:
+            continue
+        seen = labels.asset_materialization.metadata.get("partner_versions")
+        if (seen.value if seen else {}).get(other) != current:
+            stale.append(ds)
+    return stale
+
+
 @sensor(
-    job=diff_job,
+    jobs=[diff_job, label_job],
     minimum_interval_seconds=30,
-    description="Runs diff_reports for each comparison declared "
-    "in <data_dir>/config/comparisons.json once both datasets have fresh feature_scores.",
+    description="Runs diff_reports for each comparison declared in <data_dir>/config/comparisons.json once "
+    "both datasets have fresh feature_scores; first re-labels a dataset whose labels predate its partner.",
 )
 def comparisons_sensor(context: SensorEvaluationContext, storage: StorageResource):
     try:
@@ -83,13 +102,33 @@ def comparisons_sensor(context: SensorEvaluationContext, storage: StorageResourc
         ids = [r.storage_id if r else None for r in records]
         if None in ids:
             continue
+        relabel = stale_labels(context.instance, comparison.a, comparison.b)
+        if relabel:
+            for ds in relabel:
+                partner = latest_materialization(
+                    context.instance,
+                    "pooled_embeddings",
+                    comparison.b if ds == comparison.a else comparison.a,
+                )
+                requests.append(
+                    RunRequest(
+                        job_name=label_job.name,
+                        partition_key=ds,
+                        run_key=f"labels:{ds}:{partner.storage_id}",
+                    )
+                )
+            continue
         stamp = f"{ids[0]}-{ids[1]}"
         if cursor.get(comparison.key) == stamp:
             continue
         cursor[comparison.key] = stamp
         if comparison.key not in existing:
             new_keys.append(comparison.key)
-        requests.append(RunRequest(run_key=f"{comparison.key}:{stamp}", partition_key=comparison.key))
+        requests.append(
+            RunRequest(
+                job_name=diff_job.name, run_key=f"{comparison.key}:{stamp}", partition_key=comparison.key
+            )
+        )
     if not requests:
         return SkipReason("No comparison has new inputs.")
     return SensorResult(

@@ -16,7 +16,7 @@ from dagster import DagsterInstance, build_sensor_context, materialize
 from dagster_duckdb import DuckDBResource
 
 from interp_assets.assets import ALL_ASSETS, WAREHOUSE_TABLES
-from interp_assets.sensors import landing_sensor
+from interp_assets.sensors import comparisons_sensor, landing_sensor
 from interp_assets.storage import StorageResource
 from interp_assets.warehouse import query, refresh_views
 from io_managers.parquet import ParquetIOManager
@@ -136,8 +136,8 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     # Criteria: booleans, numbers and each topic level are tested; the id column is not.
     criteria = query(
         str(db),
-        "select criterion, count(*) filter (where significant) as n_significant, bool_and(q_value >= p_value) "
-        "as q_not_below_p from feature_associations where dataset = 'support_assistant_b' group by criterion",
+        "select criterion, count(*) filter (where significant) as n_significant, "
+        "bool_and(q_value >= p_value) as q_not_below_p from feature_associations where dataset = 'support_assistant_b' group by criterion",
     )
     tested = set(criteria["criterion"].to_list())
     assert {"csat", "escalated"} <= tested and any(c.startswith("topic=") for c in tested)
@@ -164,6 +164,33 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     assert meta["encoded_now"].value == 0 and meta["reused_from_cache"].value == 80
     again_checks = {e.check_name: e.passed for e in again.get_asset_check_evaluations()}
     assert again_checks["every_document_accounted_for"] and again_checks["activations_finite_and_positive"]
+
+    # The comparisons sensor: labels chosen against the partner's current data -> straight to the diff;
+    # an unchanged re-run of A (same data version) does not make B's labels stale.
+    def evaluate():
+        return comparisons_sensor(
+            build_sensor_context(instance=instance, resources={"storage": resources["storage"]})
+        )
+
+    requests = evaluate().run_requests
+    assert [(r.job_name, r.partition_key) for r in requests] == [("diff_job", key)]
+    # A changed drop of B: A's labels predate B's new activations, so A is re-labeled before any diff.
+    with open(data / "landing" / "support_assistant_b.csv", "a") as fh:
+        fh.write('"Sorry again, your refund is on its way.",T9999,billing,free,2,true\n')
+    assert materialize(
+        embed, partition_key="support_assistant_b", instance=instance, resources=resources
+    ).success
+    requests = evaluate().run_requests
+    assert [(r.job_name, r.partition_key) for r in requests] == [("label_job", "support_assistant_a")]
+    assert materialize(
+        embed + label,
+        partition_key="support_assistant_a",
+        instance=instance,
+        resources=resources,
+        selection=label,
+    ).success
+    requests = evaluate().run_requests
+    assert [(r.job_name, r.partition_key) for r in requests] == [("diff_job", key)]
 
 
 def _free_port() -> int:
