@@ -137,7 +137,8 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     criteria = query(
         str(db),
         "select criterion, count(*) filter (where significant) as n_significant, "
-        "bool_and(q_value >= p_value) as q_not_below_p from feature_associations where dataset = 'support_assistant_b' group by criterion",
+        "bool_and(q_value >= p_value) as q_not_below_p from feature_associations "
+        "where dataset = 'support_assistant_b' group by criterion",
     )
     tested = set(criteria["criterion"].to_list())
     assert {"csat", "escalated"} <= tested and any(c.startswith("topic=") for c in tested)
