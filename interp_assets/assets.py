@@ -32,7 +32,7 @@ from dagster import (
     asset,
 )
 
-from interp_assets import diffing, ingest, labeling, reports, scoring
+from interp_assets import associations, diffing, ingest, labeling, reports, scoring
 from interp_assets.activation_cache import ActivationCache, token_activations_schema
 from interp_assets.activations import encode_texts
 from interp_assets.comparisons import find_comparison, load_comparisons, load_dataset_settings
@@ -487,39 +487,34 @@ def feature_associations(
     encoded = read_table(base, "activation_status", dataset).filter(pl.col("status") == "encoded")
     docs = docs.join(encoded.select("doc_id").collect(), on="doc_id", how="semi")
     try:
-        criteria, skipped = diffing.metadata_criteria(docs, columns, max_levels=config.max_levels)
+        criteria, skipped = associations.metadata_criteria(docs, columns, max_levels=config.max_levels)
     except ValueError as exc:
         raise ValueError(
             f"feature_associations for {dataset!r}: {exc} Fix `association_columns` for this dataset in "
             f"{storage.config_dir / 'datasets.json'} or the asset's `columns` config."
         ) from exc
-    associations, failed = diffing.criteria_associations(
+    table, failed = associations.criteria_associations(
         read_table(base, "pooled_embeddings", dataset),
         criteria,
+        dataset=dataset,
         aggregation=config.aggregation,
-        n_features=_d_sae(context, dataset),
         alpha=config.alpha,
     )
     for criterion, reason in {**skipped, **failed}.items():
         context.log.info(f"{dataset}: criterion {criterion!r} not tested: {reason}")
-    associations = associations.with_columns(pl.lit(dataset).alias("dataset")).select(
-        "dataset", *diffing.ASSOCIATIONS_SCHEMA
-    )
-    top = (
-        associations.filter("significant").sort("q_value").group_by("criterion", maintain_order=True).head(3)
-    )
+    top = table.filter("significant").group_by("criterion", maintain_order=True).head(3)
     if table_exists(base, "feature_labels", dataset):
         labels = read_table(base, "feature_labels", dataset).select("feature", "label").collect()
         top = top.join(labels, on="feature", how="left", maintain_order="left")
     shown = top.select(
-        [c for c in ("criterion", "feature", "label", "effect_kind", "effect", "q_value") if c in top.columns]
+        [c for c in ("criterion", "feature", "label", "statistic", "effect", "q_value") if c in top.columns]
     )
-    per_criterion = associations.group_by("criterion").agg(pl.col("significant").sum()).sort("criterion")
+    per_criterion = table.group_by("criterion").agg(pl.col("significant").sum()).sort("criterion")
     return Output(
-        associations,
+        table,
         metadata={
             "criteria_tested": per_criterion.height,
-            "significant_rows": int(associations["significant"].sum()),
+            "significant_rows": int(table["significant"].sum()),
             "not_tested": MetadataValue.json({**skipped, **failed}),
             "significant_per_criterion": MetadataValue.md(
                 markdown_preview(per_criterion.to_arrow(), max_rows=per_criterion.height)

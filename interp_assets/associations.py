@@ -16,19 +16,23 @@ Statistics
 - Binary column (boolean; a numeric, date or string column with exactly two distinct values): effect =
   AUC = P(value in a positive doc > value in a negative doc) + 1/2 P(tie), i.e. U / (n_pos n_neg) of the
   Mann-Whitney test. p: two-sided normal approximation with the tie correction and the 0.5 continuity
-  correction (= scipy.stats.mannwhitneyu(method="asymptotic")). That approximation is badly
-  anti-conservative when few active documents are expected in a class (a rare feature, or a rare
-  label): U is then driven by the hypergeometric number J of active positives. There (smallest expected
-  cell of the active x class table < MIXTURE_MIN_EXPECTED) p is exact over J and normal only within the
-  active documents (`_mwu_mixture_pvalue`; fully exact for binarize). CI: DeLong's variance (exact
-  under ties, from placement values) with a Wald interval clipped to [0, 1].
+  correction (= scipy.stats.mannwhitneyu(method="asymptotic")). CI: DeLong's variance (exact under
+  ties, from placement values) with a Wald interval clipped to [0, 1].
 - Numeric column (numbers, dates/datetimes as their epoch values, durations): effect = Spearman's rho
   (Pearson on midranks, as scipy.stats.spearmanr) by default. Spearman because activations are heavy
   tailed with a point mass at zero and metadata scales are arbitrary (dates, scores): ranks make the
   test robust to outliers and invariant to monotone rescaling, and they handle the zero ties exactly.
   p: t test with n - 2 df (as scipy); CI: Fisher z with the Bonett-Wright (2000) standard error
   sqrt((1 + rho^2 / 2) / (n - 3)). `method="pearson"` gives Pearson's r instead (point-biserial r with
-  aggregation="binarize"), CI by Fisher z with SE 1 / sqrt(n - 3).
+  aggregation="binarize"), CI by Fisher z with SE 1 / sqrt(n - 3); its p assumes well-behaved data.
+- Sparse features meet small groups: when few active documents are expected in the positive class
+  (binary), or off the modal value of a numeric column whose mode holds >= MODE_MIN_FRACTION of the
+  documents (counts, ratings, mostly-zero scores), the statistic is driven by J = the number of active
+  documents in that group, hypergeometric under the null, and normal / t approximations understate
+  its upper tail many times over at the p-values BH needs (a random 2% label or a Poisson(0.03) count
+  column then gave false discoveries in 11-12 of 40 null runs, 23 with Pearson, instead of ~2).
+  There (smallest expected cell < MIXTURE_MIN_EXPECTED) p is exact over J and normal only given J
+  (`_mixture_pvalue`; exact for binarize); column `test` says which p-value a row has.
 - Benjamini-Hochberg q-values over the tested features. Skipping features active in fewer than
   `min_docs` documents is independent filtering (the activity count ignores the column, so it leaves
   the null distribution of the test unchanged), which keeps BH valid over the remaining features.
@@ -37,6 +41,7 @@ Statistics
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -88,8 +93,8 @@ analyzed (non-null column value). n_active: of those, documents where the featur
 (0.5 = no association, > 0.5 = higher in the positive class) or the correlation. ci_low, ci_high: its
 `confidence` interval (null where undefined, e.g. a class with one document). p_value: two-sided.
 q_value: Benjamini-Hochberg over the tested features. significant: q_value < alpha. test: how p was
-computed ("mann_whitney": normal approximation; "mann_whitney_mixture": exact over the number of
-active positives, see MIXTURE_MIN_EXPECTED; "spearman_t" / "pearson_t"). positive_class:
+computed ("mann_whitney" normal approximation, "spearman_t" / "pearson_t" t test, or "<that>_mixture":
+exact over the number of active documents in the small group, see MIXTURE_MIN_EXPECTED). positive_class:
 the class AUC > 0.5 points to (null for numeric). freq_pos, freq_neg: fraction of positive / negative
 documents where the feature fires; mean_pos, mean_neg: mean feature value over all documents of the
 class, zeros included (all four null for numeric). Sorted by q_value, then strength (|AUC - 0.5| or
@@ -97,11 +102,17 @@ class, zeros included (all four null for numeric). Sorted by q_value, then stren
 """
 
 _VALUE_BITS = 31  # a positive finite float32 is 31 bits whose unsigned order is the numeric order
+_LITTLE_ENDIAN = sys.byteorder == "little"
 _KEY_BITS = 64  # width of the sort keys; features are processed in chunks so that every key fits
 _MIXTURE_CHUNK = 4_000_000  # support points of J evaluated at once by the mixture p-value
-MIXTURE_MIN_EXPECTED = 20.0
-"""Binary columns: below this smallest expected cell of the (active x class) table, p-values come from
-the exact-in-J mixture (`test` = "mann_whitney_mixture") instead of the plain normal approximation."""
+MODE_MIN_FRACTION = 0.1
+"""Numeric columns whose most common value holds at least this fraction of the documents (counts,
+ratings, zero-inflated scores) get the mixture p-values too, with R = documents off that value."""
+MIXTURE_MIN_EXPECTED = 100.0
+"""Below this smallest expected cell of the (active x in-group) table, p-values come from the
+exact-in-J mixture (`test` = "..._mixture") instead of the plain normal / t approximation, which
+understates the hypergeometric tail of J by 3-10x at p ~ 1e-6 with 20-40 expected and still 1.3x with
+80 (p-values that small decide BH over thousands of features)."""
 
 
 @dataclass(frozen=True)
@@ -184,12 +195,14 @@ def feature_associations(
     k_all = np.bincount(f_raw, minlength=width)
     active = np.flatnonzero(k_all)
     tested = np.flatnonzero(k_all >= min_docs)
-    lut = np.full(width, -1, dtype=np.int64)
-    lut[tested] = np.arange(tested.size)
+    lut = np.full(width, -1, dtype=np.int32)
+    lut[tested] = np.arange(tested.size, dtype=np.int32)
     f = lut[f_raw]
-    sel = f >= 0
-    d, f, v = d[sel], f[sel], v[sel]
-    del f_raw, sel
+    del f_raw
+    if tested.size < active.size:
+        sel = f >= 0
+        d, f, v = d[sel], f[sel], v[sel]
+        del sel
     k = k_all[tested].astype(np.int64)
 
     z = special.ndtri(0.5 + confidence / 2)
@@ -224,7 +237,7 @@ def feature_associations(
             "p_value": cols["p_value"],
             "q_value": q,
             "significant": q < alpha,
-            "test": cols["test"] if "test" in cols else [f"{statistic}_t"] * m,
+            "test": cols["test"],
             "positive_class": [target.positive] * m,
             "freq_pos": cols.get("freq_pos", np.full(m, np.nan)),
             "freq_neg": cols.get("freq_neg", np.full(m, np.nan)),
@@ -273,6 +286,8 @@ def associations_for_column(
     """
     lf = as_lazy(documents, "documents", ["doc_id"])
     schema = lf.collect_schema()
+    if column == "doc_id":
+        raise ValueError("Column 'doc_id' is the document key, not metadata; pick a metadata column.")
     if column not in schema.names():
         usable = [c for c, t in schema.items() if c not in RESERVED_COLUMNS and _maybe_usable(t)]
         raise ValueError(
@@ -436,16 +451,24 @@ def _load_entries(
     """Nonzero (doc row, feature, float32 value) entries of the kept documents; rows of unknown docs."""
     lf = as_lazy(pooled, "pooled", ["doc_id", "feature", *pooled_value_columns(aggregation)])
     df = lf.select(
-        pl.col("doc_id").cast(pl.Int64), pl.col("feature").cast(pl.Int64), pooled_value_expr(aggregation)
+        pl.col("doc_id"),
+        pl.col("feature").cast(pl.Int32),
+        pooled_value_expr(aggregation).cast(pl.Float32).alias("value"),
     ).collect()
+    if not df.schema["doc_id"].is_integer():
+        raise ValueError(f"pooled.doc_id must be integers, got type {df.schema['doc_id']}.")
+    nulls = {c: df[c].null_count() for c in ("doc_id", "feature")}
+    if any(nulls.values()):
+        raise ValueError(f"pooled has null doc_id / feature values ({nulls}); pass pooled_embeddings.")
     doc = df["doc_id"].to_numpy()
     feat = df["feature"].to_numpy()
-    val = df.to_series(2).cast(pl.Float64).fill_null(np.nan).to_numpy()
+    val = df["value"].to_numpy()  # NaN where null (e.g. mean with a missing doc_tokens)
     del df
     if feat.size and feat.min() < 0:
         raise ValueError(f"pooled has negative feature index {int(feat.min())}; features are 0-based.")
-    bad = ~np.isfinite(val) | (val < 0)
-    if bad.any():
+    lowest = float(val.min()) if val.size else 1.0
+    if val.size and not (lowest >= 0 and float(val.max()) < np.inf):
+        bad = ~np.isfinite(val) | (val < 0)
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(
             f"pooled values ({aggregation}) must be finite and >= 0 (SAE activations); {int(bad.sum())} "
@@ -453,61 +476,86 @@ def _load_entries(
             "pooled_embeddings (for 'mean': doc_tokens present and > 0)."
         )
     _check_unique_pairs(doc, feat)
-    # row index of each pooled row's document among the kept documents (-1: null value or unknown doc)
-    row = np.full(ids.size, -1, dtype=np.int64)
-    row[keep] = np.arange(int(keep.sum()))
-    if doc.size and ids.size and ids.min() >= 0 and max(int(ids.max()), int(doc.max())) < 4 * ids.size + 1024:
-        lut = np.full(max(int(ids.max()), int(doc.max())) + 1, -2, dtype=np.int64)
-        lut[ids] = row
-        where = lut[doc] if doc.min() >= 0 else np.where(doc >= 0, lut[np.maximum(doc, 0)], -2)
+    # row index of each pooled row's document among the kept documents (-1: null value, -2: unknown doc)
+    all_kept = bool(keep.all())
+    if (
+        all_kept
+        and (not doc.size or (int(doc.min()) >= 0 and int(doc.max()) < ids.size))
+        and np.array_equal(ids, np.arange(ids.size))
+    ):
+        where, ignored = doc, 0  # doc ids are 0..n-1 in order (raw_documents): no lookup
     else:
-        order = np.argsort(ids)
-        pos = np.clip(np.searchsorted(ids[order], doc), 0, max(ids.size - 1, 0))
-        found = ids[order][pos] == doc if ids.size else np.zeros(doc.size, dtype=bool)
-        where = np.where(found, row[order][pos] if ids.size else -2, -2)
-    ignored = int((where == -2).sum())
-    val32 = val.astype(np.float32)
-    sel = (where >= 0) & (val32 > 0)
-    return where[sel], feat[sel], val32[sel], ignored
+        row = np.full(ids.size, -1, dtype=np.int64)
+        row[keep] = np.arange(int(keep.sum()))
+        top = max(int(ids.max()), int(doc.max()) if doc.size else 0)
+        if doc.size and ids.min() >= 0 and doc.min() >= 0 and top < 4 * ids.size + 1024:
+            lut = np.full(top + 1, -2, dtype=np.int64)
+            lut[ids] = row
+            where = lut[doc]
+        else:
+            order = np.argsort(ids)
+            pos = np.clip(np.searchsorted(ids[order], doc), 0, ids.size - 1)
+            where = np.where(ids[order][pos] == doc, row[order][pos], -2)
+        ignored = int((where == -2).sum())
+    if all_kept and ignored == 0 and lowest > 0:
+        return where, feat, val, 0
+    sel = (where >= 0) & (val > 0)
+    return where[sel], feat[sel], val[sel], ignored
 
 
 def _check_unique_pairs(doc: np.ndarray, feat: np.ndarray) -> None:
     """pooled must have one row per (doc_id, feature); cheap when sorted as the asset writes it."""
     if doc.size < 2:
         return
-    key = (doc - doc.min()) * (int(feat.max()) + 1) + feat
-    if bool(np.all(key[1:] > key[:-1])):
+    d0, d1 = doc[:-1], doc[1:]
+    if bool(((d1 > d0) | ((d1 == d0) & (feat[1:] > feat[:-1]))).all()):
         return
+    w = int(feat.max()) + 1
+    key = (doc.astype(np.int64) - int(doc.min())) * w + feat
     key.sort()
     dup = np.flatnonzero(key[1:] == key[:-1])
     if dup.size:
         k = int(key[dup[0]])
-        w = int(feat.max()) + 1
         raise ValueError(
             f"pooled has {dup.size} repeated (doc_id, feature) row(s), e.g. doc {k // w + int(doc.min())}, "
             f"feature {k % w}: pass one dataset's pooled_embeddings (one row per document and feature)."
         )
 
 
-# --------------------------------------------------------------------------- sorted runs of ties
+# --------------------------------------------------------------------------- sorting within features
 
 
 @dataclass(frozen=True)
-class _Runs:
-    """A block of features' entries sorted by (feature, value, low); a run = one (feature, value)."""
+class _Block:
+    """Entries of a block of features sorted by (feature, value, low); block-local positions."""
 
-    low: np.ndarray  # sorted low bits of each entry (class or document row)
-    start: np.ndarray  # first entry of each run
-    length: np.ndarray  # entries in each run
-    feature: np.ndarray  # (global tested) feature of each run
-    rank: np.ndarray  # midrank of the run among its feature's nonzero entries (1-based)
-    feature_start: np.ndarray  # first entry of each run's feature
+    first: int  # first (tested) feature of the block
+    starts: np.ndarray  # first entry of each feature
+    low: np.ndarray  # low bits of each sorted entry: class (binary) or document row (numeric)
+    below: np.ndarray  # entries of the same feature sorted before this one (0-based position)
+    tie_start: np.ndarray  # first entry of each run of >= 2 equal values of a feature
+    tie_len: np.ndarray  # entries in that run
+    tie_feature: np.ndarray  # block-local feature of that run
+    single_value: np.ndarray  # per feature: all its active values are equal
+    values: np.ndarray | None  # float32 value of each sorted entry (when asked for)
+
+    def feature_sums(self, values: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+        """Per-feature sums of per-entry `values` (every feature of a block has >= 1 entry)."""
+        if not self.starts.size:
+            return np.zeros(0, dtype=dtype)
+        return np.add.reduceat(values, self.starts, dtype=dtype)
+
+    def tie_entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """(run of each entry that lies in a tie run, its position)."""
+        owner = np.repeat(np.arange(self.tie_start.size), self.tie_len)
+        offsets = np.cumsum(self.tie_len) - self.tie_len
+        return owner, self.tie_start[owner] + np.arange(owner.size) - offsets[owner]
 
 
-def _sorted_runs(
-    f: np.ndarray, v: np.ndarray, k: np.ndarray, low: np.ndarray, low_bits: int
-) -> Iterator[_Runs]:
-    """Sort the nonzero entries within features by value with one np.sort of 64-bit keys per block.
+def _sorted_blocks(
+    f: np.ndarray, v: np.ndarray, k: np.ndarray, low: np.ndarray, low_bits: int, with_values: bool = False
+) -> Iterator[_Block]:
+    """Sort the nonzero entries within features by value: one np.sort of 64-bit keys per block.
 
     Key = feature << (31 + low_bits) | float32 bits << low_bits | low. Features are split into blocks
     (usually one) so that the key fits 64 bits.
@@ -517,41 +565,56 @@ def _sorted_runs(
     if room < 1:
         raise ValueError(f"Too many documents for the sort key ({low_bits} bits); split the dataset.")
     block = 1 << min(room, feat_bits)
-    vbits = v.view(np.uint32).astype(np.uint64)
     for first in range(0, max(k.size, 1), block):
         last = min(first + block, k.size)
         if first == 0 and last == k.size:
-            fb, vb, lb = f, vbits, low
+            fb, vb, lb = f, v, low
         else:
             m = (f >= first) & (f < last)
-            fb, vb, lb = f[m], vbits[m], low[m]
-        key = ((fb - first).astype(np.uint64) << np.uint64(_VALUE_BITS + low_bits)) | (
-            vb << np.uint64(low_bits)
-        )
-        key |= lb.astype(np.uint64)
+            fb, vb, lb = f[m], v[m], low[m]
+        key = (fb - first if first else fb).astype(np.uint64)  # in-place steps below: no temporaries
+        key <<= np.uint64(_VALUE_BITS)
+        key |= vb.view(np.uint32)
+        key <<= np.uint64(low_bits)
+        key |= lb.view(f"u{lb.dtype.itemsize}") if lb.dtype.kind == "i" else lb  # lb >= 0
         del fb, vb, lb
         key.sort()
+        counts = k[first:last]
+        starts = (np.cumsum(counts) - counts).astype(np.int64)
+        ends = starts + counts - 1
+        shift = np.uint64(low_bits)
+        single_value = (key[starts] >> shift) == (key[ends] >> shift)
+        ties_next = (key[1:] ^ key[:-1]) < np.uint64(1 << low_bits)  # entry i + 1 ties entry i
+        if low_bits == 1 and _LITTLE_ENDIAN:  # cheap strided views of the key's low 32-bit word
+            low_sorted = key.view(np.uint8)[::8] & np.uint8(1)
+            values = (key.view(np.uint32)[::2] >> np.uint32(1)).view(np.float32) if with_values else None
+        else:
+            low_sorted = (key & np.uint64((1 << low_bits) - 1)).view(np.int64)
+            values = None
+            if with_values:
+                values = ((key >> shift) & np.uint64(0x7FFFFFFF)).astype(np.uint32).view(np.float32)
         n_entries = key.size
-        hi = key >> np.uint64(low_bits)
-        new = np.empty(n_entries, dtype=bool)
-        new[:1] = True
-        np.not_equal(hi[1:], hi[:-1], out=new[1:])
-        del hi
-        start = np.flatnonzero(new)
-        del new
-        length = np.diff(np.append(start, n_entries))
-        feature = (key[start] >> np.uint64(_VALUE_BITS + low_bits)).astype(np.int64) + first
-        low_sorted = key & np.uint64((1 << low_bits) - 1)
         del key
-        kb = k[first:last]
-        fstart = np.concatenate([[0], np.cumsum(kb)[:-1]])[feature - first]
-        yield _Runs(
-            low=low_sorted.astype(np.int64),
-            start=start,
-            length=length,
-            feature=feature,
-            rank=(start - fstart) + (length + 1) / 2.0,
-            feature_start=fstart,
+        if ties_next.any():
+            edge = np.diff(np.concatenate([[0], ties_next.view(np.int8), [0]]))
+            tie_start = np.flatnonzero(edge == 1)
+            tie_len = np.flatnonzero(edge == -1) - tie_start + 1
+            del edge
+        else:
+            tie_start = tie_len = np.zeros(0, dtype=np.int64)
+        del ties_next
+        below = np.arange(n_entries, dtype=np.int64)
+        below -= np.repeat(starts, counts)
+        yield _Block(
+            first=first,
+            starts=starts,
+            low=low_sorted,
+            below=below,
+            tie_start=tie_start,
+            tie_len=tie_len,
+            tie_feature=np.searchsorted(starts, tie_start, side="right") - 1,
+            single_value=single_value,
+            values=values,
         )
 
 
@@ -559,9 +622,19 @@ def _per_feature(index: np.ndarray, weights: np.ndarray, size: int) -> np.ndarra
     return np.bincount(index, weights=weights, minlength=size)
 
 
-def _segment_sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Sums of `values` over the segments beginning at `starts` (non-empty, increasing)."""
-    return np.add.reduceat(values, starts) if starts.size else np.zeros(0)
+def _midranks(blk: _Block) -> np.ndarray:
+    """1-based midrank of each sorted entry among its feature's nonzero entries."""
+    rank = blk.below + 1.0
+    if blk.tie_start.size:
+        owner, idx = blk.tie_entries()
+        rank[idx] = (blk.below[blk.tie_start] + (blk.tie_len + 1) / 2.0)[owner]
+    return rank
+
+
+def _tie_sums(blk: _Block, size: int) -> np.ndarray:
+    """Per block feature: sum of t^3 - t over its runs of tied nonzero values."""
+    t = blk.tie_len.astype(np.float64)
+    return _per_feature(blk.tie_feature, t**3 - t, size)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -570,61 +643,87 @@ def _segment_sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
 def _binary_stats(
     d: np.ndarray, f: np.ndarray, v: np.ndarray, k: np.ndarray, ypos: np.ndarray, z: float
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """AUC, Mann-Whitney p (tie + continuity corrected), DeLong CI, class frequencies and means."""
+    """AUC, Mann-Whitney p (normal or mixture), DeLong CI, class frequencies and means."""
     T = k.size
     n = ypos.size
     n_pos = float(ypos.sum())
     n_neg = n - n_pos
-    cls = ypos[d]
-    k_pos = _per_feature(f, cls.astype(np.float64), T)
-    k_neg = k - k_pos
-    sum_pos = _per_feature(f, np.where(cls, v, 0.0), T)
-    sum_all = _per_feature(f, v.astype(np.float64), T)
-    r_act_pos = np.zeros(T)  # sum over positive active entries of their midrank among actives
+    cls_all = ypos[d]
+    sum_pos, sum_all = np.zeros(T), np.zeros(T)  # sums of the values over positive / all entries
+    k_pos = np.zeros(T)
+    u_act = np.zeros(T)  # Mann-Whitney U of the positive among the active entries
+    sp2 = np.zeros(T)  # sum over positive active entries of P^2 (P: negatives below, ties half)
+    sq2 = np.zeros(T)  # sum over negative active entries of Q^2 (Q: positives below, ties half)
     ties = np.zeros(T)
-    n_runs = np.zeros(T)
-    d10, q10, d01, q01 = np.zeros(T), np.zeros(T), np.zeros(T), np.zeros(T)
+    single_value = np.zeros(T, dtype=bool)
+    for blk in _sorted_blocks(f, v, k, cls_all, 1, with_values=True):
+        sl = slice(blk.first, blk.first + blk.starts.size)
+        cls = blk.low
+        assert blk.values is not None
+        sum_all[sl] = blk.feature_sums(blk.values)
+        sum_pos[sl] = blk.feature_sums(np.where(cls, blk.values, np.float32(0)))
+        c_excl = np.cumsum(cls, dtype=np.int64)
+        c_excl -= cls  # positives sorted before each entry (block-wide)
+        pb = c_excl - np.repeat(c_excl[blk.starts], k[sl])  # ... within its feature
+        # twice the other-class entries below each entry (twice: ties count half, all stays integer)
+        w = np.where(cls, blk.below - pb, pb)
+        w <<= 1
+        if blk.tie_start.size:  # entries of a tie run: other class strictly below + half of the run
+            owner, idx = blk.tie_entries()
+            s, ln = blk.tie_start, blk.tie_len
+            last = s + ln - 1
+            pos_in = c_excl[last] + cls[last] - c_excl[s]
+            pb_s = pb[s]
+            nb_s = blk.below[s] - pb_s
+            w[idx] = np.where(cls[idx], (2 * nb_s + ln - pos_in)[owner], (2 * pb_s + pos_in)[owner])
+        del c_excl, pb
+        wp = w * cls
+        k_pos[sl] = blk.feature_sums(cls, np.int64)
+        u_act[sl] = blk.feature_sums(wp, np.int64) / 2
+        p2 = blk.feature_sums(wp * w, np.int64)
+        sp2[sl] = p2 / 4
+        sq2[sl] = (blk.feature_sums(w * w, np.int64) - p2) / 4
+        ties[sl] = _tie_sums(blk, sl.stop - sl.start)
+        single_value[sl] = blk.single_value
+    k_f = k.astype(np.float64)
+    k_neg = k_f - k_pos
     z_pos, z_neg = n_pos - k_pos, n_neg - k_neg
-    for runs in _sorted_runs(f, v, k, cls.astype(np.int64), 1):
-        csum = np.concatenate([[0], np.cumsum(runs.low)])
-        pr = (csum[runs.start + runs.length] - csum[runs.start]).astype(np.float64)  # positives in run
-        nr = runs.length - pr
-        pb = (csum[runs.start] - csum[runs.feature_start]).astype(np.float64)  # positives below the run
-        nb = (runs.start - runs.feature_start) - pb
-        rf = runs.feature
-        lf = runs.length.astype(np.float64)
-        r_act_pos += _per_feature(rf, pr * runs.rank, T)
-        ties += _per_feature(rf, lf**3 - lf, T)
-        n_runs += np.bincount(rf, minlength=T)
-        # DeLong placements relative to those of the zero documents (which then contribute 0)
-        dev10 = (0.5 * z_neg[rf] + nb + 0.5 * nr) / n_neg
-        dev01 = -(pb + 0.5 * pr + 0.5 * z_pos[rf]) / n_pos
-        d10 += _per_feature(rf, pr * dev10, T)
-        q10 += _per_feature(rf, pr * dev10**2, T)
-        d01 += _per_feature(rf, nr * dev01, T)
-        q01 += _per_feature(rf, nr * dev01**2, T)
-    n0 = (n - k).astype(np.float64)
-    rank_sum_pos = r_act_pos + k_pos * n0 + z_pos * (n0 + 1) / 2
-    u_pos = rank_sum_pos - n_pos * (n_pos + 1) / 2
+    n0 = n - k_f
+    u_pos = 0.5 * z_pos * z_neg + k_pos * z_neg + u_act
     auc = u_pos / (n_pos * n_neg)
     sigma = np.sqrt(n_pos * n_neg / 12 * ((n + 1) - (ties + n0**3 - n0) / (n * (n - 1))))
     u = np.maximum(u_pos, n_pos * n_neg - u_pos)
     with np.errstate(divide="ignore", invalid="ignore"):
         zval = (u - n_pos * n_neg / 2 - 0.5) / sigma
         p = np.where(sigma > 0, np.clip(2 * special.ndtr(-zval), 0.0, 1.0), 1.0)
-    # few active documents expected in a class: the normal approximation of U fails (U is driven by
-    # the hypergeometric count of active positives); mix over that count exactly instead
-    k_f = k.astype(np.float64)
-    min_expected = np.minimum(k_f, n0) * min(n_pos, n_neg) / n
-    mixture = min_expected < MIXTURE_MIN_EXPECTED
+    mixture = _needs_mixture(k, n, int(n_pos))
     if mixture.any():
-        p[mixture] = _mwu_mixture_pvalue(u_pos[mixture], k[mixture], ties[mixture], int(n_pos), int(n_neg))
-    test = np.where(mixture, "mann_whitney_mixture", "mann_whitney")
+        # X = sum over active positives of (overall rank - zeros' rank) = midrank among actives + (n0-1)/2;
+        # those scores average n/2 with centred sum of squares (k^3 - k - ties) / 12; beta = 1
+        m = mixture
+        p[m] = _mixture_pvalue(
+            x_obs=u_act[m] + k_pos[m] * (k_pos[m] + 1) / 2 + k_pos[m] * (n0[m] - 1) / 2,
+            k=k[m],
+            abar=np.full(int(m.sum()), n / 2),
+            s_alpha=(k_f[m] ** 3 - k_f[m] - ties[m]) / 12,
+            n=n,
+            r=int(n_pos),
+            bbar=1.0,
+            s_beta=0.0,
+            continuity=0.5,
+        )
+    # DeLong: placements V10 (positives) and V01 (negatives) relative to those of the zero documents,
+    # active positive: (z_neg / 2 + P) / n_neg, active negative: -(Q + z_pos / 2) / n_pos, zeros: 0
+    sum_q = k_pos * k_neg - u_act
+    d10 = (0.5 * z_neg * k_pos + u_act) / n_neg
+    q10 = (0.25 * z_neg**2 * k_pos + z_neg * u_act + sp2) / n_neg**2
+    d01 = -(sum_q + 0.5 * z_pos * k_neg) / n_pos
+    q01 = (sq2 + z_pos * sum_q + 0.25 * z_pos**2 * k_neg) / n_pos**2
     with np.errstate(divide="ignore", invalid="ignore"):
         var10 = (q10 - d10**2 / n_pos) / (n_pos - 1) if n_pos > 1 else np.full(T, np.nan)
         var01 = (q01 - d01**2 / n_neg) / (n_neg - 1) if n_neg > 1 else np.full(T, np.nan)
     se = np.sqrt(np.maximum(var10 / n_pos + var01 / n_neg, 0.0))
-    constant = (k == n) & (n_runs == 1)
+    constant = (k == n) & single_value
     cols = {
         "effect": auc,
         "ci_low": np.clip(auc - z * se, 0.0, 1.0),
@@ -634,32 +733,77 @@ def _binary_stats(
         "freq_neg": k_neg / n_neg,
         "mean_pos": sum_pos / n_pos,
         "mean_neg": (sum_all - sum_pos) / n_neg,
-        "test": test,
+        "test": np.where(mixture, "mann_whitney_mixture", "mann_whitney"),
     }
     return cols, constant
 
 
-def _mwu_mixture_pvalue(
-    u_pos: np.ndarray, k: np.ndarray, active_ties: np.ndarray, n_pos: int, n_neg: int
-) -> np.ndarray:
-    """Two-sided Mann-Whitney p-value, exact over J = number of active positive documents.
+def _needs_mixture(k: np.ndarray, n: int, r: int) -> np.ndarray:
+    """Features whose (active x in-R) table has an expected cell below MIXTURE_MIN_EXPECTED."""
+    return np.minimum(k, n - k) * (min(r, n - r) / n) < MIXTURE_MIN_EXPECTED
 
-    Under the null J is hypergeometric(n, k, n_pos). Given J = j, U = z_pos z_neg / 2 + j z_neg + U_act
-    (zero-zero ties, active positives above zero negatives, U among the k active documents with j
-    positives), where U_act is approximated as normal with the tie-corrected Mann-Whitney variance
-    (a point mass when j is 0 or k or the active values all tie, e.g. binarize: then the test is exact).
-    p = sum_j P(J = j) P(|U - n_pos n_neg / 2| >= |u - n_pos n_neg / 2| given j), continuity corrected.
+
+def _mixture_pvalue(
+    *,
+    x_obs: np.ndarray,
+    k: np.ndarray,
+    abar: np.ndarray,
+    s_alpha: np.ndarray,
+    n: int,
+    r: int,
+    bbar: float,
+    s_beta: float,
+    continuity: float,
+) -> np.ndarray:
+    """Two-sided permutation p-value of X = sum of alpha * beta over the active documents in group R.
+
+    The n documents split into R (r documents: the positive class, or the non-modal values of a
+    numeric column; beta = their score relative to the others, mean bbar, centred sum of squares
+    s_beta) and the rest; a feature's k active documents have alpha = their score relative to its
+    zeros (mean abar, centred sum of squares s_alpha). The statistic is C + X with C fixed under
+    permutation, and X depends on J = active documents in R, hypergeometric(n, k, r) under the null.
+    Given J = j, X sums j products of a random j-sample of the alphas and one of the betas; exact
+    conditional mean j abar bbar and variance
+        bbar^2 j s_a/k (k-j)/(k-1) + abar^2 j s_b/r (r-j)/(r-1) + j s_a s_b/(k r) (1 + (j-1)/((k-1)(r-1))),
+    taken as normal (a point mass where it is 0, e.g. binarize: then the test is exact).
+    p = sum_j P(J = j) P(|X - E X| >= |x_obs - E X| given j) with `continuity` correction, over the j
+    within 12 sd + 30 of E[J], plus a bound on P(J outside) (far below any p-value of interest; it only
+    keeps p above 0 for extreme features).
     """
-    n = n_pos + n_neg
-    mu = n_pos * n_neg / 2
     kk = k.astype(np.int64)
-    lo = np.maximum(0, kk - n_neg)
-    hi = np.minimum(kk, n_pos)
-    size = hi - lo + 1
     out = np.ones(kk.size)
-    dist = np.abs(u_pos - mu)
-    eps = 1e-9 * max(mu, 1.0)
-    log_total = _log_comb(np.float64(n), np.float64(n_pos))
+    if kk.size == 0:
+        return out
+    expected = kk * (r / n)
+    sd_j = np.sqrt(expected * ((n - r) / n) * (n - kk) / max(n - 1, 1))
+    lo = np.maximum(np.maximum(0, kk - (n - r)), np.floor(expected - 12 * sd_j - 30).astype(np.int64))
+    hi = np.minimum(np.minimum(kk, r), np.ceil(expected + 12 * sd_j + 30).astype(np.int64))
+    size = hi - lo + 1
+    centre = kk * (r / n) * abar * bbar  # E X
+    dist = np.abs(x_obs - centre)
+    eps = 1e-9 * np.maximum(np.abs(centre) + dist, 1.0)
+    log_fact = special.gammaln(np.arange(n + 1, dtype=np.float64) + 1)  # log(i!), a lookup table
+    log_total = log_fact[n] - log_fact[r] - log_fact[n - r]
+
+    def log_hypergeom(kv: np.ndarray, jv: np.ndarray) -> np.ndarray:
+        """log P(J = j) = log C(k, j) + log C(n - k, r - j) - log C(n, r)."""
+        return (
+            log_fact[kv] - log_fact[jv] - log_fact[kv - jv]
+            + log_fact[n - kv] - log_fact[r - jv] - log_fact[n - kv - r + jv] - log_total
+        )  # fmt: skip
+
+    # J outside the window: add its whole probability (a conservative bound, far below 1e-20),
+    # bounded geometrically since the pmf ratio keeps falling away from the mode
+    outside = np.zeros(kk.size)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        up = hi < np.minimum(kk, r)
+        j1 = np.where(up, hi + 1, np.maximum(0, kk - (n - r)))  # (a valid j where unused)
+        ratio = (kk - j1) * (r - j1) / ((j1 + 1.0) * (n - kk - r + j1 + 1.0))
+        outside += np.where(up, np.exp(log_hypergeom(kk, j1)) / np.maximum(1 - ratio, 1e-300), 0.0)
+        down = lo > np.maximum(0, kk - (n - r))
+        j0 = np.where(down, lo - 1, np.minimum(kk, r))
+        ratio = j0 * (n - kk - r + j0) / ((kk - j0 + 1.0) * (r - j0 + 1.0))
+        outside += np.where(down, np.exp(log_hypergeom(kk, j0)) / np.maximum(1 - ratio, 1e-300), 0.0)
     start = 0
     while start < kk.size:
         csum = np.cumsum(size[start:])
@@ -669,28 +813,45 @@ def _mwu_mixture_pvalue(
         owner = np.repeat(np.arange(idx.size), size[idx])
         offsets = np.cumsum(size[idx]) - size[idx]
         j = (lo[idx][owner] + np.arange(owner.size) - offsets[owner]).astype(np.float64)
-        kj = kk[idx][owner].astype(np.float64)
-        log_pmf = _log_comb(kj, j) + _log_comb(n - kj, n_pos - j) - log_total
-        z_pos = n_pos - j
-        z_neg = n_neg - (kj - j)
-        mean = 0.5 * z_pos * z_neg + j * z_neg + j * (kj - j) / 2
+        ki = kk[idx][owner]
+        ji = j.astype(np.int64)
+        kj = ki.astype(np.float64)
+        a, sa = abar[idx][owner], s_alpha[idx][owner]
+        log_pmf = log_hypergeom(ki, ji)
+        mean = j * a * bbar
         with np.errstate(divide="ignore", invalid="ignore"):
-            var = np.where(
-                kj > 1, j * (kj - j) / 12 * ((kj + 1) - active_ties[idx][owner] / (kj * (kj - 1))), 0.0
+            fa = np.where(kj > 1, (kj - j) / (kj - 1), 0.0)
+            fb = (r - j) / (r - 1) if r > 1 else np.zeros_like(j)
+            both = np.where(kj > 1, (j - 1) / ((kj - 1) * (r - 1)), 0.0) if r > 1 else np.zeros_like(j)
+            var = (
+                bbar**2 * j * sa / kj * fa
+                + a**2 * j * (s_beta / r) * fb
+                + j * sa * s_beta / (kj * r) * (1 + both)
             )
-        sd = np.sqrt(np.maximum(var, 0.0))
-        upper = mu + dist[idx][owner]
-        lower = mu - dist[idx][owner]
+        sd = np.sqrt(np.maximum(np.nan_to_num(var), 0.0))
+        upper = (centre + dist)[idx][owner]
+        lower = (centre - dist)[idx][owner]
+        e = eps[idx][owner]
         with np.errstate(divide="ignore", invalid="ignore"):
-            tail_up = np.where(sd > 0, special.ndtr((mean - (upper - 0.5)) / sd), mean >= upper - eps)
-            tail_lo = np.where(sd > 0, special.ndtr((lower + 0.5 - mean) / sd), mean <= lower + eps)
+            tail_up = np.where(sd > 0, special.ndtr((mean - (upper - continuity)) / sd), mean >= upper - e)
+            tail_lo = np.where(sd > 0, special.ndtr((lower + continuity - mean) / sd), mean <= lower + e)
         w = np.exp(log_pmf) * (tail_up + tail_lo)
-        out[idx] = np.minimum(np.bincount(owner, weights=w, minlength=idx.size), 1.0)
+        out[idx] = np.minimum(np.bincount(owner, weights=w, minlength=idx.size) + outside[idx], 1.0)
     return out
 
 
-def _log_comb(n: np.ndarray, k: np.ndarray) -> np.ndarray:
-    return special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1)
+def _mode_split(b: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, float] | None:
+    """R = documents off the column's mode, when the mode holds >= MODE_MIN_FRACTION of them.
+
+    Returns (in_R, mean of beta over R, centred sum of squares of beta over R), beta = b - b(mode).
+    """
+    values, counts = np.unique(y, return_counts=True)
+    top = int(np.argmax(counts))
+    if counts[top] < max(2.0, MODE_MIN_FRACTION * y.size):
+        return None
+    in_r = y != values[top]
+    beta = b[in_r] - b[~in_r][0]
+    return in_r, float(beta.mean()), float(((beta - beta.mean()) ** 2).sum())
 
 
 def _correlation_tests(r: np.ndarray, n: int, se_z: np.ndarray, z: float) -> dict[str, np.ndarray]:
@@ -715,29 +876,53 @@ def _spearman_stats(
     """Spearman rho of each feature's values (zeros included) with y: Pearson r of the midranks."""
     T = k.size
     n = y.size
-    mid = (n + 1) / 2
-    ryc = stats.rankdata(y) - mid  # centred midranks of y; they sum to 0
+    ryc = stats.rankdata(y) - (n + 1) / 2  # centred midranks of y; they sum to 0
     ss_y = float(ryc @ ryc)
-    n0 = (n - k).astype(np.float64)
-    a = np.zeros(T)  # sum over active entries of (midrank among actives) * ryc
-    b = np.zeros(T)  # sum over active entries of ryc
-    ss_x = n0 * ((n0 + 1) / 2 - mid) ** 2  # the zeros' share of the rank sum of squares
-    n_runs = np.zeros(T)
+    split = _mode_split(ryc, y)
+    beta = np.where(split[0], ryc - ryc[~split[0]][0], 0.0) if split else None
+    k_f = k.astype(np.float64)
+    n0 = n - k_f
+    ra, rb = np.zeros(T), np.zeros(T)  # sums over active entries of midrank * ryc and of ryc
+    xa, xb = np.zeros(T), np.zeros(T)  # the same with beta (mixture statistic)
+    ties = np.zeros(T)
+    single_value = np.zeros(T, dtype=bool)
     low_bits = max(1, int(n - 1).bit_length())
-    for runs in _sorted_runs(f, v, k, d, low_bits):
-        s_run = _segment_sums(ryc[runs.low], runs.start)
-        rf = runs.feature
-        a += _per_feature(rf, runs.rank * s_run, T)
-        b += _per_feature(rf, s_run, T)
-        ss_x += _per_feature(rf, runs.length * (n0[rf] + runs.rank - mid) ** 2, T)
-        n_runs += np.bincount(rf, minlength=T)
-    # an active entry's rank is n0 + r, the zeros' (n0 + 1) / 2; sum(ryc) = 0 removes the zeros' term
-    cov = a + (n0 - 1) / 2 * b
-    constant = (k == n) & (n_runs == 1)
+    for blk in _sorted_blocks(f, v, k, d, low_bits):
+        sl = slice(blk.first, blk.first + blk.starts.size)
+        rank = _midranks(blk)
+        ry = ryc[blk.low]
+        ra[sl] = blk.feature_sums(rank * ry)
+        rb[sl] = blk.feature_sums(ry)
+        if beta is not None:
+            be = beta[blk.low]
+            xa[sl] = blk.feature_sums(rank * be)
+            xb[sl] = blk.feature_sums(be)
+        ties[sl] = _tie_sums(blk, sl.stop - sl.start)
+        single_value[sl] = blk.single_value
+    # overall ranks: zeros (n0 + 1) / 2, an active entry n0 + midrank; sum(ryc) = 0 drops the zeros
+    cov = ra + (n0 - 1) / 2 * rb
+    ss_x = (k_f**3 - k_f - ties) / 12 + k_f * n0 * n / 4
+    constant = (k == n) & single_value
     with np.errstate(divide="ignore", invalid="ignore"):
         rho = np.where(constant, 0.0, cov / np.sqrt(ss_x * ss_y))
         se_z = np.sqrt((1 + rho**2 / 2) / (n - 3)) if n > 3 else np.full(T, np.nan)
-    return _correlation_tests(rho, n, se_z, z), constant
+    cols = _correlation_tests(rho, n, se_z, z)
+    mixture = _needs_mixture(k, n, int(split[0].sum())) if split else np.zeros(T, dtype=bool)
+    if mixture.any():
+        m = mixture
+        cols["p_value"][m] = _mixture_pvalue(
+            x_obs=xa[m] + (n0[m] - 1) / 2 * xb[m],  # alpha = midrank + (n0 - 1) / 2
+            k=k[m],
+            abar=np.full(int(m.sum()), n / 2),
+            s_alpha=(k_f[m] ** 3 - k_f[m] - ties[m]) / 12,
+            n=n,
+            r=int(split[0].sum()),
+            bbar=split[1],
+            s_beta=split[2],
+            continuity=0.0,
+        )
+    cols["test"] = np.where(mixture, "spearman_mixture", "spearman_t")
+    return cols, constant
 
 
 def _pearson_stats(
@@ -749,11 +934,143 @@ def _pearson_stats(
     yc = y - y.mean()
     ss_y = float(yc @ yc)
     x = v.astype(np.float64)
-    mean_x = _per_feature(f, x, T) / n
+    sum_x = _per_feature(f, x, T)
+    mean_x = sum_x / n
     ss_x = _per_feature(f, (x - mean_x[f]) ** 2, T) + (n - k) * mean_x**2
     cov = _per_feature(f, x * yc[d], T)
     constant = (k == n) & (ss_x <= n * (1e-7 * mean_x) ** 2)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.where(constant, 0.0, cov / np.sqrt(ss_x * ss_y))
     se_z = np.full(T, 1 / math.sqrt(n - 3) if n > 3 else np.nan)
-    return _correlation_tests(r, n, se_z, z), constant
+    cols = _correlation_tests(r, n, se_z, z)
+    split = _mode_split(yc, y)
+    mixture = _needs_mixture(k, n, int(split[0].sum())) if split else np.zeros(T, dtype=bool)
+    if mixture.any():
+        in_r, bbar, s_beta = split
+        beta = np.where(in_r, yc - yc[~in_r][0], 0.0)
+        mean_active = sum_x / k
+        s_alpha = _per_feature(f, (x - mean_active[f]) ** 2, T)
+        x_obs = _per_feature(f, x * beta[d], T)
+        cols["p_value"][mixture] = _mixture_pvalue(
+            x_obs=x_obs[mixture],
+            k=k[mixture],
+            abar=mean_active[mixture],
+            s_alpha=s_alpha[mixture],
+            n=n,
+            r=int(in_r.sum()),
+            bbar=bbar,
+            s_beta=s_beta,
+            continuity=0.0,
+        )
+    cols["test"] = np.where(mixture, "pearson_mixture", "pearson_t")
+    return cols, constant
+
+
+# --------------------------------------------------------------------------- criteria: every metadata column
+
+CRITERIA_SCHEMA: dict[str, pl.DataType] = {
+    **{k: t for k, t in ASSOCIATION_SCHEMA.items() if k in ("dataset", "column")},
+    "criterion": pl.String(),
+    "level": pl.String(),
+    **{k: t for k, t in ASSOCIATION_SCHEMA.items() if k not in ("dataset", "column")},
+}
+"""Columns of the `feature_associations` table: ASSOCIATION_SCHEMA plus `criterion` (`csat`,
+`topic=billing`) and `level` (the text value tested against the rest; null for other columns)."""
+
+MIN_LEVEL_DOCS = 5
+
+
+def metadata_criteria(
+    documents: pl.DataFrame, columns: Sequence[str] | None = None, *, max_levels: int = 20
+) -> tuple[pl.DataFrame, dict[str, str]]:
+    """Turn metadata columns into criteria: (doc_id + one column per criterion, skipped column -> reason).
+
+    Boolean, numeric and date columns are criteria as they are (`feature_associations` decides binary or
+    numeric); a text column with 3..`max_levels` distinct values gives one boolean criterion per level
+    (`topic=refund`: that level against the rest; levels held by fewer than MIN_LEVEL_DOCS documents are
+    skipped), a two-valued one stays a single binary criterion. `columns` None means every column but the
+    document bookkeeping (RESERVED_COLUMNS); a named column that cannot be used is a ValueError, an
+    automatically picked one is only reported as skipped.
+    """
+    explicit = columns is not None
+    names = list(columns) if explicit else [c for c in documents.columns if c not in RESERVED_COLUMNS]
+    missing = [c for c in names if c not in documents.columns]
+    if missing:
+        usable = [c for c in documents.columns if c not in RESERVED_COLUMNS]
+        raise ValueError(f"Metadata column(s) {missing} are not in the documents; available: {usable}.")
+    out = [documents.select(pl.col("doc_id").cast(pl.Int64))]
+    skipped: dict[str, str] = {}
+    for name in names:
+        col = documents[name]
+        dtype = col.dtype
+        if dtype == pl.Boolean or dtype.is_numeric() or dtype.is_temporal():
+            if col.drop_nulls().n_unique() < 2:
+                skipped[name] = "fewer than 2 distinct values"
+            else:
+                out.append(col.to_frame())
+            continue
+        if not (dtype == pl.String or isinstance(dtype, pl.Categorical | pl.Enum)):
+            skipped[name] = f"type {dtype} (criteria need boolean, numeric, date or few-valued text)"
+            continue
+        values = col.cast(pl.String)
+        counts = values.drop_nulls().value_counts(sort=True)
+        if not 2 <= counts.height <= max_levels:
+            skipped[name] = f"{counts.height} distinct values (criteria need 2..{max_levels})"
+            continue
+        if counts.height == 2:
+            out.append(values.to_frame())
+            continue
+        levels = counts.filter(pl.col("count") >= MIN_LEVEL_DOCS)[name].to_list()
+        if not levels:
+            skipped[name] = f"no value is held by at least {MIN_LEVEL_DOCS} documents"
+            continue
+        for level in levels:
+            flag = pl.when(values.is_null()).then(None).otherwise(values == level)
+            out.append(documents.select(flag.alias(f"{name}={level}")))
+    if explicit and skipped:
+        name, reason = next(iter(skipped.items()))
+        raise ValueError(f"Metadata column {name!r} cannot be a criterion: {reason}.")
+    return pl.concat(out, how="horizontal"), skipped
+
+
+def criteria_associations(
+    pooled: FrameLike,
+    criteria: pl.DataFrame,
+    *,
+    dataset: str = "",
+    aggregation: str = "max",
+    alpha: float = 0.05,
+) -> tuple[pl.DataFrame, dict[str, str]]:
+    """`feature_associations` for every criterion column of `criteria` (from `metadata_criteria`).
+
+    One row per (criterion, tested feature) in CRITERIA_SCHEMA; the false discovery rate is controlled
+    within each criterion (each is its own question). Pass criteria for the encoded documents only. A
+    criterion that cannot be tested (one value left after dropping nulls, say) is returned in the
+    second value with its reason.
+    """
+    frames, failed = [], {}
+    doc_ids = criteria["doc_id"]
+    for criterion in criteria.columns[1:]:
+        column, _, level = criterion.partition("=")
+        try:
+            result = feature_associations(
+                pooled,
+                doc_ids,
+                criteria[criterion],
+                dataset=dataset,
+                column=column,
+                aggregation=aggregation,
+                alpha=alpha,
+                positive=True if level else None,
+            )
+        except ValueError as exc:
+            failed[criterion] = str(exc)
+            continue
+        frames.append(
+            result.table.with_columns(
+                criterion=pl.lit(criterion), level=pl.lit(level or None, pl.String)
+            ).select(list(CRITERIA_SCHEMA))
+        )
+    if not frames:
+        return pl.DataFrame(schema=CRITERIA_SCHEMA), failed
+    return pl.concat(frames), failed

@@ -7,7 +7,7 @@
     print(ds.highlight(doc_id=7, feature=123))     # activating tokens marked << >>
     long = ds.filter(pl.col("text").str.len_chars() > 500).sort_by_features([123, 456])
     ds.diff(Dataset.load("other"))                 # interp_assets.diffing.diff_features
-    ds.associations("resolved")                    # interp_assets.diffing.metadata_associations
+    ds.associations("resolved")                    # interp_assets.associations
 
 A Dataset is a view: a shared store (documents sorted by doc_id, lazy pooled_embeddings and
 token_activations) plus the ordered positions of its rows. `filter`, `sort_by_features`, slicing and
@@ -27,12 +27,12 @@ import pyarrow.parquet as pq
 from scipy import sparse
 
 from interp_assets import paths
+from interp_assets.associations import associations_for_column
 from interp_assets.diffing import (
     AGGREGATIONS,
     FrameLike,
     as_lazy,
     diff_features,
-    metadata_associations,
     paired_diff_features,
     pairs_from_key,
     pooled_value_columns,
@@ -436,12 +436,12 @@ class Dataset:
         return diff_features(self._pooled_subset(cols), n_a, other._pooled_subset(cols), n_b, **kwargs)
 
     def associations(self, column: str, **kwargs: Any) -> pl.DataFrame:
-        """Features associated with a boolean / numeric metadata column (`diffing.metadata_associations`)."""
-        kwargs.setdefault("n_features", self.d_sae)
+        """Features associated with a metadata column (`associations.associations_for_column`'s table)."""
         agg = kwargs.get("aggregation", "max")
         cols = ["feature", *pooled_value_columns(agg)] if agg in AGGREGATIONS else ["feature"]
         docs = self.documents.unique(subset="doc_id", keep="first", maintain_order=True)
-        return metadata_associations(self._pooled_subset(cols), docs, column, **kwargs)
+        kwargs.setdefault("dataset", self.name)
+        return associations_for_column(self._pooled_subset(cols), docs, column, **kwargs).table
 
 
 def _prepare_documents(docs: pl.DataFrame, name: str) -> pl.DataFrame:

@@ -563,26 +563,23 @@ def render_associations_markdown(
     top_n: int = 20,
     alpha: float = 0.05,
 ) -> str:
-    """Markdown report of `metadata_associations`: summary and the top significant features."""
+    """Markdown report of one column's `associations.feature_associations` table: summary and top features."""
     esc = escape_markdown
     lab = _label_map(labels)
-    is_bool = "auc" in assoc.columns
+    statistic = str(assoc["statistic"][0]) if assoc.height else "auc"
     n_docs = int(assoc["n_docs"][0]) if assoc.height else 0
-    n_null = int(assoc["n_dropped_null"][0]) if assoc.height else 0
-    sig = assoc.filter(pl.col("significant")).sort("q_value").head(top_n) if assoc.height else assoc
+    sig = assoc.filter(pl.col("significant")).sort("q_value").head(top_n)
     n_sig = int(assoc["significant"].sum()) if assoc.height else 0
-    method = (
-        "AUC of the feature's pooled value between True and False documents (Mann-Whitney U, "
-        "tie-corrected normal approximation)"
-        if is_bool
-        else "point-biserial r of the binarized feature and Spearman rho of its pooled value "
-        "(t-test p-values)"
-    )
+    method = {
+        "auc": "AUC of the feature's pooled value between the two classes (Mann-Whitney U, DeLong interval)",
+        "spearman": "Spearman rho of the feature's pooled value with the column (Fisher-z interval)",
+        "pearson": "Pearson r of the feature's pooled value with the column (Fisher-z interval)",
+    }[statistic]
     lines = [
         f"# Features associated with `{esc(column)}` in {esc(dataset)}",
         "",
-        f"- Documents: {n_docs:,} ({n_null:,} with a missing `{esc(column)}` dropped)",
-        f"- Features with any activation: {assoc.height:,}",
+        f"- Documents with a value: {n_docs:,}",
+        f"- Features tested: {assoc.height:,}",
         f"- Significant at FDR {alpha:g} (Benjamini-Hochberg): **{n_sig:,}**",
         f"- Method: {esc(method)}",
         "",
@@ -590,29 +587,16 @@ def render_associations_markdown(
     if sig.height == 0:
         lines.append(f"No feature is significantly associated with `{esc(column)}`.")
         return "\n".join(lines) + "\n"
-    if is_bool:
-        lines += [
-            "| feature | label | AUC | freq when true | freq when false | higher when | q-value |",
-            "|---:|---|---:|---:|---:|---|---:|",
-        ]
-    else:
-        lines += [
-            "| feature | label | point-biserial r | Spearman rho | freq | direction | q-value |",
-            "|---:|---|---:|---:|---:|---|---:|",
-        ]
+    binary = statistic == "auc"
+    extra = "freq in positive | freq in negative" if binary else "docs active"
+    lines += [
+        f"| feature | label | {statistic} | 95% CI | {extra} | q-value |",
+        "|---:|---|---:|---|---:|" + ("---:|" if binary else "") + "---:|",
+    ]
     for r in sig.iter_rows(named=True):
         f = int(r["feature"])
         label = esc(str(lab[f]["label"])) if f in lab and lab[f].get("label") else "–"
-        if is_bool:
-            lines.append(
-                f"| {f} | {label} | {r['auc']:.3f} | {_pct(r['freq_true'])} | {_pct(r['freq_false'])} "
-                f"| {r['direction'] or '–'} | {_q(r['q_value'])} |"
-            )
-        else:
-            pb = "–" if r["point_biserial_r"] is None else f"{r['point_biserial_r']:+.3f}"
-            sp = "–" if r["spearman_rho"] is None else f"{r['spearman_rho']:+.3f}"
-            lines.append(
-                f"| {f} | {label} | {pb} | {sp} | {_pct(r['freq'])} | {r['direction'] or '–'} "
-                f"| {_q(r['q_value'])} |"
-            )
+        ci = "–" if r["ci_low"] is None else f"{r['ci_low']:.3f} – {r['ci_high']:.3f}"
+        cells = f"{_pct(r['freq_pos'])} | {_pct(r['freq_neg'])}" if binary else f"{int(r['n_active']):,}"
+        lines.append(f"| {f} | {label} | {r['effect']:.3f} | {ci} | {cells} | {_q(r['q_value'])} |")
     return "\n".join(lines) + "\n"

@@ -311,14 +311,14 @@ def test_diff_and_paired_diff(ds: Dataset, data_dir: Path) -> None:
 
 
 def test_associations(ds: Dataset) -> None:
-    a = ds.associations("resolved")
-    assert a["n_docs"][0] == 5 and a["test"][0] == "mann_whitney"
+    a = ds.associations("resolved", min_docs=1)
+    assert a["n_docs"][0] == 5 and a["statistic"][0] == "auc" and a["dataset"][0] == ds.name
     # feature 3 (sat/ran) fires in docs 0, 1, 3, 4; resolved docs 0, 2, 3
     f3 = a.filter(pl.col("feature") == 3).row(0, named=True)
-    assert f3["freq_true"] == pytest.approx(2 / 3) and f3["freq_false"] == pytest.approx(1.0)
-    num = ds.associations("score")
-    assert num["n_dropped_null"][0] == 1 and num["n_docs"][0] == 4
-    with pytest.raises(ValueError, match="Usable columns"):
+    assert f3["freq_pos"] == pytest.approx(2 / 3) and f3["freq_neg"] == pytest.approx(1.0)
+    num = ds.associations("score", min_docs=1)
+    assert num["n_docs"][0] == 4 and num["statistic"][0] == "spearman"  # the null score is dropped
+    with pytest.raises(ValueError, match="'text'"):
         ds.associations("text")
 
 

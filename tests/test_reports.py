@@ -9,7 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from interp_assets.diffing import diff_features, metadata_associations
+from interp_assets.associations import feature_associations
+from interp_assets.diffing import diff_features
 from interp_assets.reports import (
     escape_markdown,
     excerpt,
@@ -248,11 +249,11 @@ def test_render_associations_markdown() -> None:
     rows += [(d, 1, 1.0) for d in range(n) if rng.random() < 0.3]
     pool = pl.DataFrame(rows, schema=["doc_id", "feature", "max_activation"], orient="row")
     docs = pl.DataFrame({"doc_id": np.arange(n), "is_refusal": flag, "note": ["x"] * n})
-    assoc = metadata_associations(pool, docs, "is_refusal", n_features=16)
+    assoc = feature_associations(pool, docs["doc_id"], docs["is_refusal"], dataset="chat").table
     labels = pl.DataFrame({"feature": [4], "label": ["apology | <b>sorry</b>"]})
     md = render_associations_markdown(assoc, column="is_refusal", dataset="chat", labels=labels)
     assert "# Features associated with `is\\_refusal` in chat" in md
-    assert "Documents: 300 (0 with a missing" in md
+    assert "Documents with a value: 300" in md
     row = next(line for line in md.splitlines() if line.startswith("| 4 |"))
-    assert "apology \\| &lt;b&gt;sorry&lt;/b&gt;" in row and "| true |" in row
+    assert "apology \\| &lt;b&gt;sorry&lt;/b&gt;" in row
     assert "| 1 |" not in md
