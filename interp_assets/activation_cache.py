@@ -9,6 +9,7 @@ A run killed midway therefore redoes at most the chunk in flight, and an unchang
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -101,7 +102,11 @@ class ActivationCache:
             return (
                 pl.from_arrow(DOC_STATUS_SCHEMA.empty_table()).with_columns(pl.lit("").alias("chunk")).head(0)
             )
-        return pl.concat(frames).unique("doc_hash", keep="first", maintain_order=True)
+        return (
+            pl.concat(frames)
+            .sort(pl.col("status") != "encoded", maintain_order=True)  # an encoded copy beats a rejection
+            .unique("doc_hash", keep="first", maintain_order=True)
+        )
 
     def encode_missing(
         self,
@@ -140,7 +145,8 @@ class ActivationCache:
         )
 
     def _commit(self, hashes: list[str], result: EncodedTexts) -> None:
-        chunk_id = f"{uuid.uuid1().hex}"
+        # time first, so sorted names are oldest first (uuid1's hex starts with a field that wraps)
+        chunk_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
         acts = result.activations
         doc_hash = pa.array(np.array(hashes, dtype=object)[acts["doc_index"].to_numpy()], pa.string())
         acts = acts.drop_columns(["doc_index"]).add_column(0, "doc_hash", doc_hash)

@@ -11,6 +11,7 @@ Design points (see README, "Activation engine"):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,8 +194,20 @@ def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     return batches
 
 
+_FALLBACK_FORWARD_LOCK = threading.Lock()
+
+
 def _capture_hidden(reader: Any, input_ids: Any, attention_mask: Any) -> Any:
-    """Run the model up to the hooked layer and return its hidden state [B, T, d]."""
+    """Run the model up to the hooked layer and return its hidden state [B, T, d].
+
+    Serialized per reader: the hook is registered on the shared model, so two threads' forward passes
+    must not overlap (one's hook would fire for the other's batch).
+    """
+    with getattr(reader, "forward_lock", _FALLBACK_FORWARD_LOCK):
+        return _capture_hidden_unlocked(reader, input_ids, attention_mask)
+
+
+def _capture_hidden_unlocked(reader: Any, input_ids: Any, attention_mask: Any) -> Any:
     import torch
 
     captured: dict[str, Any] = {}

@@ -191,11 +191,10 @@ def refresh_views(
 def refresh_views_with_resource(
     duckdb_resource: Any, parquet_base: str, tables: Sequence[str]
 ) -> dict[str, int]:
-    """`refresh_views` through a dagster-duckdb `DuckDBResource` (its `get_connection()` retries locks)."""
-    sources = _sources(parquet_base, tables)
-    with duckdb_resource.get_connection() as con:
-        try:
-            return apply_views(con, sources)
-        finally:
-            # DuckDBResource.get_connection skips close() on an exception; a leaked one keeps the lock.
-            con.close()
+    """`refresh_views` on the database of a dagster-duckdb `DuckDBResource`.
+
+    Goes through our own `_connect`, which retries both a lock held by another process and DuckDB's
+    "different configuration" error when this process holds a read-only connection to the same file
+    (`DuckDBResource.get_connection` retries only the former).
+    """
+    return refresh_views(duckdb_resource.database, parquet_base, tables)

@@ -110,6 +110,8 @@ class SAEReader:
         self.exclude_template_tokens = exclude_template_tokens
         self.identity = identity
         self.activation_dtype = activation_dtype
+        # one forward pass at a time: the layer hook lives on the shared model (threads share readers)
+        self.forward_lock = threading.Lock()
         self.layer_module = find_layer_module(model, hook.layer)
 
     @property
