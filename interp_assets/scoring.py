@@ -205,13 +205,20 @@ def _embedding_metrics(
     *,
     n_boot: int,
     seed: int,
+    reference: np.ndarray | None = None,
 ) -> dict[str, Any]:
+    """Metrics of cosine similarity to `query`. With `reference` (rows = the queries of every label
+    scored together), each excerpt's mean similarity to them is subtracted first: an excerpt that is
+    close to any short label (e.g. a short one) no longer looks like a match for all of them."""
     if not heldout:
         raise ValueError("embedding_score needs held-out excerpts.")
     if not evidence:
         raise ValueError("embedding_score needs evidence excerpts to fit its threshold.")
     ev_score = evidence_vectors @ query
     ho_score = heldout_vectors @ query
+    if reference is not None and reference.shape[0] >= 2:
+        ev_score = ev_score - (evidence_vectors @ reference.T).mean(axis=1)
+        ho_score = ho_score - (heldout_vectors @ reference.T).mean(axis=1)
     threshold = youden_threshold(np.array([e.is_positive for e in evidence]), ev_score)
     y_true = np.array([e.is_positive for e in heldout], dtype=np.int64)
     metrics = binary_metrics(
@@ -504,6 +511,7 @@ def score_features(
         texts = list(dict.fromkeys([*queries, *(e.text for _, ho, ev in work for e in ho + ev)]))
         vectors = embed(texts) if embed is not None else sentence_embeddings(texts, model=embedding_model)
         at = {t: i for i, t in enumerate(texts)}
+        reference = vectors[[at[q] for q in dict.fromkeys(queries)]]
         for i, ((row, ho, ev), query) in enumerate(zip(work, queries, strict=True)):
             if not ev:
                 errors.append(
@@ -518,6 +526,7 @@ def score_features(
                 ho,
                 n_boot=n_boot,
                 seed=seed,
+                reference=reference,
             )
     llm_methods = [m for m in methods if m in ("detection", "fuzz")]
     if llm_methods and work:
