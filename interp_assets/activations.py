@@ -178,17 +178,30 @@ def _tokenize_chat(reader: Any, text: str) -> _Tokenized | str:
         return f"chat template failed: {type(exc).__name__}: {exc}"
 
 
-def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Group document indices into batches sorted by length with at most `token_budget` padded tokens."""
+MAX_PADDING = 1.25  # padded tokens a batch may hold per real token
+
+
+def plan_batches(
+    lengths: Sequence[int], token_budget: int, max_padding: float = MAX_PADDING
+) -> list[list[int]]:
+    """Group document indices into batches sorted by length with at most `token_budget` padded tokens.
+
+    A batch also closes before its padded size exceeds `max_padding` times its real tokens, so the cost
+    per document does not depend on how many documents are encoded together (a small incremental drop
+    is not packed into a few wide, mostly-padding batches).
+    """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
+    real = 0
     for i in order:
         longest = max(lengths[i], lengths[current[-1]] if current else 0)
-        if current and longest * (len(current) + 1) > token_budget:
+        padded = longest * (len(current) + 1)
+        if current and (padded > token_budget or padded > max_padding * (real + lengths[i])):
             batches.append(current)
-            current = []
+            current, real = [], 0
         current.append(i)
+        real += lengths[i]
     if current:
         batches.append(current)
     return batches

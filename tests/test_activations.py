@@ -131,3 +131,21 @@ def test_batch_order_and_padding_change_nothing(parts):
         )
     )
     assert rows_a == rows_b
+
+
+def test_plan_batches_bound_padding_and_budget_and_cover_every_document():
+    from interp_assets.activations import plan_batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 120, 500).tolist()
+    batches = plan_batches(lengths, token_budget=2048, max_padding=1.25)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    for b in batches:
+        padded = max(lengths[i] for i in b) * len(b)
+        real = sum(lengths[i] for i in b)
+        assert len(b) == 1 or (padded <= 2048 and padded <= 1.25 * real)
+    # the same documents alone or inside a larger set: about the same padding per real token
+    small = [lengths[i] for i in range(50)]
+    alone = plan_batches(small, token_budget=16384)
+    padded_alone = sum(max(small[i] for i in b) * len(b) for b in alone)
+    assert padded_alone <= 1.25 * sum(small)
