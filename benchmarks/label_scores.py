@@ -1,13 +1,28 @@
 """Do label scores separate good labels from bad ones? Real labels vs labels swapped between features.
 
 For each feature: label it from its evidence split (offline, or an LLM when configured), then score on
-its held-out split (a) its own label and (b) the label of another feature (a derangement of the
-features). A score that means something gives (a) clearly above (b). Prints a table, writes JSON.
+its held-out split (a) its own label and (b) labels of other features (derangements of the features).
+A score that means something gives (a) clearly above (b). Prints tables, writes JSON.
 
-Inputs are function arguments (`token_activations`, `documents`), so the real activation engine can be
-plugged in; the command line uses transparent rule-based features on SST-2 until then:
+Default: REAL SAE features. The first `--n-docs` SST-2 train sentences (>= 6 words) are encoded by the
+embedded reader + SAE (`resources.sae_reader.load_reader()` defaults, `interp_assets.activations.
+encode_texts` in chunks) and pooled with `interp_assets.pooling.pool_token_activations`. Two feature
+selections run over the same activations: `frequent` = the `--n-features` most frequent features, by
+`interp_assets.feature_selection.select_features` (what the feature_labels asset labels), and `spread` =
+features evenly spaced over the frequency ranks of those active in 100 documents to 90% of them. Labels
+come from `interp_assets.labeling.label_features` (offline log-odds labeler) and scores from
+`interp_assets.scoring.score_features` (embedding scorer) with the asset's split: 20 evidence / 40
+held-out documents, hard negatives from document embeddings. Each feature's real-label score is compared
+with the mean score of the labels it gets under `--swaps` seeded random derangements: mean/median, share
+of features where real > swapped, one-sided paired Wilcoxon signed-rank p-value. `auc_length` is the AUC
+of held-out excerpt length alone (no label at all), reported because longer documents fire more features.
 
-    python benchmarks/label_scores.py --n-docs 5000 --out benchmarks/results/label_scores.json
+    python benchmarks/label_scores.py                          # -> results/label_scores.json
+    python benchmarks/label_scores.py --no-hard-negatives \
+        --out benchmarks/results/label_scores_no_hard_negatives.json
+    python benchmarks/label_scores.py --features rule-based    # -> results/label_scores_rule_based.json
+
+`--features rule-based` keeps the transparent word-family stand-in features (a known right answer).
 """
 
 from __future__ import annotations
@@ -19,15 +34,26 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from interp_assets.activations import encode_texts, iter_chunks  # noqa: E402
 from interp_assets.embedding import sentence_embeddings  # noqa: E402
-from interp_assets.labeling import ChatClient, label_features, text_hash  # noqa: E402
-from interp_assets.scoring import score_features  # noqa: E402
+from interp_assets.feature_selection import select_features  # noqa: E402
+from interp_assets.labeling import (  # noqa: E402
+    ChatClient,
+    label_features,
+    split_excerpts,
+    split_features,
+    text_hash,
+)
+from interp_assets.pooling import pool_token_activations  # noqa: E402
+from interp_assets.scoring import auc_score, score_features  # noqa: E402
 from resources.reader_model import EMBEDDED_READER, load_tokenizer  # noqa: E402
 
 SST2_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
@@ -49,9 +75,21 @@ WORD_FAMILIES: dict[int, tuple[str, ...]] = {
 
 
 def load_sst2(
-    path: str | Path = SST2_TRAIN, n_docs: int = 2000, *, min_words: int = 6, dataset: str = "sst2"
+    path: str | Path = SST2_TRAIN,
+    n_docs: int | None = 2000,
+    *,
+    min_words: int = 6,
+    dataset: str = "sst2",
+    label: int | None = None,
+    seed: int | None = None,
+    exclude: Callable[[str], bool] | None = None,
 ) -> pl.DataFrame:
-    """raw_documents-shaped frame: the first `n_docs` distinct SST-2 sentences of >= `min_words` words."""
+    """raw_documents-shaped frame: the first `n_docs` distinct SST-2 sentences of >= `min_words` words.
+
+    `label` keeps one class (0 negative, 1 positive); `seed` takes a seeded random sample of `n_docs`
+    (in file order) instead of the first ones; `exclude(text)` drops texts (e.g. overlap with another
+    split). `n_docs=None` keeps every sentence.
+    """
     path = Path(path)
     frame = pl.read_csv(path, separator="\t", quote_char=None, schema_overrides={"sentence": pl.String})
     frame = (
@@ -59,8 +97,15 @@ def load_sst2(
         .with_columns(pl.col("sentence").str.strip_chars().alias("text"))
         .filter(pl.col("text").str.count_matches(r"\S+") >= min_words)
         .unique("text", keep="first", maintain_order=True)
-        .head(n_docs)
     )
+    if label is not None:
+        frame = frame.filter(pl.col("label") == label)
+    if exclude is not None:
+        frame = frame.filter(~pl.col("text").map_elements(exclude, return_dtype=pl.Boolean))
+    if n_docs is not None and seed is not None and frame.height > n_docs:
+        frame = frame.sample(n_docs, seed=seed).sort("source_row")
+    elif n_docs is not None:
+        frame = frame.head(n_docs)
     return frame.select(
         pl.lit(dataset).alias("dataset"),
         pl.int_range(pl.len(), dtype=pl.Int32).alias("doc_id"),
@@ -120,17 +165,161 @@ def rule_based_activations(
     )
 
 
-def swapped_labels(labels: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series]:
-    """Each feature gets the label and description of the next feature (cyclically): a wrong label.
+# --------------------------------------------------------------------------------------------------
+# Real SAE features: the activation engine of the token_activations asset
 
-    Returns the swapped labels and, per row, the feature whose label it now carries.
+
+def load_default_reader(device: str = "cpu") -> Any:
+    """The embedded default reader: `resources.sae_reader.load_reader()` (MiniLM + resources/default_sae)."""
+    from resources.sae_reader import load_reader
+
+    return load_reader(device=device)
+
+
+def sae_token_activations(
+    documents: pl.DataFrame,
+    reader: Any,
+    *,
+    chunk_docs: int = 1000,
+    chunk_chars: int = 200_000,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Encode `documents` (raw_documents frame) with `encode_texts`, chunk by chunk.
+
+    Returns the token_activations table (README schema; activation as float32) and the per-document
+    status (doc_id, n_tokens, pooled_tokens, truncated, status `encoded`/`rejected`, reason).
     """
+    texts = documents["text"].to_list()
+    doc_ids = documents["doc_id"].to_numpy().astype(np.int32)
+    dataset = str(documents["dataset"][0]) if "dataset" in documents.columns and documents.height else ""
+    frames: list[pl.DataFrame] = []
+    status: list[pl.DataFrame] = []
+    for rng in iter_chunks(len(texts), [len(t) for t in texts], chunk_docs, chunk_chars):
+        enc = encode_texts(reader, [texts[i] for i in rng])
+        table = enc.activations
+        i = table.schema.get_field_index("activation")
+        table = table.set_column(i, "activation", table.column("activation").cast(pa.float32()))
+        ids = doc_ids[rng.start : rng.stop]
+        frame = pl.from_arrow(table)
+        frames.append(
+            frame.select(
+                pl.lit(dataset).alias("dataset"),
+                pl.Series("doc_id", ids[frame["doc_index"].to_numpy()], dtype=pl.Int32),
+                pl.col("token_index").cast(pl.Int32),
+                pl.col("token").cast(pl.String),
+                pl.col("char_start").cast(pl.Int32),
+                pl.col("char_end").cast(pl.Int32),
+                pl.col("feature").cast(pl.Int32),
+                pl.col("activation").cast(pl.Float32),
+            )
+        )
+        status.append(
+            pl.DataFrame(
+                {
+                    "doc_id": ids,
+                    "n_tokens": enc.n_tokens.astype(np.int32),
+                    "pooled_tokens": enc.pooled_tokens.astype(np.int32),
+                    "truncated": enc.truncated,
+                    "status": ["rejected" if j in enc.errors else "encoded" for j in range(len(rng))],
+                    "reason": [enc.errors.get(j) for j in range(len(rng))],
+                },
+                schema_overrides={"reason": pl.String},
+            )
+        )
+        if progress is not None:
+            progress(rng.stop, len(texts))
+    if not frames:
+        raise ValueError("no documents to encode.")
+    return pl.concat(frames), pl.concat(status)
+
+
+def pooled_from_activations(
+    token_activations: pl.DataFrame, status: pl.DataFrame
+) -> tuple[pl.DataFrame, int]:
+    """pooled_embeddings (the asset's pooling function) and the number of encoded documents."""
+    encoded = status.filter(pl.col("status") == "encoded")
+    pooled = pool_token_activations(token_activations, encoded.select("doc_id", "pooled_tokens"))
+    return pooled, encoded.height
+
+
+def choose_features(
+    pooled: pl.DataFrame,
+    n_docs: int,
+    n: int,
+    selection: str = "frequent",
+    *,
+    min_docs: int = 100,
+    max_fraction: float = 0.9,
+) -> list[int]:
+    """Features to benchmark.
+
+    `frequent`: the `n` most frequent, by the feature_labels asset's own `select_features`.
+    `spread`: `n` features evenly spaced over the frequency ranks of the features active in at least
+    `min_docs` documents (enough for the evidence and held-out splits) and at most `max_fraction` of them
+    (enough negatives).
+    """
+    if selection == "frequent":
+        return select_features(pooled, n_docs, n_frequent=n)["feature"].to_list()
+    if selection != "spread":
+        raise ValueError(f"selection must be 'frequent' or 'spread'; got {selection!r}.")
+    counts = (
+        pooled.group_by("feature")
+        .agg(pl.len().alias("docs"))
+        .filter((pl.col("docs") >= min_docs) & (pl.col("docs") <= max_fraction * n_docs))
+        .sort(["docs", "feature"], descending=[True, False])
+    )
+    if counts.height <= n:
+        return sorted(counts["feature"].to_list())
+    ranks = np.unique(np.linspace(0, counts.height - 1, n).round().astype(int))
+    return sorted(counts["feature"].gather(ranks).to_list())
+
+
+# --------------------------------------------------------------------------------------------------
+# Real vs swapped labels
+
+
+def swapped_labels(
+    labels: pl.DataFrame, order: Sequence[int] | None = None
+) -> tuple[pl.DataFrame, pl.Series]:
+    """Each feature (row i) gets the label and description of row `order[i]`: a wrong label.
+
+    The default order is cyclic (row i gets the next row's label). Returns the swapped labels and, per
+    row, the feature whose label it now carries.
+    """
+    n = labels.height
+    idx = np.asarray(order if order is not None else (np.arange(n) + 1) % max(n, 1), dtype=np.int64)
+    if idx.shape != (n,) or (n and (idx.min() < 0 or idx.max() >= n)):
+        raise ValueError(f"order must be a permutation of the {n} label rows.")
     rolled = labels.select(
-        pl.col("label").shift(-1).fill_null(pl.col("label").first()),
-        pl.col("description").shift(-1).fill_null(pl.col("description").first()),
-        pl.col("feature").shift(-1).fill_null(pl.col("feature").first()).alias("label_of"),
+        pl.col("label").gather(idx),
+        pl.col("description").gather(idx),
+        pl.col("feature").gather(idx).alias("label_of"),
     )
     return labels.with_columns(rolled["label"], rolled["description"]), rolled["label_of"]
+
+
+def random_derangements(labels: Sequence[str], n: int, seed: int = 0, tries: int = 2000) -> list[np.ndarray]:
+    """`n` seeded random derangements of the label rows: no row keeps its own label, and (where possible)
+    no row gets a label whose text equals its own (two features can carry the same offline label)."""
+    size = len(labels)
+    if size < 2:
+        raise ValueError("derangements need at least two labels.")
+    rng = np.random.default_rng(seed)
+    text = np.array(labels, dtype=object)
+    out = []
+    for _ in range(n):
+        best, best_same = (np.arange(size) + 1) % size, size + 1
+        for _ in range(tries):
+            perm = rng.permutation(size)
+            if (perm == np.arange(size)).any():
+                continue
+            same = int((text[perm] == text).sum())
+            if same < best_same:
+                best, best_same = perm, same
+            if same == 0:
+                break
+        out.append(best)
+    return out
 
 
 def memoized_embeddings() -> Callable[[list[str]], np.ndarray]:
@@ -146,6 +335,9 @@ def memoized_embeddings() -> Callable[[list[str]], np.ndarray]:
     return embed
 
 
+SCORE_COLUMNS = ["f1", "auc", "balanced_accuracy", "f1_ci_low"]
+
+
 def run_benchmark(
     token_activations: pl.DataFrame,
     documents: pl.DataFrame,
@@ -159,89 +351,290 @@ def run_benchmark(
     n_holdout: int = 40,
     seed: int = 0,
     n_boot: int = 1000,
+    swaps: int | Sequence[Sequence[int]] | None = None,
+    swap_seed: int = 0,
+    embed: Callable[[list[str]], np.ndarray] | None = None,
 ) -> pl.DataFrame:
-    """Per feature and scoring method: F1/AUC/balanced accuracy of the real label and of a swapped one."""
+    """Per feature and scoring method: F1/AUC/balanced accuracy of the real label and of swapped ones.
+
+    `swaps`: None = one cyclic swap; an int k = k seeded random derangements (`random_derangements`);
+    or explicit permutations of the label rows (`swapped_labels`). The `*_swapped` columns are the mean
+    over the swaps (`n_swaps`); `swapped_label`/`swapped_from` show the first.
+    """
     if len(features) < 2:
         raise ValueError("the benchmark needs at least two features to swap labels between.")
     params = dict(n_evidence=n_evidence, n_holdout=n_holdout, seed=seed, embeddings=embeddings)
     labels = label_features(
         token_activations, documents, features, dataset=dataset, sae_id=sae_id, llm=llm, **params
     )
-    swapped, label_of = swapped_labels(labels)
-    common = dict(llm=llm, n_boot=n_boot, embed=memoized_embeddings(), **params)
+    if swaps is None:
+        orders: list[Any] = [None]
+    elif isinstance(swaps, int):
+        orders = random_derangements(labels["label"].to_list(), swaps, seed=swap_seed)
+    else:
+        orders = list(swaps)
+    common = dict(llm=llm, n_boot=n_boot, embed=embed or memoized_embeddings(), **params)
     real = score_features(labels, token_activations, documents, **common)
-    wrong = score_features(swapped, token_activations, documents, **common)
-    keep = ["feature", "method", "f1", "auc", "balanced_accuracy", "f1_ci_low", "f1_ci_high", "n_examples"]
-    joined = real.select(keep).join(
-        wrong.select(keep[:6]), on=["feature", "method"], suffix="_swapped", how="inner"
+    wrong_parts = []
+    names = labels.select("feature", "label", "source")
+    for k, order in enumerate(orders):
+        swapped, label_of = swapped_labels(labels, order)
+        if k == 0:
+            names = names.with_columns(
+                pl.Series("swapped_label", swapped["label"]), pl.Series("swapped_from", label_of)
+            )
+        wrong = score_features(swapped, token_activations, documents, **common)
+        wrong_parts.append(wrong.select("feature", "method", *SCORE_COLUMNS))
+    wrong = (
+        pl.concat(wrong_parts)
+        .group_by("feature", "method")
+        .agg(*(pl.col(c).mean().alias(f"{c}_swapped") for c in SCORE_COLUMNS), pl.len().alias("n_swaps"))
     )
-    names = labels.select("feature", "label", "source").with_columns(
-        pl.Series("swapped_label", swapped["label"]), pl.Series("swapped_from", label_of)
-    )
+    keep = ["feature", "method", *SCORE_COLUMNS, "f1_ci_high", "n_examples"]
+    joined = real.select(keep).join(wrong, on=["feature", "method"], how="inner")
     return names.join(joined, on="feature").sort(["method", "feature"])
 
 
+def _wilcoxon_greater(x: np.ndarray, y: np.ndarray) -> float | None:
+    """One-sided paired Wilcoxon signed-rank p-value for x > y (None when every difference is zero)."""
+    from scipy.stats import wilcoxon
+
+    d = x - y
+    if d.size == 0 or not np.any(d != 0):
+        return None
+    return float(wilcoxon(x, y, alternative="greater").pvalue)
+
+
 def summarize(result: pl.DataFrame) -> pl.DataFrame:
-    """Per method: mean real vs swapped F1 / balanced accuracy / AUC and how often the real label wins."""
-    return (
-        result.group_by("method")
-        .agg(
-            pl.len().alias("features"),
-            pl.col("f1").mean().alias("f1_real"),
-            pl.col("f1_swapped").mean(),
-            pl.col("balanced_accuracy").mean().alias("bacc_real"),
-            pl.col("balanced_accuracy_swapped").mean().alias("bacc_swapped"),
-            pl.col("auc").mean().alias("auc_real"),
-            pl.col("auc_swapped").mean(),
-            (pl.col("auc") > pl.col("auc_swapped")).mean().alias("real_auc_wins"),
-            (pl.col("f1_ci_low") > pl.col("f1_swapped")).mean().alias("real_f1_ci_above_swapped"),
-        )
-        .sort("method")
+    """Per method: mean/median real vs swapped F1 / balanced accuracy / AUC, how often the real label wins,
+    and one-sided paired Wilcoxon signed-rank p-values (real > swapped) over features."""
+    rows = []
+    for method in sorted(result["method"].unique().to_list()):
+        r = result.filter(pl.col("method") == method)
+        row: dict[str, Any] = {"method": method, "features": r.height}
+        for metric, short in (("f1", "f1"), ("balanced_accuracy", "bacc"), ("auc", "auc")):
+            pair = r.select(metric, f"{metric}_swapped").drop_nulls()
+            x, y = pair[metric].to_numpy(), pair[f"{metric}_swapped"].to_numpy()
+            row |= {
+                f"{short}_real": float(x.mean()) if x.size else None,
+                f"{short}_swapped": float(y.mean()) if y.size else None,
+                f"{short}_real_median": float(np.median(x)) if x.size else None,
+                f"{short}_swapped_median": float(np.median(y)) if y.size else None,
+                f"real_{short}_wins": float((x > y).mean()) if x.size else None,
+                f"{short}_wilcoxon_p": _wilcoxon_greater(x, y),
+            }
+        ci = r.select("f1_ci_low", "f1_swapped").drop_nulls()
+        row["real_f1_ci_above_swapped"] = float((ci["f1_ci_low"] > ci["f1_swapped"]).mean())
+        rows.append(row)
+    return pl.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def length_confound(
+    token_activations: pl.DataFrame,
+    documents: pl.DataFrame,
+    features: Sequence[int],
+    *,
+    embeddings: np.ndarray | None = None,
+    n_evidence: int = 20,
+    n_holdout: int = 40,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """Per feature: mean characters of the held-out positive / negative excerpts the scorer sees, and the
+    AUC of excerpt length alone (a label-free "score": how far length by itself separates them)."""
+    splits = split_features(
+        token_activations,
+        documents,
+        features,
+        n_evidence=n_evidence,
+        n_holdout=n_holdout,
+        seed=seed,
+        embeddings=embeddings,
     )
+    rows = []
+    for f, split in splits.items():
+        pos, neg = split_excerpts(split, token_activations, documents, "heldout")
+        lengths = np.array([len(e.text) for e in pos + neg], dtype=np.float64)
+        y = np.array([1] * len(pos) + [0] * len(neg))
+        rows.append(
+            {
+                "feature": f,
+                "heldout_pos_chars": float(lengths[y == 1].mean()) if pos else None,
+                "heldout_neg_chars": float(lengths[y == 0].mean()) if neg else None,
+                "auc_length": auc_score(y, lengths),
+            }
+        )
+    return pl.DataFrame(
+        rows,
+        schema={
+            "feature": pl.Int32,
+            "heldout_pos_chars": pl.Float64,
+            "heldout_neg_chars": pl.Float64,
+            "auc_length": pl.Float64,
+        },
+    )
+
+
+PRINT_COLUMNS = (
+    "feature",
+    "doc_freq",
+    "label",
+    "swapped_label",
+    "f1",
+    "f1_swapped",
+    "balanced_accuracy",
+    "balanced_accuracy_swapped",
+    "auc",
+    "auc_swapped",
+    "auc_length",
+)
+SUMMARY_COLUMNS = (
+    "selection",
+    "features",
+    "auc_real",
+    "auc_swapped",
+    "auc_real_median",
+    "auc_swapped_median",
+    "real_auc_wins",
+    "auc_wilcoxon_p",
+    "bacc_real",
+    "bacc_swapped",
+    "real_bacc_wins",
+    "bacc_wilcoxon_p",
+    "f1_real",
+    "f1_swapped",
+    "real_f1_wins",
+    "f1_wilcoxon_p",
+    "auc_length_mean",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(SST2_TRAIN), help="SST-2 train.tsv")
+    parser.add_argument("--features", choices=("sae", "rule-based"), default="sae")
+    parser.add_argument(
+        "--selection",
+        nargs="+",
+        choices=("frequent", "spread"),
+        default=["frequent", "spread"],
+        help="which SAE features (each selection is one benchmark run over the same encoded documents)",
+    )
+    parser.add_argument("--n-features", type=int, default=60)
     parser.add_argument("--n-docs", type=int, default=5000)
-    parser.add_argument("--hard-negatives", action="store_true", help="embed documents for hard negatives")
-    parser.add_argument("--out", default="benchmarks/results/label_scores.json")
+    parser.add_argument(
+        "--swaps", type=int, default=5, help="random derangements per feature (0: one cyclic)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--hard-negatives",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="embed documents for hard negatives (default: on for SAE features, as the asset; off for rules)",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    hard = args.hard_negatives if args.hard_negatives is not None else args.features == "sae"
+    default_out = "label_scores.json" if args.features == "sae" else "label_scores_rule_based.json"
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / default_out)
 
     t0 = time.perf_counter()
     documents = load_sst2(args.data, args.n_docs)
-    acts = rule_based_activations(documents)
-    embeddings = sentence_embeddings(documents["text"].to_list()) if args.hard_negatives else None
-    t1 = time.perf_counter()
-    result = run_benchmark(acts, documents, sorted(WORD_FAMILIES), embeddings=embeddings)
-    t2 = time.perf_counter()
-    summary = summarize(result)
-    with pl.Config(tbl_rows=100, tbl_cols=20, fmt_str_lengths=40, tbl_width_chars=200):
-        print(
-            result.select(
-                "feature",
-                "method",
-                "label",
-                "swapped_label",
-                "f1",
-                "f1_swapped",
-                "balanced_accuracy",
-                "balanced_accuracy_swapped",
-                "auc",
-                "auc_swapped",
-            )
+    info: dict[str, Any] = {}
+    if args.features == "sae":
+        reader = load_default_reader(args.device)
+        t_load = time.perf_counter()
+        acts, status = sae_token_activations(
+            documents, reader, progress=lambda d, n: print(f"encoded {d}/{n}", end="\r", flush=True)
         )
-        print(summary)
-    print(f"documents {documents.height}, setup {t1 - t0:.1f} s, label+score {t2 - t1:.1f} s")
-    out = Path(args.out)
+        t_enc = time.perf_counter()
+        pooled, n_encoded = pooled_from_activations(acts, status)
+        selections = {
+            name: choose_features(pooled, n_encoded, args.n_features, name) for name in args.selection
+        }
+        doc_freq = pooled.group_by("feature").agg((pl.len() / n_encoded).alias("doc_freq"))
+        sae_id = reader.fingerprint
+        info = {
+            "reader_fingerprint": reader.fingerprint,
+            "d_sae": reader.d_sae,
+            "device": reader.device,
+            "encoded_documents": n_encoded,
+            "tokens_pooled": int(status["pooled_tokens"].sum()),
+            "activations": acts.height,
+            "seconds_load_reader": round(t_load - t0, 2),
+            "seconds_encode": round(t_enc - t_load, 2),
+        }
+    else:
+        acts = rule_based_activations(documents)
+        selections = {"word_families": sorted(WORD_FAMILIES)}
+        doc_freq = acts.group_by("feature").agg(
+            (pl.col("doc_id").n_unique() / documents.height).alias("doc_freq")
+        )
+        sae_id = "rule-based"
+    embeddings = sentence_embeddings(documents["text"].to_list()) if hard else None
+    t1 = time.perf_counter()
+    embed = memoized_embeddings()
+    runs: dict[str, dict[str, Any]] = {}
+    summaries = []
+    for name, features in selections.items():
+        ts = time.perf_counter()
+        result = run_benchmark(
+            acts,
+            documents,
+            features,
+            sae_id=sae_id,
+            embeddings=embeddings,
+            swaps=args.swaps if args.swaps > 0 else None,
+            swap_seed=args.seed,
+            embed=embed,
+        )
+        result = result.join(doc_freq, on="feature", how="left").join(
+            length_confound(acts, documents, features, embeddings=embeddings), on="feature", how="left"
+        )
+        summary = summarize(result).with_columns(
+            pl.lit(name).alias("selection"), pl.lit(result["auc_length"].mean()).alias("auc_length_mean")
+        )
+        summaries.append(summary)
+        runs[name] = {
+            "features": result.to_dicts(),
+            "summary": summary.to_dicts(),
+            "first_swap_label_equal_to_real": int((result["label"] == result["swapped_label"]).sum()),
+            "seconds_label_and_score": round(time.perf_counter() - ts, 2),
+        }
+        with pl.Config(tbl_rows=200, tbl_cols=20, fmt_str_lengths=28, tbl_width_chars=230, float_precision=3):
+            print(f"\n== {name}: {len(features)} features ==")
+            print(result.select(PRINT_COLUMNS))
+    t2 = time.perf_counter()
+    table = pl.concat(summaries, how="diagonal_relaxed").select(SUMMARY_COLUMNS)
+    shown = table.select(
+        pl.col(c).map_elements(lambda v: f"{v:.3g}", return_dtype=pl.String) if c != "selection" else c
+        for c in table.columns
+    )
+    with pl.Config(tbl_rows=40, tbl_cols=40, tbl_width_chars=230):
+        print("\n== real vs swapped labels (mean over features; Wilcoxon one-sided, real > swapped) ==")
+        print(shown.transpose(include_header=True, column_names="selection"))
+    print(
+        f"features: {args.features}, documents {documents.height}, swaps {args.swaps}, "
+        f"hard negatives {hard}; "
+        f"setup {t1 - t0:.1f} s, label+score {t2 - t1:.1f} s"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {
+                "features_kind": args.features,
                 "documents": documents.height,
-                "hard_negatives": bool(args.hard_negatives),
-                "features": result.to_dicts(),
-                "summary": summary.to_dicts(),
+                "n_features": args.n_features,
+                "hard_negatives": bool(hard),
+                "swaps": args.swaps,
+                "seed": args.seed,
+                **info,
+                "summary": table.to_dicts(),
+                "runs": runs,
                 "seconds": {"setup": round(t1 - t0, 2), "label_and_score": round(t2 - t1, 2)},
             },
             indent=1,
