@@ -35,7 +35,6 @@ DOC_STATUS_SCHEMA = pa.schema(
 )
 
 
-
 def token_activations_schema(activation_dtype: str = "float16") -> pa.Schema:
     """Schema of the token_activations table; `activation` is stored as `activation_dtype`."""
     return pa.schema(

@@ -260,6 +260,7 @@ class FeatureLabelsConfig(Config):
 
     n_frequent: int = 20
     n_distinctive: int = 30
+    n_associated: int = 3  # per metadata criterion, when feature_associations exists
     requested_features: list[int] = []
     published_labels_path: str | None = None
     n_evidence: int = 20
@@ -312,7 +313,7 @@ def _document_embeddings(storage: StorageResource, docs: pl.DataFrame, max_docs:
     io_manager_key="parquet_io_manager",
     code_version="1",
     pool=MODEL_POOL,
-    deps=[AssetDep("pooled_embeddings")],
+    deps=[AssetDep("pooled_embeddings"), AssetDep("feature_associations")],
     description="Labels for the features that matter in this dataset (frequent, distinctive against its "
     "comparison partners, requested): published labels, else an LLM when configured, else an offline "
     "contrastive log-odds labeler. Cached by (SAE, feature, evidence).",
@@ -351,6 +352,7 @@ def feature_labels(
         n_frequent=config.n_frequent,
         n_distinctive=config.n_distinctive,
         requested=config.requested_features,
+        associated=_top_associated(base, dataset, config.n_associated),
     )
     features = selected["feature"].to_list()
     acts = token_activations.filter(pl.col("feature").is_in(features)).collect()
@@ -396,6 +398,21 @@ def feature_labels(
             "labels": MetadataValue.md(markdown_preview(preview.to_arrow(), max_rows=preview.height)),
         },
     )
+
+
+def _top_associated(base: str, dataset: str, n: int) -> dict[str, list[int]]:
+    """The `n` most significant features of each metadata criterion (empty before feature_associations)."""
+    if n <= 0 or not table_exists(base, "feature_associations", dataset):
+        return {}
+    top = (
+        read_table(base, "feature_associations", dataset)
+        .filter(pl.col("significant"))
+        .sort("q_value")
+        .group_by("criterion", maintain_order=True)
+        .head(n)
+        .collect()
+    )
+    return {c: part["feature"].to_list() for (c,), part in top.group_by(["criterion"], maintain_order=True)}
 
 
 SPLIT_PARAMETERS = ("n_evidence", "n_holdout", "seed", "hard_negatives_max_docs")

@@ -17,6 +17,7 @@ def select_features(
     n_frequent: int = 20,
     n_distinctive: int = 15,
     requested: Iterable[int] = (),
+    associated: Mapping[str, Iterable[int]] | None = None,
     n_features: int | None = None,
 ) -> pl.DataFrame:
     """Features to label for one dataset, with why: columns feature (int32), selected_because (str).
@@ -25,6 +26,7 @@ def select_features(
     - `distinctive:<partner>`: the top `n_distinctive` features significantly more frequent here than in a
       dataset this one is compared with, by the same test its diff report uses (paired when the partner
       comes with `pairs`: columns doc_id_a = this dataset, doc_id_b = the partner);
+    - `associated:<criterion>`: top features of a metadata criterion (from feature_associations);
     - `requested`: any feature the user asked for.
     """
     reasons: dict[int, list[str]] = {}
@@ -46,6 +48,9 @@ def select_features(
         top = diff.filter(pl.col("significant") & (pl.col("direction") == "a")).head(n_distinctive)
         for f in top["feature"].to_list():
             reasons.setdefault(int(f), []).append(f"distinctive:{name}")
+    for criterion, features in (associated or {}).items():
+        for f in features:
+            reasons.setdefault(int(f), []).append(f"associated:{criterion}")
     for f in requested:
         reasons.setdefault(int(f), []).append("requested")
     return pl.DataFrame(

@@ -23,10 +23,13 @@ dataset_job = define_asset_job(
 
 embed_job = define_asset_job(
     "embed_job",
-    selection=AssetSelection.assets("raw_documents", "token_activations", "pooled_embeddings"),
+    selection=AssetSelection.assets(
+        "raw_documents", "token_activations", "pooled_embeddings", "feature_associations"
+    ),
     partitions_def=datasets_partitions,
     executor_def=in_process_executor,
-    description="Read one dataset's drop and compute its activations and pooled embeddings.",
+    description="Read one dataset's drop and compute its activations, pooled embeddings and metadata "
+    "associations.",
 )
 
 label_job = define_asset_job(

@@ -89,6 +89,19 @@ def main() -> int:
                 [key.split("__vs__")[1], key],
             )
         )
+    if "feature_associations" in counts and names:
+        print(f"\nCriteria: features that go with metadata columns of {names[-1]} (feature_associations):")
+        print(
+            query(
+                str(db),
+                "select a.criterion, a.feature, l.label, round(a.effect, 3) as effect, a.q_value "
+                "from feature_associations a left join (select distinct on (feature) feature, label "
+                "from feature_labels where dataset = ?) l using (feature) where a.dataset = ? and "
+                "a.significant qualify row_number() over (partition by a.criterion order by a.q_value) = 1 "
+                "order by a.q_value limit 8",
+                [names[-1], names[-1]],
+            )
+        )
     print(f'\nDuckDB file: {db}\n  duckdb {db} "select count(*) from token_activations"')
     print(f"Dagster UI:  DAGSTER_HOME={home} INTERP_DATA_DIR={data_dir} dagster dev -f definitions.py")
     return 0

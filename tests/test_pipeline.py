@@ -145,6 +145,13 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     assert not any(c.startswith("ticket_id") for c in tested)
     assert all(criteria["q_not_below_p"].to_list())
     assert criteria.filter(criteria["criterion"].str.starts_with("topic="))["n_significant"].sum() > 0
+    # ...and the top features of each criterion got labels ("which features go with escalated?" is named)
+    labeled = query(
+        str(db),
+        "select count(*) as n from feature_labels l join feature_associations a on a.feature = l.feature "
+        "and a.dataset = l.dataset where l.selected_because like '%associated:%' and a.significant",
+    )
+    assert labeled["n"][0] > 0
     assert query(str(db), "select count(*) as n from raw_documents")["n"][0] == 160
     report = query(str(db), "select * from diff_reports")
     md = Path(report["report_markdown_path"][0]).read_text()
