@@ -9,6 +9,7 @@ A run killed midway therefore redoes at most the chunk in flight, and an unchang
 
 from __future__ import annotations
 
+import ctypes
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -62,6 +63,27 @@ ACTIVATION_STATUS_SCHEMA = pa.schema(
         ("reason", pa.string()),
     ]
 )
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last chunk back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Batches of ever-different shapes fragment glibc's heaps, so without this the resident size of a long
+    run creeps up chunk after chunk. Measured over 20,000 documents: peak 1,630 MB without, 1,332 MB
+    with; flat (about 875 MB after every chunk) only with MALLOC_ARENA_MAX=1 MALLOC_TRIM_THRESHOLD_=0 set
+    in the environment before the process starts (see README, Scaling out).
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 @dataclass
@@ -133,6 +155,8 @@ class ActivationCache:
             chunks += 1
             rejected += len(result.errors)
             encoded += len(rng) - len(result.errors)
+            del result
+            release_freed_memory()
             if on_chunk is not None:
                 on_chunk(rng.stop, len(texts))
         return EncodeStats(
