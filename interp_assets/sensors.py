@@ -61,14 +61,15 @@ def landing_sensor(context: SensorEvaluationContext, storage: StorageResource):
     )
 
 
-def stale_labels(instance, a: str, b: str) -> list[str]:
-    """Datasets of comparison (a, b) whose feature_labels were chosen without the partner's current data.
+def stale_labels(instance, a: str, b: str) -> dict[str, str]:
+    """Datasets of comparison (a, b) whose feature_labels were chosen without the partner's current data,
+    each with the partner's current token_activations data version.
 
     feature_labels records the token_activations data version of each partner it compared against
     (`partner_versions`); a missing or different version means its "distinctive" features may miss some of
     the report's. Re-labeling costs only the new features (labels are cached).
     """
-    stale = []
+    stale = {}
     for ds, other in ((a, b), (b, a)):
         labels = latest_materialization(instance, "feature_labels", ds)
         current = data_version(instance, "token_activations", other)
@@ -76,7 +77,7 @@ def stale_labels(instance, a: str, b: str) -> list[str]:
             continue
         seen = labels.asset_materialization.metadata.get("partner_versions")
         if (seen.value if seen else {}).get(other) != current:
-            stale.append(ds)
+            stale[ds] = current
     return stale
 
 
@@ -104,17 +105,13 @@ def comparisons_sensor(context: SensorEvaluationContext, storage: StorageResourc
             continue
         relabel = stale_labels(context.instance, comparison.a, comparison.b)
         if relabel:
-            for ds in relabel:
-                partner = latest_materialization(
-                    context.instance,
-                    "pooled_embeddings",
-                    comparison.b if ds == comparison.a else comparison.a,
-                )
+            for ds, partner_version in relabel.items():
+                # one label run per dataset and tick, even when several of its partners changed
+                if any(r.partition_key == ds and r.job_name == label_job.name for r in requests):
+                    continue
                 requests.append(
                     RunRequest(
-                        job_name=label_job.name,
-                        partition_key=ds,
-                        run_key=f"labels:{ds}:{partner.storage_id}",
+                        job_name=label_job.name, partition_key=ds, run_key=f"labels:{ds}:{partner_version}"
                     )
                 )
             continue
