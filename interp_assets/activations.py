@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from interp_assets.allocator import own_mappings, transient_heap
 from io_managers.parquet import encoding_hint
 
 ACTIVATION_COLUMNS = ("doc_index", "token_index", "token", "char_start", "char_end", "feature", "activation")
@@ -178,33 +179,40 @@ def _tokenize_chat(reader: Any, text: str) -> _Tokenized | str:
         return f"chat template failed: {type(exc).__name__}: {exc}"
 
 
-MAX_PADDING = 1.25  # padded tokens a batch may hold per real token
+# What one more forward pass costs, in tokens of compute: the per-batch work that does not scale with its
+# size (op dispatch through every layer, the SAE encode's setup, host copies). Batching trades it for padding.
+BATCH_COST_TOKENS = 128
 
 
 def plan_batches(
-    lengths: Sequence[int], token_budget: int, max_padding: float = MAX_PADDING
+    lengths: Sequence[int], token_budget: int, batch_cost_tokens: int = BATCH_COST_TOKENS
 ) -> list[list[int]]:
-    """Group document indices into batches sorted by length with at most `token_budget` padded tokens.
+    """Group document indices into batches of length-sorted documents, at most `token_budget` padded tokens.
 
-    A batch also closes before its padded size exceeds `max_padding` times its real tokens, so the cost
-    per document does not depend on how many documents are encoded together (a small incremental drop
-    is not packed into a few wide, mostly-padding batches).
+    The grouping minimizes the total padded tokens plus `batch_cost_tokens` per batch (an exact dynamic
+    program over the sorted lengths), so documents of similar length share a batch, no batch carries more
+    padding than a separate forward pass would cost, and the cost per document does not depend on how many
+    documents are encoded together (a small incremental drop is not packed into wide, mostly-padding
+    batches). A document longer than the budget gets a batch of its own.
     """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+    ln = np.asarray(lengths, dtype=np.int64)[order]
+    n = len(ln)
+    best = np.zeros(n + 1, dtype=np.float64)  # best[j]: cost of batching the j shortest documents
+    cut = np.zeros(n + 1, dtype=np.int64)  # cut[j]: where the last batch of that best plan starts
+    for j in range(1, n + 1):
+        longest = int(ln[j - 1])
+        lo = max(0, j - max(1, token_budget // max(longest, 1)))
+        starts = np.arange(lo, j)
+        cost = best[lo:j] + batch_cost_tokens + longest * (j - starts)
+        k = int(np.argmin(cost))
+        best[j], cut[j] = cost[k], lo + k
     batches: list[list[int]] = []
-    current: list[int] = []
-    real = 0
-    for i in order:
-        longest = max(lengths[i], lengths[current[-1]] if current else 0)
-        padded = longest * (len(current) + 1)
-        if current and (padded > token_budget or padded > max_padding * (real + lengths[i])):
-            batches.append(current)
-            current, real = [], 0
-        current.append(i)
-        real += lengths[i]
-    if current:
-        batches.append(current)
-    return batches
+    j = n
+    while j > 0:
+        batches.append(order[cut[j] : j].tolist())
+        j = int(cut[j])
+    return batches[::-1]
 
 
 _FALLBACK_FORWARD_LOCK = threading.Lock()
@@ -262,6 +270,17 @@ def _vocab_strings(reader: Any) -> np.ndarray:
     return cached
 
 
+def _batch_arrays(docs: list[_Tokenized], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-padded (input_ids, attention_mask, keep) arrays [batch, longest] for one batch, built at once."""
+    lengths = np.array([len(d.input_ids) for d in docs], dtype=np.int64)
+    real = np.arange(int(lengths.max())) < lengths[:, None]
+    ids = np.full(real.shape, pad_id, dtype=np.int64)
+    ids[real] = np.fromiter((t for d in docs for t in d.input_ids), dtype=np.int64, count=int(lengths.sum()))
+    keep = np.zeros(real.shape, dtype=bool)
+    keep[real] = np.fromiter((k for d in docs for k in d.keep), dtype=bool, count=int(lengths.sum()))
+    return ids, real.astype(np.int64), keep
+
+
 def _encode_batch(reader: Any, docs: list[_Tokenized]) -> tuple[np.ndarray, ...]:
     """Forward one padded batch; return numpy arrays (batch_row, token_index, token_id, feature, value)."""
     import torch
@@ -269,32 +288,31 @@ def _encode_batch(reader: Any, docs: list[_Tokenized]) -> tuple[np.ndarray, ...]
     pad_id = reader.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = reader.tokenizer.eos_token_id or 0
-    longest = max(len(d.input_ids) for d in docs)
-    ids = torch.full((len(docs), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(docs), longest), dtype=torch.long)
-    keep = torch.zeros((len(docs), longest), dtype=torch.bool)
-    for row, d in enumerate(docs):
-        n = len(d.input_ids)
-        ids[row, :n] = torch.tensor(d.input_ids, dtype=torch.long)
-        mask[row, :n] = 1
-        keep[row, :n] = torch.tensor(d.keep, dtype=torch.bool)
+    ids_np, mask_np, keep_np = _batch_arrays(docs, pad_id)
     device = reader.device
-    hidden = _capture_hidden(reader, ids.to(device), mask.to(device))
-    keep_dev = keep.to(device)
-    positions = keep_dev.nonzero(as_tuple=False)  # [n_kept, 2] (row, token_index)
-    x = hidden[keep_dev]
-    with torch.inference_mode():
-        rows, feats, vals = sparse_encode(reader.sae, x)
-    batch_row = positions[rows, 0]
-    token_index = positions[rows, 1]
-    token_id = ids.to(device)[batch_row, token_index]
-    return (
-        batch_row.cpu().numpy().astype(np.int32),
-        token_index.cpu().numpy().astype(np.int32),
-        token_id.cpu().numpy().astype(np.int64),
-        feats.cpu().numpy().astype(np.int32),
-        vals.float().cpu().numpy().astype(np.float32),
-    )
+    ids = torch.from_numpy(ids_np).to(device)
+    # Every tensor of the forward pass and the SAE encode dies in this block: serve them from the heap.
+    with transient_heap():
+        hidden = _capture_hidden(reader, ids, torch.from_numpy(mask_np).to(device))
+        keep = torch.from_numpy(keep_np).to(device)
+        positions = keep.nonzero(as_tuple=False)  # [n_kept, 2] (row, token_index)
+        x = hidden[keep]
+        del hidden
+        with torch.inference_mode():
+            rows, feats, vals = sparse_encode(reader.sae, x)
+        del x
+        batch_row = positions[rows, 0]
+        token_index = positions[rows, 1]
+        token_id = ids[batch_row, token_index]
+    # The copies that outlive the batch get their own mappings (see interp_assets.allocator).
+    with own_mappings():
+        return (
+            batch_row.cpu().numpy().astype(np.int32),
+            token_index.cpu().numpy().astype(np.int32),
+            token_id.cpu().numpy().astype(np.int64),
+            feats.cpu().numpy().astype(np.int32),
+            vals.float().cpu().numpy().astype(np.float32),
+        )
 
 
 def encode_texts(reader: Any, texts: Sequence[str]) -> EncodedTexts:
