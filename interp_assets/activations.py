@@ -72,8 +72,7 @@ def sparse_encode(sae: Any, x: Any) -> tuple[Any, Any, Any]:
     for start in range(0, x.shape[0], chunk):
         xc = x[start : start + chunk]
         if arch == "topk":
-            sae_in = sae.process_sae_in(xc)
-            pre = sae_in @ sae.W_enc + sae.b_enc
+            pre = torch.addmm(sae.b_enc, sae.process_sae_in(xc), sae.W_enc)
             if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
                 pre = pre * sae.W_dec.norm(dim=-1)
             k = min(int(sae.cfg.k), d_sae)
@@ -85,10 +84,9 @@ def sparse_encode(sae: Any, x: Any) -> tuple[Any, Any, Any]:
             f, v = top_idx[mask], top_vals[mask]
         else:
             if arch == "standard":
-                pre = sae.process_sae_in(xc) @ sae.W_enc + sae.b_enc
-                acts = pre.relu()
+                acts = torch.addmm(sae.b_enc, sae.process_sae_in(xc), sae.W_enc).relu_()
             elif arch == "jumprelu":
-                pre = sae.process_sae_in(xc) @ sae.W_enc + sae.b_enc
+                pre = torch.addmm(sae.b_enc, sae.process_sae_in(xc), sae.W_enc)
                 acts = pre.relu() * (pre > sae.threshold).to(pre.dtype)
             else:
                 acts = sae.encode(xc)

@@ -118,19 +118,14 @@ def test_batch_order_and_padding_change_nothing(parts):
     a = encode_texts(_reader(parts, hook, 8), TEXTS).activations.to_pydict()
     b = encode_texts(_reader(parts, hook, 10_000), list(reversed(TEXTS))).activations.to_pydict()
     n = len(TEXTS)
-    rows_a = sorted(
-        zip(a["doc_index"], a["token_index"], a["feature"], np.round(a["activation"], 5), strict=True)
-    )
+    rows_a = sorted(zip(a["doc_index"], a["token_index"], a["feature"], a["activation"], strict=True))
     rows_b = sorted(
-        zip(
-            [n - 1 - d for d in b["doc_index"]],
-            b["token_index"],
-            b["feature"],
-            np.round(b["activation"], 5),
-            strict=True,
-        )
+        zip([n - 1 - d for d in b["doc_index"]], b["token_index"], b["feature"], b["activation"], strict=True)
     )
-    assert rows_a == rows_b
+    # the same nonzeros; values agree to float16 storage (batch shapes change float32 rounding in the
+    # last bits, which can move a value to the neighbouring float16)
+    assert [r[:3] for r in rows_a] == [r[:3] for r in rows_b]
+    np.testing.assert_allclose([r[3] for r in rows_a], [r[3] for r in rows_b], rtol=2**-10, atol=0)
 
 
 def _plan_cost(lengths: list[int], batches: list[list[int]], batch_cost: int) -> int:
