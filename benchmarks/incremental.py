@@ -17,6 +17,10 @@ column), as tests/test_pipeline.py does:
    removed documents must be gone from token_activations and pooled_embeddings (checked by content hash,
    and the row counts must equal step 3's rows of the kept documents).
 
+token_activations and pooled_embeddings are stored in segments (one per activation-cache chunk, named by
+content); per step the table shows how many each run wrote and kept (`seg w/k`): step 2 must write none,
+step 3 one per table.
+
 The reader model is loaded once before step 1 (its load time is reported separately and is not part of any
 step, the way a long-lived code server would hold it); `plus_new_wall_ratio_with_reader_load` adds it to
 both sides, the cost when every run is a fresh process. Per step the table shows the run's wall time, its
@@ -65,6 +69,7 @@ SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 RESULTS = ROOT / "benchmarks" / "results" / "incremental.json"
 DATASET = "sst2_incremental"
 EMBED_STEPS = ("raw_documents", "token_activations", "pooled_embeddings")
+SEGMENTED = ("token_activations", "pooled_embeddings")
 MAX_INCREMENTAL_RATIO = 0.15
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -153,6 +158,13 @@ def run_step(name: str, instance: DagsterInstance, res: dict, data_dir: Path) ->
         k: v.value for k, v in result.asset_materializations_for_node("token_activations")[0].metadata.items()
     }
     checks = {e.check_name: bool(e.passed) for e in result.get_asset_check_evaluations()}
+    segments = {}
+    for table in SEGMENTED:
+        written = result.asset_materializations_for_node(table)[0].metadata
+        segments[table] = {
+            "written": written["segments_written"].value,
+            "kept": written["segments_kept"].value,
+        }
     base = str(data_dir / "parquet")
     rows = {
         t: int(read_table(base, t, DATASET).select(pl.len()).collect().item())
@@ -170,6 +182,7 @@ def run_step(name: str, instance: DagsterInstance, res: dict, data_dir: Path) ->
         "reused_from_cache": int(meta["reused_from_cache"]),
         "chunks_written": int(meta["chunks_written"]),
         "rows": rows,
+        "segments": segments,
         "checks": checks,
     }
 
@@ -248,7 +261,8 @@ def reset_data_dir(target: Path, source: Path | None = None) -> None:
 def print_table(steps: list[dict], full_wall: float) -> None:
     header = (
         f"{'step':<13}{'docs':>7}{'encoded':>9}{'reused':>8}{'wall s':>9}{'cpu s':>9}{'encode s':>10}"
-        f"{'raw_doc s':>10}{'tok_act s':>10}{'pooled s':>9}{'act rows':>11}{'pooled rows':>12}{'vs full':>9}"
+        f"{'raw_doc s':>10}{'tok_act s':>10}{'pooled s':>9}{'act rows':>11}{'pooled rows':>12}{'seg w/k':>9}"
+        f"{'vs full':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -261,6 +275,7 @@ def print_table(steps: list[dict], full_wall: float) -> None:
                 f"{ss.get(k, float('nan')):>{w}.2f}" for k, w in zip(EMBED_STEPS, (10, 10, 9), strict=True)
             )
             + f"{s['rows']['token_activations']:>11,}{s['rows']['pooled_embeddings']:>12,}"
+            f"{'{written}/{kept}'.format(**s['segments']['token_activations']):>9}"
             f"{s['wall_s'] / full_wall:>9.1%}"
         )
 
@@ -372,6 +387,16 @@ def main() -> None:
             "pass": all(
                 p["encoded_now"] == len(new) and p["reused_from_cache"] == len(original) for p in pluses
             ),
+        },
+        "unchanged_writes_no_segment": {
+            "value": again["segments"],
+            "target": "0 segments written per table",
+            "pass": all(v["written"] == 0 for v in again["segments"].values()),
+        },
+        "plus_new_writes_one_segment_per_table": {
+            "value": [p["segments"] for p in pluses],
+            "target": "1 segment written per table",
+            "pass": all(v["written"] == 1 for p in pluses for v in p["segments"].values()),
         },
         "plus_new_wall_ratio": {
             "value": ratio,

@@ -5,11 +5,16 @@ chunk is committed as two Parquet files, `<id>.acts.parquet` (one row per nonzer
 `<id>.docs.parquet` (one row per document: tokens, truncation, status). The `.docs` file is the commit
 marker: a chunk without it (a crash between the two renames, or mid-write) is ignored and redone.
 A run killed midway therefore redoes at most the chunk in flight, and an unchanged drop encodes nothing.
+
+The token_activations table of a dataset is stored in segments, one per cache chunk holding some of its
+documents (`activation_segments`); a segment's name is a key of its content, so a re-run rewrites only
+the segments whose documents changed.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -89,6 +94,29 @@ def release_freed_memory() -> None:
 _MALLOC_TRIM = None
 
 
+@dataclass(frozen=True)
+class ActivationSegment:
+    """The token_activations rows of one dataset that one cache chunk holds, named by their content."""
+
+    name: str
+    chunk: str
+    documents: pl.DataFrame  # doc_id (int32), doc_hash of the documents read from this chunk, sorted
+
+
+def activation_segment_name(
+    fingerprint: str, chunk: str, dataset: str, schema: pa.Schema, documents: pl.DataFrame
+) -> str:
+    """`<chunk>-<digest>` over the reader fingerprint, chunk, dataset, table schema and the sorted
+    (doc_id, doc_hash) pairs: what decides the segment's rows (a committed chunk never changes)."""
+    digest = hashlib.sha256()
+    for part in (fingerprint, chunk, dataset):
+        digest.update(part.encode() + b"\0")
+    digest.update(schema.serialize().to_pybytes())
+    digest.update(documents["doc_id"].cast(pl.Int32).to_numpy().tobytes())
+    digest.update("\n".join(documents["doc_hash"].to_list()).encode())
+    return f"{chunk}-{digest.hexdigest()[:16]}"
+
+
 @dataclass
 class EncodeStats:
     """What one `encode_missing` call did."""
@@ -104,6 +132,7 @@ class ActivationCache:
     """Encoded documents for one reader fingerprint, under `<root>/<fingerprint>/`."""
 
     def __init__(self, root: str | Path, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
         self.dir = Path(root) / fingerprint
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -213,6 +242,30 @@ class ActivationCache:
         stored = pq.read_schema(self.dir / f"{chunks[0]}.acts.parquet").field("activation").type
         return next(name for name, t in ACTIVATION_DTYPES.items() if t == stored)
 
+    def activation_segments(
+        self, documents: pl.DataFrame, dataset: str, schema: pa.Schema
+    ) -> list[ActivationSegment]:
+        """The encoded documents of `documents` (doc_id, doc_hash) grouped by the chunk holding them, oldest
+        chunk first: one token_activations segment each (see `activation_segment_name`)."""
+        index = self.document_index().filter(pl.col("status") == "encoded").select("doc_hash", "chunk")
+        wanted = documents.select(pl.col("doc_id").cast(pl.Int32), "doc_hash").join(index, on="doc_hash")
+        segments = []
+        for (chunk,), part in sorted(wanted.group_by(["chunk"]), key=lambda group: group[0][0]):
+            docs = part.select("doc_id", "doc_hash").sort("doc_id", "doc_hash")
+            name = activation_segment_name(self.fingerprint, chunk, dataset, schema, docs)
+            segments.append(ActivationSegment(name, chunk, docs))
+        return segments
+
+    def iter_segment(
+        self, segment: ActivationSegment, dataset: str, schema: pa.Schema
+    ) -> Iterator[pa.RecordBatch]:
+        """The token_activations rows of one segment (sorted by doc_id, token_index), cast to `schema`."""
+        acts = pl.read_parquet(self.dir / f"{segment.chunk}.acts.parquet")
+        # keep only this chunk's copy of each document (first chunk wins), then map hash -> doc_id(s)
+        rows = acts.join(segment.documents, on="doc_hash").sort("doc_id", "token_index")
+        rows = rows.with_columns(pl.lit(dataset).alias("dataset")).select(schema.names)
+        yield from rows.to_arrow().cast(schema).to_batches(max_chunksize=1_000_000)
+
     def iter_token_activations(
         self, documents: pl.DataFrame, dataset: str, schema: pa.Schema | None = None
     ) -> Iterator[pa.RecordBatch]:
@@ -221,12 +274,5 @@ class ActivationCache:
         `schema` defaults to `token_activations_schema` with the dtype the cache holds.
         """
         schema = schema or token_activations_schema(self.stored_activation_dtype() or "float16")
-        index = self.document_index().filter(pl.col("status") == "encoded").select("doc_hash", "chunk")
-        wanted = documents.select(pl.col("doc_id").cast(pl.Int32), "doc_hash").join(index, on="doc_hash")
-        for (chunk_id,), part in wanted.group_by(["chunk"], maintain_order=True):
-            acts = pl.read_parquet(self.dir / f"{chunk_id}.acts.parquet")
-            # keep only this chunk's copy of each document (first chunk wins), then map hash -> doc_id(s)
-            rows = acts.join(part.select("doc_hash", "doc_id"), on="doc_hash").sort("doc_id", "token_index")
-            rows = rows.with_columns(pl.lit(dataset).alias("dataset")).select(schema.names)
-            table = rows.to_arrow().cast(schema)
-            yield from table.to_batches(max_chunksize=1_000_000)
+        for segment in self.activation_segments(documents, dataset, schema):
+            yield from self.iter_segment(segment, dataset, schema)

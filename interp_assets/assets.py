@@ -38,9 +38,26 @@ from interp_assets.activations import encode_texts
 from interp_assets.comparisons import find_comparison, load_comparisons, load_dataset_settings
 from interp_assets.feature_selection import select_features
 from interp_assets.partitions import comparisons_partitions, datasets_partitions, parse_comparison_key
-from interp_assets.pooling import pool_token_activations
+from interp_assets.pooling import (
+    POOLED_SCHEMA,
+    POOLING_VERSION,
+    pool_token_activations,
+    pooled_segment_name,
+    pooled_summary,
+)
 from interp_assets.storage import StorageResource
-from io_managers.parquet import StreamedTable, markdown_preview, read_table, table_exists, write_table
+from io_managers.parquet import (
+    KEEP,
+    SegmentedTable,
+    StreamedTable,
+    markdown_preview,
+    read_table,
+    scan_parquet_files,
+    stored_segments,
+    table_exists,
+    table_segments,
+    write_table,
+)
 from resources.llm import LLMResource
 from resources.sae_reader import ENGINE_VERSION, SAEReaderResource
 
@@ -138,7 +155,8 @@ def raw_documents(context: AssetExecutionContext, config: RawDocumentsConfig, st
         AssetCheckSpec("activations_finite_and_positive", asset="token_activations", blocking=True),
     ],
     description="Every nonzero SAE activation of every pooled token (doc_id, token_index, token, offsets, "
-    "feature, activation). Only new or changed documents go through the model (content-hash cache).",
+    "feature, activation). Only new or changed documents go through the model (content-hash cache), and "
+    "only the segments (one per cache chunk) whose documents changed are written.",
 )
 def token_activations(
     context: AssetExecutionContext,
@@ -172,21 +190,27 @@ def token_activations(
         (reader.fingerprint + "".join(sorted(docs["doc_hash"].to_list()))).encode()
     ).hexdigest()[:24]
 
-    # One pass over the cache: the IO manager writes the stream while Dagster handles the Output, before
-    # this generator resumes, so the counts below are complete by the time the check is yielded.
-    # `stream_done` makes the check fail loudly (not pass silently) if that order ever changed.
-    seen = {"bad_values": 0, "stream_done": False}
+    # One segment per cache chunk holding documents of this dataset, named by its content: a segment
+    # already stored under its name is kept as is; the others are streamed from the cache.
     schema = token_activations_schema(reader.activation_dtype)
+    plan = cache.activation_segments(docs.select("doc_id", "doc_hash"), dataset, schema)
+    stored = stored_segments(storage.parquet_base, "token_activations", dataset, schema)
+    # New segments are checked while the IO manager writes them, which Dagster does while handling the
+    # Output, before this generator resumes; `written` counts the segments streamed to the end, so the
+    # check fails loudly (not passes silently) if that order ever changed.
+    seen = {"bad_values": 0, "written": 0}
 
-    def checked_stream():
-        for batch in cache.iter_token_activations(docs.select("doc_id", "doc_hash"), dataset, schema):
+    def checked_segment(segment):
+        for batch in cache.iter_segment(segment, dataset, schema):
             act = batch.column("activation").to_numpy(zero_copy_only=False)
             seen["bad_values"] += int(np.count_nonzero(~np.isfinite(act) | (act <= 0)))
             yield batch
-        seen["stream_done"] = True
+        seen["written"] += 1
 
+    segments = {s.name: KEEP if s.name in stored else StreamedTable(schema, checked_segment(s)) for s in plan}
+    kept = [stored[name] for name, value in segments.items() if value is KEEP]
     yield Output(
-        StreamedTable(schema, checked_stream()),
+        SegmentedTable(schema, segments),
         data_version=DataVersion(version),
         metadata={
             "documents": docs.height,
@@ -201,6 +225,8 @@ def token_activations(
         },
     )
     missing = count.get("missing", 0)
+    kept_bad = _bad_activations(scan_parquet_files(kept, schema))  # one column of the kept segments
+    new_segments = len(segments) - len(kept)
     yield AssetCheckResult(
         check_name="every_document_accounted_for",
         passed=missing == 0 and status_pl.height == docs.height,
@@ -212,46 +238,74 @@ def token_activations(
     )
     yield AssetCheckResult(
         check_name="activations_finite_and_positive",
-        passed=seen["stream_done"] and seen["bad_values"] == 0,
-        metadata={"bad_values": seen["bad_values"], "rows_checked_while_writing": seen["stream_done"]},
+        passed=seen["written"] == new_segments and seen["bad_values"] + kept_bad == 0,
+        metadata={
+            "bad_values": seen["bad_values"] + kept_bad,
+            "segments_checked_while_writing": seen["written"],
+            "segments_written": new_segments,
+            "segments_kept_checked_from_storage": len(kept),
+        },
     )
+
+
+def _bad_activations(token_activations: pl.LazyFrame) -> int:
+    """Rows whose activation is not finite or not positive."""
+    act = pl.col("activation").cast(pl.Float32)
+    return int(token_activations.select((~act.is_finite() | (act <= 0)).sum()).collect().item() or 0)
 
 
 @asset(
     partitions_def=datasets_partitions,
     io_manager_key="parquet_io_manager",
-    code_version="1",
+    code_version=POOLING_VERSION,
+    deps=[AssetDep("token_activations")],
     check_specs=[AssetCheckSpec("pooled_statistics_consistent", asset="pooled_embeddings")],
     description="Per (document, feature): max, sum and count of active tokens, and the document's pooled "
-    "token count, so max/mean/sum/binarize/count are all derivable.",
+    "token count, so max/mean/sum/binarize/count are all derivable. One segment per token_activations "
+    "segment; only new ones are pooled.",
 )
-def pooled_embeddings(
-    context: AssetExecutionContext, token_activations: pl.LazyFrame, storage: StorageResource
-):
+def pooled_embeddings(context: AssetExecutionContext, storage: StorageResource):
     dataset = context.partition_key
-    status = read_table(storage.parquet_base, "activation_status", dataset).filter(
-        pl.col("status") == "encoded"
+    base = storage.parquet_base
+    sources = table_segments(base, "token_activations", dataset)
+    stored = stored_segments(base, "pooled_embeddings", dataset, POOLED_SCHEMA)
+    doc_tokens = (
+        read_table(base, "activation_status", dataset)
+        .filter(pl.col("status") == "encoded")
+        .select("doc_id", "pooled_tokens")
+        .collect()
     )
-    pooled = pool_token_activations(token_activations, status.select("doc_id", "pooled_tokens").collect())
-    inconsistent = pooled.filter(
-        (pl.col("max_activation") > pl.col("sum_activation") * 1.0001)
-        | (pl.col("active_tokens") > pl.col("doc_tokens"))
-        | pl.col("doc_tokens").is_null()
-    ).height
-    per_doc = pooled.group_by("doc_id").len()["len"]
+    segments: dict = {}
+    frames = []  # the whole table (kept segments from storage, new ones in memory) for stats and the check
+    for source, path in sources.items():
+        name = pooled_segment_name(source)
+        if name in stored:
+            segments[name] = KEEP
+            frames.append(scan_parquet_files([stored[name]]))
+        else:
+            segments[name] = pool_token_activations(scan_parquet_files([path]), doc_tokens)
+            frames.append(segments[name].lazy())
+    empty = pl.from_arrow(POOLED_SCHEMA.empty_table())
+    summary = pooled_summary(pl.concat(frames) if frames else empty.lazy())
+    written = sum(1 for v in segments.values() if v is not KEEP)
     yield Output(
-        pooled,
+        SegmentedTable(POOLED_SCHEMA, segments),
         metadata={
-            "rows": pooled.height,
-            "documents_with_features": per_doc.len(),
-            "mean_features_per_document": float(per_doc.mean() or 0.0),
-            "distinct_features": pooled["feature"].n_unique(),
+            "rows": summary["rows"],
+            "documents_with_features": summary["documents_with_features"],
+            "mean_features_per_document": summary["mean_features_per_document"],
+            "distinct_features": summary["distinct_features"],
         },
     )
     yield AssetCheckResult(
         check_name="pooled_statistics_consistent",
-        passed=inconsistent == 0,
-        metadata={"inconsistent_rows": inconsistent},
+        passed=summary["inconsistent_rows"] == 0,
+        metadata={
+            "inconsistent_rows": summary["inconsistent_rows"],
+            "rows_checked": summary["rows"],
+            "segments_pooled_now": written,
+            "segments_kept": len(segments) - written,
+        },
     )
 
 

@@ -69,10 +69,11 @@ def _exists(path: str) -> bool:
     return bool(fs.exists(p))
 
 
-def _stored_d_sae(path: str) -> int | None:
-    """d_sae from a Parquet file's key-value metadata (`d_sae`), if the writer stored it."""
-    if "://" in path:
+def _stored_d_sae(files: list[str]) -> int | None:
+    """d_sae from the key-value metadata (`d_sae`) of a table's first Parquet file, if the writer set it."""
+    if not files or "://" in files[0]:
         return None
+    path = files[0]
     try:
         meta = pq.read_schema(path).metadata or {}
     except (OSError, ValueError):
@@ -120,6 +121,8 @@ class Dataset:
         Needs raw_documents and pooled_embeddings; token_activations (for `highlight`) and
         feature_labels are optional. `d_sae` overrides the SAE width stored with the tables.
         """
+        from io_managers.parquet import read_table, table_exists, table_files  # imports Dagster: only here
+
         base = os.path.join(data_dir if data_dir is not None else paths.data_dir(), "parquet")
         docs_path = paths.table_path(base, "raw_documents", name)
         if not _exists(docs_path):
@@ -133,7 +136,7 @@ class Dataset:
                 + f". Datasets materialized under {base}: {found or 'none'}."
             )
         pooled_path = paths.table_path(base, "pooled_embeddings", name)
-        if not _exists(pooled_path):
+        if not table_exists(base, "pooled_embeddings", name):
             raise FileNotFoundError(
                 f"Dataset {name!r} has documents but no pooled_embeddings at {pooled_path}: "
                 + _MATERIALIZE_HINT.format(asset="pooled_embeddings", name=name)
@@ -141,12 +144,15 @@ class Dataset:
             )
         ta_path = paths.table_path(base, "token_activations", name)
         labels_path = paths.table_path(base, "feature_labels", name)
-        stored = _stored_d_sae(pooled_path) or (_stored_d_sae(ta_path) if _exists(ta_path) else None)
+        has_tokens = table_exists(base, "token_activations", name)
+        stored = _stored_d_sae(table_files(base, "pooled_embeddings", name)) or (
+            _stored_d_sae(table_files(base, "token_activations", name)) if has_tokens else None
+        )
         store = _Store(
             name=name,
             documents=_prepare_documents(pl.read_parquet(docs_path), name),
-            pooled=pl.scan_parquet(pooled_path),
-            token_activations=pl.scan_parquet(ta_path) if _exists(ta_path) else None,
+            pooled=read_table(base, "pooled_embeddings", name),
+            token_activations=read_table(base, "token_activations", name) if has_tokens else None,
             labels=pl.read_parquet(labels_path) if _exists(labels_path) else None,
             d_sae=d_sae if d_sae is not None else stored,
             d_sae_explicit=d_sae is not None or stored is not None,

@@ -33,3 +33,12 @@ def table_path(parquet_base: str, table: str, partition: str | None = None) -> s
     if partition is None:
         return f"{base}/{table}.parquet"
     return f"{base}/{table}/{check_storage_key(partition)}.parquet"
+
+
+def segments_path(parquet_base: str, table: str, partition: str) -> str:
+    """Folder of a segmented table partition: `<base>/<table>/<partition>` (segment files + `_manifest.json`).
+
+    It sits beside the single-file path `table_path(base, table, partition)`; a partition uses one of the two.
+    """
+    check_storage_key(table, "table name")
+    return f"{parquet_base.rstrip('/')}/{table}/{check_storage_key(partition)}"

@@ -110,20 +110,35 @@ def query(
     return frame
 
 
-def _parquet_files(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+def _partition_entries(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[list[str], list[str]]:
+    """(single-file partition names `<p>.parquet`, sub-folder names) in a partitioned table's folder."""
     if not fs.isdir(folder):
-        return []
-    names = (p.rstrip("/").rpartition("/")[2] for p in fs.ls(folder, detail=False))
-    return sorted(f"{folder}/{n}" for n in names if n.endswith(".parquet") and not n.startswith("."))
+        return [], []
+    files, folders = [], []
+    for info in fs.ls(folder, detail=True):
+        name = info["name"].rstrip("/").rpartition("/")[2]
+        if name.startswith("."):
+            continue
+        if info.get("type") == "directory":
+            folders.append(name)
+        elif name.endswith(".parquet"):
+            files.append(name)
+    return sorted(files), sorted(folders)
 
 
 def table_source(parquet_base: str, table: str) -> str | None:
     """`read_parquet(...)` SQL over a table's Parquet files, or None when it has none.
 
-    Partitioned tables (`<base>/<table>/*.parquet`) are read with a glob so new partitions show up
-    without a refresh; a base path containing glob characters is listed file by file instead.
+    Partitioned tables of single files (`<base>/<table>/*.parquet`) are read with a glob so new partitions
+    show up without a refresh; a base path containing glob characters is listed file by file instead.
+    A table with segmented partitions (`<base>/<table>/<p>/_manifest.json`) lists its files: each such
+    partition's current segments (the manifest's, never a half-written update's) plus the single files
+    of the others, so its view must be refreshed after each write (`warehouse_views_sensor` does). The
+    writer keeps the previous segments for one more write, so a view a little behind still reads.
     Unpartitioned tables read `<base>/<table>.parquet`. Local paths are made absolute.
     """
+    from io_managers.parquet import segment_files  # imports Dagster: not needed by `query`
+
     check_table_name(table)
     fs, base = fsspec.core.url_to_fs(parquet_base)
     local = isinstance(fs, LocalFileSystem)
@@ -132,12 +147,20 @@ def table_source(parquet_base: str, table: str) -> str | None:
         url_base = base
     else:
         url_base = parquet_base.rstrip("/")
-    files = _parquet_files(fs, f"{base}/{table}")
+    files, folders = _partition_entries(fs, f"{base}/{table}")
+    segmented = {p: segment_files(f"{url_base}/{table}/{p}") for p in folders}
+    segmented = {p: urls for p, urls in segmented.items() if urls is not None}
     options = "union_by_name = true, hive_partitioning = false"
+    if segmented:
+        singles = [f"{url_base}/{table}/{f}" for f in files if f.removesuffix(".parquet") not in segmented]
+        urls = singles + [u for p in sorted(segmented) for u in segmented[p]]
+        if not urls:
+            return None
+        return f"read_parquet([{', '.join(sql_string_literal(u) for u in urls)}], {options})"
     if files:
         if _GLOB_CHARS.isdisjoint(url_base):
             return f"read_parquet({sql_string_literal(f'{url_base}/{table}/*.parquet')}, {options})"
-        urls = [f"{url_base}/{table}/{f.rpartition('/')[2]}" for f in files]
+        urls = [f"{url_base}/{table}/{f}" for f in files]
         return f"read_parquet([{', '.join(sql_string_literal(u) for u in urls)}], {options})"
     if fs.isfile(f"{base}/{table}.parquet"):
         return f"read_parquet({sql_string_literal(f'{url_base}/{table}.parquet')}, {options})"

@@ -4,15 +4,23 @@ Layout (the same as `interp_assets.paths.table_path`):
 `<base>/<asset_name>/<partition>.parquet`, unpartitioned `<base>/<asset_name>.parquet`,
 where `asset_name` is the last component of the asset key path. `base_path` is a local path or an
 fsspec URL (`s3://...`, `memory://...`).
+
+A partition written as a `SegmentedTable` is a folder `<base>/<asset_name>/<partition>/` instead: one
+Parquet file per segment plus `_manifest.json`, which lists the segment files readers read (see
+`write_segmented_atomic`). Every reader here (`read_table`, `table_exists`, `table_files`, the IO
+manager's loads) accepts either layout.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import inspect
 import io
+import json
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -37,7 +45,7 @@ from dagster._core.storage.upath_io_manager import is_dict_type
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field, PrivateAttr
 
-from interp_assets.paths import check_storage_key, table_path
+from interp_assets.paths import check_storage_key, segments_path, table_path
 
 if TYPE_CHECKING:
     from upath import UPath
@@ -223,11 +231,27 @@ def _fsync_local(path: str) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class _Written:
+    """What one atomic file write produced."""
+
+    path: str  # as shown in metadata: the absolute local path, or the URL
+    rows: int
+    size: int
+    schema: pa.Schema
+    head: pa.Table
+
+
 def write_parquet_atomic(path: str, data: Any) -> dict[str, Any]:
     """Write `data` to `path` atomically (temp file in the same folder, then rename) and return metadata.
 
     A failure mid-write leaves the previous file untouched and no temp file behind.
     """
+    w = _write_file_atomic(path, data)
+    return table_metadata(w.path, w.rows, w.size, w.schema, w.head)
+
+
+def _write_file_atomic(path: str, data: Any) -> _Written:
     schema, batches, table = _as_stream(data)
     fs, fspath = _fs(path)
     if _is_local(fs):
@@ -258,7 +282,32 @@ def write_parquet_atomic(path: str, data: Any) -> dict[str, Any]:
             elif fs.exists(tmp):
                 fs.rm(tmp)
         raise
-    return table_metadata(shown_path, rows, size, schema, head)
+    return _Written(shown_path, rows, size, schema, head)
+
+
+def _replace_bytes_atomic(path: str, payload: bytes) -> None:
+    """Write a small file atomically (temp file, fsync, rename), like `write_parquet_atomic`."""
+    fs, fspath = _fs(path)
+    tmp = _tmp_name(fspath)
+    try:
+        if _is_local(fs):
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, fspath)
+            with contextlib.suppress(OSError):
+                _fsync_local(os.path.dirname(fspath))
+        else:
+            fs.pipe_file(tmp, payload)
+            fs.mv(tmp, fspath)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if _is_local(fs):
+                os.remove(tmp)
+            elif fs.exists(tmp):
+                fs.rm(tmp)
+        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,24 +357,302 @@ def table_metadata(
 
 
 # --------------------------------------------------------------------------------------------------
+# Segmented partitions
+# --------------------------------------------------------------------------------------------------
+
+MANIFEST = "_manifest.json"
+MANIFEST_FORMAT = 1
+DEBRIS_AGE_S = 3600.0  # a file no manifest lists (a crashed write's) is deleted once this old
+
+
+class _Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Any = _Keep()  # a SegmentedTable value: reuse the stored segment of that name (no read, no write)
+
+
+@dataclass(frozen=True)
+class SegmentedTable:
+    """One table partition as named segments, stored as one Parquet file each plus a manifest.
+
+    `segments` maps a segment name to its data (any form `write_parquet_atomic` takes; cast to `schema`)
+    or to `KEEP`, which reuses the segment of that name the partition's manifest lists (see
+    `stored_segments`). Names are the caller's content keys: same name, same rows. They must be safe
+    file-name parts (letters, digits, `_ . -`). The mapping's order is the order readers see.
+    """
+
+    schema: pa.Schema
+    segments: Mapping[str, Any]
+
+
+def _schema_text(schema: pa.Schema) -> str:
+    return base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")
+
+
+def _schema_from_text(text: str) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
+
+
+def _name_of(path: str) -> str:
+    return path.rstrip("/").rpartition("/")[2]
+
+
+def read_manifest(folder: str) -> dict[str, Any] | None:
+    """The manifest of a segmented partition folder (local path or URL); None when it has none.
+
+    Format: `{"format": 1, "rows": total, "columns": [[name, type], ...], "schema": <base64 Arrow IPC
+    schema>, "segments": [{"name", "file", "rows", "bytes"}, ...], "retained": [...]}`. `segments` is
+    the table, in order; `retained` lists the previous manifest's segments that are no longer part of
+    it, kept for one more write so readers that resolved the previous manifest can finish.
+    """
+    fs, fspath = _fs(folder)
+    path = f"{fspath.rstrip('/')}/{MANIFEST}"
+    try:
+        with fs.open(path, "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        manifest = json.loads(raw)
+        valid = (
+            manifest.get("format") == MANIFEST_FORMAT
+            and isinstance(manifest.get("segments"), list)
+            and isinstance(manifest.get("schema"), str)
+        )
+    except (ValueError, AttributeError):
+        valid = False
+    if not valid:
+        raise ValueError(
+            f"{folder.rstrip('/')}/{MANIFEST} is not a segment manifest of format {MANIFEST_FORMAT}: "
+            "delete that folder and materialize the partition again."
+        )
+    return manifest
+
+
+def segment_files(folder: str) -> list[str] | None:
+    """`<folder>/<file>` of each segment the manifest of `folder` lists, in order; None without a manifest."""
+    manifest = read_manifest(folder)
+    return None if manifest is None else _listed_files(folder, manifest)
+
+
+def _listed_files(folder: str, manifest: dict[str, Any]) -> list[str]:
+    return [f"{folder.rstrip('/')}/{e['file']}" for e in manifest["segments"]]
+
+
+def stored_segments(
+    base_path: str, table: str, partition: str, schema: pa.Schema | None = None
+) -> dict[str, str]:
+    """Segments of a stored partition that `KEEP` can reuse: {name: file}, in manifest order.
+
+    Empty when the partition is absent or a single file, or (given `schema`) was stored with another
+    schema. A segment whose file has gone missing is left out, so the next write writes it again.
+    """
+    folder = segments_path(base_path, table, partition)
+    manifest = read_manifest(folder)
+    if manifest is None or (schema is not None and not _schema_from_text(manifest["schema"]).equals(schema)):
+        return {}
+    fs, fspath = _fs(folder)
+    present = {_name_of(p) for p in fs.ls(fspath, detail=False)}
+    return {e["name"]: f"{folder}/{e['file']}" for e in manifest["segments"] if e["file"] in present}
+
+
+def table_segments(base_path: str, table: str, partition: str) -> dict[str, str]:
+    """{segment name: file} of a stored segmented partition, in manifest order (every segment it lists).
+
+    FileNotFoundError (saying what to materialize) when the partition is not stored, ValueError when it is
+    a single file.
+    """
+    folder = segments_path(base_path, table, partition)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        path = table_path(base_path, table, partition)
+        if _is_stored(path):
+            raise ValueError(
+                f"Table {table!r} partition {partition!r} is one Parquet file ({path}), not segments: "
+                f"materialize {table} for partition {partition} again to store it in segments."
+            )
+        raise _missing(table, partition, path)
+    return {e["name"]: f"{folder}/{e['file']}" for e in manifest["segments"]}
+
+
+def _segment_data(value: Any, schema: pa.Schema) -> StreamedTable:
+    """A segment's data as a stream cast to the table's schema (the writer names any batch that cannot be)."""
+    _, batches, table = _as_stream(value)
+    return StreamedTable(schema, table.to_batches() if table is not None else batches or ())
+
+
+def _file_head(path: str) -> pa.Table:
+    fs, fspath = _fs(path)
+    with fs.open(fspath, "rb") as f:
+        return pa.Table.from_batches([next(pq.ParquetFile(f).iter_batches(batch_size=PREVIEW_ROWS))])
+
+
+def _age_s(fs: fsspec.AbstractFileSystem, info: dict[str, Any], now: float) -> float:
+    stamp = info.get("mtime") or info.get("created")
+    if stamp is None:
+        try:
+            stamp = fs.modified(info["name"]).timestamp()
+        except (NotImplementedError, OSError, ValueError):
+            return 0.0  # unknown age: keep it
+    return now - (stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp))
+
+
+def _delete_unneeded(
+    fs: fsspec.AbstractFileSystem, fspath: str, manifest: dict[str, Any], previous: dict[str, Any]
+) -> None:
+    """Delete what no reader can need: segments the previous manifest only retained, and files no manifest
+    lists once DEBRIS_AGE_S old (a younger one may be a concurrent write's)."""
+    needed = {MANIFEST} | {e["file"] for e in manifest["segments"] + manifest["retained"]}
+    superseded = {e["file"] for e in previous.get("retained", [])}
+    now = time.time()
+    for info in fs.ls(fspath, detail=True):
+        name = _name_of(info["name"])
+        if name in needed or info.get("type") != "file":
+            continue
+        if name in superseded or _age_s(fs, info, now) > DEBRIS_AGE_S:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(info["name"])
+
+
+def _remove_path(fs: fsspec.AbstractFileSystem, fspath: str, recursive: bool = False) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if fs.exists(fspath):
+            fs.rm(fspath, recursive=recursive)
+
+
+def write_segmented_atomic(folder: str, data: SegmentedTable) -> dict[str, Any]:
+    """Write one segmented partition into `folder` and return its output metadata.
+
+    Order: each segment to write goes to a new file `<name>.<random>.parquet` (atomic, fsynced); then
+    the manifest is replaced (atomic rename): before that readers see the previous table, after it the
+    new one, never a mix; last, files no reader needs are deleted (`_delete_unneeded`) and so is the
+    partition's single-file layout (`<folder>.parquet`), if it had one. A failure before the manifest
+    swap leaves the previous table as it was.
+    """
+    fs, fspath = _fs(folder)
+    if _is_local(fs):
+        folder = fspath = os.path.abspath(fspath)
+        os.makedirs(fspath, exist_ok=True)
+    else:
+        folder, fspath = folder.rstrip("/"), fspath.rstrip("/")
+        fs.makedirs(fspath, exist_ok=True)
+    previous = read_manifest(folder) or {"segments": [], "retained": []}
+    same_schema = "schema" in previous and _schema_from_text(previous["schema"]).equals(data.schema)
+    stored = {e["name"]: e for e in previous["segments"]}
+    entries: list[dict[str, Any]] = []
+    head: pa.Table | None = None
+    written_rows = written = 0
+    for name, value in data.segments.items():
+        check_storage_key(name, "segment name")
+        if value is KEEP:
+            if name not in stored or not same_schema:
+                why = "is not in its manifest" if name not in stored else "was stored with another schema"
+                raise ValueError(
+                    f"Segment {name!r} of {folder} is marked KEEP but {why}: pass its data instead "
+                    "(KEEP only the names stored_segments(..., schema) returns)."
+                )
+            entries.append(stored[name])
+            continue
+        w = _write_file_atomic(
+            f"{folder}/{name}.{uuid.uuid4().hex[:12]}.parquet", _segment_data(value, data.schema)
+        )
+        entries.append({"name": name, "file": _name_of(w.path), "rows": w.rows, "bytes": w.size})
+        written, written_rows = written + 1, written_rows + w.rows
+        if head is None and w.rows:
+            head = w.head
+    listed = {e["file"] for e in entries}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "rows": sum(e["rows"] for e in entries),
+        "columns": [[f.name, str(f.type)] for f in data.schema],
+        "schema": _schema_text(data.schema),
+        "segments": entries,
+        "retained": [e for e in previous["segments"] if e["file"] not in listed],
+    }
+    _replace_bytes_atomic(f"{folder}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+    _delete_unneeded(fs, fspath, manifest, previous)
+    _remove_path(fs, f"{fspath}.parquet")
+    if head is None:
+        first = next((e for e in entries if e["rows"]), None)
+        head = _file_head(f"{folder}/{first['file']}") if first else data.schema.empty_table()
+    meta = table_metadata(folder, manifest["rows"], sum(e["bytes"] for e in entries), data.schema, head)
+    meta.update(
+        {
+            "segments": len(entries),
+            "segments_written": written,
+            "segments_kept": len(entries) - written,
+            "rows_written": written_rows,
+        }
+    )
+    return meta
+
+
+def _drop_segmented_layout(path: str) -> None:
+    """After a single-file write at `<p>.parquet`: remove the segmented folder `<p>/` if it is one."""
+    folder = path.removesuffix(".parquet")
+    fs, fspath = _fs(folder)
+    if fs.exists(f"{fspath.rstrip('/')}/{MANIFEST}"):
+        _remove_path(fs, f"{fspath.rstrip('/')}/{MANIFEST}")  # readers now see the single file
+        _remove_path(fs, fspath, recursive=True)
+
+
+# --------------------------------------------------------------------------------------------------
 # Reading and public helpers
 # --------------------------------------------------------------------------------------------------
+
+
+def scan_parquet_files(files: list[str], schema: pa.Schema | None = None) -> pl.LazyFrame:
+    """One LazyFrame over Parquet files of one schema, in order (`schema` gives the columns of none).
+
+    `scan_parquet` locally; elsewhere pyarrow reads them through fsspec.
+    """
+    if not files:
+        if schema is None:
+            raise ValueError("scan_parquet_files needs `schema` when there are no files.")
+        frame = pl.from_arrow(schema.empty_table())
+        assert isinstance(frame, pl.DataFrame)
+        return frame.lazy()
+    fs, _ = _fs(files[0])
+    if _is_local(fs):
+        return pl.scan_parquet([_fs(f)[1] for f in files], hive_partitioning=False)
+    tables = []
+    for path in files:
+        with fs.open(_fs(path)[1], "rb") as f:
+            tables.append(pq.read_table(f))
+    frame = pl.from_arrow(pa.concat_tables(tables) if len(tables) > 1 else tables[0])
+    assert isinstance(frame, pl.DataFrame)
+    return frame.lazy()
 
 
 def scan_parquet_file(path: str) -> pl.LazyFrame:
     """LazyFrame over one Parquet file: `scan_parquet` locally, pyarrow through fsspec elsewhere."""
     fs, fspath = _fs(path)
-    if _is_local(fs):
-        if not os.path.isfile(fspath):
-            raise FileNotFoundError(f"Parquet file {fspath} does not exist.")
-        return pl.scan_parquet(fspath)
-    if not fs.isfile(fspath):
-        raise FileNotFoundError(f"Parquet file {path} does not exist.")
-    with fs.open(fspath, "rb") as f:
-        table = pq.read_table(f)
-    frame = pl.from_arrow(table)
-    assert isinstance(frame, pl.DataFrame)
-    return frame.lazy()
+    if not (os.path.isfile(fspath) if _is_local(fs) else fs.isfile(fspath)):
+        raise FileNotFoundError(f"Parquet file {fspath if _is_local(fs) else path} does not exist.")
+    return scan_parquet_files([path])
+
+
+def _stored_layout(path: str) -> tuple[list[str], pa.Schema | None]:
+    """(files, schema) of the table stored at single-file path `path` or in the segmented folder beside it.
+
+    The folder wins when it has a manifest (the schema is then the manifest's). FileNotFoundError if neither.
+    """
+    folder = path.removesuffix(".parquet")
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        return _listed_files(folder, manifest), _schema_from_text(manifest["schema"])
+    fs, fspath = _fs(path)
+    if not (os.path.isfile(fspath) if _is_local(fs) else fs.isfile(fspath)):
+        raise FileNotFoundError(f"Parquet file {fspath if _is_local(fs) else path} does not exist.")
+    return [path], None
+
+
+def scan_table_path(path: str) -> pl.LazyFrame:
+    """LazyFrame of the table at `table_path(...)`, in either layout (single file or segmented folder)."""
+    files, schema = _stored_layout(path)
+    return scan_parquet_files(files, schema)
 
 
 def _missing(table: str, partition: str | None, path: str) -> FileNotFoundError:
@@ -338,23 +665,53 @@ def _missing(table: str, partition: str | None, path: str) -> FileNotFoundError:
 
 
 def read_table(base_path: str, table: str, partition: str | None = None) -> pl.LazyFrame:
-    """LazyFrame of one table partition (or the unpartitioned table) under `base_path`."""
+    """LazyFrame of one table partition (or the unpartitioned table) under `base_path`, in either layout."""
     path = table_path(base_path, table, partition)
     try:
-        return scan_parquet_file(path)
+        return scan_table_path(path)
+    except FileNotFoundError:
+        raise _missing(table, partition, path) from None
+
+
+def table_files(base_path: str, table: str, partition: str | None = None) -> list[str]:
+    """The Parquet files of one table partition: its single file, or the segments its manifest lists."""
+    path = table_path(base_path, table, partition)
+    try:
+        return _stored_layout(path)[0]
     except FileNotFoundError:
         raise _missing(table, partition, path) from None
 
 
 def write_table(base_path: str, table: str, partition: str | None, data: Any) -> dict[str, Any]:
-    """Atomically write one table partition (same formats as the IO manager); returns its metadata."""
-    return write_parquet_atomic(table_path(base_path, table, partition), data)
+    """Atomically write one table partition (same formats as the IO manager); returns its metadata.
+
+    A `SegmentedTable` goes to the folder `segments_path(base_path, table, partition)`; anything else to
+    the single file `table_path(...)`, and a segmented folder of the same partition is then removed.
+    """
+    if isinstance(data, SegmentedTable):
+        if partition is None:
+            raise ValueError(
+                f"Table {table!r}: a SegmentedTable needs a partition; write unpartitioned tables whole."
+            )
+        return write_segmented_atomic(segments_path(base_path, table, partition), data)
+    path = table_path(base_path, table, partition)
+    meta = write_parquet_atomic(path, data)
+    if partition is not None:
+        _drop_segmented_layout(path)
+    return meta
+
+
+def _is_stored(path: str) -> bool:
+    try:
+        _stored_layout(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def table_exists(base_path: str, table: str, partition: str | None = None) -> bool:
-    """Whether the Parquet file of that table partition exists."""
-    fs, fspath = _fs(table_path(base_path, table, partition))
-    return fs.isfile(fspath)
+    """Whether that table partition is stored (a single Parquet file, or a segmented folder's manifest)."""
+    return _is_stored(table_path(base_path, table, partition))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,9 +764,10 @@ class ParquetIOManager(ConfigurableIOManager, UPathIOManager):
     """Stores asset outputs as Parquet under `base_path`, layout `interp_assets.paths.table_path`.
 
     Writes: `pyarrow.Table`, `polars.DataFrame`/`LazyFrame`, an iterable of `pyarrow.RecordBatch`
-    (streamed), `StreamedTable(schema, batches)`, or `None` (nothing written). Writes are atomic.
-    Reads: a `polars.LazyFrame`; `{partition_key: LazyFrame}` for inputs spanning several partitions
-    (see `wants_partition_dict`), also when only one partition exists.
+    (streamed), `StreamedTable(schema, batches)`, `SegmentedTable` (partitioned assets only: a folder of
+    segments plus a manifest, `write_segmented_atomic`), or `None` (nothing written). Writes are atomic.
+    Reads: a `polars.LazyFrame` over either layout; `{partition_key: LazyFrame}` for inputs spanning
+    several partitions (see `wants_partition_dict`), also when only one partition exists.
     """
 
     base_path: str = Field(description="Local folder or fsspec URL (s3://..., memory://...) of the tables.")
@@ -446,11 +804,16 @@ class ParquetIOManager(ConfigurableIOManager, UPathIOManager):
         return {}
 
     def dump_to_path(self, context: OutputContext, obj: Any, path: UPath) -> None:
-        context.add_output_metadata(write_parquet_atomic(str(path), obj))
+        if isinstance(obj, SegmentedTable):
+            meta = write_segmented_atomic(str(path).removesuffix(".parquet"), obj)
+        else:
+            meta = write_parquet_atomic(str(path), obj)
+            _drop_segmented_layout(str(path))
+        context.add_output_metadata(meta)
 
     def load_from_path(self, context: InputContext, path: UPath) -> pl.LazyFrame:
         try:
-            return scan_parquet_file(str(path))
+            return scan_table_path(str(path))
         except FileNotFoundError:
             if not context.has_asset_key:
                 raise
@@ -470,9 +833,17 @@ class ParquetIOManager(ConfigurableIOManager, UPathIOManager):
                     f"({sorted(paths)[:3]}...): launch the backfill as one run per partition."
                 )
             path = next(iter(paths.values()))
+        elif isinstance(obj, SegmentedTable):
+            raise ValueError(
+                f"{context.get_identifier()}: a SegmentedTable is stored per partition; give the asset a "
+                "partitions_def or return a single table."
+            )
         else:
             path = self._get_path(context)
-        context.log.debug(self.get_writing_output_log_message(path))
+        if isinstance(obj, SegmentedTable):
+            context.log.debug(f"Writing segments into {str(path).removesuffix('.parquet')}/ ...")
+        else:
+            context.log.debug(self.get_writing_output_log_message(path))
         self.dump_to_path(context=context, obj=obj, path=path)
 
     def load_input(self, context: InputContext) -> pl.LazyFrame | dict[str, pl.LazyFrame] | None:
@@ -490,5 +861,7 @@ class ParquetIOManager(ConfigurableIOManager, UPathIOManager):
 
     def has_output(self, context: OutputContext) -> bool:
         if context.has_asset_key and context.has_asset_partitions:
-            return all(self.path_exists(p) for p in self._get_paths_for_partitions(context).values())
-        return self.path_exists(self._get_path(context))
+            paths = list(self._get_paths_for_partitions(context).values())
+        else:
+            paths = [self._get_path(context)]
+        return all(_is_stored(str(p)) for p in paths)

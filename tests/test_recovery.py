@@ -32,7 +32,6 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from dagster import DagsterInstance, EnvVar, materialize
 from dagster_duckdb import DuckDBResource
@@ -47,7 +46,7 @@ from interp_assets.partitions import comparison_key
 from interp_assets.paths import check_storage_key
 from interp_assets.storage import StorageResource
 from interp_assets.warehouse import connect_read_only, query, refresh_views
-from io_managers.parquet import ParquetIOManager
+from io_managers.parquet import ParquetIOManager, read_table, table_exists
 from resources.llm import LLMResource
 from resources.sae_reader import SAEReaderResource
 
@@ -258,7 +257,7 @@ def test_killed_token_activations_run_resumes_at_dagster_level(tmp_path, request
     )
     reader = request.getfixturevalue("reader")
     _kill_after_first_commit(proc, data / "cache" / "activations" / reader.fingerprint, log)
-    assert not (data / "parquet" / "token_activations" / "long_docs.parquet").exists()
+    assert not table_exists(str(data / "parquet"), "token_activations", "long_docs")
     committed = ActivationCache(data / "cache" / "activations", reader.fingerprint).document_index().height
     assert 0 < committed < n and committed % per_chunk == 0
 
@@ -291,8 +290,8 @@ def test_killed_token_activations_run_resumes_at_dagster_level(tmp_path, request
         "rejected": 0,
     }
     for table, key in (("token_activations", SORT_KEY), ("activation_status", ["doc_id"])):
-        ours = pl.from_arrow(pq.read_table(data / "parquet" / table / "long_docs.parquet"))
-        theirs = pl.from_arrow(pq.read_table(ref / "parquet" / table / "long_docs.parquet"))
+        ours = read_table(str(data / "parquet"), table, "long_docs").collect()
+        theirs = read_table(str(ref / "parquet"), table, "long_docs").collect()
         cast = [pl.col(pl.Categorical).cast(pl.String)]
         assert_frame_equal(ours.with_columns(cast).sort(key), theirs.with_columns(cast).sort(key))
     # temp files the kill may have left are invisible to the warehouse
@@ -300,7 +299,7 @@ def test_killed_token_activations_run_resumes_at_dagster_level(tmp_path, request
     assert counts["raw_documents"] == n and counts["activation_status"] == n
     assert (
         counts["token_activations"]
-        == pq.read_metadata(ref / "parquet/token_activations/long_docs.parquet").num_rows
+        == read_table(str(ref / "parquet"), "token_activations", "long_docs").collect().height
     )
 
 
@@ -367,7 +366,7 @@ def test_two_dataset_runs_at_once_with_a_warehouse_reader(tmp_path):
     status = query(str(db), "select dataset, status, count(*) as n from activation_status group by all")
     assert sorted(status.rows()) == [("alpha", "encoded", 100), ("beta", "encoded", 100)]
     for ds in ("alpha", "beta"):
-        stored = pq.read_metadata(data / "parquet" / "token_activations" / f"{ds}.parquet").num_rows
+        stored = read_table(str(data / "parquet"), "token_activations", ds).collect().height
         n = query(str(db), "select count(*) as n from token_activations where dataset = ?", [ds])["n"][0]
         assert n == stored > 0
     dupes = query(
@@ -546,9 +545,9 @@ def test_one_bad_document_at_asset_level(tmp_path):
         e.message for e in instance.all_logs(result.run_id) if e.level == logging.WARNING and e.message
     ]
     assert any("could not be encoded" in m and "doc_id 10" in m and FAILURE in m for m in warnings), warnings
-    acts = pl.read_parquet(data / "parquet/token_activations/batch.parquet")
+    acts = read_table(str(data / "parquet"), "token_activations", "batch").collect()
     assert set(acts["doc_id"].unique()) == set(range(21)) - {10}
-    pooled = pl.read_parquet(data / "parquet/pooled_embeddings/batch.parquet")
+    pooled = read_table(str(data / "parquet"), "pooled_embeddings", "batch").collect()
     assert set(pooled["doc_id"].unique()) == set(range(21)) - {10}
 
 
