@@ -54,6 +54,8 @@ PREVIEW_ROWS = 5
 PREVIEW_CELL_CHARS = 60
 ROW_GROUP_ROWS = 128 * 1024
 ROW_GROUP_BYTES = 64 * 1024 * 1024
+# zstd's own default level; Arrow's (1) stores token_activations ~2.5% larger for about the same speed.
+ZSTD_LEVEL = 3
 
 _FLOAT_PHYSICAL = ("FLOAT", "DOUBLE")
 _HAS_BYTE_STREAM_SPLIT = "use_byte_stream_split" in inspect.signature(pq.ParquetWriter.__init__).parameters
@@ -185,7 +187,9 @@ def _write_stream(
     rows = 0
     head: list[pa.RecordBatch] = []
     head_rows = 0
-    with pq.ParquetWriter(sink, schema, compression="zstd", **_encoding_options(schema)) as writer:
+    with pq.ParquetWriter(
+        sink, schema, compression="zstd", compression_level=ZSTD_LEVEL, **_encoding_options(schema)
+    ) as writer:
         if table is not None:
             writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
             return table.num_rows, table.slice(0, PREVIEW_ROWS)
