@@ -7,8 +7,9 @@ product's own code path, never a reimplementation of it:
   SAE's layer, on --device/--dtype), then `ActivationCache(tmp, reader.fingerprint).encode_missing(
   lambda texts: encode_texts(reader, texts), docs)` exactly as the token_activations asset calls it
   (chunks of its default size, each committed as `<id>.acts.parquet` + `<id>.docs.parquet`), then the
-  dataset-level token_activations file: `write_parquet_atomic(path, StreamedTable(<token_activations
-  schema>, cache.iter_token_activations(docs, dataset)))`. Bytes are the sizes of those files.
+  dataset's token_activations partition as the asset writes it: `write_segmented_atomic(folder,
+  SegmentedTable(<schema>, {segment: cache.iter_segment(...)}))`, one segment per cache chunk (older
+  versions: one file from `cache.iter_token_activations`). Bytes are the sizes of those files.
   "encode" time is the time spent inside `encode_texts` (tokenize, forward to the hook, sparse SAE
   encode, building the Arrow table); "e2e" is the whole `encode_missing` call (+ hashing/commit/fsync).
 - tokens: real tokens, i.e. every non-pad token the model reads (special tokens included), the same
@@ -181,6 +182,25 @@ def token_activations_schema(cache: Any) -> Any:
     )
 
 
+def write_token_activations(cache: Any, docs: Any, schema: Any, workdir: Path) -> dict[str, Any]:
+    """The dataset's token_activations as the asset stores it: one segment per cache chunk (segmented
+    partition) where the product has segments, else one file; returns the writer's metadata."""
+    from io_managers import parquet
+
+    wanted = docs.select("doc_id", "doc_hash")
+    if hasattr(cache, "activation_segments") and hasattr(parquet, "write_segmented_atomic"):
+        segments = {
+            seg.name: parquet.StreamedTable(schema, cache.iter_segment(seg, DATASET, schema))
+            for seg in cache.activation_segments(wanted, DATASET, schema)
+        }
+        folder = str(workdir / "token_activations" / DATASET)
+        return parquet.write_segmented_atomic(folder, parquet.SegmentedTable(schema, segments))
+    stream = cache.iter_token_activations(wanted, DATASET)
+    return parquet.write_parquet_atomic(
+        str(workdir / "token_activations.parquet"), parquet.StreamedTable(schema, stream)
+    )
+
+
 def machine_info(device: str, dtype: str) -> dict[str, Any]:
     import numpy as np
     import pyarrow as pa
@@ -274,7 +294,6 @@ def run_ours(reader: Any, docs: Any, workdir: Path) -> dict[str, Any]:
 
     from interp_assets.activation_cache import ActivationCache
     from interp_assets.activations import encode_texts
-    from io_managers.parquet import StreamedTable, write_parquet_atomic
 
     seen: dict[str, Any] = {"encode_s": 0.0, "n_tokens": [], "pooled": [], "rows": 0, "errors": 0, "rss": []}
 
@@ -300,8 +319,7 @@ def run_ours(reader: Any, docs: Any, workdir: Path) -> dict[str, Any]:
     docs_bytes = sum(p.stat().st_size for p in cache.dir.glob("*.docs.parquet"))
     schema = token_activations_schema(cache)
     t = time.perf_counter()
-    stream = cache.iter_token_activations(docs.select("doc_id", "doc_hash"), DATASET)
-    meta = write_parquet_atomic(str(workdir / "token_activations.parquet"), StreamedTable(schema, stream))
+    meta = write_token_activations(cache, docs, schema, workdir)
     ta_s = time.perf_counter() - t
     n_tokens = np.concatenate(seen["n_tokens"]) if seen["n_tokens"] else np.zeros(0, np.int64)
     pooled = np.concatenate(seen["pooled"]) if seen["pooled"] else np.zeros(0, np.int64)

@@ -52,7 +52,9 @@ if TYPE_CHECKING:
 
 PREVIEW_ROWS = 5
 PREVIEW_CELL_CHARS = 60
-ROW_GROUP_ROWS = 128 * 1024
+# Each row group repeats its columns' dictionaries: 512k rows amortize them (token_activations, default SAE:
+# the `token` column 0.18 -> 0.10 bytes per nonzero) while a pending group stays far below ROW_GROUP_BYTES.
+ROW_GROUP_ROWS = 512 * 1024
 ROW_GROUP_BYTES = 64 * 1024 * 1024
 # zstd's own default level; Arrow's (1) stores token_activations ~2.5% larger for about the same speed.
 ZSTD_LEVEL = 3
