@@ -12,7 +12,12 @@ from dagster_duckdb import DuckDBResource
 from interp_assets.assets import ALL_ASSETS
 from interp_assets.jobs import dataset_job, diff_job, embed_job, label_job
 from interp_assets.paths import data_dir
-from interp_assets.sensors import comparisons_sensor, landing_sensor, warehouse_views_sensor
+from interp_assets.sensors import (
+    comparisons_sensor,
+    landing_sensor,
+    warehouse_views_after_failure_sensor,
+    warehouse_views_sensor,
+)
 from interp_assets.storage import StorageResource
 from io_managers.parquet import ParquetIOManager
 from resources.llm import LLMResource
@@ -64,6 +69,11 @@ def build_resources() -> dict:
 defs = Definitions(
     assets=ALL_ASSETS,
     jobs=[dataset_job, embed_job, label_job, diff_job],
-    sensors=[landing_sensor, comparisons_sensor, warehouse_views_sensor],
+    sensors=[
+        landing_sensor,
+        comparisons_sensor,
+        warehouse_views_sensor,
+        warehouse_views_after_failure_sensor,
+    ],
     resources=build_resources(),
 )

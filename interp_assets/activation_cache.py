@@ -238,7 +238,7 @@ class ActivationCache:
         """The token_activations rows of one segment (sorted by doc_id, token_index), cast to `schema`."""
         acts = pl.read_parquet(self.dir / f"{segment.chunk}.acts.parquet")
         # keep only this chunk's copy of each document (first chunk wins), then map hash -> doc_id(s)
-        rows = acts.join(segment.documents, on="doc_hash").sort("doc_id", "token_index")
+        rows = acts.join(segment.documents, on="doc_hash").sort("doc_id", "token_index", "feature")
         rows = rows.with_columns(pl.lit(dataset).alias("dataset")).select(schema.names)
         yield from rows.to_arrow().cast(schema).to_batches(max_chunksize=1_000_000)
 

@@ -143,3 +143,16 @@ def comparisons_sensor(context: SensorEvaluationContext, storage: StorageResourc
 def warehouse_views_sensor(context: RunStatusSensorContext, storage: StorageResource, duckdb: DuckDBResource):
     counts = refresh_views_with_resource(duckdb, storage.parquet_base, WAREHOUSE_TABLES)
     context.log.info(f"DuckDB views refreshed: {counts}")
+
+
+@run_status_sensor(
+    run_status=DagsterRunStatus.FAILURE,
+    monitor_all_code_locations=False,
+    description="(Re)builds the DuckDB views after a failed run too: it may have written segments before "
+    "failing (a blocking check runs after its asset is stored), and views list segment files.",
+)
+def warehouse_views_after_failure_sensor(
+    context: RunStatusSensorContext, storage: StorageResource, duckdb: DuckDBResource
+):
+    counts = refresh_views_with_resource(duckdb, storage.parquet_base, WAREHOUSE_TABLES)
+    context.log.info(f"DuckDB views refreshed after a failed run: {counts}")

@@ -426,8 +426,9 @@ def read_manifest(folder: str) -> dict[str, Any] | None:
             manifest.get("format") == MANIFEST_FORMAT
             and isinstance(manifest.get("segments"), list)
             and isinstance(manifest.get("schema"), str)
+            and all(_valid_entry(e) for e in manifest["segments"] + manifest.get("retained", []))
         )
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError):
         valid = False
     if not valid:
         raise ValueError(
@@ -435,6 +436,24 @@ def read_manifest(folder: str) -> dict[str, Any] | None:
             "delete that folder and materialize the partition again."
         )
     return manifest
+
+
+_SEGMENT_FILE = re.compile(r"^(?P<name>.+)\.[0-9a-f]{12}\.parquet$")
+
+
+def _valid_entry(entry: Any) -> bool:
+    """A manifest entry names a segment file inside its folder (no path, no glob) with integer counts."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        return False
+    match = _SEGMENT_FILE.match(entry.get("file") or "") if isinstance(entry.get("file"), str) else None
+    try:
+        check_storage_key(entry["name"], "segment name")
+    except ValueError:
+        return False
+    counts = all(
+        isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool) for k in ("rows", "bytes")
+    )
+    return match is not None and match.group("name") == entry["name"] and counts
 
 
 def segment_files(folder: str) -> list[str] | None:
@@ -569,6 +588,13 @@ def write_segmented_atomic(folder: str, data: SegmentedTable) -> dict[str, Any]:
         if head is None and w.rows:
             head = w.head
     listed = {e["file"] for e in entries}
+    present = {_name_of(p) for p in fs.ls(fspath, detail=False)}
+    lost = sorted(listed - present)
+    if lost:  # e.g. a concurrent write of this partition swept a file this write meant to keep
+        raise FileNotFoundError(
+            f"Segment file(s) {lost[:3]} of {folder} vanished before its manifest was replaced; the previous "
+            "table is unchanged. Materialize the partition again (one run per partition at a time)."
+        )
     manifest = {
         "format": MANIFEST_FORMAT,
         "rows": sum(e["rows"] for e in entries),
@@ -622,7 +648,7 @@ def scan_parquet_files(files: list[str], schema: pa.Schema | None = None) -> pl.
         return frame.lazy()
     fs, _ = _fs(files[0])
     if _is_local(fs):
-        return pl.scan_parquet([_fs(f)[1] for f in files], hive_partitioning=False)
+        return pl.scan_parquet([_fs(f)[1] for f in files], hive_partitioning=False, glob=False)
     tables = []
     for path in files:
         with fs.open(_fs(path)[1], "rb") as f:
@@ -651,6 +677,9 @@ def _stored_layout(path: str) -> tuple[list[str], pa.Schema | None]:
         return _listed_files(folder, manifest), _schema_from_text(manifest["schema"])
     fs, fspath = _fs(path)
     if not (os.path.isfile(fspath) if _is_local(fs) else fs.isfile(fspath)):
+        manifest = read_manifest(folder)  # a write may have switched the layout between the two looks
+        if manifest is not None:
+            return _listed_files(folder, manifest), _schema_from_text(manifest["schema"])
         raise FileNotFoundError(f"Parquet file {fspath if _is_local(fs) else path} does not exist.")
     return [path], None
 

@@ -176,6 +176,56 @@ def test_failure_before_the_manifest_swap_leaves_the_previous_table(tmp_path):
     assert_frame_equal(read_table(base, "t", "p").collect(), before)
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"name": "a", "file": "../../../outside.parquet", "rows": 1, "bytes": 1},
+        {"name": "a", "file": "../../*.parquet", "rows": 1, "bytes": 1},
+        {"name": "a", "file": "b.0123456789ab.parquet", "rows": 1, "bytes": 1},  # another segment's file
+        {"name": "../a", "file": "../a.0123456789ab.parquet", "rows": 1, "bytes": 1},
+        {"name": "a", "rows": 1, "bytes": 1},
+        {"name": "a", "file": "a.0123456789ab.parquet", "rows": "1", "bytes": 1},
+    ],
+)
+def test_a_hostile_manifest_is_refused_never_followed(tmp_path, entry):
+    base = str(tmp_path / "parquet")
+    write_table(base, "outside", None, _rows(100, 1))  # a table the manifest must not reach
+    write_table(base, "t", "p", SegmentedTable(SCHEMA, {"a": _rows(0, 3)}))
+    path = Path(segments_path(base, "t", "p")) / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["segments"] = [entry]
+    path.write_text(json.dumps(manifest))
+    for read in (lambda: read_table(base, "t", "p"), lambda: table_files(base, "t", "p")):
+        with pytest.raises(ValueError, match="not a segment manifest.*delete that folder"):
+            read()
+    with pytest.raises(ValueError, match="not a segment manifest"):
+        refresh_views(str(tmp_path / "warehouse.duckdb"), base, ["t"])
+
+
+def test_a_kept_segment_that_vanished_mid_write_aborts_before_the_manifest_swap(tmp_path):
+    base = str(tmp_path)
+    folder = Path(segments_path(base, "t", "p"))
+    write_table(base, "t", "p", SegmentedTable(SCHEMA, {"a": _rows(0, 3), "b": _rows(3, 2)}))
+    manifest = (folder / MANIFEST).read_bytes()
+    kept = next(n for n in _segment_files(folder) if n.startswith("a."))
+
+    def sweep_then_rows() -> Iterator[pa.RecordBatch]:
+        (folder / kept).unlink()  # what a concurrent write's clean-up could do
+        yield from _rows(10, 2).to_batches()
+
+    update = {"a": KEEP, "c": StreamedTable(SCHEMA, sweep_then_rows())}
+    with pytest.raises(FileNotFoundError, match="vanished before its manifest was replaced"):
+        write_table(base, "t", "p", SegmentedTable(SCHEMA, update))
+    assert (folder / MANIFEST).read_bytes() == manifest  # the manifest never names a missing file
+
+
+def test_glob_characters_in_the_base_path_are_read_literally(tmp_path):
+    base = str(tmp_path / "run[1]*?")
+    write_table(base, "t", "p", SegmentedTable(SCHEMA, {"a": _rows(0, 2), "b": _rows(2, 1)}))
+    write_table(base, "one", "p", _rows(5, 2))
+    assert _doc_ids(base, "t") == [0, 1, 2] and _doc_ids(base, "one") == [5, 6]
+
+
 def test_switching_layouts_leaves_one_copy_of_the_partition(tmp_path):
     base = str(tmp_path)
     write_table(base, "t", "p", _rows(0, 2))  # a partition written before segments existed
@@ -438,3 +488,52 @@ def test_crash_while_writing_segments_keeps_the_previous_table(tmp_path, monkeyp
     meta = _io_metadata(again, "token_activations")
     assert meta["encoded_now"] == 0 and (meta["segments_written"], meta["segments_kept"]) == (1, 1)
     assert sorted(set(_tables(data)["token_activations"]["doc_id"])) == list(range(30))
+
+
+def test_views_are_refreshed_after_a_failed_run_that_wrote_segments(tmp_path):
+    from dagster import (
+        AssetIn,
+        DagsterEventType,
+        StaticPartitionsDefinition,
+        asset,
+        build_run_status_sensor_context,
+    )
+
+    from interp_assets.sensors import warehouse_views_after_failure_sensor
+
+    parts = StaticPartitionsDefinition(["p"])
+    state = {"start": 0}
+
+    @asset(name="token_activations", partitions_def=parts, io_manager_key="parquet_io_manager")
+    def writes_segments():
+        state["start"] += 10
+        return SegmentedTable(SCHEMA, {f"s{state['start']}": _rows(state["start"], 2)})
+
+    @asset(partitions_def=parts, ins={"upstream": AssetIn("token_activations")})
+    def fails_after_the_write(upstream):
+        raise RuntimeError("downstream failure")
+
+    storage = StorageResource(data_dir=str(tmp_path))
+    duckdb = DuckDBResource(database=str(tmp_path / "warehouse.duckdb"))
+    resources = {"parquet_io_manager": ParquetIOManager(base_path=storage.parquet_base)}
+    instance = DagsterInstance.ephemeral()
+    for _ in range(3):  # the previous segments outlive one write only: the view must follow every write
+        result = materialize(
+            [writes_segments, fails_after_the_write],
+            partition_key="p",
+            instance=instance,
+            resources=resources,
+            raise_on_error=False,
+        )
+        assert not result.success
+        (entry,) = instance.all_logs(result.run_id, of_type=DagsterEventType.RUN_FAILURE)
+        context = build_run_status_sensor_context(
+            sensor_name="warehouse_views_after_failure_sensor",
+            dagster_event=entry.dagster_event,
+            dagster_instance=instance,
+            dagster_run=instance.get_run_by_id(result.run_id),
+            resources={"storage": storage, "duckdb": duckdb},
+        )
+        warehouse_views_after_failure_sensor(context)
+        rows = query(str(tmp_path / "warehouse.duckdb"), "select doc_id from token_activations order by 1")
+        assert rows["doc_id"].to_list() == [state["start"], state["start"] + 1]
