@@ -18,6 +18,7 @@ from typing import Any
 import duckdb
 import fsspec
 import polars as pl
+import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from interp_assets.paths import data_dir
@@ -49,6 +50,11 @@ def check_table_name(name: str) -> str:
 def sql_string_literal(value: str) -> str:
     """A single-quoted SQL string literal; embedded quotes are doubled so the value cannot end it."""
     return "'" + value.replace("'", "''") + "'"
+
+
+def sql_identifier(name: str) -> str:
+    """A double-quoted SQL identifier; embedded quotes are doubled so the name cannot end it."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _is_lock_conflict(error: BaseException) -> bool:
@@ -137,7 +143,7 @@ def table_source(parquet_base: str, table: str) -> str | None:
     writer keeps the previous segments for one more write, so a view a little behind still reads.
     Unpartitioned tables read `<base>/<table>.parquet`. Local paths are made absolute.
     """
-    from io_managers.parquet import segment_files  # imports Dagster: not needed by `query`
+    from io_managers.parquet import read_manifest, segment_files  # imports Dagster: not needed by `query`
 
     check_table_name(table)
     fs, base = fsspec.core.url_to_fs(parquet_base)
@@ -154,8 +160,8 @@ def table_source(parquet_base: str, table: str) -> str | None:
     if segmented:
         singles = [f"{url_base}/{table}/{f}" for f in files if f.removesuffix(".parquet") not in segmented]
         urls = singles + [u for p in sorted(segmented) for u in segmented[p]]
-        if not urls:
-            return None
+        if not urls:  # only partitions of zero segments (every document rejected): an empty, typed view
+            return _empty_source(read_manifest(f"{url_base}/{table}/{sorted(segmented)[0]}"))
         return f"read_parquet([{', '.join(sql_string_literal(u) for u in urls)}], {options})"
     if files:
         if _GLOB_CHARS.isdisjoint(url_base):
@@ -165,6 +171,20 @@ def table_source(parquet_base: str, table: str) -> str | None:
     if fs.isfile(f"{base}/{table}.parquet"):
         return f"read_parquet({sql_string_literal(f'{url_base}/{table}.parquet')}, {options})"
     return None
+
+
+def _empty_source(manifest: dict) -> str:
+    """A zero-row SQL source with the columns and DuckDB types of a segmented table's Arrow schema."""
+    from io_managers.parquet import schema_of_manifest
+
+    schema = schema_of_manifest(manifest)
+    # DuckDB reads float16 Parquet columns as FLOAT but cannot import an Arrow float16 type
+    readable = pa.schema([f.with_type(pa.float32()) if f.type == pa.float16() else f for f in schema])
+    types = duckdb.from_arrow(readable.empty_table()).types
+    columns = ", ".join(
+        f"CAST(NULL AS {t}) AS {sql_identifier(f.name)}" for f, t in zip(schema, types, strict=True)
+    )
+    return f"(SELECT {columns} WHERE false)"
 
 
 def apply_views(con: duckdb.DuckDBPyConnection, sources: Mapping[str, str | None]) -> dict[str, int]:

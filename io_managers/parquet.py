@@ -456,6 +456,11 @@ def _valid_entry(entry: Any) -> bool:
     return match is not None and match.group("name") == entry["name"] and counts
 
 
+def schema_of_manifest(manifest: dict[str, Any]) -> pa.Schema:
+    """The Arrow schema a segment manifest records."""
+    return _schema_from_text(manifest["schema"])
+
+
 def segment_files(folder: str) -> list[str] | None:
     """`<folder>/<file>` of each segment the manifest of `folder` lists, in order; None without a manifest."""
     manifest = read_manifest(folder)

@@ -537,3 +537,16 @@ def test_views_are_refreshed_after_a_failed_run_that_wrote_segments(tmp_path):
         warehouse_views_after_failure_sensor(context)
         rows = query(str(tmp_path / "warehouse.duckdb"), "select doc_id from token_activations order by 1")
         assert rows["doc_id"].to_list() == [state["start"], state["start"] + 1]
+
+
+def test_a_partition_of_zero_segments_gives_an_empty_typed_view(tmp_path):
+    from interp_assets.activation_cache import token_activations_schema
+
+    base, db = str(tmp_path / "parquet"), str(tmp_path / "warehouse.duckdb")
+    schema = token_activations_schema("float16")  # dictionary strings, float16: types DuckDB must map
+    write_table(base, "token_activations", "all_rejected", SegmentedTable(schema, {}))
+    refresh_views(db, base, ["token_activations"])
+    assert query(db, "select count(*) as n from token_activations")["n"][0] == 0
+    columns = query(db, "select column_name, column_type from (describe token_activations)")
+    assert columns["column_name"].to_list() == schema.names
+    assert dict(zip(columns["column_name"], columns["column_type"], strict=True))["activation"] == "FLOAT"
