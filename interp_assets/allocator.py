@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 1 << 20  # outside forward passes: 1 MiB and more gets its own mapping
@@ -40,34 +40,34 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 @contextmanager
-def transient_heap() -> Iterator[None]:
-    """Serve allocations from the heap inside the block: for tensors that are all freed by its end."""
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, TRANSIENT_THRESHOLD_BYTES)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+def _mmap_threshold(nbytes: int) -> Iterator[None]:
+    """Set glibc's mmap threshold to `nbytes` inside the block, back to MMAP_THRESHOLD_BYTES after it.
 
-
-@contextmanager
-def own_mappings() -> Iterator[None]:
-    """Give every buffer allocated inside the block its own mapping: for results that outlive a batch.
-
-    Kept off the heap, a batch's small results cannot pin the heap above the hole its transients leave.
+    Process-wide: two threads in such blocks at once only get each other's threshold (speed, not results).
     """
     libc = _glibc()
     if libc is None:
         yield
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, 0)
+    libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
     try:
         yield
     finally:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def transient_heap() -> AbstractContextManager[None]:
+    """Serve allocations from the heap inside the block: for tensors that are all freed by its end."""
+    return _mmap_threshold(TRANSIENT_THRESHOLD_BYTES)
+
+
+def own_mappings() -> AbstractContextManager[None]:
+    """Map buffers allocated inside the block on their own when the heap has no free room for them: for
+    results that outlive a batch (best effort: glibc still serves a request from free heap space first).
+
+    Kept off the heap, a batch's results cannot pin the heap above the hole its transients leave.
+    """
+    return _mmap_threshold(0)
 
 
 def release_freed_memory() -> None:
