@@ -56,6 +56,7 @@ from io_managers.parquet import (
     stored_segments,
     table_exists,
     table_segments,
+    write_bytes_atomic,
     write_table,
 )
 from resources.llm import LLMResource
@@ -681,8 +682,8 @@ def diff_reports(
     storage.reports_dir.mkdir(parents=True, exist_ok=True)
     md_path = storage.reports_dir / f"{key}.md"
     html_path = storage.reports_dir / f"{key}.html"
-    _write_text_atomic(md_path, markdown)
-    _write_text_atomic(html_path, html)
+    write_bytes_atomic(str(md_path), markdown.encode("utf-8"))
+    write_bytes_atomic(str(html_path), html.encode("utf-8"))
 
     significant = diff.filter(pl.col("significant"))
     row = pl.DataFrame(
@@ -775,15 +776,6 @@ def _d_sae(context: AssetExecutionContext, dataset: str) -> int | None:
     """SAE width recorded by token_activations for `dataset` (None if unknown)."""
     value = _token_activations_metadata(context, dataset).get("d_sae")
     return int(value) if value is not None else None
-
-
-def _write_text_atomic(path, text: str) -> None:
-    import os
-    import uuid
-
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 ALL_ASSETS = [

@@ -257,6 +257,15 @@ def write_parquet_atomic(path: str, data: Any) -> dict[str, Any]:
     return table_metadata(w.path, w.rows, w.size, w.schema, w.head)
 
 
+def _discard(fs: fsspec.AbstractFileSystem, tmp: str) -> None:
+    """Remove a temp file a failed write left (best effort: the failure itself is what gets raised)."""
+    with contextlib.suppress(Exception):
+        if _is_local(fs):
+            os.remove(tmp)
+        elif fs.exists(tmp):
+            fs.rm(tmp)
+
+
 def _write_file_atomic(path: str, data: Any) -> _Written:
     schema, batches, table = _as_stream(data)
     fs, fspath = _fs(path)
@@ -282,16 +291,12 @@ def _write_file_atomic(path: str, data: Any) -> _Written:
             size = fs.size(fspath)
             shown_path = path
     except BaseException:
-        with contextlib.suppress(Exception):
-            if _is_local(fs):
-                os.remove(tmp)
-            elif fs.exists(tmp):
-                fs.rm(tmp)
+        _discard(fs, tmp)
         raise
     return _Written(shown_path, rows, size, schema, head)
 
 
-def _replace_bytes_atomic(path: str, payload: bytes) -> None:
+def write_bytes_atomic(path: str, payload: bytes) -> None:
     """Write a small file atomically (temp file, fsync, rename), like `write_parquet_atomic`."""
     fs, fspath = _fs(path)
     tmp = _tmp_name(fspath)
@@ -308,11 +313,7 @@ def _replace_bytes_atomic(path: str, payload: bytes) -> None:
             fs.pipe_file(tmp, payload)
             fs.mv(tmp, fspath)
     except BaseException:
-        with contextlib.suppress(Exception):
-            if _is_local(fs):
-                os.remove(tmp)
-            elif fs.exists(tmp):
-                fs.rm(tmp)
+        _discard(fs, tmp)
         raise
 
 
@@ -608,7 +609,7 @@ def write_segmented_atomic(folder: str, data: SegmentedTable) -> dict[str, Any]:
         "segments": entries,
         "retained": [e for e in previous["segments"] if e["file"] not in listed],
     }
-    _replace_bytes_atomic(f"{folder}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+    write_bytes_atomic(f"{folder}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
     _delete_unneeded(fs, fspath, manifest, previous)
     _remove_path(fs, f"{fspath}.parquet")
     if head is None:
