@@ -56,14 +56,11 @@ sys.path.insert(0, str(ROOT))
 
 import polars as pl  # noqa: E402
 from dagster import DagsterEventType, DagsterInstance, materialize  # noqa: E402
-from dagster_duckdb import DuckDBResource  # noqa: E402
 
 from interp_assets.assets import ALL_ASSETS  # noqa: E402
 from interp_assets.ingest import doc_hash  # noqa: E402
-from interp_assets.storage import StorageResource  # noqa: E402
-from io_managers.parquet import ParquetIOManager, read_table  # noqa: E402
-from resources.llm import LLMResource  # noqa: E402
-from resources.sae_reader import SAEReaderResource  # noqa: E402
+from io_managers.parquet import read_table  # noqa: E402
+from resources.local import local_resources  # noqa: E402
 
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 RESULTS = ROOT / "benchmarks" / "results" / "incremental.json"
@@ -104,16 +101,6 @@ def write_drop(landing: Path, rows: list[dict]) -> None:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, landing / f"{DATASET}.jsonl")
-
-
-def resources(data_dir: Path) -> dict:
-    return {
-        "storage": StorageResource(data_dir=str(data_dir)),
-        "parquet_io_manager": ParquetIOManager(base_path=str(data_dir / "parquet")),
-        "duckdb": DuckDBResource(database=str(data_dir / "warehouse.duckdb")),
-        "sae_reader": SAEReaderResource(device="cpu"),
-        "llm": LLMResource(),
-    }
 
 
 def step_seconds(instance: DagsterInstance, run_id: str) -> dict[str, float]:
@@ -315,7 +302,7 @@ def main() -> None:
     try:
         instance = DagsterInstance.ephemeral()
         instance.add_dynamic_partitions("datasets", [DATASET])
-        res = resources(data_dir)
+        res = local_resources(data_dir)
         t = time.perf_counter()
         res["sae_reader"].get_reader()  # load once, outside every timed step
         load_s = time.perf_counter() - t

@@ -49,25 +49,14 @@ def _cache(args: argparse.Namespace) -> int:
 
 def _dagster(args: argparse.Namespace) -> int:
     from dagster import DagsterEventType, DagsterInstance, build_run_status_sensor_context, materialize
-    from dagster_duckdb import DuckDBResource
 
     from interp_assets.assets import ALL_ASSETS
     from interp_assets.sensors import warehouse_views_sensor
-    from interp_assets.storage import StorageResource
-    from io_managers.parquet import ParquetIOManager
-    from resources.llm import LLMResource
-    from resources.sae_reader import SAEReaderResource
+    from resources.local import local_resources
 
     data = Path(args.data_dir)
-    storage = StorageResource(data_dir=str(data))
-    duckdb = DuckDBResource(database=str(data / "warehouse.duckdb"))
-    resources = {
-        "storage": storage,
-        "parquet_io_manager": ParquetIOManager(base_path=str(data / "parquet")),
-        "duckdb": duckdb,
-        "sae_reader": SAEReaderResource(device="cpu"),
-        "llm": LLMResource(),
-    }
+    resources = local_resources(data)
+    storage, duckdb = resources["storage"], resources["duckdb"]
     by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
     assets = [by_name[n] for n in args.assets.split(",")]
     instance = DagsterInstance.ephemeral()

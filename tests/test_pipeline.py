@@ -13,27 +13,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 from dagster import DagsterInstance, build_sensor_context, materialize
-from dagster_duckdb import DuckDBResource
 
 from interp_assets.assets import ALL_ASSETS, WAREHOUSE_TABLES
 from interp_assets.sensors import comparisons_sensor, landing_sensor
 from interp_assets.storage import StorageResource
 from interp_assets.warehouse import query, refresh_views
-from io_managers.parquet import ParquetIOManager
-from resources.llm import LLMResource
-from resources.sae_reader import SAEReaderResource
+from resources.local import local_resources
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _resources(data_dir: Path) -> dict:
-    return {
-        "storage": StorageResource(data_dir=str(data_dir)),
-        "parquet_io_manager": ParquetIOManager(base_path=str(data_dir / "parquet")),
-        "duckdb": DuckDBResource(database=str(data_dir / "warehouse.duckdb")),
-        "sae_reader": SAEReaderResource(device="cpu"),
-        "llm": LLMResource(),
-    }
 
 
 def _small_demo(landing: Path, n: int = 80) -> None:
@@ -93,7 +80,7 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     instance = DagsterInstance.ephemeral()
     names = ["support_assistant_a", "support_assistant_b", "broken"]
     instance.add_dynamic_partitions("datasets", names)
-    resources = _resources(data)
+    resources = local_resources(data)
     by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
     embed = [by_name[n] for n in ("raw_documents", "token_activations", "pooled_embeddings")]
     label = [by_name[n] for n in ("feature_labels", "feature_scores", "feature_associations")]

@@ -34,7 +34,6 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from dagster import DagsterInstance, EnvVar, materialize
-from dagster_duckdb import DuckDBResource
 from polars.testing import assert_frame_equal
 
 from interp_assets.activation_cache import ActivationCache
@@ -44,10 +43,10 @@ from interp_assets.ingest import dataset_name_from_path, doc_hash, list_drops
 from interp_assets.labeling import LABEL_SYSTEM_PROMPT
 from interp_assets.partitions import comparison_key
 from interp_assets.paths import check_storage_key
-from interp_assets.storage import StorageResource
 from interp_assets.warehouse import connect_read_only, query, refresh_views
-from io_managers.parquet import ParquetIOManager, read_table, table_exists
+from io_managers.parquet import read_table, table_exists
 from resources.llm import LLMResource
+from resources.local import local_resources
 from resources.sae_reader import SAEReaderResource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,17 +82,6 @@ def _documents(texts: list[str]) -> pl.DataFrame:
             "text": texts,
         }
     )
-
-
-def _resources(data_dir: Path, **overrides: object) -> dict:
-    """The resources of tests/test_pipeline.py: the embedded default reader on CPU, no LLM."""
-    return {
-        "storage": StorageResource(data_dir=str(data_dir)),
-        "parquet_io_manager": ParquetIOManager(base_path=str(data_dir / "parquet")),
-        "duckdb": DuckDBResource(database=str(data_dir / "warehouse.duckdb")),
-        "sae_reader": SAEReaderResource(device="cpu"),
-        "llm": LLMResource(),
-    } | overrides
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -265,7 +253,7 @@ def test_killed_token_activations_run_resumes_at_dagster_level(tmp_path, request
         instance = DagsterInstance.ephemeral()
         instance.add_dynamic_partitions("datasets", ["long_docs"])
         result = materialize(
-            EMBED[:2], partition_key="long_docs", instance=instance, resources=_resources(folder)
+            EMBED[:2], partition_key="long_docs", instance=instance, resources=local_resources(folder)
         )
         assert result.success
         checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
@@ -527,7 +515,7 @@ def test_one_bad_document_at_asset_level(tmp_path):
     _landing_with(data, "batch", texts)
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("datasets", ["batch"])
-    resources = _resources(data, sae_reader=_ModelFailsOnOneDocument(device="cpu", fail_on=bad))
+    resources = local_resources(data, sae_reader=_ModelFailsOnOneDocument(device="cpu", fail_on=bad))
     result = materialize(EMBED, partition_key="batch", instance=instance, resources=resources)
     assert result.success  # one bad document never fails the run
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
@@ -640,7 +628,7 @@ def hostile_run(tmp_path_factory):
             backoff_base_s=0.01,
             timeout_s=10.0,
         )
-        resources = _resources(data, llm=llm)
+        resources = local_resources(data, llm=llm)
         instance = DagsterInstance.ephemeral()
         materialized = sorted(drops[n] for n in [A_FILE, B_FILE, *MATERIALIZED_DROPS])
         instance.add_dynamic_partitions("datasets", materialized)
@@ -772,7 +760,7 @@ def test_hostile_partition_keys_are_refused_before_anything_is_written(tmp_path,
             selection=selection,
             partition_key=key,
             instance=instance,
-            resources=_resources(data),
+            resources=local_resources(data),
             raise_on_error=False,
         )
         assert not result.success
@@ -782,7 +770,7 @@ def test_hostile_partition_keys_are_refused_before_anything_is_written(tmp_path,
         [BY_NAME["diff_reports"]],
         partition_key=diff_key,
         instance=instance,
-        resources=_resources(data),
+        resources=local_resources(data),
         raise_on_error=False,
     )
     assert not diff.success

@@ -48,8 +48,7 @@ from io_managers.parquet import (
     table_files,
     write_table,
 )
-from resources.llm import LLMResource
-from resources.sae_reader import SAEReaderResource
+from resources.local import local_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
@@ -309,16 +308,6 @@ def _sentences(n: int) -> list[str]:
     return texts[:n]
 
 
-def _resources(data: Path) -> dict:
-    return {
-        "storage": StorageResource(data_dir=str(data)),
-        "parquet_io_manager": ParquetIOManager(base_path=str(data / "parquet")),
-        "duckdb": DuckDBResource(database=str(data / "warehouse.duckdb")),
-        "sae_reader": SAEReaderResource(device="cpu"),
-        "llm": LLMResource(),
-    }
-
-
 def _drop(data: Path, texts: list[str]) -> None:
     (data / "landing").mkdir(parents=True, exist_ok=True)
     with (data / "landing" / "ds.jsonl").open("w", encoding="utf-8") as fh:
@@ -327,7 +316,9 @@ def _drop(data: Path, texts: list[str]) -> None:
 
 
 def _materialize(data: Path, instance: DagsterInstance, **kwargs: object):
-    return materialize(EMBED, partition_key="ds", instance=instance, resources=_resources(data), **kwargs)
+    return materialize(
+        EMBED, partition_key="ds", instance=instance, resources=local_resources(data), **kwargs
+    )
 
 
 def _tables(data: Path) -> dict[str, pl.DataFrame]:
