@@ -111,6 +111,7 @@ class ActivationCache:
         self.fingerprint = fingerprint
         self.dir = Path(root) / fingerprint
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._index: tuple[tuple[str, ...], pl.DataFrame] | None = None
 
     def committed_chunks(self) -> list[str]:
         """Ids of committed chunks, oldest name first (the order decides which copy of a document wins)."""
@@ -122,20 +123,28 @@ class ActivationCache:
         return ids
 
     def document_index(self) -> pl.DataFrame:
-        """One row per cached document hash: the chunk holding it and its status (first chunk wins)."""
+        """One row per cached document hash: the chunk holding it and its status (first chunk wins).
+
+        Committed chunks never change, so the index is read again only when the set of chunks has.
+        """
+        chunks = tuple(self.committed_chunks())
+        if self._index is not None and self._index[0] == chunks:
+            return self._index[1]
         frames = [
             pl.read_parquet(self.dir / f"{c}.docs.parquet").with_columns(pl.lit(c).alias("chunk"))
-            for c in self.committed_chunks()
+            for c in chunks
         ]
         if not frames:
-            return (
-                pl.from_arrow(DOC_STATUS_SCHEMA.empty_table()).with_columns(pl.lit("").alias("chunk")).head(0)
+            empty = pl.from_arrow(DOC_STATUS_SCHEMA.empty_table())
+            index = empty.with_columns(pl.lit("").alias("chunk")).head(0)
+        else:
+            index = (
+                pl.concat(frames)
+                .sort(pl.col("status") != "encoded", maintain_order=True)  # an encoded copy beats a rejection
+                .unique("doc_hash", keep="first", maintain_order=True)
             )
-        return (
-            pl.concat(frames)
-            .sort(pl.col("status") != "encoded", maintain_order=True)  # an encoded copy beats a rejection
-            .unique("doc_hash", keep="first", maintain_order=True)
-        )
+        self._index = (chunks, index)
+        return index
 
     def encode_missing(
         self,
