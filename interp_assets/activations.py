@@ -12,6 +12,7 @@ Design points (see README, "Activation engine"):
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from interp_assets.allocator import own_mappings, transient_heap
+from interp_assets.allocator import Workspace, own_mappings, transient_heap
+from interp_assets.bert_forward import BertForward, supports_bert_forward
 from io_managers.parquet import encoding_hint
 
 ACTIVATION_COLUMNS = ("doc_index", "token_index", "token", "char_start", "char_end", "feature", "activation")
@@ -30,7 +32,7 @@ ACTIVATION_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 FLOAT16_MAX = 65504.0
 
 # Bound on the dense (tokens x d_sae) pre-activation block that exists on the device at one time.
-_PRE_ACTIVATION_BYTES = 256 * 2**20
+_PRE_ACTIVATION_BYTES = 64 * 2**20
 
 
 class _StopForward(Exception):
@@ -56,11 +58,12 @@ class _Tokenized:
     truncated: bool
 
 
-def sparse_encode(sae: Any, x: Any) -> tuple[Any, Any, Any]:
+def sparse_encode(sae: Any, x: Any, workspace: Workspace | None = None) -> tuple[Any, Any, Any]:
     """Encode hidden states `x` [tokens, d_in] with a SAELens SAE, returning sparse (row, feature, value).
 
     Results equal `sae.encode(x)`'s nonzeros; TopK, standard (ReLU) and JumpReLU SAEs are computed without
-    a dense tokens x d_sae output; other architectures fall back to `sae.encode` one chunk at a time.
+    a dense tokens x d_sae output (the pre-activations of one chunk of tokens at a time, in `workspace`
+    buffers when given); other architectures fall back to `sae.encode` one chunk at a time.
     All three tensors stay on the device of `x`.
     """
     import torch
@@ -68,26 +71,26 @@ def sparse_encode(sae: Any, x: Any) -> tuple[Any, Any, Any]:
     arch = sae.cfg.architecture()
     d_sae = int(sae.cfg.d_sae)
     chunk = max(1, _PRE_ACTIVATION_BYTES // (4 * d_sae))
+    workspace = workspace or Workspace()
     rows, feats, vals = [], [], []
     for start in range(0, x.shape[0], chunk):
         xc = x[start : start + chunk]
+        if arch in ("topk", "standard", "jumprelu"):
+            w_enc, b_enc = encoder_weights(sae)
+            pre = workspace.get("sae_pre", xc.shape[0], d_sae, xc)
+            torch.addmm(b_enc, sae.process_sae_in(xc), w_enc, out=pre)
         if arch == "topk":
-            pre = torch.addmm(sae.b_enc, sae.process_sae_in(xc), sae.W_enc)
-            if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
-                pre = pre * sae.W_dec.norm(dim=-1)
             k = min(int(sae.cfg.k), d_sae)
             top_vals, top_idx = torch.topk(pre, k=k, dim=-1, sorted=False)
-            del pre
             top_vals = top_vals.relu()
             mask = top_vals > 0
             r = torch.arange(xc.shape[0], device=x.device).unsqueeze(1).expand_as(top_idx)[mask]
             f, v = top_idx[mask], top_vals[mask]
         else:
             if arch == "standard":
-                acts = torch.addmm(sae.b_enc, sae.process_sae_in(xc), sae.W_enc).relu_()
+                acts = pre.relu_()
             elif arch == "jumprelu":
-                pre = torch.addmm(sae.b_enc, sae.process_sae_in(xc), sae.W_enc)
-                acts = pre.relu() * (pre > sae.threshold).to(pre.dtype)
+                acts = pre.masked_fill_(pre <= sae.threshold, 0.0).relu_()
             else:
                 acts = sae.encode(xc)
             nz = acts.nonzero(as_tuple=True)
@@ -101,6 +104,29 @@ def sparse_encode(sae: Any, x: Any) -> tuple[Any, Any, Any]:
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
         return empty, empty, torch.zeros(0, dtype=torch.float32, device=x.device)
     return torch.cat(rows), torch.cat(feats), torch.cat(vals)
+
+
+_ENCODER_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def encoder_weights(sae: Any) -> tuple[Any, Any]:
+    """`(W_enc, b_enc)` of `sae`, with a TopK SAE's decoder-norm rescaling folded into them.
+
+    `(x @ W_enc + b_enc) * |W_dec|` is `x @ (W_enc * |W_dec|) + b_enc * |W_dec|`: one pass over the
+    tokens x d_sae pre-activations instead of two. Cached per SAE until its weights change.
+    """
+    import torch
+
+    if not (sae.cfg.architecture() == "topk" and getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)):
+        return sae.W_enc, sae.b_enc
+    version = tuple((t.data_ptr(), t._version) for t in (sae.W_enc, sae.b_enc, sae.W_dec))
+    cached = _ENCODER_WEIGHTS.get(sae)
+    if cached is None or cached[0] != version:
+        with torch.no_grad():
+            norm = sae.W_dec.norm(dim=-1)
+            cached = (version, (sae.W_enc * norm).contiguous(), sae.b_enc * norm)
+        _ENCODER_WEIGHTS[sae] = cached
+    return cached[1], cached[2]
 
 
 def tokenize_documents(reader: Any, texts: Sequence[str]) -> list[_Tokenized | str]:
@@ -279,7 +305,16 @@ def _batch_arrays(docs: list[_Tokenized], pad_id: int) -> tuple[np.ndarray, np.n
     return ids, real.astype(np.int64), keep
 
 
-def _encode_batch(reader: Any, docs: list[_Tokenized]) -> tuple[np.ndarray, ...]:
+def _bert_forward(reader: Any) -> BertForward | None:
+    """The reader's fused BERT forward (built once), or None when its model needs the hooked forward."""
+    if not hasattr(reader, "_bert_forward"):
+        supported = supports_bert_forward(reader.model)
+        hook = reader.hook
+        reader._bert_forward = BertForward(reader.model, hook.layer, hook.position) if supported else None
+    return reader._bert_forward
+
+
+def _encode_batch(reader: Any, docs: list[_Tokenized], workspace: Workspace) -> tuple[np.ndarray, ...]:
     """Forward one padded batch; return numpy arrays (batch_row, token_index, token_id, feature, value)."""
     import torch
 
@@ -289,15 +324,18 @@ def _encode_batch(reader: Any, docs: list[_Tokenized]) -> tuple[np.ndarray, ...]
     ids_np, mask_np, keep_np = _batch_arrays(docs, pad_id)
     device = reader.device
     ids = torch.from_numpy(ids_np).to(device)
+    mask = torch.from_numpy(mask_np).to(device)
+    keep = torch.from_numpy(keep_np).to(device)
+    fused = _bert_forward(reader)
     # Every tensor of the forward pass and the SAE encode dies in this block: serve them from the heap.
     with transient_heap():
-        hidden = _capture_hidden(reader, ids, torch.from_numpy(mask_np).to(device))
-        keep = torch.from_numpy(keep_np).to(device)
+        if fused is not None:
+            x = fused(ids, mask, keep, workspace)
+        else:
+            x = _capture_hidden(reader, ids, mask)[keep]
         positions = keep.nonzero(as_tuple=False)  # [n_kept, 2] (row, token_index)
-        x = hidden[keep]
-        del hidden
         with torch.inference_mode():
-            rows, feats, vals = sparse_encode(reader.sae, x)
+            rows, feats, vals = sparse_encode(reader.sae, x, workspace)
         del x
         batch_row = positions[rows, 0]
         token_index = positions[rows, 1]
@@ -333,9 +371,10 @@ def encode_texts(reader: Any, texts: Sequence[str]) -> EncodedTexts:
             pooled[i] = sum(t.keep)
             truncated[i] = t.truncated
     parts: list[tuple[np.ndarray, ...]] = []
+    workspace = Workspace()
     for batch in plan_batches([n_tokens[i] for i in good], reader.token_budget):
         doc_idx = [good[j] for j in batch]
-        parts.extend(_encode_with_isolation(reader, doc_idx, tokenized, errors))
+        parts.extend(_encode_with_isolation(reader, doc_idx, tokenized, errors, workspace))
     if activation_dtype(reader) == "float16":
         parts = [_reject_float16_overflow(p, errors) for p in parts]
     return EncodedTexts(
@@ -348,11 +387,11 @@ def encode_texts(reader: Any, texts: Sequence[str]) -> EncodedTexts:
 
 
 def _encode_with_isolation(
-    reader: Any, doc_idx: list[int], tokenized: list[Any], errors: dict[int, str]
+    reader: Any, doc_idx: list[int], tokenized: list[Any], errors: dict[int, str], workspace: Workspace
 ) -> list[tuple[np.ndarray, ...]]:
     """Encode a batch; if it fails, retry each document alone so only the bad one is rejected."""
     try:
-        b_row, tok_i, tok_id, feat, val = _encode_batch(reader, [tokenized[i] for i in doc_idx])
+        b_row, tok_i, tok_id, feat, val = _encode_batch(reader, [tokenized[i] for i in doc_idx], workspace)
         return [(np.asarray(doc_idx, dtype=np.int32)[b_row], tok_i, tok_id, feat, val)]
     except Exception as exc:  # noqa: BLE001
         if len(doc_idx) == 1:
@@ -360,7 +399,7 @@ def _encode_with_isolation(
             return []
         out = []
         for i in doc_idx:
-            out.extend(_encode_with_isolation(reader, [i], tokenized, errors))
+            out.extend(_encode_with_isolation(reader, [i], tokenized, errors, workspace))
         return out
 
 

@@ -24,7 +24,7 @@ DEFAULT_SAE_DIR = str(Path(__file__).resolve().parent / "default_sae")
 EMBEDDED_SAE = "embedded:minilm-l3-topk"
 
 # Bumped whenever a change in our code changes stored activations: part of every cache key.
-ENGINE_VERSION = "2"
+ENGINE_VERSION = "3"
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 _LAYER_LISTS = (

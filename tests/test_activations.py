@@ -1,4 +1,8 @@
-"""The activation engine against SAELens's own encode, on a tiny random GPT-2 and a random TopK SAE."""
+"""The activation engine against SAELens's own encode, on tiny random models and random TopK SAEs.
+
+GPT-2 runs the generic hooked forward; BERT runs the fused BERT forward (interp_assets/bert_forward.py),
+with an SAE that rescales by decoder norms (the shipped default does), folded into its encoder weights.
+"""
 
 import numpy as np
 import pyarrow as pa
@@ -6,7 +10,7 @@ import pytest
 import torch
 from sae_lens import TopKSAE, TopKSAEConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, PreTrainedTokenizerFast
 
 from interp_assets.activations import encode_texts
 from resources.sae_reader import SAEReader, parse_hook_name
@@ -26,11 +30,22 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
 
 
-@pytest.fixture(scope="module")
-def parts():
+@pytest.fixture(scope="module", params=["gpt2", "bert"])
+def parts(request):
     torch.manual_seed(0)
-    model = GPT2Model(GPT2Config(vocab_size=11, n_embd=32, n_layer=3, n_head=2, n_positions=64)).eval()
-    sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=96, k=6, dtype="float32", device="cpu"))
+    if request.param == "gpt2":
+        model = GPT2Model(GPT2Config(vocab_size=11, n_embd=32, n_layer=3, n_head=2, n_positions=64)).eval()
+    else:
+        config = BertConfig(
+            vocab_size=11, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64
+        )
+        model = BertModel(config, add_pooling_layer=False).eval()
+    rescale = request.param == "bert"
+    sae = TopKSAE(
+        TopKSAEConfig(
+            d_in=32, d_sae=96, k=6, dtype="float32", device="cpu", rescale_acts_by_decoder_norm=rescale
+        )
+    )
     with torch.no_grad():
         sae.b_enc.normal_()
     return _tokenizer(), model, sae

@@ -1,0 +1,106 @@
+"""The fused BERT forward against the Hugging Face forward it replaces (interp_assets/bert_forward.py)."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+from interp_assets.activations import _batch_arrays, _bert_forward, _capture_hidden, tokenize_documents
+from interp_assets.allocator import Workspace
+from interp_assets.bert_forward import BertForward, supports_bert_forward
+from resources.reader_model import EMBEDDED_READER, load_reader_model
+from resources.sae_reader import HookPoint, find_layer_module
+
+SHORT = ["a fine, quiet film.", "bad", "the plot holds together until the last act, then it falls apart."]
+# over 32 tokens: attention runs through scaled_dot_product_attention instead of the batched matmuls
+LONG = [" ".join(["an unexpectedly moving portrait of a family that keeps its secrets"] * 4)]
+
+
+def _hooked(model, hook: HookPoint, ids, mask):
+    """The hooked hidden states of the Hugging Face forward, as the generic engine path captures them."""
+    reader = type("Reader", (), {})()
+    reader.model, reader.hook, reader.layer_module = model, hook, find_layer_module(model, hook.layer)
+    return _capture_hidden(reader, ids, mask)
+
+
+def _batch(tokenizer, texts, exclude_special: bool = True):
+    reader = type("Reader", (), {})()
+    reader.tokenizer, reader.max_length, reader.chat_template = tokenizer, 128, False
+    reader.exclude_special_tokens = exclude_special
+    ids, mask, keep = _batch_arrays(tokenize_documents(reader, texts), tokenizer.pad_token_id)
+    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(keep)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_reader_model(EMBEDDED_READER)
+
+
+@pytest.mark.parametrize("texts", [SHORT, SHORT + LONG], ids=["short", "long"])
+@pytest.mark.parametrize(
+    "hook", [HookPoint(0, "pre"), HookPoint(3, "pre"), HookPoint(3, "post"), HookPoint(5, "post")], ids=str
+)
+def test_equals_the_hooked_hugging_face_forward_on_the_embedded_reader(minilm, hook, texts):
+    tokenizer, model = minilm
+    ids, mask, keep = _batch(tokenizer, texts)
+    expected = _hooked(model, hook, ids, mask)[keep]
+    ours = BertForward(model, hook.layer, hook.position)(ids, mask, keep, Workspace())
+    assert ours.shape == expected.shape
+    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_special_tokens_kept_and_workspace_reused_across_batch_shapes(minilm):
+    tokenizer, model = minilm
+    forward, workspace = BertForward(model, 2, "post"), Workspace()
+    for texts in (SHORT + LONG, SHORT[:1], LONG + SHORT):  # buffers grow, then are reused smaller
+        ids, mask, keep = _batch(tokenizer, texts, exclude_special=False)
+        assert bool((keep == mask.bool()).all())
+        expected = _hooked(model, HookPoint(2, "post"), ids, mask)[keep]
+        torch.testing.assert_close(forward(ids, mask, keep, workspace), expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_random_bert_with_either_activation(activation):
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        hidden_act=activation,
+    )
+    model = BertModel(config).eval()
+    ids = torch.randint(1, 50, (3, 40))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 33:] = 0
+    ids[mask == 0] = 0
+    keep = mask.bool().clone()
+    keep[:, 0] = False
+    for length in (40, 20):  # SDPA and batched-matmul attention
+        i, m, k = ids[:, :length], mask[:, :length], keep[:, :length]
+        expected = _hooked(model, HookPoint(1, "post"), i, m)[k]
+        ours = BertForward(model, 1, "post")(i, m, k, Workspace())
+        torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_only_plain_bert_encoders_take_the_fused_path():
+    assert not supports_bert_forward(GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2)))
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    assert supports_bert_forward(BertModel(BertConfig(**small)))
+    assert not supports_bert_forward(BertModel(BertConfig(**small, hidden_act="gelu_new")))
+    assert not supports_bert_forward(BertModel(BertConfig(**small, is_decoder=True)))
+    with pytest.raises(ValueError, match="not a plain BertModel"):
+        BertForward(GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2)), 0, "post")
+    with pytest.raises(ValueError, match="Layer 4 does not exist"):
+        BertForward(BertModel(BertConfig(**small)), 4, "post")
+
+
+def test_the_engine_uses_it_for_the_embedded_reader(minilm):
+    tokenizer, model = minilm
+    reader = type("Reader", (), {})()
+    reader.model, reader.hook = model, HookPoint(3, "post")
+    assert isinstance(_bert_forward(reader), BertForward)
+    reader = type("Reader", (), {})()
+    reader.model, reader.hook = GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2)), HookPoint(0, "post")
+    assert _bert_forward(reader) is None
