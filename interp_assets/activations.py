@@ -306,12 +306,13 @@ def _batch_arrays(docs: list[_Tokenized], pad_id: int) -> tuple[np.ndarray, np.n
 
 
 def _bert_forward(reader: Any) -> BertForward | None:
-    """The reader's fused BERT forward (built once), or None when its model needs the hooked forward."""
-    if not hasattr(reader, "_bert_forward"):
-        supported = supports_bert_forward(reader.model)
-        hook = reader.hook
-        reader._bert_forward = BertForward(reader.model, hook.layer, hook.position) if supported else None
-    return reader._bert_forward
+    """The reader's fused BERT forward (built once per model), or None when its model needs the hooked one."""
+    cached = getattr(reader, "_bert_forward", None)
+    if cached is None or cached[0] is not reader.model:  # a copied reader may carry another model
+        model, hook = reader.model, reader.hook
+        forward = BertForward(model, hook.layer, hook.position) if supports_bert_forward(model) else None
+        cached = reader._bert_forward = (model, forward)
+    return cached[1]
 
 
 def _encode_batch(reader: Any, docs: list[_Tokenized], workspace: Workspace) -> tuple[np.ndarray, ...]:
