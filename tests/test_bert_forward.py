@@ -104,3 +104,14 @@ def test_the_engine_uses_it_for_the_embedded_reader(minilm):
     reader = type("Reader", (), {})()
     reader.model, reader.hook = GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2)), HookPoint(0, "post")
     assert _bert_forward(reader) is None
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_matches_the_hooked_forward(dtype):
+    tokenizer, model = load_reader_model(EMBEDDED_READER, dtype=dtype)
+    ids, mask, keep = _batch(tokenizer, SHORT + LONG)
+    hook = HookPoint(3, "post")
+    expected = _hooked(model, hook, ids, mask)[keep]
+    ours = BertForward(model, hook.layer, hook.position)(ids, mask, keep, Workspace())
+    assert ours.dtype == expected.dtype == getattr(torch, dtype)
+    torch.testing.assert_close(ours, expected)  # torch's default tolerances for the dtype
