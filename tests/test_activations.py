@@ -12,7 +12,7 @@ from sae_lens import TopKSAE, TopKSAEConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, PreTrainedTokenizerFast
 
-from interp_assets.activations import encode_texts
+from interp_assets.activations import _row_order, _used_ids, encode_texts
 from resources.sae_reader import SAEReader, parse_hook_name
 
 TEXTS = ["the cat sat on the mat", "a dog", "the cat and the dog sat on a mat together today", "mat cat"]
@@ -188,3 +188,23 @@ def test_plan_batches_is_optimal_against_brute_force():
                 best = value if best is None else min(best, value)
         planned = plan_batches(lengths, token_budget=budget, batch_cost_tokens=cost)
         assert _plan_cost(lengths, planned, cost) == best
+
+
+def test_row_order_and_used_ids_equal_their_numpy_definitions():
+    rng = np.random.default_rng(0)
+    for n_docs, n_feat in [(50, 96), (2**40, 2**20)]:  # the second overflows one int64 key: lexsort
+        doc = rng.integers(0, n_docs, 5000).astype(np.int64)
+        tok = rng.integers(0, 40, 5000).astype(np.int32)
+        feat = rng.integers(0, n_feat, 5000).astype(np.int32)
+        triples = np.unique(np.stack([doc, tok, feat]), axis=1)  # unique keys, as the engine's rows are
+        doc, tok, feat = triples[0], triples[1].astype(np.int32), triples[2].astype(np.int32)
+        shuffled = rng.permutation(len(doc))
+        doc, tok, feat = doc[shuffled], tok[shuffled], feat[shuffled]
+        np.testing.assert_array_equal(_row_order(doc, tok, feat), np.lexsort((feat, tok, doc)))
+    assert len(_row_order(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32))) == 0
+    ids = rng.integers(0, 300, 2000)
+    for vocab_size in (300, 100):  # 100: ids beyond the vocabulary fall back to np.unique
+        uniq, inverse = _used_ids(ids, vocab_size)
+        expected_uniq, expected_inverse = np.unique(ids, return_inverse=True)
+        np.testing.assert_array_equal(uniq, expected_uniq)
+        np.testing.assert_array_equal(inverse, expected_inverse)
