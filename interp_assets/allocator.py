@@ -24,6 +24,7 @@ MMAP_THRESHOLD_BYTES = 1 << 20  # outside forward passes: 1 MiB and more gets it
 TRANSIENT_THRESHOLD_BYTES = 4 << 20  # inside a forward pass: tensors under 4 MiB from the heap
 
 _libc: ctypes.CDLL | None | bool = None
+_threshold = MMAP_THRESHOLD_BYTES  # the value set now (glibc has no getter)
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -42,19 +43,22 @@ def _glibc() -> ctypes.CDLL | None:
 
 @contextmanager
 def _mmap_threshold(nbytes: int) -> Iterator[None]:
-    """Set glibc's mmap threshold to `nbytes` inside the block, back to MMAP_THRESHOLD_BYTES after it.
+    """Set glibc's mmap threshold to `nbytes` inside the block, back to the enclosing block's value after.
 
     Process-wide: two threads in such blocks at once only get each other's threshold (speed, not results).
     """
+    global _threshold
     libc = _glibc()
     if libc is None:
         yield
         return
+    outer, _threshold = _threshold, nbytes
     libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        _threshold = outer
+        libc.mallopt(_M_MMAP_THRESHOLD, outer)
 
 
 def transient_heap() -> AbstractContextManager[None]:
@@ -83,8 +87,10 @@ class Workspace:
 
     A freshly allocated tensor of MBs costs a zeroed page per 4 KiB on first touch, a real share of the
     matmul that fills it (on this project's 2-core VM, 1,000 SST-2 documents took about 150k page faults
-    per run without these buffers, 2k with them). Each named buffer grows to the largest size asked for
-    and lives as long as the Workspace; a caller must be done with a buffer before asking for it again.
+    per run without these buffers, 30k with them). Each named buffer grows (by half again, so rarely) to
+    the largest size asked for, in its own mapping (it outlives the batches, so it stays off the heap
+    their transients share), and lives as long as the Workspace; a caller must be done with a buffer
+    before asking for it again.
     """
 
     def __init__(self) -> None:
@@ -100,7 +106,9 @@ class Workspace:
             or buffer.dtype != like.dtype
             or buffer.device != like.device
         ):
+            grown = size if buffer is None else max(size, buffer.numel() * 3 // 2)  # few regrowths
             self._buffers.pop(name, None)  # free the old one before the larger one is allocated
-            buffer = like.new_empty(size)
+            with own_mappings():  # lives across batches: keep it off the heap the transients share
+                buffer = like.new_empty(grown)
             self._buffers[name] = buffer
         return buffer[: rows * cols].view(rows, cols)

@@ -1,0 +1,33 @@
+"""The allocator helpers: nested mmap-threshold blocks and the reusable workspace."""
+
+import torch
+
+from interp_assets import allocator
+from interp_assets.allocator import MMAP_THRESHOLD_BYTES, TRANSIENT_THRESHOLD_BYTES, Workspace
+
+
+def test_nested_blocks_restore_the_enclosing_threshold():
+    if allocator._glibc() is None:  # not glibc: the blocks are no-ops
+        return
+    assert allocator._threshold == MMAP_THRESHOLD_BYTES
+    with allocator.transient_heap():
+        assert allocator._threshold == TRANSIENT_THRESHOLD_BYTES
+        with allocator.own_mappings():
+            assert allocator._threshold == 0
+        assert allocator._threshold == TRANSIENT_THRESHOLD_BYTES  # not the process default
+    assert allocator._threshold == MMAP_THRESHOLD_BYTES
+
+
+def test_workspace_reuses_a_buffer_grows_it_with_headroom_and_follows_dtype():
+    ws, like = Workspace(), torch.zeros(1)
+    first = ws.get("a", 10, 8, like)
+    assert first.shape == (10, 8)
+    smaller = ws.get("a", 4, 8, like)
+    assert smaller.data_ptr() == first.data_ptr()  # the same memory, no new allocation
+    grown = ws.get("a", 11, 8, like)
+    assert grown.shape == (11, 8)
+    assert ws.get("a", 13, 8, like).data_ptr() == grown.data_ptr()  # grown by half again: 120 >= 104
+    assert ws.get("b", 2, 2, like).data_ptr() != grown.data_ptr()  # names are separate buffers
+    half = ws.get("a", 4, 8, torch.zeros(1, dtype=torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and half.shape == (4, 8)
+    assert ws.get("a", 0, 8, like).shape == (0, 8)
