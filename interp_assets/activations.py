@@ -2,6 +2,8 @@
 
 Design points (see README, "Activation engine"):
 - the forward pass stops at the hooked layer (a hook raises `_StopForward`): no later layers, no head;
+  a plain BertModel (the embedded default) runs `interp_assets.bert_forward` instead, the same math on
+  real tokens only;
 - documents are sorted by token length and batched by a token budget (padding is bounded);
 - the SAE output stays sparse on the device: for TopK SAEs only `k` values per token ever exist, and
   for other architectures the dense pre-activations exist on the device one chunk of tokens at a time;
