@@ -14,7 +14,6 @@ Design points (see README, "Activation engine"):
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,13 +73,16 @@ def sparse_encode(sae: Any, x: Any, workspace: Workspace | None = None) -> tuple
     d_sae = int(sae.cfg.d_sae)
     chunk = max(1, _PRE_ACTIVATION_BYTES // (4 * d_sae))
     workspace = workspace or Workspace()
+    # out= buffers need a no-grad context (SAE weights require grad); a plain call may come with grad on
+    buffered = torch.is_inference_mode_enabled() or not torch.is_grad_enabled()
     rows, feats, vals = [], [], []
     for start in range(0, x.shape[0], chunk):
         xc = x[start : start + chunk]
         if arch in ("topk", "standard", "jumprelu"):
-            w_enc, b_enc = encoder_weights(sae)
-            pre = workspace.get("sae_pre", xc.shape[0], d_sae, xc)
-            torch.addmm(b_enc, sae.process_sae_in(xc), w_enc, out=pre)
+            w_enc, b_enc = workspace.derived(("sae_encoder", id(sae)), lambda: encoder_weights(sae))
+            sae_in = sae.process_sae_in(xc)
+            out = workspace.get("sae_pre", xc.shape[0], d_sae, sae_in) if buffered else None
+            pre = torch.addmm(b_enc, sae_in, w_enc, out=out)
         if arch == "topk":
             k = min(int(sae.cfg.k), d_sae)
             top_vals, top_idx = torch.topk(pre, k=k, dim=-1, sorted=False)
@@ -108,27 +110,19 @@ def sparse_encode(sae: Any, x: Any, workspace: Workspace | None = None) -> tuple
     return torch.cat(rows), torch.cat(feats), torch.cat(vals)
 
 
-_ENCODER_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def encoder_weights(sae: Any) -> tuple[Any, Any]:
     """`(W_enc, b_enc)` of `sae`, with a TopK SAE's decoder-norm rescaling folded into them.
 
     `(x @ W_enc + b_enc) * |W_dec|` is `x @ (W_enc * |W_dec|) + b_enc * |W_dec|`: one pass over the
-    tokens x d_sae pre-activations instead of two. Cached per SAE until its weights change.
+    tokens x d_sae pre-activations instead of two.
     """
     import torch
 
     if not (sae.cfg.architecture() == "topk" and getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)):
         return sae.W_enc, sae.b_enc
-    version = tuple((t.data_ptr(), t._version) for t in (sae.W_enc, sae.b_enc, sae.W_dec))
-    cached = _ENCODER_WEIGHTS.get(sae)
-    if cached is None or cached[0] != version:
-        with torch.no_grad():
-            norm = sae.W_dec.norm(dim=-1)
-            cached = (version, (sae.W_enc * norm).contiguous(), sae.b_enc * norm)
-        _ENCODER_WEIGHTS[sae] = cached
-    return cached[1], cached[2]
+    with torch.no_grad():
+        norm = sae.W_dec.norm(dim=-1)
+        return (sae.W_enc * norm).contiguous(), sae.b_enc * norm
 
 
 def tokenize_documents(reader: Any, texts: Sequence[str]) -> list[_Tokenized | str]:
@@ -307,14 +301,18 @@ def _batch_arrays(docs: list[_Tokenized], pad_id: int) -> tuple[np.ndarray, np.n
     return ids, real.astype(np.int64), keep
 
 
-def _bert_forward(reader: Any) -> BertForward | None:
-    """The reader's fused BERT forward (built once per model), or None when its model needs the hooked one."""
-    cached = getattr(reader, "_bert_forward", None)
-    if cached is None or cached[0] is not reader.model:  # a copied reader may carry another model
-        model, hook = reader.model, reader.hook
-        forward = BertForward(model, hook.layer, hook.position) if supports_bert_forward(model) else None
-        cached = reader._bert_forward = (model, forward)
-    return cached[1]
+def _bert_forward(reader: Any, workspace: Workspace) -> BertForward | None:
+    """The fused BERT forward for the reader's model and hook, or None when the model needs the hooked one.
+
+    Built once per workspace (one `encode_texts` call) from the weights as they are then: a reader whose
+    model or weights change between calls is never served a stale copy.
+    """
+    model, hook = reader.model, reader.hook
+
+    def build() -> BertForward | None:
+        return BertForward(model, hook.layer, hook.position) if supports_bert_forward(model) else None
+
+    return workspace.derived(("bert_forward", id(model), hook.layer, hook.position), build)
 
 
 def _encode_batch(reader: Any, docs: list[_Tokenized], workspace: Workspace) -> tuple[np.ndarray, ...]:
@@ -329,7 +327,7 @@ def _encode_batch(reader: Any, docs: list[_Tokenized], workspace: Workspace) -> 
     ids = torch.from_numpy(ids_np).to(device)
     mask = torch.from_numpy(mask_np).to(device)
     keep = torch.from_numpy(keep_np).to(device)
-    fused = _bert_forward(reader)
+    fused = _bert_forward(reader, workspace)
     # Every tensor of the forward pass and the SAE encode dies in this block: serve them from the heap.
     with transient_heap():
         if fused is not None:

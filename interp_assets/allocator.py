@@ -15,7 +15,8 @@ peak per chunk 857, 938, 979, 986, 986 MB: flat), and `own_mappings()` keeps a b
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -24,7 +25,8 @@ MMAP_THRESHOLD_BYTES = 1 << 20  # outside forward passes: 1 MiB and more gets it
 TRANSIENT_THRESHOLD_BYTES = 4 << 20  # inside a forward pass: tensors under 4 MiB from the heap
 
 _libc: ctypes.CDLL | None | bool = None
-_threshold = MMAP_THRESHOLD_BYTES  # the value set now (glibc has no getter)
+_open_blocks: list[tuple[object, int]] = []  # (block, threshold) of the open blocks, oldest first
+_open_blocks_lock = threading.Lock()
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -43,22 +45,31 @@ def _glibc() -> ctypes.CDLL | None:
 
 @contextmanager
 def _mmap_threshold(nbytes: int) -> Iterator[None]:
-    """Set glibc's mmap threshold to `nbytes` inside the block, back to the enclosing block's value after.
+    """Set glibc's mmap threshold to `nbytes` inside the block; after it, to the innermost block still open.
 
-    Process-wide: two threads in such blocks at once only get each other's threshold (speed, not results).
+    Process-wide: blocks of several threads share one setting (the one entered last wins while it is
+    open; that changes speed and memory, never results), and leaving any block restores the setting of
+    the latest block still open, or MMAP_THRESHOLD_BYTES once none is.
     """
-    global _threshold
     libc = _glibc()
     if libc is None:
         yield
         return
-    outer, _threshold = _threshold, nbytes
-    libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
+    token = object()
+    with _open_blocks_lock:
+        _open_blocks.append((token, nbytes))
+        libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
     try:
         yield
     finally:
-        _threshold = outer
-        libc.mallopt(_M_MMAP_THRESHOLD, outer)
+        with _open_blocks_lock:
+            _open_blocks[:] = [block for block in _open_blocks if block[0] is not token]
+            libc.mallopt(_M_MMAP_THRESHOLD, current_threshold())
+
+
+def current_threshold() -> int:
+    """The mmap threshold in force: the latest open block's, else MMAP_THRESHOLD_BYTES."""
+    return _open_blocks[-1][1] if _open_blocks else MMAP_THRESHOLD_BYTES
 
 
 def transient_heap() -> AbstractContextManager[None]:
@@ -87,7 +98,7 @@ class Workspace:
 
     A freshly allocated tensor of MBs costs a zeroed page per 4 KiB on first touch, a real share of the
     matmul that fills it (on this project's 2-core VM, 1,000 SST-2 documents took about 150k page faults
-    per run without these buffers, 30k with them). Each named buffer grows (by half again, so rarely) to
+    per run without these buffers, 30k with them). Each named buffer grows (by a quarter, so rarely) to
     the largest size asked for, in its own mapping (it outlives the batches, so it stays off the heap
     their transients share), and lives as long as the Workspace; a caller must be done with a buffer
     before asking for it again.
@@ -95,6 +106,14 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[str, Any] = {}
+        self._derived: dict[Any, Any] = {}
+
+    def derived(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """`compute()`, computed once per Workspace for `key`: for values derived from weights (fused or
+        rescaled matrices), which a run of batches may take as fixed but a later run must derive again."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     def get(self, name: str, rows: int, cols: int, like: Any) -> Any:
         """A [rows, cols] tensor (uninitialized) with the dtype and device of tensor `like`."""
@@ -106,7 +125,7 @@ class Workspace:
             or buffer.dtype != like.dtype
             or buffer.device != like.device
         ):
-            grown = size if buffer is None else max(size, buffer.numel() * 3 // 2)  # few regrowths
+            grown = size if buffer is None else max(size, buffer.numel() * 5 // 4)  # few regrowths
             self._buffers.pop(name, None)  # free the old one before the larger one is allocated
             with own_mappings():  # lives across batches: keep it off the heap the transients share
                 buffer = like.new_empty(grown)

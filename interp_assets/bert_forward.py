@@ -28,8 +28,8 @@ def supports_bert_forward(model: Any) -> bool:
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) != "bert" or type(model).__name__ != "BertModel":
         return False
-    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
-        return False
+    if model.training or getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        return False  # training mode: the Hugging Face forward applies dropout
     if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
         return False
     if cfg.hidden_act not in _ACTIVATIONS or cfg.hidden_size % cfg.num_attention_heads:

@@ -12,7 +12,7 @@ from sae_lens import TopKSAE, TopKSAEConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, PreTrainedTokenizerFast
 
-from interp_assets.activations import _row_order, _used_ids, encode_texts
+from interp_assets.activations import _row_order, _used_ids, encode_texts, sparse_encode
 from resources.sae_reader import SAEReader, parse_hook_name
 
 TEXTS = ["the cat sat on the mat", "a dog", "the cat and the dog sat on a mat together today", "mat cat"]
@@ -208,3 +208,24 @@ def test_row_order_and_used_ids_equal_their_numpy_definitions():
         expected_uniq, expected_inverse = np.unique(ids, return_inverse=True)
         np.testing.assert_array_equal(uniq, expected_uniq)
         np.testing.assert_array_equal(inverse, expected_inverse)
+
+
+def test_sparse_encode_works_with_grad_on_and_sees_weights_edited_between_calls(parts):
+    _, _, sae = parts
+    x = torch.randn(20, 32)
+    with torch.no_grad():
+        dense = sae.encode(x)
+    rows, feats, vals = sparse_encode(sae, x)  # grad mode on: SAE weights require grad
+    rebuilt = torch.zeros_like(dense)
+    rebuilt[rows, feats] = vals.detach()
+    torch.testing.assert_close(rebuilt, dense)
+    saved = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    with torch.no_grad():
+        sae.W_dec.data.mul_(2.0)  # through .data: no version bump; a cached fold would go stale
+        sae.b_enc.data.add_(0.5)
+        edited = sae.encode(x)
+        rows, feats, vals = sparse_encode(sae, x)
+        sae.load_state_dict(saved, strict=False)  # the module-scoped fixture serves later tests
+    rebuilt = torch.zeros_like(edited)
+    rebuilt[rows, feats] = vals
+    torch.testing.assert_close(rebuilt, edited)

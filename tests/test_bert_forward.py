@@ -87,23 +87,41 @@ def test_random_bert_with_either_activation(activation):
 def test_only_plain_bert_encoders_take_the_fused_path():
     assert not supports_bert_forward(GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2)))
     small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
-    assert supports_bert_forward(BertModel(BertConfig(**small)))
-    assert not supports_bert_forward(BertModel(BertConfig(**small, hidden_act="gelu_new")))
-    assert not supports_bert_forward(BertModel(BertConfig(**small, is_decoder=True)))
+    assert supports_bert_forward(BertModel(BertConfig(**small)).eval())
+    assert not supports_bert_forward(BertModel(BertConfig(**small)).train())  # HF applies dropout
+    assert not supports_bert_forward(BertModel(BertConfig(**small, hidden_act="gelu_new")).eval())
+    assert not supports_bert_forward(BertModel(BertConfig(**small, is_decoder=True)).eval())
     with pytest.raises(ValueError, match="not a plain BertModel"):
         BertForward(GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2)), 0, "post")
     with pytest.raises(ValueError, match="Layer 4 does not exist"):
-        BertForward(BertModel(BertConfig(**small)), 4, "post")
+        BertForward(BertModel(BertConfig(**small)).eval(), 4, "post")
 
 
 def test_the_engine_uses_it_for_the_embedded_reader(minilm):
     tokenizer, model = minilm
     reader = type("Reader", (), {})()
     reader.model, reader.hook = model, HookPoint(3, "post")
-    assert isinstance(_bert_forward(reader), BertForward)
+    assert isinstance(_bert_forward(reader, Workspace()), BertForward)
     reader = type("Reader", (), {})()
     reader.model, reader.hook = GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2)), HookPoint(0, "post")
-    assert _bert_forward(reader) is None
+    assert _bert_forward(reader, Workspace()) is None
+
+
+def test_each_run_sees_the_weights_and_hook_as_they_are_then():
+    torch.manual_seed(0)
+    small = {"vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    model, other = BertModel(BertConfig(**small)).eval(), BertModel(BertConfig(**small)).eval()
+    reader = type("Reader", (), {})()
+    reader.model, reader.hook = model, HookPoint(1, "post")
+    ids, mask = torch.randint(1, 50, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    keep = mask.bool()
+    first = _bert_forward(reader, Workspace())(ids, mask, keep, Workspace())
+    model.load_state_dict(other.state_dict())  # in place: the parameters keep their storage
+    reader.hook = HookPoint(0, "post")
+    second = _bert_forward(reader, Workspace())(ids, mask, keep, Workspace())
+    expected = _hooked(model, HookPoint(0, "post"), ids, mask)[keep]
+    torch.testing.assert_close(second, expected, atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(first, second)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
