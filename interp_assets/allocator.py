@@ -8,13 +8,18 @@ Two opposite needs meet in the activation engine:
   peak memory then grew chunk after chunk (30,720 documents, every transient on the heap: the peak went
   946 -> 1,427 MB over 15 chunks).
 So buffers of 1 MiB and more are mmapped by default (returned to the OS when freed); `transient_heap()`
-serves the forward pass's tensors under 4 MiB from the heap (10,240 documents: page faults 5.6M -> 2.5M,
-peak per chunk 857, 938, 979, 986, 986 MB: flat), and `own_mappings()` keeps a batch's results off it.
+serves the forward pass's tensors under 2 MiB from the heap, `own_mappings()` keeps a batch's results off
+it, and a `Workspace` holds the biggest transients in buffers reused by every batch of a chunk. History:
+with the hooked forward, a 4 MiB limit took 10,240 documents from 5.6M to 2.5M page faults with flat
+per-chunk peaks (857, 938, 979, 986, 986 MB); with the fused BERT forward (whose biggest tensors live in
+the Workspace) the same limit let the heap settle 70-100 MB higher (20,000 documents: RSS after each chunk
+plateaued at 1,070-1,120 MB, against 1,000-1,020 MB at 2 MiB), at the same page-fault count.
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -22,7 +27,7 @@ from typing import Any
 
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 1 << 20  # outside forward passes: 1 MiB and more gets its own mapping
-TRANSIENT_THRESHOLD_BYTES = 4 << 20  # inside a forward pass: tensors under 4 MiB from the heap
+TRANSIENT_THRESHOLD_BYTES = 2 << 20  # inside a forward pass: tensors under 2 MiB from the heap
 
 _libc: ctypes.CDLL | None | bool = None
 _open_blocks: list[tuple[object, int]] = []  # (block, threshold) of the open blocks, oldest first
@@ -112,7 +117,8 @@ class Workspace:
         """`compute()`, computed once per Workspace for `key`: for values derived from weights (fused or
         rescaled matrices), which a run of batches may take as fixed but a later run must derive again."""
         if key not in self._derived:
-            self._derived[key] = compute()
+            with own_mappings():  # lives across batches, like the buffers
+                self._derived[key] = compute()
         return self._derived[key]
 
     def get(self, name: str, rows: int, cols: int, like: Any) -> Any:
@@ -127,7 +133,20 @@ class Workspace:
         ):
             grown = size if buffer is None else max(size, buffer.numel() * 5 // 4)  # few regrowths
             self._buffers.pop(name, None)  # free the old one before the larger one is allocated
-            with own_mappings():  # lives across batches: keep it off the heap the transients share
-                buffer = like.new_empty(grown)
+            buffer = _mapped_empty(grown, like) if like.device.type == "cpu" else like.new_empty(grown)
             self._buffers[name] = buffer
         return buffer[: rows * cols].view(rows, cols)
+
+
+def _mapped_empty(numel: int, like: Any) -> Any:
+    """An uninitialized 1-D CPU tensor (dtype of `like`) of `numel` elements in an anonymous mapping.
+
+    Such a buffer outlives the batches whose transients share the heap, so it must not sit in the heap:
+    glibc may place even a request above its mmap threshold in a free heap chunk, where it pins the heap
+    and leaves a hole when freed. The mapping is returned to the OS when the tensor is freed.
+    """
+    import torch
+
+    itemsize = torch.empty(0, dtype=like.dtype).element_size()
+    mapping = mmap.mmap(-1, max(numel * itemsize, 1))
+    return torch.frombuffer(mapping, dtype=like.dtype, count=numel)
