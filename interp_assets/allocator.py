@@ -103,10 +103,10 @@ class Workspace:
 
     A freshly allocated tensor of MBs costs a zeroed page per 4 KiB on first touch, a real share of the
     matmul that fills it (on this project's 2-core VM, 1,000 SST-2 documents took about 150k page faults
-    per run without these buffers, 30k with them). Each named buffer grows (by a quarter, so rarely) to
+    per run without these buffers, 30k with them). Each named buffer grows (doubling, so rarely) to
     the largest size asked for, in its own mapping (it outlives the batches, so it stays off the heap
-    their transients share), and lives as long as the Workspace; a caller must be done with a buffer
-    before asking for it again.
+    their transients share; a mapping's pages take memory only once touched, so the headroom is free),
+    and lives as long as the Workspace; a caller must be done with a buffer before asking for it again.
     """
 
     def __init__(self) -> None:
@@ -131,7 +131,7 @@ class Workspace:
             or buffer.dtype != like.dtype
             or buffer.device != like.device
         ):
-            grown = size if buffer is None else max(size, buffer.numel() * 5 // 4)  # few regrowths
+            grown = size if buffer is None else max(size, buffer.numel() * 2)  # few regrowths
             self._buffers.pop(name, None)  # free the old one before the larger one is allocated
             buffer = _mapped_empty(grown, like) if like.device.type == "cpu" else like.new_empty(grown)
             self._buffers[name] = buffer
