@@ -147,6 +147,5 @@ def _mapped_empty(numel: int, like: Any) -> Any:
     """
     import torch
 
-    itemsize = torch.empty(0, dtype=like.dtype).element_size()
-    mapping = mmap.mmap(-1, max(numel * itemsize, 1))
+    mapping = mmap.mmap(-1, max(numel * like.element_size(), 1))
     return torch.frombuffer(mapping, dtype=like.dtype, count=numel)

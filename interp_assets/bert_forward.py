@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from interp_assets.allocator import Workspace
+from resources.sae_reader import find_layer_module
 
 _ACTIVATIONS = ("gelu", "relu")  # in-place exact versions: aten.gelu_ (erf form), relu_
 _SHORT_ATTENTION = 32  # on CPU, padded lengths up to this use batched-matmul attention
@@ -45,11 +46,8 @@ class BertForward:
 
         if not supports_bert_forward(model):
             raise ValueError(f"{type(model).__name__} is not a plain BertModel; use the hooked forward.")
+        find_layer_module(model, layer)  # the hooked forward's check: a clear error for a missing layer
         n_blocks = layer + (1 if position == "post" else 0)
-        if not 0 <= layer < len(model.encoder.layer):
-            raise ValueError(
-                f"Layer {layer} does not exist: the model has {len(model.encoder.layer)} layers."
-            )
         self.embeddings = model.embeddings
         self.heads = int(model.config.num_attention_heads)
         self.activation = model.config.hidden_act

@@ -1,5 +1,7 @@
 """The fused BERT forward against the Hugging Face forward it replaces (interp_assets/bert_forward.py)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
@@ -17,15 +19,14 @@ LONG = [" ".join(["an unexpectedly moving portrait of a family that keeps its se
 
 def _hooked(model, hook: HookPoint, ids, mask):
     """The hooked hidden states of the Hugging Face forward, as the generic engine path captures them."""
-    reader = type("Reader", (), {})()
-    reader.model, reader.hook, reader.layer_module = model, hook, find_layer_module(model, hook.layer)
+    reader = SimpleNamespace(model=model, hook=hook, layer_module=find_layer_module(model, hook.layer))
     return _capture_hidden(reader, ids, mask)
 
 
 def _batch(tokenizer, texts, exclude_special: bool = True):
-    reader = type("Reader", (), {})()
-    reader.tokenizer, reader.max_length, reader.chat_template = tokenizer, 128, False
-    reader.exclude_special_tokens = exclude_special
+    reader = SimpleNamespace(
+        tokenizer=tokenizer, max_length=128, chat_template=False, exclude_special_tokens=exclude_special
+    )
     ids, mask, keep = _batch_arrays(tokenize_documents(reader, texts), tokenizer.pad_token_id)
     return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(keep)
 
@@ -99,11 +100,11 @@ def test_only_plain_bert_encoders_take_the_fused_path():
 
 def test_the_engine_uses_it_for_the_embedded_reader(minilm):
     tokenizer, model = minilm
-    reader = type("Reader", (), {})()
-    reader.model, reader.hook = model, HookPoint(3, "post")
+    reader = SimpleNamespace(model=model, hook=HookPoint(3, "post"))
     assert isinstance(_bert_forward(reader, Workspace()), BertForward)
-    reader = type("Reader", (), {})()
-    reader.model, reader.hook = GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2)), HookPoint(0, "post")
+    reader = SimpleNamespace(
+        model=GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2)), hook=HookPoint(0, "post")
+    )
     assert _bert_forward(reader, Workspace()) is None
 
 
@@ -111,8 +112,7 @@ def test_each_run_sees_the_weights_and_hook_as_they_are_then():
     torch.manual_seed(0)
     small = {"vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
     model, other = BertModel(BertConfig(**small)).eval(), BertModel(BertConfig(**small)).eval()
-    reader = type("Reader", (), {})()
-    reader.model, reader.hook = model, HookPoint(1, "post")
+    reader = SimpleNamespace(model=model, hook=HookPoint(1, "post"))
     ids, mask = torch.randint(1, 50, (2, 9)), torch.ones(2, 9, dtype=torch.long)
     keep = mask.bool()
     first = _bert_forward(reader, Workspace())(ids, mask, keep, Workspace())
