@@ -9,19 +9,19 @@ from pathlib import Path
 from dagster import Definitions, EnvVar
 from dagster_duckdb import DuckDBResource
 
-from interp_assets.assets import ALL_ASSETS
-from interp_assets.jobs import dataset_job, diff_job, embed_job, label_job
-from interp_assets.paths import data_dir
-from interp_assets.sensors import (
+from interp_assets.defs.assets import ALL_ASSETS
+from interp_assets.defs.jobs import dataset_job, diff_job, embed_job, label_job
+from interp_assets.defs.sensors import (
     comparisons_sensor,
     landing_sensor,
     warehouse_views_after_failure_sensor,
     warehouse_views_sensor,
 )
-from interp_assets.storage import StorageResource
+from interp_assets.storage.paths import data_dir
 from io_managers.parquet import ParquetIOManager
 from resources.llm import LLMResource
 from resources.sae_reader import SAEReaderResource
+from resources.storage import StorageResource
 
 DATA_DIR = str(Path(data_dir()).resolve())
 PARQUET_BASE = os.environ.get("INTERP_PARQUET_BASE", str(Path(DATA_DIR) / "parquet"))

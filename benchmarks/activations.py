@@ -144,7 +144,7 @@ def setup_torch(args: argparse.Namespace) -> None:
 
 
 def load_product_reader(args: argparse.Namespace) -> Any:
-    from resources.sae_reader import load_reader
+    from interp_assets.engine.reader import load_reader
 
     kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
     if args.activation_dtype:
@@ -170,7 +170,7 @@ def random_topk_sae(d_in: int, d_sae: int, k: int, device: str, dtype: str, seed
 
 def token_activations_schema(cache: Any) -> Any:
     """The product's token_activations schema (a constant in older versions, a function of the dtype now)."""
-    import interp_assets.activation_cache as ac
+    import interp_assets.engine.activation_cache as ac
 
     if hasattr(ac, "TOKEN_ACTIVATIONS_SCHEMA"):
         return ac.TOKEN_ACTIVATIONS_SCHEMA
@@ -178,7 +178,7 @@ def token_activations_schema(cache: Any) -> Any:
         stored = cache.stored_activation_dtype() if hasattr(cache, "stored_activation_dtype") else None
         return ac.token_activations_schema(stored) if stored else ac.token_activations_schema()
     raise SystemExit(
-        "interp_assets.activation_cache exposes no token_activations schema; update the benchmark"
+        "interp_assets.engine.activation_cache exposes no token_activations schema; update the benchmark"
     )
 
 
@@ -292,8 +292,8 @@ def run_ours(reader: Any, docs: Any, workdir: Path) -> dict[str, Any]:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from interp_assets.activation_cache import ActivationCache
-    from interp_assets.activations import encode_texts
+    from interp_assets.engine.activation_cache import ActivationCache
+    from interp_assets.engine.activations import encode_texts
 
     seen: dict[str, Any] = {"encode_s": 0.0, "n_tokens": [], "pooled": [], "rows": 0, "errors": 0, "rss": []}
 
@@ -501,7 +501,7 @@ class Floor:
     def sae_rate(self, d_in: int, d_sae: int) -> tuple[str, float]:
         if d_sae not in self._sae_rates:
             try:
-                from interp_assets.activations import _PRE_ACTIVATION_BYTES as chunk_bytes
+                from interp_assets.engine.activations import _PRE_ACTIVATION_BYTES as chunk_bytes
             except ImportError:
                 chunk_bytes = 256 * 2**20
             rows = max(1, min(self.rows, chunk_bytes // (4 * d_sae)))  # sparse_encode's chunk of tokens
@@ -566,7 +566,7 @@ def child_bench(args: argparse.Namespace) -> dict[str, Any]:
         reader.sae = sae
         d_sae, k = int(sae.cfg.d_sae), int(sae.cfg.k)
         log(f"{name}: d_sae={d_sae} k={k}: warm-up")
-        from interp_assets.activations import encode_texts
+        from interp_assets.engine.activations import encode_texts
 
         encode_texts(reader, texts[:64])
         run_reference(reader, texts[:16], args.ref_batch_size)
@@ -645,7 +645,7 @@ def profile_ours(reader: Any, texts: list[str]) -> dict[str, Any]:
     """
     import torch
 
-    from interp_assets import activations
+    from interp_assets.engine import activations
 
     log("profiling our path (default SAE)")
     wanted = ("tokenize_documents", "plan_batches", "_capture_hidden", "sparse_encode", "_activation_table")
@@ -689,7 +689,7 @@ def child_memory(args: argparse.Namespace, n_docs: int) -> dict[str, Any]:
     """
     import torch
 
-    from interp_assets.activation_cache import ActivationCache
+    from interp_assets.engine.activation_cache import ActivationCache
 
     setup_torch(args)
     chunk_docs = inspect.signature(ActivationCache.encode_missing).parameters["max_docs"].default
@@ -699,7 +699,7 @@ def child_memory(args: argparse.Namespace, n_docs: int) -> dict[str, Any]:
     docs = documents(texts)
     del texts
     reader = load_product_reader(args)
-    from interp_assets.activations import encode_texts
+    from interp_assets.engine.activations import encode_texts
 
     encode_texts(reader, docs["text"].head(64).to_list())  # warm-up
     out: dict[str, Any] = {

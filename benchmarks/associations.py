@@ -1,4 +1,5 @@
-"""Benchmark of interp_assets.associations at scale: prints a table, writes results/associations.json.
+"""Benchmark of interp_assets.analysis.associations at scale: prints a table, writes
+results/associations.json.
 
 Synthetic pooled_embeddings of one dataset (default 100k documents, SAE width 16,384, about 300 active
 features per document with Zipf-like frequencies; the generator of benchmarks/diff.py) and a documents
@@ -34,7 +35,7 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from interp_assets.associations import associations_for_column  # noqa: E402
+from interp_assets.analysis.associations import associations_for_column  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "associations.json"
 

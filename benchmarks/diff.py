@@ -1,4 +1,5 @@
-"""Benchmark of `interp_assets.diffing` at scale; prints a table, writes benchmarks/results/diff.json.
+"""Benchmark of `interp_assets.analysis.diffing` at scale; prints a table, writes
+benchmarks/results/diff.json.
 
 Synthetic pooled_embeddings for two datasets (default 100k vs 100k documents, SAE width 16,384, about
 300 active features per document with Zipf-like feature frequencies). B differs from A only in a few
@@ -33,7 +34,7 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from interp_assets.diffing import diff_features, paired_diff_features, split_halves_null  # noqa: E402
+from interp_assets.analysis.diffing import diff_features, paired_diff_features, split_halves_null  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "diff.json"
 

@@ -57,9 +57,9 @@ sys.path.insert(0, str(ROOT))
 import polars as pl  # noqa: E402
 from dagster import DagsterEventType, DagsterInstance, materialize  # noqa: E402
 
-from interp_assets.assets import ALL_ASSETS  # noqa: E402
+from interp_assets.defs.assets import ALL_ASSETS  # noqa: E402
 from interp_assets.ingest import doc_hash  # noqa: E402
-from io_managers.parquet import read_table  # noqa: E402
+from interp_assets.storage.parquet import read_table  # noqa: E402
 from resources.local import local_resources  # noqa: E402
 
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"

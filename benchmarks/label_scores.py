@@ -5,13 +5,14 @@ its held-out split (a) its own label and (b) labels of other features (derangeme
 A score that means something gives (a) clearly above (b). Prints tables, writes JSON.
 
 Default: REAL SAE features. The first `--n-docs` SST-2 train sentences (>= 6 words) are encoded by the
-embedded reader + SAE (`resources.sae_reader.load_reader()` defaults, `interp_assets.activations.
-encode_texts` in chunks) and pooled with `interp_assets.pooling.pool_token_activations`. Two feature
+embedded reader + SAE (`resources.sae_reader.load_reader()` defaults, `interp_assets.engine.activations.
+encode_texts` in chunks) and pooled with `interp_assets.engine.pooling.pool_token_activations`. Two feature
 selections run over the same activations: `frequent` = the `--n-features` most frequent features, by
-`interp_assets.feature_selection.select_features` (what the feature_labels asset labels), and `spread` =
+`interp_assets.labels.feature_selection.select_features` (what the feature_labels asset labels), and
+`spread` =
 features evenly spaced over the frequency ranks of those active in 100 documents to 90% of them. Labels
-come from `interp_assets.labeling.label_features` (offline log-odds labeler) and scores from
-`interp_assets.scoring.score_features` (embedding scorer) with the asset's split: 20 evidence / 40
+come from `interp_assets.labels.labeling.label_features` (offline log-odds labeler) and scores from
+`interp_assets.labels.scoring.score_features` (embedding scorer) with the asset's split: 20 evidence / 40
 held-out documents, hard negatives from document embeddings. Each feature's real-label score is compared
 with the mean score of the labels it gets under `--swaps` seeded random derangements: mean/median, share
 of features where real > swapped, one-sided paired Wilcoxon signed-rank p-value. `auc_length` is the AUC
@@ -42,19 +43,19 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from interp_assets.activations import encode_texts, iter_chunks  # noqa: E402
-from interp_assets.embedding import sentence_embeddings  # noqa: E402
-from interp_assets.feature_selection import select_features  # noqa: E402
-from interp_assets.labeling import (  # noqa: E402
+from interp_assets.engine.activations import encode_texts, iter_chunks  # noqa: E402
+from interp_assets.engine.pooling import pool_token_activations  # noqa: E402
+from interp_assets.engine.reader_model import EMBEDDED_READER, load_tokenizer  # noqa: E402
+from interp_assets.labels.embedding import sentence_embeddings  # noqa: E402
+from interp_assets.labels.feature_selection import select_features  # noqa: E402
+from interp_assets.labels.labeling import (  # noqa: E402
     ChatClient,
     label_features,
     split_excerpts,
     split_features,
     text_hash,
 )
-from interp_assets.pooling import pool_token_activations  # noqa: E402
-from interp_assets.scoring import auc_score, score_features  # noqa: E402
-from resources.reader_model import EMBEDDED_READER, load_tokenizer  # noqa: E402
+from interp_assets.labels.scoring import auc_score, score_features  # noqa: E402
 
 SST2_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
 
@@ -171,7 +172,7 @@ def rule_based_activations(
 
 def load_default_reader(device: str = "cpu") -> Any:
     """The embedded default reader: `resources.sae_reader.load_reader()` (MiniLM + resources/default_sae)."""
-    from resources.sae_reader import load_reader
+    from interp_assets.engine.reader import load_reader
 
     return load_reader(device=device)
 

@@ -2,12 +2,13 @@
 
 Real SAE features, the asset functions end to end:
 1. a seeded sample of `--n-per-side` positive and negative SST-2 train sentences (>= 6 words) is encoded
-   by the embedded reader + SAE (`resources.sae_reader.load_reader()`, `interp_assets.activations.
-   encode_texts` in chunks) and pooled per document (`interp_assets.pooling.pool_token_activations`);
-2. `interp_assets.diffing.diff_features` compares them (A = positive, B = negative; unpaired;
-   Benjamini-Hochberg over all `d_sae` features) and `interp_assets.reports.top_features` takes the top
+   by the embedded reader + SAE (`resources.sae_reader.load_reader()`, `interp_assets.engine.activations.
+   encode_texts` in chunks) and pooled per document (`interp_assets.engine.pooling.pool_token_activations`);
+2. `interp_assets.analysis.diffing.diff_features` compares them (A = positive, B = negative; unpaired;
+   Benjamini-Hochberg over all `d_sae` features) and `interp_assets.analysis.reports.top_features` takes
+   the top
    `--top` significant features of each direction, as the diff_reports asset does;
-3. each is labeled by the offline labeler (`interp_assets.labeling.label_features`) on the documents of
+3. each is labeled by the offline labeler (`interp_assets.labels.labeling.label_features`) on the documents of
    the side where it is more frequent (what feature_labels does for a "distinctive" feature).
 
 Checks that do not depend on our labels:
@@ -46,10 +47,10 @@ import polars as pl
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from interp_assets.diffing import diff_features, two_by_two_pvalue  # noqa: E402
-from interp_assets.labeling import label_features  # noqa: E402
-from interp_assets.reports import top_features  # noqa: E402
-from interp_assets.scoring import auc_score  # noqa: E402
+from interp_assets.analysis.diffing import diff_features, two_by_two_pvalue  # noqa: E402
+from interp_assets.analysis.reports import top_features  # noqa: E402
+from interp_assets.labels.labeling import label_features  # noqa: E402
+from interp_assets.labels.scoring import auc_score  # noqa: E402
 
 
 def _label_scores_module() -> ModuleType:

@@ -1,4 +1,5 @@
-"""Declared comparisons (`<data_dir>/config/comparisons.json`) and per-dataset ingest settings."""
+"""Declared comparisons (`<data_dir>/config/comparisons.json`), their partition keys (`A__vs__B`), and
+per-dataset ingest settings (`<data_dir>/config/datasets.json`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,28 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from interp_assets.paths import check_storage_key
+from interp_assets.storage.paths import check_storage_key
+
+COMPARISON_SEPARATOR = "__vs__"
+
+
+def comparison_key(dataset_a: str, dataset_b: str) -> str:
+    """Partition key of the comparison of dataset A with dataset B: `A__vs__B`."""
+    check_storage_key(dataset_a, "dataset name")
+    check_storage_key(dataset_b, "dataset name")
+    if dataset_a == dataset_b:
+        raise ValueError(f"A comparison needs two different datasets; both are {dataset_a!r}.")
+    return check_storage_key(f"{dataset_a}{COMPARISON_SEPARATOR}{dataset_b}", "comparison key")
+
+
+def parse_comparison_key(key: str) -> tuple[str, str]:
+    """Inverse of `comparison_key`."""
+    a, sep, b = key.partition(COMPARISON_SEPARATOR)
+    if not sep or not a or not b or COMPARISON_SEPARATOR in b:
+        raise ValueError(
+            f"Comparison key {key!r} is not of the form '<dataset_a>{COMPARISON_SEPARATOR}<dataset_b>'."
+        )
+    return a, b
 
 
 @dataclass(frozen=True)
@@ -19,8 +41,6 @@ class Comparison:
 
     @property
     def key(self) -> str:
-        from interp_assets.partitions import comparison_key
-
         return comparison_key(self.a, self.b)
 
 
@@ -60,8 +80,6 @@ def load_comparisons(path: Path) -> list[Comparison]:
 
 def find_comparison(path: Path, key: str) -> Comparison:
     """The declared comparison with partition key `key`, or one built from the key with no pairing."""
-    from interp_assets.partitions import parse_comparison_key
-
     for comparison in load_comparisons(path):
         if comparison.key == key:
             return comparison

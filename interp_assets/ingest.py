@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from interp_assets.paths import check_storage_key
+from interp_assets.storage.paths import check_storage_key
 
 SUPPORTED_EXTENSIONS: frozenset[str] = frozenset({".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet"})
 TEMP_SUFFIXES: tuple[str, ...] = (".tmp", "~", ".part", ".crdownload")

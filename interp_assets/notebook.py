@@ -6,8 +6,8 @@
     ds.top_documents_for_feature(123)              # doc_id, value, text
     print(ds.highlight(doc_id=7, feature=123))     # activating tokens marked << >>
     long = ds.filter(pl.col("text").str.len_chars() > 500).sort_by_features([123, 456])
-    ds.diff(Dataset.load("other"))                 # interp_assets.diffing.diff_features
-    ds.associations("resolved")                    # interp_assets.associations
+    ds.diff(Dataset.load("other"))                 # interp_assets.analysis.diffing.diff_features
+    ds.associations("resolved")                    # interp_assets.analysis.associations
 
 A Dataset is a view: a shared store (documents sorted by doc_id, lazy pooled_embeddings and
 token_activations) plus the ordered positions of its rows. `filter`, `sort_by_features`, slicing and
@@ -26,9 +26,8 @@ import polars as pl
 import pyarrow.parquet as pq
 from scipy import sparse
 
-from interp_assets import paths
-from interp_assets.associations import associations_for_column
-from interp_assets.diffing import (
+from interp_assets.analysis.associations import associations_for_column
+from interp_assets.analysis.diffing import (
     AGGREGATIONS,
     FrameLike,
     as_lazy,
@@ -38,7 +37,8 @@ from interp_assets.diffing import (
     pooled_value_columns,
     pooled_value_expr,
 )
-from interp_assets.reports import highlight_text
+from interp_assets.analysis.reports import highlight_text
+from interp_assets.storage import paths
 
 CORE_DOCUMENT_COLUMNS = ("dataset", "doc_id", "doc_hash", "text", "source_file", "source_row")
 FEATURE_LABELS_SCHEMA: dict[str, pl.DataType] = {
@@ -116,12 +116,17 @@ class Dataset:
 
     @classmethod
     def load(cls, name: str, data_dir: str | None = None, *, d_sae: int | None = None) -> Dataset:
-        """Open dataset `name` from `<data_dir>/parquet` (default data_dir: `interp_assets.paths.data_dir()`).
+        """Open dataset `name` from `<data_dir>/parquet` (default data_dir:
+        `interp_assets.storage.paths.data_dir()`).
 
         Needs raw_documents and pooled_embeddings; token_activations (for `highlight`) and
         feature_labels are optional. `d_sae` overrides the SAE width stored with the tables.
         """
-        from io_managers.parquet import read_table, table_exists, table_files  # imports Dagster: only here
+        from interp_assets.storage.parquet import (  # imports Dagster: only here
+            read_table,
+            table_exists,
+            table_files,
+        )
 
         base = os.path.join(data_dir if data_dir is not None else paths.data_dir(), "parquet")
         docs_path = paths.table_path(base, "raw_documents", name)

@@ -21,7 +21,8 @@ import polars as pl
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from interp_assets.paths import data_dir
+from interp_assets.storage.parquet import read_manifest, schema_of_manifest, segment_files
+from interp_assets.storage.paths import data_dir
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _GLOB_CHARS = frozenset("*?[]{}")
@@ -143,8 +144,6 @@ def table_source(parquet_base: str, table: str) -> str | None:
     writer keeps the previous segments for one more write, so a view a little behind still reads.
     Unpartitioned tables read `<base>/<table>.parquet`. Local paths are made absolute.
     """
-    from io_managers.parquet import read_manifest, segment_files  # imports Dagster: not needed by `query`
-
     check_table_name(table)
     fs, base = fsspec.core.url_to_fs(parquet_base)
     local = isinstance(fs, LocalFileSystem)
@@ -175,8 +174,6 @@ def table_source(parquet_base: str, table: str) -> str | None:
 
 def _empty_source(manifest: dict) -> str:
     """A zero-row SQL source with the columns and DuckDB types of a segmented table's Arrow schema."""
-    from io_managers.parquet import schema_of_manifest
-
     schema = schema_of_manifest(manifest)
     # DuckDB reads float16 Parquet columns as FLOAT but cannot import an Arrow float16 type
     readable = pa.schema([f.with_type(pa.float32()) if f.type == pa.float16() else f for f in schema])

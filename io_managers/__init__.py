@@ -1,27 +1,5 @@
-"""IO managers of the platform."""
+"""IO managers of the platform: Dagster's handle on the Parquet tables (`interp_assets.storage`)."""
 
-from io_managers.parquet import (
-    KEEP,
-    ParquetIOManager,
-    SegmentedTable,
-    StreamedTable,
-    read_table,
-    stored_segments,
-    table_exists,
-    table_files,
-    table_segments,
-    write_table,
-)
+from io_managers.parquet import ParquetIOManager
 
-__all__ = [
-    "KEEP",
-    "ParquetIOManager",
-    "SegmentedTable",
-    "StreamedTable",
-    "read_table",
-    "stored_segments",
-    "table_exists",
-    "table_files",
-    "table_segments",
-    "write_table",
-]
+__all__ = ["ParquetIOManager"]

@@ -7,10 +7,10 @@ from typing import Any
 
 from dagster_duckdb import DuckDBResource
 
-from interp_assets.storage import StorageResource
 from io_managers.parquet import ParquetIOManager
 from resources.llm import LLMResource
 from resources.sae_reader import SAEReaderResource
+from resources.storage import StorageResource
 
 
 def local_resources(data_dir: str | Path, **overrides: Any) -> dict[str, Any]:

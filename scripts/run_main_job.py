@@ -69,7 +69,7 @@ def main() -> int:
         print(f"== diff_job [{key}]", flush=True)
         diff_job.execute_in_process(partition_key=key, instance=instance, raise_on_error=True)
 
-    from interp_assets.assets import WAREHOUSE_TABLES
+    from interp_assets.defs.assets import WAREHOUSE_TABLES
 
     db = data_dir / "warehouse.duckdb"
     counts = refresh_views(str(db), definitions.PARQUET_BASE, WAREHOUSE_TABLES)

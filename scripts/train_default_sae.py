@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from resources.reader_model import EMBEDDED_READER, load_reader_model  # noqa: E402
+from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model  # noqa: E402
 
 DEFAULT_DATA = "../shared/data/sst2/train.tsv"
 DATASET_LABEL = "sst2/train.tsv"

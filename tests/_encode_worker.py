@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 def _cache(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from interp_assets.activation_cache import ActivationCache
-    from interp_assets.activations import encode_texts
+    from interp_assets.engine.activation_cache import ActivationCache
+    from interp_assets.engine.activations import encode_texts
     from resources.sae_reader import SAEReaderResource
 
     reader = SAEReaderResource(device="cpu").get_reader()
@@ -50,8 +50,8 @@ def _cache(args: argparse.Namespace) -> int:
 def _dagster(args: argparse.Namespace) -> int:
     from dagster import DagsterEventType, DagsterInstance, build_run_status_sensor_context, materialize
 
-    from interp_assets.assets import ALL_ASSETS
-    from interp_assets.sensors import warehouse_views_sensor
+    from interp_assets.defs.assets import ALL_ASSETS
+    from interp_assets.defs.sensors import warehouse_views_sensor
     from resources.local import local_resources
 
     data = Path(args.data_dir)

@@ -1,6 +1,7 @@
 """The activation engine against SAELens's own encode, on tiny random models and random TopK SAEs.
 
-GPT-2 runs the generic hooked forward; BERT runs the fused BERT forward (interp_assets/bert_forward.py),
+GPT-2 runs the generic hooked forward; BERT runs the fused BERT forward
+(interp_assets/engine/bert_forward.py),
 with an SAE that rescales by decoder norms (the shipped default does), folded into its encoder weights.
 """
 
@@ -12,8 +13,8 @@ from sae_lens import TopKSAE, TopKSAEConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, PreTrainedTokenizerFast
 
-from interp_assets.activations import _row_order, _used_ids, encode_texts, sparse_encode
-from resources.sae_reader import SAEReader, parse_hook_name
+from interp_assets.engine.activations import _row_order, _used_ids, encode_texts, sparse_encode
+from interp_assets.engine.reader import SAEReader, parse_hook_name
 
 TEXTS = ["the cat sat on the mat", "a dog", "the cat and the dog sat on a mat together today", "mat cat"]
 
@@ -148,7 +149,7 @@ def _plan_cost(lengths: list[int], batches: list[list[int]], batch_cost: int) ->
 
 
 def test_plan_batches_respect_budget_cover_every_document_and_keep_padding_low():
-    from interp_assets.activations import plan_batches
+    from interp_assets.engine.activations import plan_batches
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 120, 500).tolist()
@@ -167,7 +168,7 @@ def test_plan_batches_respect_budget_cover_every_document_and_keep_padding_low()
 
 
 def test_plan_batches_is_optimal_against_brute_force():
-    from interp_assets.activations import plan_batches
+    from interp_assets.engine.activations import plan_batches
 
     rng = np.random.default_rng(1)
     for _ in range(30):

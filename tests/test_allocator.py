@@ -2,8 +2,8 @@
 
 import torch
 
-from interp_assets import allocator
-from interp_assets.allocator import MMAP_THRESHOLD_BYTES, TRANSIENT_THRESHOLD_BYTES, Workspace
+from interp_assets.engine import allocator
+from interp_assets.engine.allocator import MMAP_THRESHOLD_BYTES, TRANSIENT_THRESHOLD_BYTES, Workspace
 
 
 def test_nested_blocks_restore_the_enclosing_threshold():

@@ -1,4 +1,5 @@
-"""Tests of interp_assets.associations: hand values, scipy on dense data, planted signal, null, inputs."""
+"""Tests of interp_assets.analysis.associations: hand values, scipy on dense data, planted signal, null,
+inputs."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import polars as pl
 import pytest
 from scipy import special, stats
 
-from interp_assets import associations as assoc
-from interp_assets.associations import (
+from interp_assets.analysis import associations as assoc
+from interp_assets.analysis.associations import (
     ASSOCIATION_SCHEMA,
     associations_for_column,
     feature_associations,

@@ -1,4 +1,5 @@
-"""The fused BERT forward against the Hugging Face forward it replaces (interp_assets/bert_forward.py)."""
+"""The fused BERT forward against the Hugging Face forward it replaces
+(interp_assets/engine/bert_forward.py)."""
 
 from types import SimpleNamespace
 
@@ -6,11 +7,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
-from interp_assets.activations import _batch_arrays, _bert_forward, _capture_hidden, tokenize_documents
-from interp_assets.allocator import Workspace
-from interp_assets.bert_forward import BertForward, supports_bert_forward
-from resources.reader_model import EMBEDDED_READER, load_reader_model
-from resources.sae_reader import HookPoint, find_layer_module
+from interp_assets.engine.activations import _batch_arrays, _bert_forward, _capture_hidden, tokenize_documents
+from interp_assets.engine.allocator import Workspace
+from interp_assets.engine.bert_forward import BertForward, supports_bert_forward
+from interp_assets.engine.reader import HookPoint, find_layer_module
+from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model
 
 SHORT = ["a fine, quiet film.", "bad", "the plot holds together until the last act, then it falls apart."]
 # over 32 tokens: attention runs through scaled_dot_product_attention instead of the batched matmuls

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 sae_lens = pytest.importorskip("sae_lens")
 
-from resources.reader_model import EMBEDDED_READER, load_reader_model  # noqa: E402
+from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model  # noqa: E402
 
 SAE_DIR = Path(__file__).resolve().parent.parent / "resources" / "default_sae"
 

@@ -1,4 +1,4 @@
-"""Tests of interp_assets.diffing on real computation with hand-checked / published values."""
+"""Tests of interp_assets.analysis.diffing on real computation with hand-checked / published values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from interp_assets.diffing import (
+from interp_assets.analysis.diffing import (
     DIFF_SCHEMA,
     benjamini_hochberg,
     diff_features,

@@ -24,7 +24,7 @@ from interp_assets.ingest import (
     list_drops,
     read_drop,
 )
-from interp_assets.paths import check_storage_key
+from interp_assets.storage.paths import check_storage_key
 
 SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
 BASE_SCHEMA = pa.schema(

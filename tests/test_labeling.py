@@ -1,4 +1,4 @@
-"""Tests of interp_assets.labeling: evidence splits, excerpts, the offline labeler, prompts, published
+"""Tests of interp_assets.labels.labeling: evidence splits, excerpts, the offline labeler, prompts, published
 labels, the cache and the orchestration (offline path; the LLM path is in test_llm.py)."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from interp_assets.labeling import (
+from interp_assets.engine.reader_model import EMBEDDED_READER, load_tokenizer
+from interp_assets.labels.labeling import (
     FEATURE_LABELS_SCHEMA,
     OFFLINE_SOURCE,
     Excerpt,
@@ -34,7 +35,6 @@ from interp_assets.labeling import (
     split_features,
     text_hash,
 )
-from resources.reader_model import EMBEDDED_READER, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"

@@ -17,8 +17,14 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from interp_assets.labeling import LABEL_SYSTEM_PROMPT, LabelCache, label_features, split_evidence, text_hash
-from interp_assets.scoring import DETECTION_SYSTEM_PROMPT, FUZZ_SYSTEM_PROMPT, score_features
+from interp_assets.labels.labeling import (
+    LABEL_SYSTEM_PROMPT,
+    LabelCache,
+    label_features,
+    split_evidence,
+    text_hash,
+)
+from interp_assets.labels.scoring import DETECTION_SYSTEM_PROMPT, FUZZ_SYSTEM_PROMPT, score_features
 from resources.llm import LLMBudgetExhausted, LLMError, LLMResource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

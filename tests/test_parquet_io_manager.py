@@ -20,8 +20,9 @@ from dagster import (
     materialize,
 )
 
-from interp_assets.paths import table_path
-from io_managers import ParquetIOManager, StreamedTable, read_table, table_exists, write_table
+from interp_assets.storage.parquet import StreamedTable, read_table, table_exists, write_table
+from interp_assets.storage.paths import table_path
+from io_managers import ParquetIOManager
 
 datasets = DynamicPartitionsDefinition(name="datasets")
 SCHEMA = pa.schema([("dataset", pa.string()), ("doc_id", pa.int32()), ("activation", pa.float32())])
@@ -254,7 +255,7 @@ def test_missing_partition_says_what_to_materialize(base, instance):
 def test_streams_and_empty_tables(tmp_path):
     base = str(tmp_path)
     meta = write_table(base, "empty", "p", StreamedTable(SCHEMA, iter(())))
-    assert meta["row_count"] == 0 and "no rows" in meta["preview"].value
+    assert meta["row_count"] == 0 and "no rows" in meta["preview"]
     assert read_table(base, "empty", "p").collect().columns == ["dataset", "doc_id", "activation"]
     with pytest.raises(ValueError, match="StreamedTable"):
         write_table(base, "empty", "q", iter(()))
@@ -273,7 +274,7 @@ def test_memory_filesystem_round_trip():
     base = f"memory://interp-{uuid.uuid4().hex}/parquet"
     assert not table_exists(base, "docs", "alpha")
     meta = write_table(base, "docs", "alpha", (_batch("alpha", i * 5, 5) for i in range(4)))
-    assert meta["row_count"] == 20 and meta["path"].value == f"{base}/docs/alpha.parquet"
+    assert meta["row_count"] == 20 and meta["path"] == f"{base}/docs/alpha.parquet"
     assert table_exists(base, "docs", "alpha")
     frame = read_table(base, "docs", "alpha")
     assert isinstance(frame, pl.LazyFrame)

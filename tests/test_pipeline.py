@@ -14,11 +14,11 @@ import polars as pl
 import pytest
 from dagster import DagsterInstance, build_sensor_context, materialize
 
-from interp_assets.assets import ALL_ASSETS, WAREHOUSE_TABLES
-from interp_assets.sensors import comparisons_sensor, landing_sensor
-from interp_assets.storage import StorageResource
+from interp_assets.defs.assets import ALL_ASSETS, WAREHOUSE_TABLES
+from interp_assets.defs.sensors import comparisons_sensor, landing_sensor
 from interp_assets.warehouse import query, refresh_views
 from resources.local import local_resources
+from resources.storage import StorageResource
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -262,7 +262,7 @@ def test_hostile_drop_names_stay_inside_storage(tmp_path, name):
         'text\n"hello there"\n' if name.endswith(".csv") else '{"text": "hi"}\n'
     )
     (drop,) = list_drops(landing)
-    from interp_assets.paths import table_path
+    from interp_assets.storage.paths import table_path
 
     path = Path(table_path(str(tmp_path / "parquet"), "raw_documents", drop.dataset)).resolve()
     assert str(path).startswith(str((tmp_path / "parquet").resolve()))

@@ -37,18 +37,19 @@ import torch
 from dagster import DagsterInstance, EnvVar, materialize
 from polars.testing import assert_frame_equal
 
-from interp_assets.activation_cache import ActivationCache
-from interp_assets.activations import encode_texts, plan_batches
-from interp_assets.assets import ALL_ASSETS, WAREHOUSE_TABLES
+from interp_assets.comparisons import comparison_key
+from interp_assets.defs.assets import ALL_ASSETS, WAREHOUSE_TABLES
+from interp_assets.engine.activation_cache import ActivationCache
+from interp_assets.engine.activations import encode_texts, plan_batches
+from interp_assets.engine.reader import find_layer_module
 from interp_assets.ingest import dataset_name_from_path, doc_hash, list_drops
-from interp_assets.labeling import LABEL_SYSTEM_PROMPT
-from interp_assets.partitions import comparison_key
-from interp_assets.paths import check_storage_key
+from interp_assets.labels.labeling import LABEL_SYSTEM_PROMPT
+from interp_assets.storage.parquet import read_table, table_exists
+from interp_assets.storage.paths import check_storage_key
 from interp_assets.warehouse import connect_read_only, query, refresh_views
-from io_managers.parquet import read_table, table_exists
 from resources.llm import LLMResource
 from resources.local import local_resources
-from resources.sae_reader import SAEReaderResource, find_layer_module
+from resources.sae_reader import SAEReaderResource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_server import FakeLLMServer, ServerError  # noqa: E402

@@ -1,4 +1,5 @@
-"""Tests of interp_assets.reports: highlighting, excerpts, examples and safe Markdown / HTML rendering."""
+"""Tests of interp_assets.analysis.reports: highlighting, excerpts, examples and safe Markdown / HTML
+rendering."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from interp_assets.associations import feature_associations
-from interp_assets.diffing import diff_features
-from interp_assets.reports import (
+from interp_assets.analysis.associations import feature_associations
+from interp_assets.analysis.diffing import diff_features
+from interp_assets.analysis.reports import (
     escape_markdown,
     excerpt,
     highlight_text,

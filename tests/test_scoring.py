@@ -1,4 +1,5 @@
-"""Tests of interp_assets.scoring and interp_assets.embedding: metrics by hand, the offline embedding scorer,
+"""Tests of interp_assets.labels.scoring and interp_assets.labels.embedding: metrics by hand, the offline
+embedding scorer,
 LLM prompt plumbing (the HTTP path is in test_llm.py), and the real-vs-swapped label benchmark on SST-2."""
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from interp_assets import embedding
-from interp_assets.embedding import sentence_embeddings
-from interp_assets.labeling import Excerpt, LabelResponseError, label_features, split_evidence, text_hash
-from interp_assets.scoring import (
+from interp_assets.labels import embedding
+from interp_assets.labels.embedding import sentence_embeddings
+from interp_assets.labels.labeling import (
+    Excerpt,
+    LabelResponseError,
+    label_features,
+    split_evidence,
+    text_hash,
+)
+from interp_assets.labels.scoring import (
     FEATURE_SCORES_SCHEMA,
     auc_score,
     binary_metrics,

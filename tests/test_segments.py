@@ -27,18 +27,14 @@ from dagster import DagsterInstance, materialize
 from dagster_duckdb import DuckDBResource
 from polars.testing import assert_frame_equal
 
-from interp_assets.activation_cache import ActivationCache
-from interp_assets.assets import ALL_ASSETS, WAREHOUSE_TABLES
+from interp_assets.defs.assets import ALL_ASSETS, WAREHOUSE_TABLES
+from interp_assets.engine.activation_cache import ActivationCache
+from interp_assets.engine.pooling import pool_token_activations
 from interp_assets.notebook import Dataset
-from interp_assets.paths import segments_path, table_path
-from interp_assets.pooling import pool_token_activations
-from interp_assets.storage import StorageResource
-from interp_assets.warehouse import query, refresh_views
-from io_managers.parquet import (
+from interp_assets.storage.parquet import (
     DEBRIS_AGE_S,
     KEEP,
     MANIFEST,
-    ParquetIOManager,
     SegmentedTable,
     StreamedTable,
     read_manifest,
@@ -48,7 +44,11 @@ from io_managers.parquet import (
     table_files,
     write_table,
 )
+from interp_assets.storage.paths import segments_path, table_path
+from interp_assets.warehouse import query, refresh_views
+from io_managers.parquet import ParquetIOManager
 from resources.local import local_resources
+from resources.storage import StorageResource
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
@@ -87,10 +87,10 @@ def test_keep_reuses_files_and_replaced_segments_outlive_one_more_write(tmp_path
     folder = segments_path(base, "t", "p")
     first = write_table(base, "t", "p", SegmentedTable(SCHEMA, {"a": _rows(0, 3), "b": _rows(3, 2)}))
     assert (first["row_count"], first["segments_written"], first["segments_kept"]) == (5, 2, 0)
-    assert first["path"].value == folder and first["size_bytes"] == sum(
+    assert first["path"] == folder and first["size_bytes"] == sum(
         os.path.getsize(f) for f in table_files(base, "t", "p")
     )
-    assert "| p | 0 | 0.0 |" in first["preview"].value
+    assert "| p | 0 | 0.0 |" in first["preview"]
     assert _doc_ids(base, "t") == [0, 1, 2, 3, 4]  # segments in the mapping's order
     files = _segment_files(folder)
     by_name = {n.split(".")[0]: n for n in files}
@@ -110,7 +110,7 @@ def test_keep_reuses_files_and_replaced_segments_outlive_one_more_write(tmp_path
     # nothing new: only the manifest is written, and b (replaced two writes ago) is deleted
     third = write_table(base, "t", "p", SegmentedTable(SCHEMA, {"a": KEEP, "c": KEEP}))
     assert (third["segments_written"], third["rows_written"], third["row_count"]) == (0, 0, 7)
-    assert "| p | 0 | 0.0 |" in third["preview"].value  # read from the kept file
+    assert "| p | 0 | 0.0 |" in third["preview"]  # read from the kept file
     assert _segment_files(folder) == {n: t for n, t in after.items() if n != by_name["b"]}
     assert read_manifest(folder)["retained"] == []
     assert _doc_ids(base, "t") == [0, 1, 2, 10, 11, 12, 13]
@@ -241,7 +241,7 @@ def test_segments_on_a_memory_filesystem():
     write_table(base, "t", "p", SegmentedTable(SCHEMA, {"a": _rows(0, 3), "b": _rows(3, 2)}))
     meta = write_table(base, "t", "p", SegmentedTable(SCHEMA, {"a": KEEP, "c": _rows(9, 1)}))
     assert (meta["segments_written"], meta["segments_kept"]) == (1, 1)
-    assert meta["path"].value == f"{base}/t/p"
+    assert meta["path"] == f"{base}/t/p"
     assert table_exists(base, "t", "p") and _doc_ids(base, "t") == [0, 1, 2, 9]
     assert all(f.startswith(f"{base}/t/p/") for f in table_files(base, "t", "p"))
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -490,7 +490,7 @@ def test_views_are_refreshed_after_a_failed_run_that_wrote_segments(tmp_path):
         build_run_status_sensor_context,
     )
 
-    from interp_assets.sensors import warehouse_views_after_failure_sensor
+    from interp_assets.defs.sensors import warehouse_views_after_failure_sensor
 
     parts = StaticPartitionsDefinition(["p"])
     state = {"start": 0}
@@ -531,7 +531,7 @@ def test_views_are_refreshed_after_a_failed_run_that_wrote_segments(tmp_path):
 
 
 def test_a_partition_of_zero_segments_gives_an_empty_typed_view(tmp_path):
-    from interp_assets.activation_cache import token_activations_schema
+    from interp_assets.engine.activation_cache import token_activations_schema
 
     base, db = str(tmp_path / "parquet"), str(tmp_path / "warehouse.duckdb")
     schema = token_activations_schema("float16")  # dictionary strings, float16: types DuckDB must map

@@ -15,6 +15,7 @@ import pytest
 from dagster import AssetExecutionContext, DagsterInstance, asset, materialize
 from dagster_duckdb import DuckDBResource
 
+from interp_assets.storage.parquet import write_table
 from interp_assets.warehouse import (
     WarehouseLockedError,
     connect_read_only,
@@ -22,7 +23,6 @@ from interp_assets.warehouse import (
     refresh_views,
     refresh_views_with_resource,
 )
-from io_managers import write_table
 
 REPO = Path(__file__).resolve().parents[1]
 

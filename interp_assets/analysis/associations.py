@@ -50,7 +50,7 @@ import numpy as np
 import polars as pl
 from scipy import special, stats
 
-from interp_assets.diffing import (
+from interp_assets.analysis.diffing import (
     AGGREGATIONS,
     FrameLike,
     as_lazy,

@@ -32,21 +32,28 @@ from dagster import (
     asset,
 )
 
-from interp_assets import associations, diffing, ingest, labeling, reports, scoring
-from interp_assets.activation_cache import ActivationCache, token_activations_schema
-from interp_assets.activations import encode_texts
-from interp_assets.comparisons import find_comparison, load_comparisons, load_dataset_settings
-from interp_assets.feature_selection import select_features
-from interp_assets.partitions import comparisons_partitions, datasets_partitions, parse_comparison_key
-from interp_assets.pooling import (
+from interp_assets import ingest
+from interp_assets.analysis import associations, diffing, reports
+from interp_assets.comparisons import (
+    find_comparison,
+    load_comparisons,
+    load_dataset_settings,
+    parse_comparison_key,
+)
+from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
+from interp_assets.engine.activation_cache import ActivationCache, token_activations_schema
+from interp_assets.engine.activations import encode_texts
+from interp_assets.engine.pooling import (
     POOLED_SCHEMA,
     POOLING_VERSION,
     pool_token_activations,
     pooled_segment_name,
     pooled_summary,
 )
-from interp_assets.storage import StorageResource
-from io_managers.parquet import (
+from interp_assets.engine.reader import ENGINE_VERSION
+from interp_assets.labels import labeling, scoring
+from interp_assets.labels.feature_selection import select_features
+from interp_assets.storage.parquet import (
     KEEP,
     SegmentedTable,
     StreamedTable,
@@ -60,7 +67,8 @@ from io_managers.parquet import (
     write_table,
 )
 from resources.llm import LLMResource
-from resources.sae_reader import ENGINE_VERSION, SAEReaderResource
+from resources.sae_reader import SAEReaderResource
+from resources.storage import StorageResource
 
 DATA_VERSION_TAG = "dagster/data_version"  # the tag Dagster stores a materialization's data version under
 MODEL_POOL = "sae_model"  # every step that runs the reader model shares this concurrency pool
@@ -337,7 +345,7 @@ def _document_embeddings(storage: StorageResource, docs: pl.DataFrame, max_docs:
     """Sentence embeddings of the documents (row i = docs row i), cached by content hash; None if too many."""
     if docs.height > max_docs:
         return None
-    from interp_assets.embedding import sentence_embeddings
+    from interp_assets.labels.embedding import sentence_embeddings
 
     path = storage.cache_dir / "embeddings" / "minilm.parquet"
     known = (

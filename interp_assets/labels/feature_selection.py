@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 
 import polars as pl
 
-from interp_assets.diffing import diff_features, paired_diff_features
+from interp_assets.analysis.diffing import diff_features, paired_diff_features
 
 
 def select_features(

@@ -15,8 +15,8 @@ import numpy as np
 import polars as pl
 from scipy.stats import rankdata
 
-from interp_assets.embedding import DEFAULT_EMBEDDING_MODEL, sentence_embeddings
-from interp_assets.labeling import (
+from interp_assets.labels.embedding import DEFAULT_EMBEDDING_MODEL, sentence_embeddings
+from interp_assets.labels.labeling import (
     WORD_RE,
     ChatClient,
     Excerpt,

@@ -1,6 +1,6 @@
 """Readable reports of one dataset comparison (Markdown and standalone HTML) and of metadata associations.
 
-Pure functions over the frames of `interp_assets.diffing` plus feature_labels / feature_scores /
+Pure functions over the frames of `interp_assets.analysis.diffing` plus feature_labels / feature_scores /
 token_activations / raw_documents (README schemas). Document text and labels are untrusted: Markdown
 escapes everything that could render as markup, HTML escapes everything with `html.escape`.
 Activating tokens are marked with `<< >>` in Markdown (as interp_embed does) and `<mark>` in HTML.
@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from interp_assets.diffing import FrameLike, as_lazy
+from interp_assets.analysis.diffing import FrameLike, as_lazy
 
 Span = tuple[int, int]
 Example = Mapping[str, Any]

@@ -25,9 +25,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from interp_assets.activations import ACTIVATION_DTYPES, EncodedTexts, activation_fields, iter_chunks
-from interp_assets.allocator import release_freed_memory
-from io_managers.parquet import write_parquet_atomic
+from interp_assets.engine.activations import ACTIVATION_DTYPES, EncodedTexts, activation_fields, iter_chunks
+from interp_assets.engine.allocator import release_freed_memory
+from interp_assets.storage.parquet import write_parquet_atomic
 
 DOC_STATUS_SCHEMA = pa.schema(
     [

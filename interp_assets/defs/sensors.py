@@ -14,13 +14,13 @@ from dagster import (
 )
 from dagster_duckdb import DuckDBResource
 
-from interp_assets.assets import WAREHOUSE_TABLES, data_version, latest_materialization
 from interp_assets.comparisons import load_comparisons
+from interp_assets.defs.assets import WAREHOUSE_TABLES, data_version, latest_materialization
+from interp_assets.defs.jobs import dataset_job, diff_job, label_job
+from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
 from interp_assets.ingest import DropError, list_drops
-from interp_assets.jobs import dataset_job, diff_job, label_job
-from interp_assets.partitions import comparisons_partitions, datasets_partitions
-from interp_assets.storage import StorageResource
 from interp_assets.warehouse import refresh_views_with_resource
+from resources.storage import StorageResource
 
 
 def plan_drop_runs(drops: list, cursor: dict[str, str]) -> tuple[list, dict[str, str]]:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import polars as pl
 
-from interp_assets.reports import ELLIPSIS, highlight_text, merge_spans
+from interp_assets.analysis.reports import ELLIPSIS, highlight_text, merge_spans
 
 Messages = list[dict[str, Any]]
 

@@ -2,7 +2,7 @@
 
 Design points (see README, "Activation engine"):
 - the forward pass stops at the hooked layer (a hook raises `_StopForward`): no later layers, no head;
-  a plain BertModel (the embedded default) runs `interp_assets.bert_forward` instead, the same math on
+  a plain BertModel (the embedded default) runs `interp_assets.engine.bert_forward` instead, the same math on
   real tokens only;
 - documents are sorted by token length and batched by a token budget (padding is bounded);
 - the SAE output stays sparse on the device: for TopK SAEs only `k` values per token ever exist, and
@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from interp_assets.allocator import Workspace, own_mappings, transient_heap
-from interp_assets.bert_forward import BertForward, supports_bert_forward
-from io_managers.parquet import encoding_hint
+from interp_assets.engine.allocator import Workspace, own_mappings, transient_heap
+from interp_assets.engine.bert_forward import BertForward, supports_bert_forward
+from interp_assets.storage.parquet import encoding_hint
 
 ACTIVATION_COLUMNS = ("doc_index", "token_index", "token", "char_start", "char_end", "feature", "activation")
 
@@ -341,7 +341,7 @@ def _encode_batch(reader: Any, docs: list[_Tokenized], workspace: Workspace) -> 
         batch_row = positions[rows, 0]
         token_index = positions[rows, 1]
         token_id = ids[batch_row, token_index]
-    # The copies that outlive the batch get their own mappings (see interp_assets.allocator).
+    # The copies that outlive the batch get their own mappings (see interp_assets.engine.allocator).
     with own_mappings():
         return (
             batch_row.cpu().numpy().astype(np.int32),

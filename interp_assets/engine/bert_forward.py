@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from interp_assets.allocator import Workspace
-from resources.sae_reader import find_layer_module
+from interp_assets.engine.allocator import Workspace
+from interp_assets.engine.reader import find_layer_module
 
 _ACTIVATIONS = ("gelu", "relu")  # in-place exact versions: aten.gelu_ (erf form), relu_
 _SHORT_ATTENTION = 32  # on CPU, padded lengths up to this use batched-matmul attention

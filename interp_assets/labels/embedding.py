@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from resources.reader_model import EMBEDDED_READER, load_reader_model
+from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model
 
 DEFAULT_EMBEDDING_MODEL = EMBEDDED_READER
 

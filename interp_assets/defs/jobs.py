@@ -2,7 +2,7 @@
 
 from dagster import AssetSelection, define_asset_job, in_process_executor
 
-from interp_assets.partitions import comparisons_partitions, datasets_partitions
+from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
 
 DATASET_ASSETS = [
     "raw_documents",

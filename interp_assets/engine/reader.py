@@ -1,0 +1,246 @@
+"""The SAE reader: a language model plus a sparse autoencoder attached at one layer.
+
+`SAEReader` is the loaded object that `interp_assets.engine.activations` drives; `load_reader` builds it
+(the Dagster resource `resources.sae_reader.SAEReaderResource` is its configuration). torch,
+transformers and sae_lens are imported inside functions so that loading the Dagster definitions stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model, resolve_model_path
+
+# The embedded SAE ships beside the resources (`resources/default_sae/`, SAELens on-disk format).
+DEFAULT_SAE_DIR = str(Path(__file__).resolve().parents[2] / "resources" / "default_sae")
+EMBEDDED_SAE = "embedded:minilm-l3-topk"
+
+# Bumped whenever a change in our code changes stored activations: part of every cache key.
+ENGINE_VERSION = "3"
+
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+_LAYER_LISTS = (
+    "encoder.layer",
+    "transformer.h",
+    "model.layers",
+    "gpt_neox.layers",
+    "layers",
+    "h",
+    "model.decoder.layers",
+)
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """Where the SAE reads the residual stream: the input (`pre`) or output (`post`) of layer `layer`."""
+
+    layer: int
+    position: Literal["pre", "post"]
+
+
+def parse_hook_name(hook_name: str) -> HookPoint:
+    """Map a SAELens hook name (`blocks.8.hook_resid_pre`, `blocks.19.hook_resid_post`) to a HookPoint."""
+    match = _HOOK_RE.match(hook_name or "")
+    if not match:
+        raise ValueError(
+            f"Unsupported SAE hook {hook_name!r}: only residual-stream hooks `blocks.<L>.hook_resid_pre` and "
+            "`blocks.<L>.hook_resid_post` are supported. Set `hook_name` on the resource to override."
+        )
+    return HookPoint(layer=int(match.group(1)), position=match.group(2))  # type: ignore[arg-type]
+
+
+def find_layer_module(model: Any, layer: int) -> Any:
+    """Return the `layer`-th transformer block of a Hugging Face model (BERT, GPT-2, Llama, NeoX...)."""
+    for path in _LAYER_LISTS:
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if hasattr(obj, "__len__") and hasattr(obj, "__getitem__"):
+            if not 0 <= layer < len(obj):
+                raise ValueError(
+                    f"Layer {layer} does not exist: the model has {len(obj)} layers at `{path}`."
+                )
+            return obj[layer]
+    raise ValueError(
+        f"Could not find the list of transformer blocks in {type(model).__name__}; looked for {_LAYER_LISTS}."
+    )
+
+
+class SAEReader:
+    """A loaded reader model + SAE with everything the activation engine needs."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        model: Any,
+        sae: Any,
+        hook: HookPoint,
+        *,
+        device: str,
+        dtype: str,
+        max_length: int,
+        token_budget: int,
+        exclude_special_tokens: bool,
+        chat_template: bool,
+        exclude_template_tokens: bool,
+        identity: dict[str, Any],
+        activation_dtype: str = "float16",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.model = model
+        self.sae = sae
+        self.hook = hook
+        self.device = device
+        self.dtype = dtype
+        self.max_length = max_length
+        self.token_budget = token_budget
+        self.exclude_special_tokens = exclude_special_tokens
+        self.chat_template = chat_template
+        self.exclude_template_tokens = exclude_template_tokens
+        self.identity = identity
+        self.activation_dtype = activation_dtype
+        # one forward pass at a time: the layer hook lives on the shared model (threads share readers)
+        self.forward_lock = threading.Lock()
+        self.layer_module = find_layer_module(model, hook.layer)
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.sae.cfg.d_sae)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of what decides the stored activations (model, SAE, hook, dtype, settings, code)."""
+        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> `cuda` when available else `cpu`; `cuda` without a GPU is a clear error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            "device='cuda' was requested but no CUDA GPU is visible; use device='auto' or 'cpu'."
+        )
+    if device not in ("cpu",) and not device.startswith("cuda") and device != "mps":
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:<n>', 'mps' or 'auto'; got {device!r}.")
+    return device
+
+
+def load_sae(
+    *, sae_path: str | None, release: str | None, sae_id: str | None, device: str, dtype: str
+) -> tuple[Any, dict[str, Any]]:
+    """Load an SAE: from a SAELens on-disk folder, or a SAELens release (`release` + `sae_id`).
+
+    Returns the SAE and an identity dict (what it is, and a content hash for on-disk weights).
+    """
+    from sae_lens import SAE
+
+    if release:
+        if not sae_id:
+            raise ValueError(
+                f"SAE release {release!r} needs an `sae_id` (see SAELens's pretrained_saes.yaml)."
+            )
+        sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
+        return sae, {"release": release, "sae_id": sae_id}
+    path = Path(sae_path or DEFAULT_SAE_DIR)
+    if not (path / "cfg.json").is_file():
+        raise FileNotFoundError(
+            f"No SAE found at {path}: expected SAELens on-disk format "
+            "(cfg.json + sae_weights.safetensors). "
+            "Point `sae_path` at such a folder, or set `release` and `sae_id`."
+        )
+    sae = SAE.load_from_disk(str(path), device=device, dtype=dtype)
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in path.iterdir() if p.suffix in (".json", ".safetensors")):
+        if name == "training_report.json":
+            continue
+        digest.update(name.encode())
+        digest.update((path / name).read_bytes())
+    return sae, {"sae_path_hash": digest.hexdigest()[:20]}
+
+
+def load_reader(
+    *,
+    model: str = EMBEDDED_READER,
+    sae_path: str | None = None,
+    release: str | None = None,
+    sae_id: str | None = None,
+    hook_name: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    max_length: int = 512,
+    token_budget: int = 16384,
+    exclude_special_tokens: bool = True,
+    chat_template: bool = False,
+    exclude_template_tokens: bool = True,
+    activation_dtype: str = "float16",
+) -> SAEReader:
+    """Load the reader model and the SAE and check that they fit together."""
+    if activation_dtype not in ("float16", "float32"):
+        raise ValueError(
+            f"activation_dtype must be 'float16' (compact, ~3 significant digits) or 'float32' (exact); "
+            f"got {activation_dtype!r}."
+        )
+    device = resolve_device(device)
+    tokenizer, net = load_reader_model(model, device=device, dtype=dtype)
+    sae, sae_identity = load_sae(
+        sae_path=sae_path, release=release, sae_id=sae_id, device=device, dtype=dtype
+    )
+    hook = parse_hook_name(hook_name or sae.cfg.metadata.hook_name)
+    hidden = getattr(net.config, "hidden_size", None) or getattr(net.config, "n_embd", None)
+    if hidden is not None and int(hidden) != int(sae.cfg.d_in):
+        raise ValueError(
+            f"The SAE expects inputs of width {sae.cfg.d_in} but model {model!r} has hidden size {hidden}; "
+            "pick the model the SAE was trained on."
+        )
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"chat_template=True but the tokenizer of {model!r} defines no chat template.")
+    model_path = resolve_model_path(model)
+    identity = {
+        "model": model
+        if model == EMBEDDED_READER or not Path(model_path).is_dir()
+        else Path(model_path).name,
+        "model_config": _config_digest(net.config),
+        "sae": sae_identity,
+        "hook": [hook.layer, hook.position],
+        "dtype": dtype,
+        "max_length": max_length,
+        "exclude_special_tokens": exclude_special_tokens,
+        "chat_template": chat_template,
+        "exclude_template_tokens": exclude_template_tokens,
+        "activation_dtype": activation_dtype,
+        "engine": ENGINE_VERSION,
+    }
+    return SAEReader(
+        tokenizer,
+        net,
+        sae,
+        hook,
+        device=device,
+        dtype=dtype,
+        max_length=max_length,
+        token_budget=token_budget,
+        exclude_special_tokens=exclude_special_tokens,
+        chat_template=chat_template,
+        exclude_template_tokens=exclude_template_tokens,
+        identity=identity,
+        activation_dtype=activation_dtype,
+    )
+
+
+def _config_digest(config: Any) -> str:
+    data = config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        data.pop(volatile, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
