@@ -47,14 +47,9 @@ from interp_assets.engine.activations import encode_texts, iter_chunks  # noqa: 
 from interp_assets.engine.pooling import pool_token_activations  # noqa: E402
 from interp_assets.engine.reader_model import EMBEDDED_READER, load_tokenizer  # noqa: E402
 from interp_assets.labels.embedding import sentence_embeddings  # noqa: E402
+from interp_assets.labels.evidence import split_excerpts, split_features, text_hash  # noqa: E402
 from interp_assets.labels.feature_selection import select_features  # noqa: E402
-from interp_assets.labels.labeling import (  # noqa: E402
-    ChatClient,
-    label_features,
-    split_excerpts,
-    split_features,
-    text_hash,
-)
+from interp_assets.labels.labeling import ChatClient, label_features  # noqa: E402
 from interp_assets.labels.scoring import auc_score, score_features  # noqa: E402
 
 SST2_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"

@@ -14,10 +14,19 @@ import polars as pl
 import pytest
 
 from interp_assets.engine.reader_model import EMBEDDED_READER, load_tokenizer
+from interp_assets.labels.evidence import (
+    Excerpt,
+    make_excerpt,
+    mark_spans,
+    merge_word_spans,
+    split_evidence,
+    split_excerpts,
+    split_features,
+    text_hash,
+)
 from interp_assets.labels.labeling import (
     FEATURE_LABELS_SCHEMA,
     OFFLINE_SOURCE,
-    Excerpt,
     Label,
     LabelCache,
     LabelResponseError,
@@ -25,15 +34,8 @@ from interp_assets.labels.labeling import (
     label_features,
     load_published_labels,
     log_odds_z,
-    make_excerpt,
-    mark_spans,
-    merge_word_spans,
     offline_label,
     parse_label_response,
-    split_evidence,
-    split_excerpts,
-    split_features,
-    text_hash,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

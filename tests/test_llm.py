@@ -17,13 +17,8 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from interp_assets.labels.labeling import (
-    LABEL_SYSTEM_PROMPT,
-    LabelCache,
-    label_features,
-    split_evidence,
-    text_hash,
-)
+from interp_assets.labels.evidence import split_evidence, text_hash
+from interp_assets.labels.labeling import LABEL_SYSTEM_PROMPT, LabelCache, label_features
 from interp_assets.labels.scoring import DETECTION_SYSTEM_PROMPT, FUZZ_SYSTEM_PROMPT, score_features
 from resources.llm import LLMBudgetExhausted, LLMError, LLMResource
 

@@ -16,13 +16,8 @@ from sklearn.metrics import roc_auc_score
 
 from interp_assets.labels import embedding
 from interp_assets.labels.embedding import sentence_embeddings
-from interp_assets.labels.labeling import (
-    Excerpt,
-    LabelResponseError,
-    label_features,
-    split_evidence,
-    text_hash,
-)
+from interp_assets.labels.evidence import Excerpt, split_evidence, text_hash
+from interp_assets.labels.labeling import LabelResponseError, label_features
 from interp_assets.labels.scoring import (
     FEATURE_SCORES_SCHEMA,
     auc_score,

@@ -15,9 +15,10 @@ from dagster import (
 from dagster_duckdb import DuckDBResource
 
 from interp_assets.comparisons import load_comparisons
-from interp_assets.defs.assets import WAREHOUSE_TABLES, data_version, latest_materialization
+from interp_assets.defs.assets import WAREHOUSE_TABLES
 from interp_assets.defs.jobs import dataset_job, diff_job, label_job
 from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
+from interp_assets.defs.shared import data_version, latest_materialization
 from interp_assets.ingest import DropError, list_drops
 from interp_assets.warehouse import refresh_views_with_resource
 from resources.storage import StorageResource

@@ -16,16 +16,8 @@ import polars as pl
 from scipy.stats import rankdata
 
 from interp_assets.labels.embedding import DEFAULT_EMBEDDING_MODEL, sentence_embeddings
-from interp_assets.labels.labeling import (
-    WORD_RE,
-    ChatClient,
-    Excerpt,
-    LabelResponseError,
-    Messages,
-    extract_json,
-    split_excerpts,
-    split_features,
-)
+from interp_assets.labels.evidence import Excerpt, split_excerpts, split_features
+from interp_assets.labels.labeling import WORD_RE, ChatClient, LabelResponseError, Messages, extract_json
 
 METHODS = ("embedding", "detection", "fuzz")
 FEATURE_SCORES_SCHEMA: dict[str, pl.DataType] = {

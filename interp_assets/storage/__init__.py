@@ -1,0 +1,7 @@
+"""Storage: where tables live and how they are written and read.
+
+Owns storage paths and key sanitizing (`paths`) and the Parquet table format (`parquet`: atomic
+streaming writes, segmented partitions with a manifest, lazy Polars reads, local or fsspec URLs).
+
+Imports no other interp_assets package and never Dagster; `io_managers/parquet.py` is the Dagster side.
+"""

@@ -1,0 +1,249 @@
+"""Analysis: feature_associations (features vs metadata columns) and diff_reports (dataset A vs B)."""
+
+import json
+
+import polars as pl
+from dagster import (
+    AllPartitionMapping,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetDep,
+    AssetExecutionContext,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+)
+
+from interp_assets.analysis import associations, diffing, reports
+from interp_assets.comparisons import find_comparison, parse_comparison_key
+from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
+from interp_assets.defs.shared import dataset_settings, encoded_doc_count, recorded_d_sae, stored_documents
+from interp_assets.storage.parquet import (
+    markdown_preview,
+    read_table,
+    table_exists,
+    write_bytes_atomic,
+    write_table,
+)
+from resources.storage import StorageResource
+
+
+class FeatureAssociationsConfig(Config):
+    """Which metadata columns to relate to features. Per-dataset `association_columns` take precedence."""
+
+    columns: list[str] | None = None  # None: every boolean, numeric, date or few-valued text column
+    aggregation: str = "max"
+    alpha: float = 0.05
+    max_levels: int = 20
+
+
+@asset(
+    partitions_def=datasets_partitions,
+    io_manager_key="parquet_io_manager",
+    code_version="1",
+    deps=[AssetDep("raw_documents"), AssetDep("pooled_embeddings")],
+    description="Which features go with each metadata column (criterion): AUC for boolean columns and "
+    "each level of a few-valued text column, correlation for numeric and date columns, with BH FDR per "
+    "criterion. Join feature_labels on (dataset, feature) for names.",
+)
+def feature_associations(
+    context: AssetExecutionContext, config: FeatureAssociationsConfig, storage: StorageResource
+):
+    dataset = context.partition_key
+    base = storage.parquet_base
+    columns = dataset_settings(storage, dataset).get("association_columns", config.columns)
+    docs = stored_documents(storage, dataset)
+    encoded = read_table(base, "activation_status", dataset).filter(pl.col("status") == "encoded")
+    docs = docs.join(encoded.select("doc_id").collect(), on="doc_id", how="semi")
+    try:
+        criteria, skipped = associations.metadata_criteria(docs, columns, max_levels=config.max_levels)
+    except ValueError as exc:
+        raise ValueError(
+            f"feature_associations for {dataset!r}: {exc} Fix `association_columns` for this dataset in "
+            f"{storage.config_dir / 'datasets.json'} or the asset's `columns` config."
+        ) from exc
+    table, failed = associations.criteria_associations(
+        read_table(base, "pooled_embeddings", dataset),
+        criteria,
+        dataset=dataset,
+        aggregation=config.aggregation,
+        alpha=config.alpha,
+    )
+    for criterion, reason in {**skipped, **failed}.items():
+        context.log.info(f"{dataset}: criterion {criterion!r} not tested: {reason}")
+    top = table.filter("significant").group_by("criterion", maintain_order=True).head(3)
+    if table_exists(base, "feature_labels", dataset):
+        labels = read_table(base, "feature_labels", dataset).select("feature", "label").collect()
+        top = top.join(labels, on="feature", how="left", maintain_order="left")
+    shown = top.select(
+        [c for c in ("criterion", "feature", "label", "statistic", "effect", "q_value") if c in top.columns]
+    )
+    per_criterion = table.group_by("criterion").agg(pl.col("significant").sum()).sort("criterion")
+    return Output(
+        table,
+        metadata={
+            "criteria_tested": per_criterion.height,
+            "significant_rows": int(table["significant"].sum()),
+            "not_tested": MetadataValue.json({**skipped, **failed}),
+            "significant_per_criterion": MetadataValue.md(
+                markdown_preview(per_criterion.to_arrow(), max_rows=per_criterion.height)
+            ),
+            "top_features": MetadataValue.md(markdown_preview(shown.to_arrow(), max_rows=shown.height)),
+        },
+    )
+
+
+class DiffReportsConfig(Config):
+    """Statistics and report settings for one comparison."""
+
+    threshold: float = 0.0
+    alpha: float = 0.05
+    top_n: int = 10
+    examples_per_feature: int = 3
+
+
+@asset(
+    partitions_def=comparisons_partitions,
+    io_manager_key="parquet_io_manager",
+    code_version="1",
+    deps=[
+        AssetDep("feature_scores", partition_mapping=AllPartitionMapping()),
+    ],
+    check_specs=[AssetCheckSpec("report_features_labeled", asset="diff_reports")],
+    description="Dataset A against dataset B: per-feature frequencies, differences with intervals, "
+    "two-sided tests with Benjamini-Hochberg FDR (paired when declared), and a Markdown + HTML report.",
+)
+def diff_reports(
+    context: AssetExecutionContext,
+    config: DiffReportsConfig,
+    storage: StorageResource,
+):
+    key = context.partition_key
+    comparison = find_comparison(storage.config_dir / "comparisons.json", key)
+    a, b = parse_comparison_key(key)
+    base = storage.parquet_base
+    for ds in (a, b):
+        for table in ("pooled_embeddings", "raw_documents", "activation_status"):
+            if not table_exists(base, table, ds):
+                raise FileNotFoundError(
+                    f"Comparison {key}: dataset {ds!r} has no {table} yet; materialize the dataset's assets "
+                    "(raw_documents through feature_scores) first."
+                )
+    pooled_a, pooled_b = read_table(base, "pooled_embeddings", a), read_table(base, "pooled_embeddings", b)
+    n_a, n_b = encoded_doc_count(storage, a), encoded_doc_count(storage, b)
+    d_sae = recorded_d_sae(context, a)
+    docs_a, docs_b = stored_documents(storage, a), stored_documents(storage, b)
+    if comparison.paired_on:
+        pairs = diffing.pairs_from_key(docs_a, docs_b, comparison.paired_on)
+        diff = diffing.paired_diff_features(
+            pooled_a, pooled_b, pairs, threshold=config.threshold, alpha=config.alpha, n_features=d_sae
+        )
+    else:
+        diff = diffing.diff_features(
+            pooled_a, n_a, pooled_b, n_b, threshold=config.threshold, alpha=config.alpha, n_features=d_sae
+        )
+    diff = diff.with_columns(
+        pl.lit(key).alias("comparison"), pl.lit(a).alias("dataset_a"), pl.lit(b).alias("dataset_b")
+    )
+    write_table(base, "diff_features", key, diff)
+
+    labels, scores = _report_labels(storage, diff, a, b, config.top_n)
+    top = reports.top_features(diff, config.top_n)
+    top_ids = [int(f) for d in ("a", "b") for f in top[d]["feature"].to_list()]
+    needed = pl.Series("feature", top_ids, dtype=pl.Int32)
+    ta_a = read_table(base, "token_activations", a).filter(pl.col("feature").is_in(needed.implode()))
+    ta_b = read_table(base, "token_activations", b).filter(pl.col("feature").is_in(needed.implode()))
+    examples = reports.report_examples(
+        diff,
+        ta_a.collect(),
+        docs_a,
+        ta_b.collect(),
+        docs_b,
+        top_n=config.top_n,
+        n=config.examples_per_feature,
+    )
+    common = dict(
+        name_a=a,
+        name_b=b,
+        n_docs_a=n_a,
+        n_docs_b=n_b,
+        labels=labels,
+        scores=scores,
+        examples=examples,
+        top_n=config.top_n,
+        n_features=d_sae,
+        alpha=config.alpha,
+    )
+    markdown = reports.render_markdown(diff, **common)
+    html = reports.render_html(diff, **common)
+    storage.reports_dir.mkdir(parents=True, exist_ok=True)
+    md_path = storage.reports_dir / f"{key}.md"
+    html_path = storage.reports_dir / f"{key}.html"
+    write_bytes_atomic(str(md_path), markdown.encode("utf-8"))
+    write_bytes_atomic(str(html_path), html.encode("utf-8"))
+
+    significant = diff.filter(pl.col("significant"))
+    row = pl.DataFrame(
+        {
+            "comparison": [key],
+            "dataset_a": [a],
+            "dataset_b": [b],
+            "paired_on": [comparison.paired_on],
+            "n_docs_a": [n_a],
+            "n_docs_b": [n_b],
+            "features_tested": [d_sae],
+            "significant_a": [significant.filter(pl.col("direction") == "a").height],
+            "significant_b": [significant.filter(pl.col("direction") == "b").height],
+            "top_features_a": [json.dumps(top["a"]["feature"].to_list())],
+            "top_features_b": [json.dumps(top["b"]["feature"].to_list())],
+            "report_markdown_path": [str(md_path.resolve())],
+            "report_html_path": [str(html_path.resolve())],
+        },
+        schema_overrides={"paired_on": pl.String},
+    )
+    labeled = set(labels["feature"].to_list()) if labels is not None else set()
+    unlabeled = [f for f in top_ids if f not in labeled]
+    yield Output(
+        row,
+        metadata={
+            "report": MetadataValue.md(markdown[:60000]),
+            "report_html": MetadataValue.path(str(html_path.resolve())),
+            "significant_a": row["significant_a"][0],
+            "significant_b": row["significant_b"][0],
+            "paired_on": comparison.paired_on or "",
+        },
+    )
+    yield AssetCheckResult(
+        check_name="report_features_labeled",
+        passed=not unlabeled,
+        severity=AssetCheckSeverity.WARN,
+        metadata={"unlabeled_top_features": MetadataValue.json(unlabeled)},
+    )
+
+
+def _report_labels(
+    storage: StorageResource, diff: pl.DataFrame, a: str, b: str, top_n: int
+) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
+    """Labels and scores of the report's top features, each from the dataset where it is more frequent."""
+    base = storage.parquet_base
+    top = reports.top_features(diff, top_n)
+    label_parts, score_parts = [], []
+    for direction, ds in (("a", a), ("b", b)):
+        feats = top[direction]["feature"].to_list()
+        if table_exists(base, "feature_labels", ds):
+            label_parts.append(
+                read_table(base, "feature_labels", ds).filter(pl.col("feature").is_in(feats)).collect()
+            )
+        if table_exists(base, "feature_scores", ds):
+            score_parts.append(
+                read_table(base, "feature_scores", ds).filter(pl.col("feature").is_in(feats)).collect()
+            )
+    labels = (
+        pl.concat(label_parts, how="diagonal_relaxed").unique("feature", keep="first")
+        if label_parts
+        else None
+    )
+    scores = pl.concat(score_parts, how="diagonal_relaxed") if score_parts else None
+    return labels, scores

@@ -1,0 +1,205 @@
+"""SAE features of each document: token_activations (the reader over every document) and pooled_embeddings."""
+
+import hashlib
+import time
+
+import numpy as np
+import polars as pl
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetDep,
+    AssetExecutionContext,
+    DataVersion,
+    Output,
+    asset,
+)
+
+from interp_assets.defs.partitions import datasets_partitions
+from interp_assets.defs.shared import MODEL_POOL
+from interp_assets.engine.activation_cache import ActivationCache, token_activations_schema
+from interp_assets.engine.activations import encode_texts
+from interp_assets.engine.pooling import (
+    POOLED_SCHEMA,
+    POOLING_VERSION,
+    pool_token_activations,
+    pooled_segment_name,
+    pooled_summary,
+)
+from interp_assets.engine.reader import ENGINE_VERSION
+from interp_assets.storage.parquet import (
+    KEEP,
+    SegmentedTable,
+    StreamedTable,
+    read_table,
+    scan_parquet_files,
+    stored_segments,
+    table_segments,
+    write_table,
+)
+from resources.sae_reader import SAEReaderResource
+from resources.storage import StorageResource
+
+
+@asset(
+    partitions_def=datasets_partitions,
+    io_manager_key="parquet_io_manager",
+    code_version=ENGINE_VERSION,
+    pool=MODEL_POOL,
+    check_specs=[
+        AssetCheckSpec("every_document_accounted_for", asset="token_activations", blocking=True),
+        AssetCheckSpec("activations_finite_and_positive", asset="token_activations", blocking=True),
+    ],
+    description="Every nonzero SAE activation of every pooled token (doc_id, token_index, token, offsets, "
+    "feature, activation). Only new or changed documents go through the model (content-hash cache), and "
+    "only the segments (one per cache chunk) whose documents changed are written.",
+)
+def token_activations(
+    context: AssetExecutionContext,
+    raw_documents: pl.LazyFrame,
+    sae_reader: SAEReaderResource,
+    storage: StorageResource,
+):
+    dataset = context.partition_key
+    docs = raw_documents.select("doc_id", "doc_hash", "text").collect()
+    reader = sae_reader.get_reader()
+    cache = ActivationCache(storage.cache_dir / "activations", reader.fingerprint)
+    started = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        context.log.info(f"{dataset}: encoded {done}/{total} new documents")
+
+    stats = cache.encode_missing(lambda texts: encode_texts(reader, texts), docs, on_chunk=progress)
+    seconds = time.perf_counter() - started
+    status = cache.activation_status(docs.select("doc_id", "doc_hash"), dataset)
+    write_table(storage.parquet_base, "activation_status", dataset, status)
+    status_pl = pl.from_arrow(status)
+    counts = status_pl.group_by("status").len()
+    count = dict(zip(counts["status"].to_list(), counts["len"].to_list(), strict=True))
+    rejected = status_pl.filter(pl.col("status") == "rejected")
+    if rejected.height:
+        context.log.warning(
+            f"{rejected.height} document(s) of {dataset} could not be encoded, e.g. doc_id "
+            f"{rejected['doc_id'][0]}: {rejected['reason'][0]} (see the activation_status table)"
+        )
+    version = hashlib.sha256(
+        (reader.fingerprint + "".join(sorted(docs["doc_hash"].to_list()))).encode()
+    ).hexdigest()[:24]
+
+    # One segment per cache chunk holding documents of this dataset, named by its content: a segment
+    # already stored under its name is kept as is; the others are streamed from the cache.
+    schema = token_activations_schema(reader.activation_dtype)
+    plan = cache.activation_segments(docs.select("doc_id", "doc_hash"), dataset, schema)
+    stored = stored_segments(storage.parquet_base, "token_activations", dataset, schema)
+    # New segments are checked while the IO manager writes them, which Dagster does while handling the
+    # Output, before this generator resumes; `written` counts the segments streamed to the end, so the
+    # check fails loudly (not passes silently) if that order ever changed.
+    seen = {"bad_values": 0, "written": 0}
+
+    def checked_segment(segment):
+        for batch in cache.iter_segment(segment, dataset, schema):
+            act = batch.column("activation").to_numpy(zero_copy_only=False)
+            seen["bad_values"] += int(np.count_nonzero(~np.isfinite(act) | (act <= 0)))
+            yield batch
+        seen["written"] += 1
+
+    segments = {s.name: KEEP if s.name in stored else StreamedTable(schema, checked_segment(s)) for s in plan}
+    kept = [stored[name] for name, value in segments.items() if value is KEEP]
+    yield Output(
+        SegmentedTable(schema, segments),
+        data_version=DataVersion(version),
+        metadata={
+            "documents": docs.height,
+            "encoded_now": stats.encoded,
+            "reused_from_cache": stats.reused,
+            "rejected": count.get("rejected", 0),
+            "chunks_written": stats.chunks_written,
+            "encode_seconds": round(seconds, 2),
+            "reader_fingerprint": reader.fingerprint,
+            "d_sae": reader.d_sae,
+            "device": reader.device,
+        },
+    )
+    missing = count.get("missing", 0)
+    kept_bad = _bad_activations(scan_parquet_files(kept, schema))  # one column of the kept segments
+    new_segments = len(segments) - len(kept)
+    yield AssetCheckResult(
+        check_name="every_document_accounted_for",
+        passed=missing == 0 and status_pl.height == docs.height,
+        metadata={
+            "encoded": count.get("encoded", 0),
+            "rejected": count.get("rejected", 0),
+            "missing": missing,
+        },
+    )
+    yield AssetCheckResult(
+        check_name="activations_finite_and_positive",
+        passed=seen["written"] == new_segments and seen["bad_values"] + kept_bad == 0,
+        metadata={
+            "bad_values": seen["bad_values"] + kept_bad,
+            "segments_checked_while_writing": seen["written"],
+            "segments_written": new_segments,
+            "segments_kept_checked_from_storage": len(kept),
+        },
+    )
+
+
+def _bad_activations(token_activations: pl.LazyFrame) -> int:
+    """Rows whose activation is not finite or not positive."""
+    act = pl.col("activation").cast(pl.Float32)
+    return int(token_activations.select((~act.is_finite() | (act <= 0)).sum()).collect().item() or 0)
+
+
+@asset(
+    partitions_def=datasets_partitions,
+    io_manager_key="parquet_io_manager",
+    code_version=POOLING_VERSION,
+    deps=[AssetDep("token_activations")],
+    check_specs=[AssetCheckSpec("pooled_statistics_consistent", asset="pooled_embeddings")],
+    description="Per (document, feature): max, sum and count of active tokens, and the document's pooled "
+    "token count, so max/mean/sum/binarize/count are all derivable. One segment per token_activations "
+    "segment; only new ones are pooled.",
+)
+def pooled_embeddings(context: AssetExecutionContext, storage: StorageResource):
+    dataset = context.partition_key
+    base = storage.parquet_base
+    sources = table_segments(base, "token_activations", dataset)
+    stored = stored_segments(base, "pooled_embeddings", dataset, POOLED_SCHEMA)
+    doc_tokens = (
+        read_table(base, "activation_status", dataset)
+        .filter(pl.col("status") == "encoded")
+        .select("doc_id", "pooled_tokens")
+        .collect()
+    )
+    segments: dict = {}
+    frames = []  # the whole table (kept segments from storage, new ones in memory) for stats and the check
+    for source, path in sources.items():
+        name = pooled_segment_name(source)
+        if name in stored:
+            segments[name] = KEEP
+            frames.append(scan_parquet_files([stored[name]]))
+        else:
+            segments[name] = pool_token_activations(scan_parquet_files([path]), doc_tokens)
+            frames.append(segments[name].lazy())
+    empty = pl.from_arrow(POOLED_SCHEMA.empty_table())
+    summary = pooled_summary(pl.concat(frames) if frames else empty.lazy())
+    written = sum(1 for v in segments.values() if v is not KEEP)
+    yield Output(
+        SegmentedTable(POOLED_SCHEMA, segments),
+        metadata={
+            "rows": summary["rows"],
+            "documents_with_features": summary["documents_with_features"],
+            "mean_features_per_document": summary["mean_features_per_document"],
+            "distinct_features": summary["distinct_features"],
+        },
+    )
+    yield AssetCheckResult(
+        check_name="pooled_statistics_consistent",
+        passed=summary["inconsistent_rows"] == 0,
+        metadata={
+            "inconsistent_rows": summary["inconsistent_rows"],
+            "rows_checked": summary["rows"],
+            "segments_pooled_now": written,
+            "segments_kept": len(segments) - written,
+        },
+    )

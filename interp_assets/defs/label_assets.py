@@ -1,0 +1,234 @@
+"""Labels: feature_labels (which features to name, and their names) and feature_scores (held-out scores)."""
+
+import numpy as np
+import polars as pl
+from dagster import AssetDep, AssetExecutionContext, Config, MetadataValue, Output, asset
+
+from interp_assets.analysis import diffing
+from interp_assets.comparisons import load_comparisons
+from interp_assets.defs.partitions import datasets_partitions
+from interp_assets.defs.shared import (
+    MODEL_POOL,
+    data_version,
+    encoded_doc_count,
+    latest_materialization,
+    stored_documents,
+    token_activations_metadata,
+)
+from interp_assets.labels import labeling, scoring
+from interp_assets.labels.feature_selection import select_features
+from interp_assets.storage.parquet import markdown_preview, read_table, table_exists, write_table
+from resources.llm import LLMResource
+from resources.storage import StorageResource
+
+
+class FeatureLabelsConfig(Config):
+    """Which features to label and how much evidence to show the labeler."""
+
+    n_frequent: int = 20
+    n_distinctive: int = 30
+    n_associated: int = 3  # per metadata criterion, when feature_associations exists
+    requested_features: list[int] = []
+    published_labels_path: str | None = None
+    n_evidence: int = 20
+    n_holdout: int = 40
+    seed: int = 0
+    hard_negatives_max_docs: int = 20000
+
+
+def _document_embeddings(storage: StorageResource, docs: pl.DataFrame, max_docs: int) -> np.ndarray | None:
+    """Sentence embeddings of the documents (row i = docs row i), cached by content hash; None if too many."""
+    if docs.height > max_docs:
+        return None
+    from interp_assets.labels.embedding import sentence_embeddings
+
+    path = storage.cache_dir / "embeddings" / "minilm.parquet"
+    known = (
+        pl.read_parquet(path)
+        if path.exists()
+        else pl.DataFrame(schema={"doc_hash": pl.String, "embedding": pl.List(pl.Float32)})
+    )
+    missing = (
+        docs.select("doc_hash", "text")
+        .unique("doc_hash")
+        .join(known.select("doc_hash"), on="doc_hash", how="anti")
+    )
+    if missing.height:
+        vectors = sentence_embeddings(missing["text"].to_list())
+        new = pl.DataFrame(
+            {"doc_hash": missing["doc_hash"], "embedding": [v for v in vectors.astype(np.float32)]},
+            schema={"doc_hash": pl.String, "embedding": pl.List(pl.Float32)},
+        )
+        known = pl.concat([known, new])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_table(str(path.parent), "minilm", None, known)
+    aligned = docs.select("doc_hash").join(known, on="doc_hash", how="left", maintain_order="left")
+    return np.asarray(aligned["embedding"].to_list(), dtype=np.float32)
+
+
+@asset(
+    partitions_def=datasets_partitions,
+    io_manager_key="parquet_io_manager",
+    code_version="1",
+    pool=MODEL_POOL,
+    deps=[AssetDep("pooled_embeddings"), AssetDep("feature_associations")],
+    description="Labels for the features that matter in this dataset (frequent, distinctive against its "
+    "comparison partners, requested): published labels, else an LLM when configured, else an offline "
+    "contrastive log-odds labeler. Cached by (SAE, feature, evidence).",
+)
+def feature_labels(
+    context: AssetExecutionContext,
+    config: FeatureLabelsConfig,
+    token_activations: pl.LazyFrame,
+    storage: StorageResource,
+    llm: LLMResource,
+):
+    dataset = context.partition_key
+    base = storage.parquet_base
+    pooled = read_table(base, "pooled_embeddings", dataset)
+    n_docs = encoded_doc_count(storage, dataset)
+    docs = stored_documents(storage, dataset)
+    partners = {}
+    for comparison in load_comparisons(storage.config_dir / "comparisons.json"):
+        other = comparison.b if comparison.a == dataset else comparison.a if comparison.b == dataset else None
+        if other and table_exists(base, "pooled_embeddings", other):
+            pairs = (
+                diffing.pairs_from_key(docs, stored_documents(storage, other), comparison.paired_on)
+                if comparison.paired_on
+                else None
+            )
+            partners[other] = (
+                read_table(base, "pooled_embeddings", other),
+                encoded_doc_count(storage, other),
+                pairs,
+            )
+    sae_id = str(token_activations_metadata(context, dataset).get("reader_fingerprint", "unknown"))
+    selected = select_features(
+        pooled,
+        n_docs,
+        partners=partners,
+        n_frequent=config.n_frequent,
+        n_distinctive=config.n_distinctive,
+        requested=config.requested_features,
+        associated=_top_associated(base, dataset, config.n_associated),
+    )
+    features = selected["feature"].to_list()
+    acts = token_activations.filter(pl.col("feature").is_in(features)).collect()
+    embeddings = _document_embeddings(storage, docs, config.hard_negatives_max_docs)
+    published = (
+        labeling.load_published_labels(config.published_labels_path) if config.published_labels_path else None
+    )
+    errors: list[str] = []
+    labels = labeling.label_features(
+        acts,
+        docs,
+        features,
+        dataset=dataset,
+        sae_id=sae_id,
+        embeddings=embeddings,
+        published=published,
+        llm=llm if llm.enabled else None,
+        cache=labeling.LabelCache(storage.cache_dir / "labels.parquet"),
+        selected_because=dict(
+            zip(selected["feature"].to_list(), selected["selected_because"].to_list(), strict=True)
+        ),
+        n_evidence=config.n_evidence,
+        n_holdout=config.n_holdout,
+        seed=config.seed,
+        errors=errors,
+    )
+    for message in errors[:20]:
+        context.log.warning(message)
+    preview = labels.select("feature", "label", "selected_because", "source").head(20)
+    return Output(
+        labels,
+        metadata={
+            "labeled_features": labels.height,
+            "sources": MetadataValue.json(labels.group_by("source").len().to_dicts()),
+            "labeling_errors": len(errors),
+            "llm_calls_made": llm.calls_made if llm.enabled else 0,
+            # the comparisons_sensor re-labels when a partner's activations change after this
+            "partner_versions": MetadataValue.json(
+                {other: data_version(context.instance, "token_activations", other) for other in partners}
+            ),
+            # feature_scores re-derives the held-out split from exactly these
+            "split_parameters": MetadataValue.json(_split_parameters(config)),
+            "labels": MetadataValue.md(markdown_preview(preview.to_arrow(), max_rows=preview.height)),
+        },
+    )
+
+
+def _top_associated(base: str, dataset: str, n: int) -> dict[str, list[int]]:
+    """The `n` most significant features of each metadata criterion (empty before feature_associations)."""
+    if n <= 0 or not table_exists(base, "feature_associations", dataset):
+        return {}
+    top = (
+        read_table(base, "feature_associations", dataset)
+        .filter(pl.col("significant"))
+        .sort("q_value")
+        .group_by("criterion", maintain_order=True)
+        .head(n)
+        .collect()
+    )
+    return {c: part["feature"].to_list() for (c,), part in top.group_by(["criterion"], maintain_order=True)}
+
+
+SPLIT_PARAMETERS = ("n_evidence", "n_holdout", "seed", "hard_negatives_max_docs")
+
+
+def _split_parameters(config: FeatureLabelsConfig) -> dict[str, int]:
+    return {name: getattr(config, name) for name in SPLIT_PARAMETERS}
+
+
+@asset(
+    partitions_def=datasets_partitions,
+    io_manager_key="parquet_io_manager",
+    code_version="1",
+    pool=MODEL_POOL,
+    description="Every label scored on held-out documents never shown to the labeler: precision, recall, F1, "
+    "balanced accuracy, AUC and a bootstrap interval, offline (embedding) and with an LLM when configured.",
+)
+def feature_scores(
+    context: AssetExecutionContext,
+    feature_labels: pl.LazyFrame,
+    storage: StorageResource,
+    llm: LLMResource,
+):
+    dataset = context.partition_key
+    record = latest_materialization(context.instance, "feature_labels", dataset)
+    stored = record.asset_materialization.metadata.get("split_parameters") if record else None
+    split = stored.value if stored is not None else _split_parameters(FeatureLabelsConfig())
+    labels = feature_labels.collect()
+    docs = stored_documents(storage, dataset)
+    features = labels["feature"].to_list()
+    acts = (
+        read_table(storage.parquet_base, "token_activations", dataset)
+        .filter(pl.col("feature").is_in(features))
+        .collect()
+    )
+    embeddings = _document_embeddings(storage, docs, split["hard_negatives_max_docs"])
+    errors: list[str] = []
+    scores = scoring.score_features(
+        labels,
+        acts,
+        docs,
+        llm=llm if llm.enabled else None,
+        embeddings=embeddings,
+        n_evidence=split["n_evidence"],
+        n_holdout=split["n_holdout"],
+        seed=split["seed"],
+        errors=errors,
+    )
+    for message in errors[:20]:
+        context.log.warning(message)
+    summary = scores.group_by("method").agg(
+        pl.len().alias("labels"), pl.col("f1").mean().alias("mean_f1"), pl.col("auc").mean().alias("mean_auc")
+    )
+    return Output(
+        scores,
+        metadata={
+            "scored_labels": scores.height,
+            "scoring_errors": len(errors),
+            "summary": MetadataValue.md(markdown_preview(summary.to_arrow(), max_rows=summary.height)),
+        },
+    )

@@ -1,0 +1,56 @@
+"""What the asset modules share: the model pool, data versions, and reads of a dataset's stored tables."""
+
+import polars as pl
+from dagster import AssetExecutionContext, AssetKey, AssetRecordsFilter, DagsterInstance, EventLogRecord
+
+from interp_assets.comparisons import load_dataset_settings
+from interp_assets.storage.parquet import read_table
+from resources.storage import StorageResource
+
+DATA_VERSION_TAG = "dagster/data_version"  # the tag Dagster stores a materialization's data version under
+
+MODEL_POOL = "sae_model"  # every step that runs the reader model shares this concurrency pool
+
+
+def dataset_settings(storage: StorageResource, dataset: str) -> dict:
+    """This dataset's entry in `<data_dir>/config/datasets.json` (empty if none)."""
+    return load_dataset_settings(storage.config_dir / "datasets.json").get(dataset, {})
+
+
+def encoded_doc_count(storage: StorageResource, dataset: str) -> int:
+    """Documents of `dataset` that token_activations encoded (activation_status = encoded)."""
+    status = read_table(storage.parquet_base, "activation_status", dataset)
+    return int(status.filter(pl.col("status") == "encoded").select(pl.len()).collect().item())
+
+
+def stored_documents(storage: StorageResource, dataset: str) -> pl.DataFrame:
+    """The raw_documents partition of `dataset`, sorted by doc_id."""
+    return read_table(storage.parquet_base, "raw_documents", dataset).sort("doc_id").collect()
+
+
+def latest_materialization(instance: DagsterInstance, asset: str, partition: str) -> EventLogRecord | None:
+    """The latest materialization record of one partition of `asset` (None if never materialized)."""
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]), limit=1
+    ).records
+    return records[0] if records else None
+
+
+def data_version(instance: DagsterInstance, asset: str, partition: str) -> str | None:
+    """The data version of the latest materialization of one partition of `asset` (None if none)."""
+    record = latest_materialization(instance, asset, partition)
+    return record.asset_materialization.tags.get(DATA_VERSION_TAG) if record else None
+
+
+def token_activations_metadata(context: AssetExecutionContext, dataset: str) -> dict:
+    """Metadata of the latest token_activations materialization of `dataset` (SAE width, fingerprint)."""
+    record = latest_materialization(context.instance, "token_activations", dataset)
+    if record is None:
+        return {}
+    return {k: v.value for k, v in record.asset_materialization.metadata.items()}
+
+
+def recorded_d_sae(context: AssetExecutionContext, dataset: str) -> int | None:
+    """SAE width recorded by token_activations for `dataset` (None if unknown)."""
+    value = token_activations_metadata(context, dataset).get("d_sae")
+    return int(value) if value is not None else None
