@@ -29,7 +29,8 @@ product's own code path, never a reimplementation of it:
   document `scipy.sparse.csr_matrix(dense[i][attention_mask[i]])`. Its storage is `pickle.dumps` of each
   document's csr_matrix (timed separately, counted in its e2e time; the bytes are never read back).
 - SAEs: the shipped default (width 2,048, trained) and random TopK SAEs of every --widths x --k (d_in =
-  the reader's hidden size; sae_lens's default init with b_enc ~ N(0, 1), as tests/test_activations.py).
+  the reader's hidden size; sae_lens's default init with b_enc ~ N(0, 1), as
+  tests/engine/test_activations.py).
 - peak memory: our path (encode_missing + token_activations file, default SAE) over a small N
   (--mem-docs; default max(--docs, two cache chunks), so that it already holds a full chunk: memory
   scales with the chunk, and a half chunk would flatter the small run) and over --docs-large documents,
@@ -62,7 +63,6 @@ import inspect
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -73,6 +73,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import cpu_model, peak_rss_mb, write_results  # noqa: E402
 
 SST2_TRAIN = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 RESULTS = ROOT / "benchmarks" / "results" / "activations.json"
@@ -157,7 +159,7 @@ def load_product_reader(args: argparse.Namespace) -> Any:
 
 
 def random_topk_sae(d_in: int, d_sae: int, k: int, device: str, dtype: str, seed: int) -> Any:
-    """A random TopK SAE built as tests/test_activations.py builds one (b_enc ~ N(0, 1))."""
+    """A random TopK SAE built as tests/engine/test_activations.py builds one (b_enc ~ N(0, 1))."""
     import torch
     from sae_lens import TopKSAE, TopKSAEConfig
 
@@ -209,7 +211,7 @@ def machine_info(device: str, dtype: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -228,16 +230,6 @@ def machine_info(device: str, dtype: str) -> dict[str, Any]:
     return info
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 # --------------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------------
@@ -251,11 +243,6 @@ def rss_mb() -> float:
     except ImportError:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def maxrss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 class RssSampler:
@@ -706,7 +693,7 @@ def child_memory(args: argparse.Namespace, n_docs: int) -> dict[str, Any]:
         "docs": n_docs,
         "chunk_max_docs": chunk_docs,
         "rss_after_load_mb": rss_mb(),
-        "maxrss_after_load_mb": maxrss_mb(),
+        "maxrss_after_load_mb": peak_rss_mb(),
     }
     if reader.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -723,7 +710,7 @@ def child_memory(args: argparse.Namespace, n_docs: int) -> dict[str, Any]:
             "nonzeros": run["nonzeros"],
             "chunks": run["chunks"],
             "token_activations_bytes": run["token_activations_bytes"],
-            "maxrss_mb": maxrss_mb(),
+            "maxrss_mb": peak_rss_mb(),
             "sampled_peak_mb": sampler.peak_mb,
             "rss_after_each_chunk_mb": run["rss_after_each_chunk_mb"],
             "rss_after_encode_mb": run["rss_after_encode_mb"],
@@ -984,10 +971,7 @@ def main() -> None:
         "seconds": time.perf_counter() - started,
         "malloc_env": {k: v for k, v in os.environ.items() if "MALLOC" in k},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2, default=float))
-    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    write_results(payload, args.out)
 
 
 if __name__ == "__main__":

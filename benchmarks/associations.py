@@ -2,7 +2,7 @@
 results/associations.json.
 
 Synthetic pooled_embeddings of one dataset (default 100k documents, SAE width 16,384, about 300 active
-features per document with Zipf-like frequencies; the generator of benchmarks/diff.py) and a documents
+features per document with Zipf-like frequencies; the generator in benchmarks/_common.py) and a documents
 table with metadata columns:
 - `toxic` (10% True): six planted features fire more / less often in toxic documents;
 - `score` (normal, 1% null): four planted features fire more often the higher the score;
@@ -19,10 +19,8 @@ Usage: python benchmarks/associations.py [--docs 100000] [--width 16384] [--acti
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,6 +33,7 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import feature_frequencies, peak_rss_mb, pooled_table, rss_now_mb, write_results  # noqa: E402
 from interp_assets.analysis.associations import associations_for_column  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "associations.json"
@@ -57,19 +56,11 @@ CASES = {
 }
 
 
-def _diff_module():
-    spec = importlib.util.spec_from_file_location("bench_diff", ROOT / "benchmarks" / "diff.py")
-    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
-
-
 def generate(workdir: Path, docs: int, width: int, active: float, seed: int = 0) -> dict:
-    bench_diff = _diff_module()
     rng = np.random.default_rng(seed)
     t = time.perf_counter()
-    freq, ids = bench_diff.feature_frequencies(width, active, rng)
-    pooled = bench_diff.pooled_table(docs, freq, rng)
+    freq, ids = feature_frequencies(width, active, rng)
+    pooled = pooled_table(docs, freq, rng)
     toxic = rng.random(docs) < 0.10
     score = rng.normal(size=docs)
     planted: dict[str, list[dict]] = {"toxic": [], "score": []}
@@ -126,15 +117,6 @@ def generate(workdir: Path, docs: int, width: int, active: float, seed: int = 0)
     return {"planted": planted, "rows": pooled.height, "generate_s": time.perf_counter() - t}
 
 
-def _rss_now_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def child(case: str, workdir: Path) -> dict:
     column, kwargs, in_memory, _ = CASES[case]
     docs = pl.read_parquet(workdir / "documents.parquet")
@@ -143,12 +125,12 @@ def child(case: str, workdir: Path) -> dict:
         if in_memory
         else pl.scan_parquet(workdir / "pooled.parquet")
     )
-    out: dict = {"case": case, "rss_inputs_mb": _rss_now_mb()}
+    out: dict = {"case": case, "rss_inputs_mb": rss_now_mb()}
     t, c = time.perf_counter(), time.process_time()
     res = associations_for_column(pooled, docs, column, **kwargs)
     out["seconds"] = time.perf_counter() - t
     out["cpu_s"] = time.process_time() - c
-    out["peak_mb"] = _peak_mb()
+    out["peak_mb"] = peak_rss_mb()
     out["delta_mb"] = max(0.0, out["peak_mb"] - out["rss_inputs_mb"])
     out["summary"] = res.metadata()
     table = res.table
@@ -216,7 +198,6 @@ def main() -> None:
             f"{s['n_tested']:>8}{s['n_skipped_rare'] + s['n_skipped_constant']:>8}{mixture:>8}"
             f"{s['n_significant']:>7}{fp:>4}  {r['check']}"
         )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "params": vars(args) | {"child": None, "workdir": None},
         "rows": gen["rows"],
@@ -228,8 +209,7 @@ def main() -> None:
         "numpy": np.__version__,
         "results": results,
     }
-    RESULTS.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    write_results(payload, RESULTS)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,68 +33,13 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import feature_frequencies, peak_rss_mb, pooled_table, rss_now_mb, write_results  # noqa: E402
 from interp_assets.analysis.diffing import diff_features, paired_diff_features, split_halves_null  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "diff.json"
 
 # (frequency rank of the feature, multiplier of its frequency in B)
 PLANTED = [(30, 1.15), (300, 0.8), (1500, 1.6), (5000, 0.4), (9000, 3.0), (14000, 6.0)]
-
-
-def feature_frequencies(
-    width: int, mean_active: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Zipf-like per-feature document frequencies (capped at 0.6) summing to `mean_active`; random ids."""
-    w = 1.0 / (np.arange(width) + 30.0) ** 1.1
-    lo, hi = 0.0, 1e6
-    for _ in range(100):  # bisection on the scale so that sum(min(c*w, cap)) == mean_active
-        c = (lo + hi) / 2
-        if np.minimum(c * w, 0.6).sum() < mean_active:
-            lo = c
-        else:
-            hi = c
-    by_rank = np.minimum(c * w, 0.6)
-    freq = np.empty(width)
-    ids = rng.permutation(width)
-    freq[ids] = by_rank
-    return freq, ids  # ids[r] = feature id of frequency rank r
-
-
-def pooled_table(n_docs: int, freq: np.ndarray, rng: np.random.Generator) -> pl.DataFrame:
-    """pooled_embeddings rows (README schema, without the dataset column) with P(doc has f) = freq[f]."""
-    width = freq.size
-    keys = []
-    for f in range(width):
-        p = freq[f]
-        if p <= 0:
-            continue
-        # positions of a Bernoulli(p) process over n_docs by geometric gaps
-        m = int(n_docs * p + 10 * np.sqrt(n_docs * p) + 20)
-        pos = np.cumsum(rng.geometric(p, size=m)) - 1
-        while pos[-1] < n_docs:
-            pos = np.concatenate([pos, pos[-1] + np.cumsum(rng.geometric(p, size=m))])
-        pos = pos[pos < n_docs]
-        keys.append(pos.astype(np.int64) * width + f)
-    key = np.sort(np.concatenate(keys))
-    del keys
-    n = key.size
-    doc_id = (key // width).astype(np.int32)
-    feature = (key % width).astype(np.int32)
-    del key
-    max_act = (rng.exponential(1.0, n) + 0.01).astype(np.float32)
-    active = (1 + rng.poisson(2.0, n)).astype(np.int32)
-    sum_act = (max_act * active * rng.uniform(0.5, 1.0, n)).astype(np.float32)
-    doc_tokens = rng.integers(64, 512, n_docs).astype(np.int32)[doc_id]
-    return pl.DataFrame(
-        {
-            "doc_id": doc_id,
-            "feature": feature,
-            "max_activation": max_act,
-            "sum_activation": sum_act,
-            "active_tokens": active,
-            "doc_tokens": doc_tokens,
-        }
-    )
 
 
 def generate(workdir: Path, docs: int, width: int, active: float, pairs: int, seed: int = 0) -> dict:
@@ -125,27 +69,18 @@ def generate(workdir: Path, docs: int, width: int, active: float, pairs: int, se
     return {"planted": planted, "rows_per_side": rows, "generate_s": time.perf_counter() - t}
 
 
-def _rss_now_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def child(case: str, workdir: Path, docs: int, width: int, pairs: int) -> dict:
     out: dict = {"case": case}
     pa_, pb_ = workdir / "pooled_a.parquet", workdir / "pooled_b.parquet"
     if case == "diff_parquet":
-        out["rss_inputs_mb"] = _rss_now_mb()
-        out["peak_before_mb"] = _peak_mb()
+        out["rss_inputs_mb"] = rss_now_mb()
+        out["peak_before_mb"] = peak_rss_mb()
         t = time.perf_counter()
         res = diff_features(pl.scan_parquet(pa_), docs, pl.scan_parquet(pb_), docs, n_features=width)
     elif case == "diff_memory":
         a, b = pl.read_parquet(pa_), pl.read_parquet(pb_)
-        out["rss_inputs_mb"] = _rss_now_mb()
-        out["peak_before_mb"] = _peak_mb()
+        out["rss_inputs_mb"] = rss_now_mb()
+        out["peak_before_mb"] = peak_rss_mb()
         t = time.perf_counter()
         res = diff_features(a, docs, b, docs, n_features=width)
     elif case == "paired":
@@ -153,19 +88,19 @@ def child(case: str, workdir: Path, docs: int, width: int, pairs: int) -> dict:
         prs = pl.DataFrame(
             {"doc_id_a": np.arange(pairs, dtype=np.int32), "doc_id_b": np.arange(pairs, dtype=np.int32)}
         )
-        out["rss_inputs_mb"] = _rss_now_mb()
-        out["peak_before_mb"] = _peak_mb()
+        out["rss_inputs_mb"] = rss_now_mb()
+        out["peak_before_mb"] = peak_rss_mb()
         t = time.perf_counter()
         res = paired_diff_features(a, b, prs, n_features=width)
     elif case == "null_halves":
-        out["rss_inputs_mb"] = _rss_now_mb()
-        out["peak_before_mb"] = _peak_mb()
+        out["rss_inputs_mb"] = rss_now_mb()
+        out["peak_before_mb"] = peak_rss_mb()
         t = time.perf_counter()
         res = split_halves_null(pl.scan_parquet(pa_), docs, seed=1, n_features=width)
     else:
         raise ValueError(case)
     out["seconds"] = time.perf_counter() - t
-    out["peak_mb"] = _peak_mb()
+    out["peak_mb"] = peak_rss_mb()
     out["diff_delta_mb"] = max(0.0, out["peak_mb"] - out["rss_inputs_mb"])
     out["features_tested"] = res.height
     out["significant"] = int(res["significant"].sum())
@@ -250,7 +185,6 @@ def main() -> None:
             f"{r['case']:<14}{r['seconds']:>9.2f}{r['rss_inputs_mb']:>11.0f}{r['peak_mb']:>9.0f}"
             f"{r['diff_delta_mb']:>10.0f}{r['features_tested']:>8}{r['significant']:>8}{fp:>4}  {r['check']}"
         )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "params": vars(args) | {"child": None, "workdir": None},
         "rows_per_side": gen["rows_per_side"],
@@ -260,8 +194,7 @@ def main() -> None:
         "polars": pl.__version__,
         "results": results,
     }
-    RESULTS.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    write_results(payload, RESULTS)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Real data: distinct sentences of SST-2 train (`../shared/data/sst2/train.tsv`, r
 with a fixed seed). Every step materializes raw_documents + token_activations + pooled_embeddings for one
 `datasets` partition with `dagster.materialize`, the embedded default reader on CPU, and a fresh data dir
 whose landing folder holds the drop (a JSONL file; `config/datasets.json` names `sentence` as the text
-column), as tests/test_pipeline.py does:
+column), as tests/defs/test_pipeline.py does:
 
 1. `full`: a drop of N documents (N = --n-docs), empty cache;
 2. `unchanged`: the identical drop again; must encode 0 documents;
@@ -43,7 +43,6 @@ import os
 import platform
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 import polars as pl  # noqa: E402
 from dagster import DagsterEventType, DagsterInstance, materialize  # noqa: E402
 
+from benchmarks._common import git_state, write_results  # noqa: E402
 from interp_assets.defs.assets import ALL_ASSETS  # noqa: E402
 from interp_assets.ingest import doc_hash  # noqa: E402
 from interp_assets.storage.parquet import read_table  # noqa: E402
@@ -212,21 +212,6 @@ def removal_check(data_dir: Path, removed: set[str], before: dict[str, pl.DataFr
         )
     out["pass"] = ok
     return out
-
-
-def git_state() -> dict:
-    """Commit and dirty product files of the checkout the numbers come from (empty outside git)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "interp_assets", "io_managers", "resources"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
-    except OSError:
-        return {}
-    return {"commit": head.stdout.strip(), "dirty": [line[3:] for line in dirty.stdout.splitlines()]}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -458,8 +443,7 @@ def main() -> None:
         "targets": targets,
         "all_pass": all(t["pass"] for t in targets.values()),
     }
-    out.write_text(json.dumps(payload, indent=2, default=str))
-    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    write_results(payload, out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ of held-out excerpt length alone (no label at all), reported because longer docu
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -43,6 +42,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import write_results  # noqa: E402
 from interp_assets.engine.activations import encode_texts, iter_chunks  # noqa: E402
 from interp_assets.engine.pooling import pool_token_activations  # noqa: E402
 from interp_assets.engine.reader_model import EMBEDDED_READER, load_tokenizer  # noqa: E402
@@ -618,25 +618,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"hard negatives {hard}; "
         f"setup {t1 - t0:.1f} s, label+score {t2 - t1:.1f} s"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "features_kind": args.features,
-                "documents": documents.height,
-                "n_features": args.n_features,
-                "hard_negatives": bool(hard),
-                "swaps": args.swaps,
-                "seed": args.seed,
-                **info,
-                "summary": table.to_dicts(),
-                "runs": runs,
-                "seconds": {"setup": round(t1 - t0, 2), "label_and_score": round(t2 - t1, 2)},
-            },
-            indent=1,
-        )
+    write_results(
+        {
+            "features_kind": args.features,
+            "documents": documents.height,
+            "n_features": args.n_features,
+            "hard_negatives": bool(hard),
+            "swaps": args.swaps,
+            "seed": args.seed,
+            **info,
+            "summary": table.to_dicts(),
+            "runs": runs,
+            "seconds": {"setup": round(t1 - t0, 2), "label_and_score": round(t2 - t1, 2)},
+        },
+        out,
     )
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

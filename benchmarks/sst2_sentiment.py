@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import re
 import sys
 import time
@@ -47,6 +46,7 @@ import polars as pl
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks._common import write_results  # noqa: E402
 from interp_assets.analysis.diffing import diff_features, two_by_two_pvalue  # noqa: E402
 from interp_assets.analysis.reports import top_features  # noqa: E402
 from interp_assets.labels.labeling import label_features  # noqa: E402
@@ -587,34 +587,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("\n== summary ==")
         print(summary.transpose(include_header=True, column_names="more_in"))
     print(f"seconds: {result['seconds']} total {total:.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "params": vars(args),
-                "reader_fingerprint": result["reader_fingerprint"],
-                "counts": n,
-                "summary": summary.to_dicts(),
-                "top_features": table.to_dicts(),
-                "controls": result["controls"].to_dicts(),
-                "feature_words": result["words"]
-                .filter(pl.col("feature").is_in(table["feature"].to_list()))
-                .group_by("feature", maintain_order=True)
-                .head(15)
-                .to_dicts(),
-                "judge_word_lists": {
-                    "positive": sorted(POSITIVE_WORDS),
-                    "negative": sorted(NEGATIVE_WORDS),
-                    "negators": sorted(NEGATORS),
-                },
-                "seconds": result["seconds"] | {"total": round(total, 2)},
+    write_results(
+        {
+            "params": vars(args),
+            "reader_fingerprint": result["reader_fingerprint"],
+            "counts": n,
+            "summary": summary.to_dicts(),
+            "top_features": table.to_dicts(),
+            "controls": result["controls"].to_dicts(),
+            "feature_words": result["words"]
+            .filter(pl.col("feature").is_in(table["feature"].to_list()))
+            .group_by("feature", maintain_order=True)
+            .head(15)
+            .to_dicts(),
+            "judge_word_lists": {
+                "positive": sorted(POSITIVE_WORDS),
+                "negative": sorted(NEGATIVE_WORDS),
+                "negators": sorted(NEGATORS),
             },
-            indent=1,
-            default=str,
-        )
+            "seconds": result["seconds"] | {"total": round(total, 2)},
+        },
+        args.out,
     )
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Subprocess helper for tests/test_recovery.py (not collected: the name does not start with `test_`).
+"""Subprocess helper for tests/defs/test_recovery.py (not collected: the name does not start with `test_`).
 
 Runs the real product code in a separate process so a test can SIGKILL it mid-run, or run two of them
 at once against one storage folder:

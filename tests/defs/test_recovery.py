@@ -51,10 +51,10 @@ from resources.llm import LLMResource
 from resources.local import local_resources
 from resources.sae_reader import SAEReaderResource
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llm_server import FakeLLMServer, ServerError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "_encode_worker.py"
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 BY_NAME = {a.key.to_user_string(): a for a in ALL_ASSETS}

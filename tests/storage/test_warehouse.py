@@ -24,7 +24,7 @@ from interp_assets.warehouse import (
     refresh_views_with_resource,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _docs(dataset: str, n: int, version: int = 0) -> pa.Table:

@@ -12,7 +12,7 @@ sae_lens = pytest.importorskip("sae_lens")
 
 from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model  # noqa: E402
 
-SAE_DIR = Path(__file__).resolve().parent.parent / "resources" / "default_sae"
+SAE_DIR = Path(__file__).resolve().parents[2] / "resources" / "default_sae"
 
 # Minimum fraction of variance explained on the sentences below. The shipped SAE scores 0.863 on the
 # held-out SST-2 dev set (see training_report.json) and 0.872 on these sentences; leave some headroom.

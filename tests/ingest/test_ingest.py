@@ -26,7 +26,7 @@ from interp_assets.ingest import (
 )
 from interp_assets.storage.paths import check_storage_key
 
-SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).parents[3] / "shared" / "data"
 BASE_SCHEMA = pa.schema(
     [
         ("dataset", pa.string()),

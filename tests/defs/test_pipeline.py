@@ -20,7 +20,7 @@ from interp_assets.warehouse import query, refresh_views
 from resources.local import local_resources
 from resources.storage import StorageResource
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _small_demo(landing: Path, n: int = 80) -> None:

@@ -22,10 +22,10 @@ from interp_assets.labels.labeling import LABEL_SYSTEM_PROMPT, LabelCache, label
 from interp_assets.labels.scoring import DETECTION_SYSTEM_PROMPT, FUZZ_SYSTEM_PROMPT, score_features
 from resources.llm import LLMBudgetExhausted, LLMError, LLMResource
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llm_server import Answer, Delay, FakeLLMServer, Malformed, RateLimited, ServerError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-test-SECRET-0123456789abcdef"
 HELLO = [{"role": "user", "content": "hello"}]
 

@@ -13,7 +13,7 @@ from types import ModuleType
 import polars as pl
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "demo"
 FILE_A = DEMO / "landing" / "support_assistant_a.jsonl"
 FILE_B = DEMO / "landing" / "support_assistant_b.csv"

@@ -50,7 +50,7 @@ from io_managers.parquet import ParquetIOManager
 from resources.local import local_resources
 from resources.storage import StorageResource
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 SCHEMA = pa.schema([("dataset", pa.string()), ("doc_id", pa.int32()), ("value", pa.float32())])
 BY_NAME = {a.key.to_user_string(): a for a in ALL_ASSETS}

@@ -31,7 +31,7 @@ from interp_assets.labels.scoring import (
     youden_threshold,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 
 

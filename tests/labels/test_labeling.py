@@ -38,7 +38,7 @@ from interp_assets.labels.labeling import (
     parse_label_response,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 
 
