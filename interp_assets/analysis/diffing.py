@@ -59,7 +59,14 @@ DIFF_SCHEMA: dict[str, pl.DataType] = {
     "mean_activation_b": pl.Float64(),
     "test": pl.String(),
 }
-"""Columns of `diff_features` (paired mode adds `n_pairs`, `docs_both`, `docs_a_only`, `docs_b_only`)."""
+"""Columns of `diff_features` (paired mode adds `n_pairs`, `docs_both`, `docs_a_only`, `docs_b_only`;
+adaptive firing adds `threshold`, `n_thresholds`, `tested`)."""
+
+EXTRA_COLUMNS: dict[str, pl.DataType] = {
+    "threshold": pl.Float64(),
+    "n_thresholds": pl.Int64(),
+    "tested": pl.Boolean(),
+}
 
 AGGREGATIONS = ("max", "mean", "sum", "binarize", "count")
 
@@ -315,6 +322,79 @@ def benjamini_hochberg(p_values: np.ndarray, n_tests: int | None = None) -> np.n
     return q
 
 
+# --------------------------------------------------------------------------- adaptive firing thresholds
+
+FIRING_RULES = ("fixed", "adaptive")
+ADAPTIVE_QUANTILES = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
+"""Top fractions of the pooled A+B documents at which `adaptive` thresholds cut a feature's values."""
+
+
+def attainable_min_pvalue(total: np.ndarray, n_a: int, n_b: int) -> np.ndarray:
+    """Smallest two-sided p-value any split of `total` firing documents between A and B could give.
+
+    It depends only on the margins, so it can select which tests to count without looking at the
+    labels (independent filtering): a test that cannot reach significance is not counted by BH.
+    """
+    t = np.asarray(total, dtype=np.int64)
+    lo = np.maximum(0, t - n_b)  # as few in A as possible
+    hi = np.minimum(t, n_a)
+    p_lo, _ = two_by_two_pvalue(lo, n_a, t - lo, n_b)
+    p_hi, _ = two_by_two_pvalue(hi, n_a, t - hi, n_b)
+    return np.minimum(p_lo, p_hi)
+
+
+def adaptive_threshold_counts(
+    feature: np.ndarray, value: np.ndarray, in_b: np.ndarray, n_docs: int, quantiles: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """Candidate firing thresholds of every feature, chosen on the pooled A+B values alone.
+
+    For each feature: "fires at all" (value > 0) and, for each q in `quantiles` with ceil(q * n_docs)
+    below the feature's number of firing documents, "value >= the ceil(q * n_docs)-th largest pooled
+    value" (ties included). Returns per candidate: feature, threshold, docs_a, docs_b, act_sum_a,
+    act_sum_b. Under the null (A and B exchangeable) the split of each candidate's documents between
+    A and B is hypergeometric whatever the pooled values are, so the tests stay exact. A document fires
+    at a candidate when its value is at least the candidate's `threshold`.
+    """
+    order = np.lexsort((-value, feature))
+    f, v, b = feature[order], value[order], in_b[order].astype(np.int64)
+    n = f.size
+    starts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]]) if n else np.zeros(0, dtype=np.int64)
+    counts = np.diff(np.r_[starts, n])
+    # last index of each run of equal (feature, value): ties fire together
+    run_start = np.r_[True, (f[1:] != f[:-1]) | (v[1:] != v[:-1])] if n else np.zeros(0, dtype=bool)
+    run_id = np.cumsum(run_start) - 1
+    run_last = np.r_[np.flatnonzero(run_start)[1:] - 1, n - 1] if n else np.zeros(0, dtype=np.int64)
+    cum_b = np.r_[0, np.cumsum(b)]
+    cum_v = np.r_[0.0, np.cumsum(v)]
+    cum_vb = np.r_[0.0, np.cumsum(v * b)]
+
+    grp, end, thr = [np.arange(starts.size)], [starts + counts - 1], [v[starts + counts - 1]]
+    for q in quantiles:
+        m = math.ceil(q * n_docs)
+        ok = np.flatnonzero(counts > m)
+        if not ok.size or m < 1:
+            continue
+        idx = starts[ok] + m - 1
+        grp.append(ok)
+        end.append(run_last[run_id[idx]])
+        thr.append(v[idx])
+    g = np.concatenate(grp)
+    e = np.concatenate(end)
+    s = starts[g]
+    total = e - s + 1
+    docs_b = cum_b[e + 1] - cum_b[s]
+    act_b = cum_vb[e + 1] - cum_vb[s]
+    act_all = cum_v[e + 1] - cum_v[s]
+    return {
+        "feature": f[s] if n else np.zeros(0, dtype=np.int64),
+        "threshold": np.concatenate(thr),
+        "docs_a": total - docs_b,
+        "docs_b": docs_b,
+        "act_sum_a": act_all - act_b,
+        "act_sum_b": act_b,
+    }
+
+
 # --------------------------------------------------------------------------- unpaired diff
 
 
@@ -355,8 +435,10 @@ def _finish(
     n_tests: int,
     alpha: float,
     extra: dict[str, np.ndarray] | None = None,
+    q: np.ndarray | None = None,
 ) -> pl.DataFrame:
-    q = benjamini_hochberg(p, n_tests)
+    if q is None:
+        q = benjamini_hochberg(p, n_tests)
     diff = freq_a - freq_b
     direction = np.where(diff > 0, "a", np.where(diff < 0, "b", None))
     cols: dict[str, object] = {
@@ -381,7 +463,7 @@ def _finish(
     }
     if extra:
         cols.update(extra)
-    schema = dict(DIFF_SCHEMA) | {k: pl.Int64() for k in (extra or {})}
+    schema = dict(DIFF_SCHEMA) | {k: EXTRA_COLUMNS.get(k, pl.Int64()) for k in (extra or {})}
     out = pl.DataFrame(cols, schema=schema)
     return out.sort(
         [pl.col("q_value"), pl.col("freq_diff").abs(), pl.col("feature")],
@@ -398,8 +480,15 @@ def diff_features(
     threshold: float = 0.0,
     alpha: float = 0.05,
     n_features: int | None = None,
+    firing: str = "fixed",
+    quantiles: Sequence[float] = ADAPTIVE_QUANTILES,
 ) -> pl.DataFrame:
     """Per-feature document-frequency comparison of dataset A against dataset B.
+
+    `firing="fixed"`: a document has a feature when its max activation exceeds `threshold`. `"adaptive"`:
+    each feature is tested at several firing thresholds chosen on the pooled A+B values alone (see
+    `adaptive_diff_features`), which finds a small subpopulation that a feature singles out even when the
+    feature fires somewhere in most documents.
 
     `pooled_a` / `pooled_b` are pooled_embeddings frames; `n_docs_*` the number of documents of each
     dataset (documents without any active feature count as not having it). `n_features` is the SAE
@@ -407,6 +496,19 @@ def diff_features(
     only features active in either dataset are counted. Returns one row per feature active in either,
     columns `DIFF_SCHEMA`, sorted by q_value then |freq_diff| (descending).
     """
+    if firing not in FIRING_RULES:
+        raise ValueError(f"firing={firing!r}: use one of {list(FIRING_RULES)}.")
+    if firing == "adaptive":
+        return adaptive_diff_features(
+            pooled_a,
+            n_docs_a,
+            pooled_b,
+            n_docs_b,
+            threshold=threshold,
+            alpha=alpha,
+            n_features=n_features,
+            quantiles=quantiles,
+        )
     n_a = _check_n_docs(n_docs_a, "dataset A")
     n_b = _check_n_docs(n_docs_b, "dataset B")
     ca = _feature_counts(pooled_a, threshold, "pooled_a")
@@ -444,6 +546,96 @@ def diff_features(
         mean_b,
         n_tests,
         alpha,
+    )
+
+
+def adaptive_diff_features(
+    pooled_a: FrameLike,
+    n_docs_a: int,
+    pooled_b: FrameLike,
+    n_docs_b: int,
+    *,
+    threshold: float = 0.0,
+    alpha: float = 0.05,
+    n_features: int | None = None,
+    quantiles: Sequence[float] = ADAPTIVE_QUANTILES,
+) -> pl.DataFrame:
+    """`diff_features` with label-blind, per-feature firing thresholds and independent filtering.
+
+    1. Candidates (`adaptive_threshold_counts`): each feature fires "at all" (max activation above
+       `threshold`) or "in the top q of the pooled A+B documents" for each q in `quantiles`. Thresholds
+       depend on the pooled values only, never on which dataset a document is in.
+    2. Each candidate gets the unpaired two-sided test of `two_by_two_pvalue`; a feature's p-value is its
+       smallest candidate p-value times its number of candidates (Bonferroni within the feature), and its
+       row reports that candidate (`threshold`, docs, frequencies and intervals at that threshold).
+    3. Independent filtering: a feature whose smallest attainable p-value (from the margins alone, times
+       its number of candidates) exceeds `alpha` can never be significant and is not counted as a test
+       (`tested` = False, q = 1). BH runs over the tested features.
+
+    Under the null (A and B exchangeable) every step is conditional on the pooled values, so the tests stay
+    valid; the split-halves null checks it (tests, benchmarks/planted.py).
+    """
+    n_a = _check_n_docs(n_docs_a, "dataset A")
+    n_b = _check_n_docs(n_docs_b, "dataset B")
+    if not all(0 < q < 1 for q in quantiles):
+        raise ValueError(f"quantiles must lie strictly between 0 and 1; got {list(quantiles)}.")
+    frames = []
+    for pooled, what in ((pooled_a, "pooled_a"), (pooled_b, "pooled_b")):
+        frames.append(
+            as_lazy(pooled, what, ["feature", "max_activation"])
+            .select(pl.col("feature").cast(pl.Int64), pl.col("max_activation").cast(pl.Float64))
+            .filter(pl.col("max_activation") > threshold)
+            .collect()
+        )
+    for frame, n, side in ((frames[0], n_a, "A"), (frames[1], n_b, "B")):
+        if frame.height:
+            most = frame.group_by("feature").len().sort("len", descending=True).row(0)
+            if most[1] > n:
+                raise ValueError(
+                    f"Dataset {side}: feature {most[0]} is active in {most[1]} pooled rows but n_docs={n}; "
+                    "pass the number of rows of raw_documents, and check pooled_embeddings has one row per "
+                    "(doc_id, feature)."
+                )
+    feature = np.concatenate([frames[0]["feature"].to_numpy(), frames[1]["feature"].to_numpy()])
+    value = np.concatenate([frames[0]["max_activation"].to_numpy(), frames[1]["max_activation"].to_numpy()])
+    in_b = np.concatenate([np.zeros(frames[0].height, dtype=bool), np.ones(frames[1].height, dtype=bool)])
+    _check_features(np.unique(feature), n_features, "pooled_a/pooled_b")
+    cand = adaptive_threshold_counts(feature, value, in_b, n_a + n_b, quantiles)
+    p, test = two_by_two_pvalue(cand["docs_a"], n_a, cand["docs_b"], n_b)
+    p_floor = attainable_min_pvalue(cand["docs_a"] + cand["docs_b"], n_a, n_b)
+    # per feature: the best candidate (earliest on ties: "fires at all" comes first), counts, floors
+    position = np.arange(p.size)
+    order = np.lexsort((position, p, cand["feature"]))
+    f_sorted = cand["feature"][order]
+    first = np.flatnonzero(np.r_[True, f_sorted[1:] != f_sorted[:-1]]) if p.size else np.zeros(0, int)
+    best = order[first]
+    n_cand = np.diff(np.r_[first, p.size])
+    floor = np.minimum.reduceat(p_floor[order], first) if p.size else np.zeros(0)
+    p_feature = np.minimum(1.0, p[best] * n_cand)
+    tested = np.minimum(1.0, floor * n_cand) <= alpha
+    q = np.ones(best.size)
+    if tested.any():
+        q[tested] = benjamini_hochberg(p_feature[tested])
+    docs_a, docs_b = cand["docs_a"][best], cand["docs_b"][best]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_a = cand["act_sum_a"][best] / docs_a
+        mean_b = cand["act_sum_b"][best] / docs_b
+    return _finish(
+        cand["feature"][best],
+        docs_a,
+        docs_b,
+        docs_a / n_a,
+        docs_b / n_b,
+        newcombe_interval(docs_a, n_a, docs_b, n_b),
+        log2_ratio_interval(docs_a, n_a, docs_b, n_b),
+        p_feature,
+        test[best],
+        mean_a,
+        mean_b,
+        int(tested.sum()),
+        alpha,
+        extra={"threshold": cand["threshold"][best], "n_thresholds": n_cand, "tested": tested},
+        q=q,
     )
 
 

@@ -317,3 +317,169 @@ def _dense(pool: pl.DataFrame, n_docs: int, feature: int) -> np.ndarray:
     sub = pool.filter(pl.col("feature") == feature)
     x[sub["doc_id"].to_numpy()] = sub["max_activation"].to_numpy()
     return x
+
+
+# --------------------------------------------------------------------------- unequal sizes
+
+
+def test_test_choice_uses_the_smaller_sample_with_unequal_sizes() -> None:
+    """Fisher where the smallest expected cell of the 2x2 table is below 5, computed here from the margins."""
+    rng = np.random.default_rng(3)
+    n_a = rng.integers(15, 300, 300)
+    n_b = rng.integers(150, 900, 300)
+    x_a = rng.binomial(n_a, 0.2)
+    x_b = rng.binomial(n_b, rng.choice([0.01, 0.1], 300))
+    p, test = two_by_two_pvalue(x_a, n_a, x_b, n_b)
+    for i in range(300):
+        table = np.array([[x_a[i], n_a[i] - x_a[i]], [x_b[i], n_b[i] - x_b[i]]], dtype=float)
+        expected = np.outer(table.sum(1), table.sum(0)) / table.sum()
+        want_fisher = expected.min() < 5
+        assert test[i] == ("fisher_exact" if want_fisher else "z_test"), (i, table, expected.min())
+        ref = (
+            stats.fisher_exact(table.astype(int)).pvalue
+            if want_fisher
+            else stats.chi2_contingency(table, correction=False).pvalue
+        )
+        assert p[i] == pytest.approx(ref, rel=1e-9, abs=1e-300)
+    assert {"fisher_exact", "z_test"} <= set(test.tolist())  # both branches exercised
+
+
+def test_log2_ratio_interval_covers_the_true_ratio_with_unequal_sizes() -> None:
+    """Coverage by simulation (independent of the formula): about 95%, not 68% (a halved standard error)."""
+    rng = np.random.default_rng(11)
+    n_a, n_b, p_a, p_b = 150, 600, 0.3, 0.15
+    x_a = rng.binomial(n_a, p_a, 4000)
+    x_b = rng.binomial(n_b, p_b, 4000)
+    _, lo, hi = log2_ratio_interval(x_a, n_a, x_b, n_b)
+    truth = np.log2(p_a / p_b)
+    coverage = np.mean((lo <= truth) & (truth <= hi))
+    assert 0.93 <= coverage <= 0.97, coverage
+
+
+def test_paired_log2_ratio_interval_covers_the_true_ratio() -> None:
+    """Matched pairs, correlated within a pair: 1,500 features are 1,500 independent replicates."""
+    rng = np.random.default_rng(5)
+    n_pairs, reps = 400, 1500
+    # cell probabilities: both 0.2, A only 0.15, B only 0.05, neither 0.6 -> p_A = 0.35, p_B = 0.25
+    cells = rng.choice(4, size=(n_pairs, reps), p=[0.2, 0.15, 0.05, 0.6])
+    in_a = (cells == 0) | (cells == 1)
+    in_b = (cells == 0) | (cells == 2)
+    pa_doc, pa_feat = np.nonzero(in_a)
+    pb_doc, pb_feat = np.nonzero(in_b)
+    a = pl.DataFrame({"doc_id": pa_doc.astype(np.int32), "feature": pa_feat.astype(np.int32)}).with_columns(
+        max_activation=pl.lit(1.0, dtype=pl.Float32)
+    )
+    b = pl.DataFrame({"doc_id": pb_doc.astype(np.int32), "feature": pb_feat.astype(np.int32)}).with_columns(
+        max_activation=pl.lit(1.0, dtype=pl.Float32)
+    )
+    pairs = pl.DataFrame({"doc_id_a": np.arange(n_pairs), "doc_id_b": np.arange(n_pairs)})
+    out = paired_diff_features(a, b, pairs)
+    assert out.height == reps
+    truth = np.log2(0.35 / 0.25)
+    covered = (out["log2_ratio_ci_low"].to_numpy() <= truth) & (truth <= out["log2_ratio_ci_high"].to_numpy())
+    assert 0.93 <= covered.mean() <= 0.975, covered.mean()
+
+
+# --------------------------------------------------------------------------- adaptive firing thresholds
+
+
+def _pooled_with_subpopulation(
+    n_a: int, n_b: int, planted_b: int, seed: int, width: int = 30
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Every feature fires in ~60% of documents of both; feature 3 is much stronger in `planted_b` B docs."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for n, planted in ((n_a, 0), (n_b, planted_b)):
+        fires = rng.random((n, width)) < 0.6
+        act = rng.gamma(2.0, 1.0, (n, width))
+        fires[:planted, 3] = True
+        act[:planted, 3] += 6.0
+        doc, feat = np.nonzero(fires)
+        frames.append(
+            pl.DataFrame(
+                {
+                    "doc_id": doc.astype(np.int32),
+                    "feature": feat.astype(np.int32),
+                    "max_activation": act[doc, feat].astype(np.float32),
+                }
+            )
+        )
+    return frames[0], frames[1]
+
+
+def test_adaptive_thresholds_equal_a_brute_force_computation() -> None:
+    import math
+
+    a, b = _pooled_with_subpopulation(300, 500, 25, seed=1, width=12)
+    out = diff_features(a, 300, b, 500, firing="adaptive")
+    quantiles = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
+    for f in range(12):
+        va = a.filter(pl.col("feature") == f)["max_activation"].to_numpy()
+        vb = b.filter(pl.col("feature") == f)["max_activation"].to_numpy()
+        pooled_values = np.sort(np.r_[va, vb])[::-1]
+        cuts = [pooled_values.min()] + [
+            pooled_values[math.ceil(q * 800) - 1]
+            for q in quantiles
+            if pooled_values.size > math.ceil(q * 800)
+        ]
+        p = []
+        for t in cuts:
+            table = np.array(
+                [[(va >= t).sum(), 300 - (va >= t).sum()], [(vb >= t).sum(), 500 - (vb >= t).sum()]]
+            )
+            expected = np.outer(table.sum(1), table.sum(0)) / table.sum()
+            p.append(
+                stats.fisher_exact(table).pvalue
+                if expected.min() < 5
+                else stats.chi2_contingency(table, correction=False).pvalue
+            )
+        row = out.filter(pl.col("feature") == f).row(0, named=True)
+        assert row["n_thresholds"] == len(cuts)
+        assert row["p_value"] == pytest.approx(min(1.0, min(p) * len(cuts)), rel=1e-9)
+        chosen = [i for i, cut in enumerate(cuts) if cut == pytest.approx(row["threshold"])]
+        assert chosen and p[chosen[0]] == pytest.approx(min(p), rel=1e-9)  # the best candidate is reported
+        assert (
+            row["docs_a"] == (va >= row["threshold"]).sum()
+            and row["docs_b"] == (vb >= row["threshold"]).sum()
+        )
+
+
+def test_adaptive_thresholds_find_a_subpopulation_that_fixed_firing_misses() -> None:
+    a, b = _pooled_with_subpopulation(1000, 1000, 60, seed=2)
+    fixed = diff_features(a, 1000, b, 1000)
+    adaptive = diff_features(a, 1000, b, 1000, firing="adaptive")
+    assert not fixed.filter(pl.col("feature") == 3)["significant"].item()
+    row = adaptive.filter(pl.col("feature") == 3).row(0, named=True)
+    assert row["significant"] and row["direction"] == "b" and row["threshold"] > 2.0
+    assert row["docs_b"] >= 50 and row["docs_a"] <= 20
+    assert adaptive["significant"].sum() == 1  # nothing else: the other features are identical in A and B
+
+
+def test_adaptive_independent_filtering_drops_untestable_features() -> None:
+    # feature 1 fires in 3 documents: no split of 3 documents can reach p < 0.05 -> not counted by BH
+    a = pooled([(i, 0, 1.0 + i % 7) for i in range(80)] + [(0, 1, 1.0)])
+    b = pooled([(i, 0, 1.0 + i % 5) for i in range(90)] + [(0, 1, 2.0), (1, 1, 2.0)])
+    out = diff_features(a, 100, b, 120, firing="adaptive", n_features=50)
+    rare = out.filter(pl.col("feature") == 1).row(0, named=True)
+    assert rare["tested"] is False and rare["q_value"] == 1.0 and not rare["significant"]
+    assert out.filter(pl.col("feature") == 0)["tested"].item() is True
+    with pytest.raises(ValueError, match="firing='sometimes'"):
+        diff_features(a, 100, b, 120, firing="sometimes")
+
+
+@pytest.mark.parametrize("sizes", [(1000, 1000), (700, 1300)])
+def test_adaptive_null_split_halves_stays_clean(sizes: tuple[int, int]) -> None:
+    """Random splits of one dataset (equal and unequal sizes): at most 1 of 20 with a significant feature."""
+    n = sum(sizes)
+    data = synthetic_pooled(n, 512, seed=21)
+    hits = 0
+    for seed in range(20):
+        perm = np.random.default_rng(seed).permutation(n)
+        in_a = np.zeros(n, dtype=bool)
+        in_a[perm[: sizes[0]]] = True
+        lut_a = pl.DataFrame({"doc_id": np.flatnonzero(in_a).astype(np.int32)})
+        a = data.join(lut_a, on="doc_id", how="semi")
+        b = data.join(lut_a, on="doc_id", how="anti")
+        out = diff_features(a, sizes[0], b, sizes[1], firing="adaptive", n_features=512)
+        hits += int(out["significant"].sum() > 0)
+    assert hits <= 1, hits
