@@ -84,9 +84,19 @@ def main() -> int:
                 str(db),
                 "select f.feature, f.freq_a, f.freq_b, f.q_value, l.label from diff_features f "
                 "left join (select distinct on (feature) feature, label from feature_labels "
-                "where dataset = ?) l using (feature) where comparison = ? and significant "
-                "and direction = 'b' order by q_value, abs(freq_diff) desc limit 8",
+                "where dataset = ?) l using (feature) where comparison = ? and family = 'token' and "
+                "significant and direction = 'b' order by q_value, abs(freq_diff) desc limit 8",
                 [key.split("__vs__")[1], key],
+            )
+        )
+        print("Document-level features (the comparison's document SAE) more frequent in B:")
+        print(
+            query(
+                str(db),
+                "select feature, freq_a, freq_b, q_value, label from diff_features where comparison = ? "
+                "and family = 'document' and significant and direction = 'b' "
+                "order by q_value, abs(freq_diff) desc limit 5",
+                [key],
             )
         )
     if "feature_associations" in counts and names:

@@ -3,8 +3,9 @@
 Re-runnable and deterministic for a given --seed. Reads `sentence\\tlabel` TSV files, runs the embedded
 reader model in length-sorted batches, keeps the hidden state of every real token (no [CLS], [SEP] or
 padding), and trains with SAELens's own `SAETrainer` + `TopKTrainingSAE` fed from an in-memory
-activation iterator. Writes SAELens's on-disk format (`cfg.json` + `sae_weights.safetensors`, loadable
-with `sae_lens.SAE.load_from_disk`) and `training_report.json` with held-out (dev) metrics.
+activation iterator (`interp_assets/engine/sae_training.py`, which also trains the document SAEs).
+Writes SAELens's on-disk format (`cfg.json` + `sae_weights.safetensors`, loadable with
+`sae_lens.SAE.load_from_disk`) and `training_report.json` with held-out (dev) metrics.
 
     python scripts/train_default_sae.py            # defaults: layer 3, d_sae 2048, k 32
     python scripts/train_default_sae.py --limit 2000 --epochs 1 --out /tmp/sae_smoke   # smoke run
@@ -14,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model  # noqa: E402
+from interp_assets.engine.sae_training import evaluate_sae as evaluate  # noqa: E402
+from interp_assets.engine.sae_training import train_topk_sae  # noqa: E402
 
 DEFAULT_DATA = "../shared/data/sst2/train.tsv"
 DATASET_LABEL = "sst2/train.tsv"
@@ -105,111 +107,6 @@ def extract_activations(
         handle.remove()
         model.encoder.layer = full_layers
     return torch.cat(chunks)
-
-
-def shuffled_batches(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless iterator of `[batch_size, d]` batches: a fresh seeded permutation of `acts` every epoch."""
-    generator = torch.Generator().manual_seed(seed)
-    n = acts.shape[0]
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield acts[perm[start : start + batch_size]]
-
-
-def train_topk_sae(
-    acts: torch.Tensor,
-    *,
-    d_sae: int,
-    k: int,
-    epochs: float,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    metadata: dict[str, Any],
-) -> tuple[Any, int]:
-    """Train a `TopKTrainingSAE` on `acts` with SAELens's `SAETrainer`; returns `(sae, samples_seen)`."""
-    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig  # not re-exported at the top level
-    from sae_lens.saes.sae import SAEMetadata
-
-    torch.manual_seed(seed)
-    d_in = int(acts.shape[1])
-    sae_cfg = TopKTrainingSAEConfig(
-        d_in=d_in,
-        d_sae=d_sae,
-        k=k,
-        dtype="float32",
-        device="cpu",
-        apply_b_dec_to_input=True,
-        normalize_activations="expected_average_only_in",
-        rescale_acts_by_decoder_norm=True,
-        aux_loss_coefficient=1.0,
-        decoder_init_norm=0.1,
-        metadata=SAEMetadata(**metadata),
-    )
-    sae = TopKTrainingSAE(sae_cfg)
-
-    steps_per_epoch = acts.shape[0] // batch_size
-    total_steps = max(1, round(epochs * steps_per_epoch))
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=total_steps * batch_size,
-        train_batch_size_samples=batch_size,
-        lr=lr,
-        lr_end=lr / 10,  # required: SAETrainer asserts lr_end is set (only its runner config defaults it)
-        lr_scheduler_name="cosineannealing",
-        lr_warm_up_steps=min(100, total_steps // 10),
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        device="cpu",
-        # A latent counts as dead after ~200k tokens without firing; the TopK aux loss then revives it.
-        dead_feature_window=max(10, 200_000 // batch_size),
-        feature_sampling_window=max(10, steps_per_epoch),
-        logger=LoggingConfig(log_to_wandb=False),
-    )
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=shuffled_batches(acts, batch_size, seed))
-
-    # Set the norm scaling factor from all the data instead of letting fit() draw
-    # n_batches_for_norm_estimate (default 1000) batches from the training iterator.
-    mean_norm = acts.norm(dim=-1).mean().item()
-    scale = math.sqrt(d_in) / mean_norm
-    trainer.activation_scaler.scaling_factor = scale
-    with torch.no_grad():  # start b_dec at the (scaled) data mean: centres the input of the first steps
-        sae.b_dec.copy_(acts.mean(dim=0) * scale)
-    trained = trainer.fit()  # folds the scaling factor into the weights and sets normalize_activations="none"
-    return trained, trainer.n_training_samples
-
-
-@torch.inference_mode()
-def evaluate(sae: Any, acts: torch.Tensor, chunk: int = 8192) -> dict[str, float]:
-    """Fraction of variance explained, mean L0, dead-feature fraction and max L0 of `sae` on `acts`."""
-    d_sae = int(sae.cfg.d_sae)
-    mean = acts.mean(dim=0)
-    sq_err = 0.0
-    total_var = 0.0
-    l0_sum = 0.0
-    l0_max = 0
-    fired = torch.zeros(d_sae, dtype=torch.bool)
-    for start in range(0, acts.shape[0], chunk):
-        x = acts[start : start + chunk]
-        feats = sae.encode(x)
-        recon = sae.decode(feats)
-        sq_err += (recon - x).pow(2).sum().item()
-        total_var += (x - mean).pow(2).sum().item()
-        active = feats > 0
-        per_token = active.sum(dim=-1)
-        l0_sum += per_token.sum().item()
-        l0_max = max(l0_max, int(per_token.max().item()))
-        fired |= active.any(dim=0)
-    n = acts.shape[0]
-    return {
-        "fraction_variance_explained": 1.0 - sq_err / total_var,
-        "mse_per_token": sq_err / n,
-        "mean_l0": l0_sum / n,
-        "max_l0": float(l0_max),
-        "dead_feature_fraction": 1.0 - fired.float().mean().item(),
-        "n_tokens": float(n),
-    }
 
 
 def _resolve(path: str) -> Path:

@@ -325,6 +325,7 @@ def benjamini_hochberg(p_values: np.ndarray, n_tests: int | None = None) -> np.n
 # --------------------------------------------------------------------------- adaptive firing thresholds
 
 FIRING_RULES = ("fixed", "adaptive")
+REPORT_FIRING = "adaptive"  # what diff_reports and the distinctive-feature selection use by default
 ADAPTIVE_QUANTILES = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
 """Top fractions of the pooled A+B documents at which `adaptive` thresholds cut a feature's values."""
 

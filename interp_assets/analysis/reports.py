@@ -269,6 +269,15 @@ def _method_text(diff: pl.DataFrame, n_tests: int, alpha: float) -> str:
             "paired documents; exact McNemar test per feature; " + fdr + "; 95% Newcombe intervals for "
             "paired differences"
         )
+    if "tested" in diff.columns:
+        return (
+            "document frequency at label-blind firing thresholds (fires at all, or in the top "
+            "50/20/10/5/2/1% "
+            "of the pooled A+B documents; each feature's best threshold, Bonferroni within the feature); "
+            "two-sided Fisher exact test where an expected cell < 5, else two-proportion z test; "
+            + fdr.replace("features", "features that could reach significance (independent filtering)")
+            + "; 95% Newcombe hybrid score intervals at the reported threshold"
+        )
     return (
         "document frequency (max activation > threshold); two-sided Fisher exact test where an expected "
         "cell < 5, else two-proportion z test; " + fdr + "; 95% Newcombe hybrid score intervals"
@@ -279,7 +288,10 @@ def _summary(
     diff: pl.DataFrame, n_docs_a: int, n_docs_b: int, n_features: int | None, alpha: float
 ) -> dict[str, Any]:
     sig = diff.filter(pl.col("significant")) if diff.height else diff
-    n_tests = n_features if n_features is not None else diff.height
+    if "tested" in diff.columns:
+        n_tests = int(diff["tested"].sum())
+    else:
+        n_tests = n_features if n_features is not None else diff.height
     return {
         "n_docs_a": n_docs_a,
         "n_docs_b": n_docs_b,
@@ -549,6 +561,13 @@ def render_html(
             out.append("</ul>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def combine_html(first: str, *sections: str) -> str:
+    """One HTML page: the body of each of `sections` (pages from `render_html`) appended to `first`'s."""
+    end = "</body></html>"
+    bodies = [s.split("<body>", 1)[1].rsplit(end, 1)[0] for s in sections]
+    return first.rsplit(end, 1)[0] + "\n<hr>\n".join(["", *bodies]) + end + "\n"
 
 
 # --------------------------------------------------------------------------- associations

@@ -20,6 +20,8 @@ from interp_assets.analysis import associations, diffing, reports
 from interp_assets.comparisons import find_comparison, parse_comparison_key
 from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
 from interp_assets.defs.shared import dataset_settings, encoded_doc_count, recorded_d_sae, stored_documents
+from interp_assets.engine.documents import document_feature_spans
+from interp_assets.labels import labeling
 from interp_assets.storage.parquet import (
     markdown_preview,
     read_table,
@@ -102,6 +104,8 @@ class DiffReportsConfig(Config):
     alpha: float = 0.05
     top_n: int = 10
     examples_per_feature: int = 3
+    firing: str = diffing.REPORT_FIRING  # "adaptive" (label-blind thresholds per feature) or "fixed"
+    document_family: bool = True  # also compare the comparison's document_features, when materialized
 
 
 @asset(
@@ -110,6 +114,7 @@ class DiffReportsConfig(Config):
     code_version="1",
     deps=[
         AssetDep("feature_scores", partition_mapping=AllPartitionMapping()),
+        AssetDep("document_features"),
     ],
     check_specs=[AssetCheckSpec("report_features_labeled", asset="diff_reports")],
     description="Dataset A against dataset B: per-feature frequencies, differences with intervals, "
@@ -142,12 +147,27 @@ def diff_reports(
         )
     else:
         diff = diffing.diff_features(
-            pooled_a, n_a, pooled_b, n_b, threshold=config.threshold, alpha=config.alpha, n_features=d_sae
+            pooled_a,
+            n_a,
+            pooled_b,
+            n_b,
+            threshold=config.threshold,
+            alpha=config.alpha,
+            n_features=d_sae,
+            firing=config.firing,
         )
-    diff = diff.with_columns(
-        pl.lit(key).alias("comparison"), pl.lit(a).alias("dataset_a"), pl.lit(b).alias("dataset_b")
+    document = (
+        _document_family(storage, key, a, b, docs_a, docs_b, comparison.paired_on, config)
+        if config.document_family and table_exists(base, "document_features", key)
+        else None
     )
-    write_table(base, "diff_features", key, diff)
+    identity = [pl.lit(key).alias("comparison"), pl.lit(a).alias("dataset_a"), pl.lit(b).alias("dataset_b")]
+    diff = diff.with_columns(*identity, pl.lit("token").alias("family"))
+    stored = [diff]
+    if document is not None:
+        document["diff"] = document["diff"].with_columns(*identity, pl.lit("document").alias("family"))
+        stored.append(document["diff"])
+    write_table(base, "diff_features", key, pl.concat(stored, how="diagonal_relaxed"))
 
     labels, scores = _report_labels(storage, diff, a, b, config.top_n)
     top = reports.top_features(diff, config.top_n)
@@ -176,8 +196,20 @@ def diff_reports(
         n_features=d_sae,
         alpha=config.alpha,
     )
+    if document is not None:
+        common["title"] = f"{a} vs {b}: token-level SAE features"
     markdown = reports.render_markdown(diff, **common)
     html = reports.render_html(diff, **common)
+    if document is not None:
+        doc_common = common | {
+            "labels": document["labels"],
+            "scores": None,
+            "examples": document["examples"],
+            "n_features": document["d_sae"],
+            "title": f"{a} vs {b}: document-level features (document SAE trained on both, label-blind)",
+        }
+        markdown += "\n" + reports.render_markdown(document["diff"], **doc_common)
+        html = reports.combine_html(html, reports.render_html(document["diff"], **doc_common))
     storage.reports_dir.mkdir(parents=True, exist_ok=True)
     md_path = storage.reports_dir / f"{key}.md"
     html_path = storage.reports_dir / f"{key}.html"
@@ -200,8 +232,18 @@ def diff_reports(
             "top_features_b": [json.dumps(top["b"]["feature"].to_list())],
             "report_markdown_path": [str(md_path.resolve())],
             "report_html_path": [str(html_path.resolve())],
+            "document_significant_a": [document["significant"]["a"] if document else None],
+            "document_significant_b": [document["significant"]["b"] if document else None],
+            "document_top_features_a": [json.dumps(document["top"]["a"]) if document else None],
+            "document_top_features_b": [json.dumps(document["top"]["b"]) if document else None],
         },
-        schema_overrides={"paired_on": pl.String},
+        schema_overrides={
+            "paired_on": pl.String,
+            "document_significant_a": pl.Int64,
+            "document_significant_b": pl.Int64,
+            "document_top_features_a": pl.String,
+            "document_top_features_b": pl.String,
+        },
     )
     labeled = set(labels["feature"].to_list()) if labels is not None else set()
     unlabeled = [f for f in top_ids if f not in labeled]
@@ -212,6 +254,8 @@ def diff_reports(
             "report_html": MetadataValue.path(str(html_path.resolve())),
             "significant_a": row["significant_a"][0],
             "significant_b": row["significant_b"][0],
+            "document_significant_a": row["document_significant_a"][0],
+            "document_significant_b": row["document_significant_b"][0],
             "paired_on": comparison.paired_on or "",
         },
     )
@@ -247,3 +291,78 @@ def _report_labels(
     )
     scores = pl.concat(score_parts, how="diagonal_relaxed") if score_parts else None
     return labels, scores
+
+
+def _document_family(
+    storage: StorageResource,
+    key: str,
+    a: str,
+    b: str,
+    docs_a: pl.DataFrame,
+    docs_b: pl.DataFrame,
+    paired_on: str | None,
+    config: DiffReportsConfig,
+) -> dict:
+    """The comparison's document-level diff, its top features' offline labels and report excerpts."""
+    base = storage.parquet_base
+    features = read_table(base, "document_features", key).collect()
+    sae = read_table(base, "document_sae", key).collect().row(0, named=True)
+    side = {
+        ds: features.filter(pl.col("dataset") == ds).select(
+            "doc_id", "feature", pl.col("activation").alias("max_activation")
+        )
+        for ds in (a, b)
+    }
+    if paired_on:
+        diff = diffing.paired_diff_features(
+            side[a],
+            side[b],
+            diffing.pairs_from_key(docs_a, docs_b, paired_on),
+            alpha=config.alpha,
+            n_features=sae["d_sae"],
+        )
+    else:
+        diff = diffing.diff_features(
+            side[a],
+            docs_a.height,
+            side[b],
+            docs_b.height,
+            alpha=config.alpha,
+            n_features=sae["d_sae"],
+            firing=config.firing,
+        )
+    top = reports.top_features(diff, config.top_n)
+    spans = {
+        ds: document_feature_spans(features.filter(pl.col("dataset") == ds), docs)
+        for ds, docs in ((a, docs_a), (b, docs_b))
+    }
+    labels = []
+    for direction, ds, docs in (("a", a, docs_a), ("b", b, docs_b)):
+        chosen = top[direction]["feature"].to_list()
+        if chosen:
+            labels.append(
+                labeling.label_features(
+                    spans[ds],
+                    docs,
+                    chosen,
+                    dataset=ds,
+                    sae_id=f"document_sae:{sae['training_hash']}",
+                    cache=labeling.LabelCache(storage.cache_dir / "labels.parquet"),
+                    selected_because={f: "document_diff" for f in chosen},
+                )
+            )
+    labels_frame = pl.concat(labels, how="diagonal_relaxed") if labels else None
+    if labels_frame is not None:  # the top features' names travel with the stored diff rows
+        names = labels_frame.select(pl.col("feature").cast(pl.Int32), "label").unique("feature", keep="first")
+        diff = diff.join(names, on="feature", how="left", maintain_order="left")
+    significant = diff.filter(pl.col("significant"))
+    return {
+        "diff": diff,
+        "d_sae": int(sae["d_sae"]),
+        "labels": labels_frame,
+        "examples": reports.report_examples(
+            diff, spans[a], docs_a, spans[b], docs_b, top_n=config.top_n, n=config.examples_per_feature
+        ),
+        "significant": {d: significant.filter(pl.col("direction") == d).height for d in ("a", "b")},
+        "top": {d: top[d]["feature"].to_list() for d in ("a", "b")},
+    }

@@ -8,6 +8,7 @@ diff_features) are written next to the asset tables with the same atomic Parquet
 """
 
 from interp_assets.defs.analysis_assets import diff_reports, feature_associations
+from interp_assets.defs.document_assets import document_embeddings, document_features, document_sae
 from interp_assets.defs.feature_assets import pooled_embeddings, token_activations
 from interp_assets.defs.ingest_assets import raw_documents
 from interp_assets.defs.label_assets import feature_labels, feature_scores
@@ -19,6 +20,9 @@ ALL_ASSETS = [
     feature_labels,
     feature_scores,
     feature_associations,
+    document_embeddings,
+    document_sae,
+    document_features,
     diff_reports,
 ]
 
@@ -31,6 +35,9 @@ WAREHOUSE_TABLES = [
     "feature_labels",
     "feature_scores",
     "feature_associations",
+    "document_embeddings",
+    "document_sae",
+    "document_features",
     "diff_features",
     "diff_reports",
 ]

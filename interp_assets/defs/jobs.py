@@ -11,6 +11,7 @@ DATASET_ASSETS = [
     "feature_labels",
     "feature_scores",
     "feature_associations",
+    "document_embeddings",
 ]
 
 dataset_job = define_asset_job(
@@ -24,12 +25,16 @@ dataset_job = define_asset_job(
 embed_job = define_asset_job(
     "embed_job",
     selection=AssetSelection.assets(
-        "raw_documents", "token_activations", "pooled_embeddings", "feature_associations"
+        "raw_documents",
+        "token_activations",
+        "pooled_embeddings",
+        "feature_associations",
+        "document_embeddings",
     ),
     partitions_def=datasets_partitions,
     executor_def=in_process_executor,
     description="Read one dataset's drop and compute its activations, pooled embeddings and metadata "
-    "associations.",
+    "associations, and its document embeddings.",
 )
 
 label_job = define_asset_job(
@@ -42,8 +47,9 @@ label_job = define_asset_job(
 
 diff_job = define_asset_job(
     "diff_job",
-    selection=AssetSelection.assets("diff_reports"),
+    selection=AssetSelection.assets("document_sae", "document_features", "diff_reports"),
     partitions_def=comparisons_partitions,
     executor_def=in_process_executor,
-    description="Compare two datasets and render the report.",
+    description="Train the comparison's document SAE, encode both datasets' documents with it, compare "
+    "the two datasets in both feature families and render the report.",
 )

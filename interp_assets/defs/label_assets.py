@@ -9,6 +9,7 @@ from interp_assets.comparisons import load_comparisons
 from interp_assets.defs.partitions import datasets_partitions
 from interp_assets.defs.shared import (
     MODEL_POOL,
+    cached_document_embeddings,
     data_version,
     encoded_doc_count,
     latest_materialization,
@@ -16,8 +17,9 @@ from interp_assets.defs.shared import (
     token_activations_metadata,
 )
 from interp_assets.labels import labeling, scoring
+from interp_assets.labels.embedding import DEFAULT_EMBEDDING_MODEL
 from interp_assets.labels.feature_selection import select_features
-from interp_assets.storage.parquet import markdown_preview, read_table, table_exists, write_table
+from interp_assets.storage.parquet import markdown_preview, read_table, table_exists
 from resources.llm import LLMResource
 from resources.storage import StorageResource
 
@@ -40,30 +42,7 @@ def _document_embeddings(storage: StorageResource, docs: pl.DataFrame, max_docs:
     """Sentence embeddings of the documents (row i = docs row i), cached by content hash; None if too many."""
     if docs.height > max_docs:
         return None
-    from interp_assets.labels.embedding import sentence_embeddings
-
-    path = storage.cache_dir / "embeddings" / "minilm.parquet"
-    known = (
-        pl.read_parquet(path)
-        if path.exists()
-        else pl.DataFrame(schema={"doc_hash": pl.String, "embedding": pl.List(pl.Float32)})
-    )
-    missing = (
-        docs.select("doc_hash", "text")
-        .unique("doc_hash")
-        .join(known.select("doc_hash"), on="doc_hash", how="anti")
-    )
-    if missing.height:
-        vectors = sentence_embeddings(missing["text"].to_list())
-        new = pl.DataFrame(
-            {"doc_hash": missing["doc_hash"], "embedding": [v for v in vectors.astype(np.float32)]},
-            schema={"doc_hash": pl.String, "embedding": pl.List(pl.Float32)},
-        )
-        known = pl.concat([known, new])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_table(str(path.parent), "minilm", None, known)
-    aligned = docs.select("doc_hash").join(known, on="doc_hash", how="left", maintain_order="left")
-    return np.asarray(aligned["embedding"].to_list(), dtype=np.float32)
+    return cached_document_embeddings(storage, docs, DEFAULT_EMBEDDING_MODEL)[0]
 
 
 @asset(

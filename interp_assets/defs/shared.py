@@ -1,10 +1,14 @@
 """What the asset modules share: the model pool, data versions, and reads of a dataset's stored tables."""
 
+import hashlib
+import json
+
+import numpy as np
 import polars as pl
 from dagster import AssetExecutionContext, AssetKey, AssetRecordsFilter, DagsterInstance, EventLogRecord
 
 from interp_assets.comparisons import load_dataset_settings
-from interp_assets.storage.parquet import read_table
+from interp_assets.storage.parquet import read_table, write_table
 from resources.storage import StorageResource
 
 DATA_VERSION_TAG = "dagster/data_version"  # the tag Dagster stores a materialization's data version under
@@ -54,3 +58,29 @@ def recorded_d_sae(context: AssetExecutionContext, dataset: str) -> int | None:
     """SAE width recorded by token_activations for `dataset` (None if unknown)."""
     value = token_activations_metadata(context, dataset).get("d_sae")
     return int(value) if value is not None else None
+
+
+def cached_document_embeddings(
+    storage: StorageResource, docs: pl.DataFrame, model: str, layer: int | None = None, normalize: bool = True
+) -> tuple[np.ndarray, int]:
+    """Embeddings of `docs` (row i = docs row i) and how many were computed now; the rest come from a cache
+    under `<data_dir>/cache/embeddings/` keyed by (model, layer, normalize) and document hash."""
+    from interp_assets.engine.documents import document_embeddings
+
+    key = hashlib.sha256(json.dumps([model, layer, normalize]).encode()).hexdigest()[:12]
+    path = storage.cache_dir / "embeddings" / f"{key}.parquet"
+    schema = {"doc_hash": pl.String, "embedding": pl.List(pl.Float32)}
+    known = pl.read_parquet(path) if path.exists() else pl.DataFrame(schema=schema)
+    missing = (
+        docs.select("doc_hash", "text")
+        .unique("doc_hash", keep="first")
+        .join(known.select("doc_hash"), on="doc_hash", how="anti")
+    )
+    if missing.height:
+        vectors = document_embeddings(missing["text"].to_list(), model, layer=layer, normalize=normalize)
+        new = pl.DataFrame({"doc_hash": missing["doc_hash"], "embedding": list(vectors)}, schema=schema)
+        known = pl.concat([known, new])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_table(str(path.parent), key, None, known)
+    aligned = docs.select("doc_hash").join(known, on="doc_hash", how="left", maintain_order="left")
+    return np.asarray(aligned["embedding"].to_list(), dtype=np.float32), missing.height

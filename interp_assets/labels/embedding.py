@@ -1,30 +1,20 @@
 """Sentence embeddings for hard negatives and offline label scoring.
 
 The sentence-transformers recipe for all-MiniLM-L6-v2: mean of the last hidden state over the attention
-mask, then L2 normalization. The model is loaded once per process (cache keyed by model name).
+mask, then L2 normalization (`interp_assets.engine.documents.document_embeddings` with its defaults). The
+model is loaded once per process.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model
+from interp_assets.engine.documents import document_embeddings
+from interp_assets.engine.reader_model import EMBEDDED_READER
 
 DEFAULT_EMBEDDING_MODEL = EMBEDDED_READER
-
-_MODELS: dict[str, tuple[Any, Any]] = {}
-_LOCK = threading.Lock()
-
-
-def _model(model: str) -> tuple[Any, Any]:
-    with _LOCK:
-        if model not in _MODELS:
-            _MODELS[model] = load_reader_model(model)
-        return _MODELS[model]
 
 
 def sentence_embeddings(
@@ -37,28 +27,6 @@ def sentence_embeddings(
 
     Texts are batched by length (less padding); longer texts are truncated to `max_length` tokens.
     """
-    import torch
-
-    tokenizer, net = _model(model)
-    dim = int(net.config.hidden_size)
-    texts = [str(t) for t in texts]
-    out = np.zeros((len(texts), dim), dtype=np.float32)
-    if not texts:
-        return out
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            enc = tokenizer(
-                [texts[i] for i in idx],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
-            hidden = net(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
-            out[idx] = pooled.cpu().numpy()
-    return out
+    return document_embeddings(
+        texts, model, layer=None, normalize=True, batch_size=batch_size, max_length=max_length
+    )

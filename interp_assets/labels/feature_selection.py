@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 
 import polars as pl
 
-from interp_assets.analysis.diffing import diff_features, paired_diff_features
+from interp_assets.analysis.diffing import REPORT_FIRING, diff_features, paired_diff_features
 
 
 def select_features(
@@ -19,6 +19,7 @@ def select_features(
     requested: Iterable[int] = (),
     associated: Mapping[str, Iterable[int]] | None = None,
     n_features: int | None = None,
+    firing: str = REPORT_FIRING,
 ) -> pl.DataFrame:
     """Features to label for one dataset, with why: columns feature (int32), selected_because (str).
 
@@ -44,7 +45,7 @@ def select_features(
         if pairs is not None:
             diff = paired_diff_features(pooled, other, pairs, n_features=n_features)
         else:
-            diff = diff_features(pooled, n_docs, other, other_n, n_features=n_features)
+            diff = diff_features(pooled, n_docs, other, other_n, n_features=n_features, firing=firing)
         top = diff.filter(pl.col("significant") & (pl.col("direction") == "a")).head(n_distinctive)
         for f in top["feature"].to_list():
             reasons.setdefault(int(f), []).append(f"distinctive:{name}")

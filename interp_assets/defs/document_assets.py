@@ -1,0 +1,260 @@
+"""Document-level features (the HypotheSAEs method): document_embeddings per dataset, then per comparison a
+document_sae trained label-blind on both datasets' documents and the document_features it gives them."""
+
+import hashlib
+import json
+import time
+
+import numpy as np
+import polars as pl
+from dagster import (
+    AllPartitionMapping,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetDep,
+    AssetExecutionContext,
+    Config,
+    DataVersion,
+    MetadataValue,
+    Output,
+    asset,
+)
+
+from interp_assets.comparisons import parse_comparison_key
+from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
+from interp_assets.defs.shared import MODEL_POOL, cached_document_embeddings
+from interp_assets.engine.documents import (
+    DOCUMENT_SAE_VERSION,
+    DocumentSAEConfig,
+    encode_documents,
+    load_document_sae,
+    save_document_sae,
+    train_document_sae,
+)
+from interp_assets.storage.parquet import read_table, table_exists
+from resources.sae_reader import SAEReaderResource
+from resources.storage import StorageResource
+
+DOCUMENT_EMBEDDINGS_SCHEMA = {
+    "dataset": pl.String,
+    "doc_id": pl.Int32,
+    "doc_hash": pl.String,
+    "embedding": pl.List(pl.Float32),
+}
+DOCUMENT_FEATURES_SCHEMA = {
+    "comparison": pl.String,
+    "dataset": pl.String,
+    "doc_id": pl.Int32,
+    "feature": pl.Int32,
+    "activation": pl.Float32,
+}
+# document SAE quality below which the asset check warns
+MIN_FRACTION_VARIANCE_EXPLAINED = 0.3  # k of a few per document explains less than a token SAE
+MAX_DEAD_FEATURE_FRACTION = 0.25
+
+
+class DocumentEmbeddingsConfig(Config):
+    """Which model and layer embed documents. Empty `model`: the SAE reader's model."""
+
+    model: str = ""
+    layer: int | None = None  # index into the hidden states; None = the last layer
+    normalize: bool = True
+
+
+@asset(
+    partitions_def=datasets_partitions,
+    io_manager_key="parquet_io_manager",
+    code_version="1",
+    pool=MODEL_POOL,
+    group_name="documents",
+    description="One embedding per document: the reader's hidden states at one layer, mean-pooled over the "
+    "document's tokens and L2-normalized (for the embedded MiniLM: its sentence embedding). Cached by "
+    "content hash.",
+)
+def document_embeddings(
+    context: AssetExecutionContext,
+    config: DocumentEmbeddingsConfig,
+    raw_documents: pl.LazyFrame,
+    sae_reader: SAEReaderResource,
+    storage: StorageResource,
+):
+    dataset = context.partition_key
+    docs = raw_documents.select("doc_id", "doc_hash", "text").collect().sort("doc_id")
+    model = config.model or sae_reader.model
+    started = time.perf_counter()
+    vectors, computed = cached_document_embeddings(storage, docs, model, config.layer, config.normalize)
+    table = pl.DataFrame(
+        {
+            "dataset": [dataset] * docs.height,
+            "doc_id": docs["doc_id"],
+            "doc_hash": docs["doc_hash"],
+            "embedding": list(vectors),
+        },
+        schema=DOCUMENT_EMBEDDINGS_SCHEMA,
+    )
+    version = hashlib.sha256(
+        json.dumps([model, config.layer, config.normalize, sorted(docs["doc_hash"].to_list())]).encode()
+    ).hexdigest()[:24]
+    return Output(
+        table,
+        data_version=DataVersion(version),
+        metadata={
+            "documents": docs.height,
+            "dimensions": int(vectors.shape[1]) if vectors.ndim == 2 else 0,
+            "model": model,
+            "layer": "last" if config.layer is None else config.layer,
+            "embedded_now": computed,
+            "seconds": round(time.perf_counter() - started, 2),
+        },
+    )
+
+
+class DocumentSAETrainingConfig(Config):
+    """How the comparison's document SAE is trained. 0 for `d_sae`/`k`: chosen by corpus size."""
+
+    d_sae: int = 0
+    k: int = 0
+    steps: int = 3000
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def _comparison_embeddings(storage: StorageResource, key: str) -> dict[str, pl.DataFrame]:
+    a, b = parse_comparison_key(key)
+    out = {}
+    for ds in (a, b):
+        if not table_exists(storage.parquet_base, "document_embeddings", ds):
+            raise FileNotFoundError(
+                f"Comparison {key}: dataset {ds!r} has no document_embeddings yet; materialize "
+                "document_embeddings for it first (embed_job does)."
+            )
+        out[ds] = read_table(storage.parquet_base, "document_embeddings", ds).sort("doc_id").collect()
+    return out
+
+
+@asset(
+    partitions_def=comparisons_partitions,
+    io_manager_key="parquet_io_manager",
+    code_version=DOCUMENT_SAE_VERSION,
+    pool=MODEL_POOL,
+    group_name="documents",
+    deps=[AssetDep("document_embeddings", partition_mapping=AllPartitionMapping())],
+    check_specs=[AssetCheckSpec("document_sae_quality", asset="document_sae")],
+    description="A TopK SAE (SAELens) trained label-blind on the document embeddings of both datasets of a "
+    "comparison, width and k by corpus size (HypotheSAEs); saved in SAELens format under "
+    "<data_dir>/models/document_sae/. One row: size, variance explained, dead features, path.",
+)
+def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConfig, storage: StorageResource):
+    key = context.partition_key
+    frames = _comparison_embeddings(storage, key)
+    pooled = pl.concat(list(frames.values())).unique("doc_hash", keep="first").sort("doc_hash")
+    train_config = DocumentSAEConfig(
+        d_sae=config.d_sae, k=config.k, steps=config.steps, lr=config.lr, seed=config.seed
+    )
+    training_hash = hashlib.sha256(
+        (
+            json.dumps([DOCUMENT_SAE_VERSION, vars(train_config)], sort_keys=True)
+            + "".join(pooled["doc_hash"].to_list())
+            + hashlib.sha256(
+                np.asarray(pooled["embedding"].to_list(), dtype=np.float32).tobytes()
+            ).hexdigest()
+        ).encode()
+    ).hexdigest()[:20]
+    folder = storage.root / "models" / "document_sae" / training_hash
+    report_path = folder / "training_report.json"
+    started = time.perf_counter()
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+        trained_now = False
+    else:
+        embeddings = np.asarray(pooled["embedding"].to_list(), dtype=np.float32)
+        sae, report = train_document_sae(embeddings, train_config)
+        report = report | {"comparison": key, "config": vars(train_config), "training_hash": training_hash}
+        save_document_sae(sae, str(folder), report)  # the report is written last: its presence marks done
+        trained_now = True
+    row = pl.DataFrame(
+        {
+            "comparison": [key],
+            "training_hash": [training_hash],
+            "d_in": [int(report["d_in"])],
+            "d_sae": [int(report["d_sae"])],
+            "k": [int(report["k"])],
+            "n_documents": [int(report["n_documents"])],
+            "fraction_variance_explained": [float(report["fraction_variance_explained"])],
+            "dead_feature_fraction": [float(report["dead_feature_fraction"])],
+            "model_path": [str(folder.resolve())],
+        }
+    )
+    fve, dead = float(report["fraction_variance_explained"]), float(report["dead_feature_fraction"])
+    yield Output(
+        row,
+        data_version=DataVersion(training_hash),
+        metadata={
+            "d_sae": int(report["d_sae"]),
+            "k": int(report["k"]),
+            "documents": int(report["n_documents"]),
+            "fraction_variance_explained": round(fve, 4),
+            "dead_feature_fraction": round(dead, 4),
+            "trained_now": trained_now,
+            "seconds": round(time.perf_counter() - started, 2),
+            "model_path": MetadataValue.path(str(folder.resolve())),
+        },
+    )
+    yield AssetCheckResult(
+        check_name="document_sae_quality",
+        passed=fve >= MIN_FRACTION_VARIANCE_EXPLAINED and dead <= MAX_DEAD_FEATURE_FRACTION,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "fraction_variance_explained": fve,
+            "min_fraction_variance_explained": MIN_FRACTION_VARIANCE_EXPLAINED,
+            "dead_feature_fraction": dead,
+            "max_dead_feature_fraction": MAX_DEAD_FEATURE_FRACTION,
+        },
+    )
+
+
+@asset(
+    partitions_def=comparisons_partitions,
+    io_manager_key="parquet_io_manager",
+    code_version=DOCUMENT_SAE_VERSION,
+    group_name="documents",
+    deps=[AssetDep("document_embeddings", partition_mapping=AllPartitionMapping())],
+    description="Every nonzero feature of the comparison's document SAE for every document of both datasets "
+    "(comparison, dataset, doc_id, feature, activation): exactly k per document.",
+)
+def document_features(context: AssetExecutionContext, document_sae: pl.LazyFrame, storage: StorageResource):
+    key = context.partition_key
+    info = document_sae.collect().row(0, named=True)
+    sae = load_document_sae(info["model_path"])
+    parts = []
+    for ds, frame in _comparison_embeddings(storage, key).items():
+        rows, feature, activation = encode_documents(
+            sae, np.asarray(frame["embedding"].to_list(), np.float32)
+        )
+        parts.append(
+            pl.DataFrame(
+                {
+                    "comparison": key,
+                    "dataset": ds,
+                    "doc_id": frame["doc_id"].to_numpy()[rows],
+                    "feature": feature,
+                    "activation": activation,
+                },
+                schema=DOCUMENT_FEATURES_SCHEMA,
+            )
+        )
+    table = pl.concat(parts)
+    per_dataset = table.group_by("dataset").agg(
+        pl.col("doc_id").n_unique().alias("documents"), pl.col("feature").n_unique().alias("features")
+    )
+    return Output(
+        table,
+        data_version=DataVersion(f"{info['training_hash']}:{table.height}"),
+        metadata={
+            "rows": table.height,
+            "d_sae": int(info["d_sae"]),
+            "features_alive": int(table["feature"].n_unique()),
+            "per_dataset": MetadataValue.json(per_dataset.sort("dataset").to_dicts()),
+        },
+    )

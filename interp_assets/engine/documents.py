@@ -1,0 +1,220 @@
+"""Document-level features: one embedding per document, and a TopK SAE trained on the user's own documents.
+
+The token-level SAE reads every token; a topic that makes up a few percent of a dataset then moves
+"fires in the document" very little, because token features fire somewhere in most documents. A
+document-level SAE (the HypotheSAEs method) is trained label-blind on one mean-pooled embedding per
+document of the datasets being compared, so its features are sparse per document: a planted topic
+gets a feature that fires in its documents and few others.
+
+- `document_embeddings`: the reader model's hidden states at one layer, mean-pooled over each document's
+  tokens (attention mask), L2-normalized. With the last layer of the embedded all-MiniLM-L6-v2 this is its
+  sentence embedding (the sentence-transformers recipe).
+- `document_sae_size`: width and k by corpus size (HypotheSAEs' guidance: about 64/k=4 for 1k documents,
+  256/8 for 10k, 1024/8 for 100k).
+- `train_document_sae` / `encode_documents`: SAELens training (`sae_training`) and sparse encoding.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model
+
+DOCUMENT_SAE_VERSION = "1"  # bumped when training or encoding changes what document features hold
+
+_MODELS: dict[str, tuple[Any, Any]] = {}
+_LOCK = threading.Lock()
+
+
+def cached_model(model: str) -> tuple[Any, Any]:
+    """`(tokenizer, model)` of a reader, loaded once per process."""
+    with _LOCK:
+        if model not in _MODELS:
+            _MODELS[model] = load_reader_model(model)
+        return _MODELS[model]
+
+
+def document_embeddings(
+    texts: Sequence[str],
+    model: str = EMBEDDED_READER,
+    layer: int | None = None,
+    normalize: bool = True,
+    batch_size: int = 64,
+    max_length: int = 256,
+) -> np.ndarray:
+    """Embed `texts` as an `(n, hidden)` float32 array (row i is text i).
+
+    Hidden states of `layer` (an index into the model's hidden states: 0 = embeddings, None or -1 = the
+    last layer) are averaged over each text's tokens and, with `normalize`, scaled to unit length.
+    Texts are batched by length (less padding); longer texts are truncated to `max_length` tokens.
+    """
+    import torch
+
+    tokenizer, net = cached_model(model)
+    dim = int(net.config.hidden_size)
+    texts = [str(t) for t in texts]
+    out = np.zeros((len(texts), dim), dtype=np.float32)
+    if not texts:
+        return out
+    n_layers = int(getattr(net.config, "num_hidden_layers", 0) or 0)
+    if layer is not None and n_layers and not -n_layers - 1 <= layer <= n_layers:
+        raise ValueError(
+            f"layer={layer} is outside the model's hidden states (0..{n_layers}, or negative from the end)."
+        )
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tokenizer(
+                [texts[i] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            if layer is None or layer == -1:
+                hidden = net(**enc).last_hidden_state
+            else:
+                hidden = net(**enc, output_hidden_states=True).hidden_states[layer]
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            pooled = pooled.float()
+            if normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            out[idx] = pooled.cpu().numpy()
+    return out
+
+
+def document_sae_size(n_docs: int) -> tuple[int, int]:
+    """`(d_sae, k)` for a document SAE trained on `n_docs` documents.
+
+    Width grows like n^0.6 (64 at 1k documents, 256 at 10k, 1,024 at 100k: HypotheSAEs' guidance), rounded
+    to a power of two and kept within 16..4,096; k is 4 below 5,000 documents and 8 from there.
+    """
+    if n_docs <= 0:
+        raise ValueError(f"A document SAE needs documents; got n_docs={n_docs}.")
+    width = 64 * (n_docs / 1000) ** 0.6
+    d_sae = int(min(4096, max(16, 2 ** round(math.log2(width)))))
+    return d_sae, (4 if n_docs < 5000 else 8)
+
+
+@dataclass(frozen=True)
+class DocumentSAEConfig:
+    """How a document SAE is trained (saved beside it). `d_sae`/`k` of 0 mean `document_sae_size`."""
+
+    d_sae: int = 0
+    k: int = 0
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def train_document_sae(embeddings: np.ndarray, config: DocumentSAEConfig) -> tuple[Any, dict[str, Any]]:
+    """Train a TopK SAE on document embeddings (`[n, d]`); returns `(sae, report)`.
+
+    The report holds the size used, samples seen, fraction of variance explained, mean L0 and the dead
+    feature fraction on the training documents.
+    """
+    import torch
+
+    from interp_assets.engine.sae_training import evaluate_sae, train_topk_sae
+
+    x = np.asarray(embeddings, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"Document embeddings must be [n_docs >= 2, dim]; got shape {x.shape}.")
+    n = x.shape[0]
+    auto_d, auto_k = document_sae_size(n)
+    d_sae = config.d_sae or auto_d
+    k = config.k or auto_k
+    if not 0 < k < d_sae:
+        raise ValueError(f"Document SAE needs 0 < k < d_sae; got k={k}, d_sae={d_sae}.")
+    batch = min(config.batch_size, n)
+    acts = torch.from_numpy(x)
+    epochs = config.steps / max(1, n // batch)
+    sae, seen = train_topk_sae(
+        acts,
+        d_sae=d_sae,
+        k=k,
+        epochs=epochs,
+        batch_size=batch,
+        lr=config.lr,
+        seed=config.seed,
+        metadata={"hook_name": "document_embedding", "model_name": "document_embeddings"},
+        dead_feature_samples=max(10 * batch, 5 * n),
+    )
+    quality = evaluate_sae(sae, acts)
+    report = {
+        "d_in": int(x.shape[1]),
+        "d_sae": d_sae,
+        "k": k,
+        "n_documents": n,
+        "samples_seen": int(seen),
+        "fraction_variance_explained": float(quality["fraction_variance_explained"]),
+        "mean_l0": float(quality["mean_l0"]),
+        "dead_feature_fraction": float(quality["dead_feature_fraction"]),
+    }
+    return sae, report
+
+
+def encode_documents(sae: Any, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse document features: `(row, feature, activation)` of every nonzero, row = embeddings row."""
+    import torch
+
+    with torch.inference_mode():
+        feats = sae.encode(torch.from_numpy(np.asarray(embeddings, dtype=np.float32))).float().numpy()
+    rows, cols = np.nonzero(feats > 0)
+    return rows.astype(np.int64), cols.astype(np.int32), feats[rows, cols].astype(np.float32)
+
+
+def save_document_sae(sae: Any, folder: str, report: dict[str, Any]) -> None:
+    """Save a trained document SAE in SAELens's on-disk format with its training report beside it."""
+    import json
+    from pathlib import Path
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    sae.save_inference_model(out)
+    (out / "training_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+
+def load_document_sae(folder: str) -> Any:
+    """A document SAE saved by `save_document_sae` (SAELens `SAE.load_from_disk`), on the CPU."""
+    from sae_lens import SAE
+
+    return SAE.load_from_disk(folder, device="cpu")
+
+
+def document_feature_spans(document_features: Any, documents: Any) -> Any:
+    """Document features in the token_activations shape (one whole-document span per active feature).
+
+    Lets the labelers, scorers and report excerpts that read token activations work on document-level
+    features: the feature "fires on" the whole document. Columns: doc_id, token_index, token, char_start,
+    char_end, feature, activation.
+    """
+    import polars as pl
+
+    lengths = documents.select(pl.col("doc_id").cast(pl.Int32), pl.col("text").str.len_chars().alias("n"))
+    return (
+        document_features.select(
+            pl.col("doc_id").cast(pl.Int32),
+            pl.col("feature").cast(pl.Int32),
+            pl.col("activation").cast(pl.Float32),
+        )
+        .join(lengths, on="doc_id", how="inner")
+        .select(
+            "doc_id",
+            pl.lit(0, dtype=pl.Int32).alias("token_index"),
+            pl.lit("", dtype=pl.String).alias("token"),
+            pl.lit(0, dtype=pl.Int32).alias("char_start"),
+            pl.col("n").cast(pl.Int32).alias("char_end"),
+            "feature",
+            "activation",
+        )
+    )

@@ -1,0 +1,113 @@
+"""Document-level features through the assets, on real DBpedia entity descriptions (shared/data/dbpedia).
+
+A planted topic (15% of B's documents from one category that A lacks) must come out as a significant
+B-direction feature whose top documents are that category, and random halves of one sample must give
+no significant feature in either family. The full curve over 14 categories and 4 rates is
+benchmarks/planted.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from dagster import DagsterInstance, materialize
+
+from interp_assets.analysis.reports import top_features
+from interp_assets.comparisons import comparison_key
+from interp_assets.defs.assets import ALL_ASSETS
+from interp_assets.engine.documents import document_sae_size
+from interp_assets.storage.parquet import read_table
+from resources.local import local_resources
+
+ROOT = Path(__file__).resolve().parents[2]
+DBPEDIA = ROOT.parent / "shared" / "data" / "dbpedia" / "dbpedia.tsv"
+BY_NAME = {a.key.path[-1]: a for a in ALL_ASSETS}
+DATASET_ASSETS = [
+    BY_NAME[n] for n in ("raw_documents", "token_activations", "pooled_embeddings", "document_embeddings")
+]
+COMPARISON_ASSETS = [BY_NAME[n] for n in ("document_sae", "document_features", "diff_reports")]
+
+pytestmark = pytest.mark.skipif(not DBPEDIA.exists(), reason=f"{DBPEDIA} (shared DBpedia sample) not found")
+
+
+def _dbpedia() -> pl.DataFrame:
+    frame = pl.read_csv(DBPEDIA, separator="\t", quote_char=None, infer_schema_length=0)
+    return frame.select("text", "category").filter(pl.col("text").str.len_chars() > 0)
+
+
+def _run(tmp_path: Path, drops: dict[str, pl.DataFrame]) -> tuple[str, str]:
+    """Materialize both datasets and their comparison; returns (parquet base, comparison key)."""
+    (tmp_path / "landing").mkdir()
+    (tmp_path / "config").mkdir()
+    for name, frame in drops.items():
+        frame.write_parquet(tmp_path / "landing" / f"{name}.parquet")
+    a, b = drops
+    (tmp_path / "config" / "comparisons.json").write_text(json.dumps([{"a": a, "b": b}]))
+    instance = DagsterInstance.ephemeral()
+    resources = local_resources(tmp_path)
+    instance.add_dynamic_partitions("datasets", [a, b])
+    for name in (a, b):
+        assert materialize(DATASET_ASSETS, partition_key=name, instance=instance, resources=resources).success
+    key = comparison_key(a, b)
+    instance.add_dynamic_partitions("comparisons", [key])
+    result = materialize(COMPARISON_ASSETS, partition_key=key, instance=instance, resources=resources)
+    assert result.success
+    return str(tmp_path / "parquet"), key
+
+
+def test_planted_topic_is_found_by_the_document_family(tmp_path: Path) -> None:
+    data = _dbpedia()
+    rng = np.random.default_rng(0)
+    categories = sorted(data["category"].unique().to_list())
+    topic = categories[int(rng.integers(len(categories)))]
+    cats = data["category"].to_numpy()
+    others = rng.permutation(np.flatnonzero(cats != topic))
+    planted = rng.choice(np.flatnonzero(cats == topic), size=45, replace=False)
+    a_rows, b_rows = others[:300], np.r_[others[300:555], planted]
+    base, key = _run(tmp_path, {"news_a": data[a_rows.tolist()], "news_b": data[b_rows.tolist()]})
+
+    sae = read_table(base, "document_sae", key).collect().row(0, named=True)
+    assert (sae["d_sae"], sae["k"]) == document_sae_size(600)
+    assert sae["fraction_variance_explained"] > 0.3
+    features = read_table(base, "document_features", key).collect()
+    per_doc = features.group_by("dataset", "doc_id").len()
+    assert per_doc.height == 600 and per_doc["len"].max() <= sae["k"]  # TopK: at most k per document
+
+    diff = read_table(base, "diff_features", key).collect()
+    assert set(diff["family"].unique()) == {"token", "document"}
+    document = diff.filter(pl.col("family") == "document")
+    top_b = top_features(document, 5)["b"]
+    assert top_b.height >= 1, "the planted topic gave no significant B-direction document feature"
+    first = int(top_b["feature"][0])
+    category = dict(
+        read_table(base, "raw_documents", "news_b").select("doc_id", "category").collect().iter_rows()
+    )
+    strongest = (
+        features.filter((pl.col("dataset") == "news_b") & (pl.col("feature") == first))
+        .sort("activation", descending=True)
+        .head(20)["doc_id"]
+        .to_list()
+    )
+    purity = np.mean([category[d] == topic for d in strongest])
+    assert purity >= 0.8, (topic, purity)
+    assert top_b["label"][0]  # the report's document features carry their offline label
+
+    report = read_table(base, "diff_reports", key).collect().row(0, named=True)
+    assert report["document_significant_b"] >= 1
+    markdown = Path(report["report_markdown_path"]).read_text()
+    assert "token-level SAE features" in markdown and "document-level features" in markdown
+
+
+def test_random_halves_of_one_sample_give_no_significant_feature(tmp_path: Path) -> None:
+    data = _dbpedia()
+    sample = np.random.default_rng(1).choice(data.height, size=600, replace=False)
+    base, key = _run(tmp_path, {"half_a": data[sample[:300].tolist()], "half_b": data[sample[300:].tolist()]})
+    diff = read_table(base, "diff_features", key).collect()
+    for family in ("token", "document"):
+        part = diff.filter(pl.col("family") == family)
+        assert part.height > 0
+        assert part["significant"].sum() == 0, (family, part.filter("significant").head())
