@@ -254,7 +254,9 @@ def main() -> None:
     )
     write_results(
         {
-            "params": vars(args) | {"categories": categories},
+            # where the data was kept is this machine's business, not the result's
+            "params": {k: v for k, v in vars(args).items() if k not in ("data_dir", "out")}
+            | {"categories": categories},
             "cases": results,
             "null": nulls,
             "summary": summary,
