@@ -10,6 +10,7 @@ from interp_assets.defs.partitions import datasets_partitions
 from interp_assets.defs.shared import (
     MODEL_POOL,
     cached_document_embeddings,
+    cached_text_embeddings,
     data_version,
     encoded_doc_count,
     latest_materialization,
@@ -193,6 +194,7 @@ def feature_scores(
         docs,
         llm=llm if llm.enabled else None,
         embeddings=embeddings,
+        embed=lambda texts: cached_text_embeddings(storage, texts, DEFAULT_EMBEDDING_MODEL),
         n_evidence=split["n_evidence"],
         n_holdout=split["n_holdout"],
         seed=split["seed"],

@@ -84,3 +84,18 @@ def cached_document_embeddings(
         write_table(str(path.parent), key, None, known)
     aligned = docs.select("doc_hash").join(known, on="doc_hash", how="left", maintain_order="left")
     return np.asarray(aligned["embedding"].to_list(), dtype=np.float32), missing.height
+
+
+_TEXTS = {"doc_hash": pl.String, "text": pl.String}
+
+
+def cached_text_embeddings(
+    storage: StorageResource, texts: list[str], model: str, layer: int | None = None, normalize: bool = True
+) -> np.ndarray:
+    """`cached_document_embeddings` for any texts (excerpts, label queries): the same cache, keyed by the
+    same content hash, so an excerpt that is a whole document, or a text embedded by an earlier run, is
+    not embedded again."""
+    from interp_assets.ingest import doc_hash
+
+    frame = pl.DataFrame({"doc_hash": [doc_hash(t) for t in texts], "text": list(texts)}, schema=_TEXTS)
+    return cached_document_embeddings(storage, frame, model, layer, normalize)[0]
