@@ -188,13 +188,20 @@ def feature_scores(
     )
     embeddings = _document_embeddings(storage, docs, split["hard_negatives_max_docs"])
     errors: list[str] = []
+    embedded_now = [0]
+
+    def embed(texts: list[str]) -> np.ndarray:
+        vectors, computed = cached_text_embeddings(storage, texts, DEFAULT_EMBEDDING_MODEL)
+        embedded_now[0] += computed
+        return vectors
+
     scores = scoring.score_features(
         labels,
         acts,
         docs,
         llm=llm if llm.enabled else None,
         embeddings=embeddings,
-        embed=lambda texts: cached_text_embeddings(storage, texts, DEFAULT_EMBEDDING_MODEL),
+        embed=embed,
         n_evidence=split["n_evidence"],
         n_holdout=split["n_holdout"],
         seed=split["seed"],
@@ -209,6 +216,7 @@ def feature_scores(
         scores,
         metadata={
             "scored_labels": scores.height,
+            "texts_embedded_now": embedded_now[0],  # the rest came from the embeddings cache
             "scoring_errors": len(errors),
             "summary": MetadataValue.md(markdown_preview(summary.to_arrow(), max_rows=summary.height)),
         },

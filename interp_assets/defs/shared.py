@@ -91,11 +91,11 @@ _TEXTS = {"doc_hash": pl.String, "text": pl.String}
 
 def cached_text_embeddings(
     storage: StorageResource, texts: list[str], model: str, layer: int | None = None, normalize: bool = True
-) -> np.ndarray:
+) -> tuple[np.ndarray, int]:
     """`cached_document_embeddings` for any texts (excerpts, label queries): the same cache, keyed by the
     same content hash, so an excerpt that is a whole document, or a text embedded by an earlier run, is
-    not embedded again."""
+    not embedded again. Returns the vectors (row i = texts[i]) and how many texts were embedded now."""
     from interp_assets.ingest import doc_hash
 
     frame = pl.DataFrame({"doc_hash": [doc_hash(t) for t in texts], "text": list(texts)}, schema=_TEXTS)
-    return cached_document_embeddings(storage, frame, model, layer, normalize)[0]
+    return cached_document_embeddings(storage, frame, model, layer, normalize)
