@@ -106,28 +106,24 @@ def run_assets(
     instance = DagsterInstance.ephemeral()
     resources = local_resources(data_dir)
     by_name = {a.key.path[-1]: a for a in ALL_ASSETS}
-    seconds = {"datasets": 0.0, "comparisons": 0.0}
-    instance.add_dynamic_partitions("datasets", list(datasets))
-    for i, name in enumerate(datasets):
-        start = time.perf_counter()
-        result = materialize(
-            [by_name[n] for n in DATASET_ASSETS], partition_key=name, instance=instance, resources=resources
-        )
-        if not result.success:
-            raise RuntimeError(f"dataset {name}: materialization failed")
-        seconds["datasets"] += time.perf_counter() - start
-        print(f"  dataset {i + 1}/{len(datasets)} {name}: {time.perf_counter() - start:.1f} s", flush=True)
     keys = [comparison_key(c["a"], c["b"]) for c in cases]
-    instance.add_dynamic_partitions("comparisons", keys)
-    for i, key in enumerate(keys):
-        start = time.perf_counter()
-        result = materialize(
-            [by_name[n] for n in COMPARISON_ASSETS], partition_key=key, instance=instance, resources=resources
-        )
-        if not result.success:
-            raise RuntimeError(f"comparison {key}: materialization failed")
-        seconds["comparisons"] += time.perf_counter() - start
-        print(f"  comparison {i + 1}/{len(keys)} {key}: {time.perf_counter() - start:.1f} s", flush=True)
+    seconds = {}
+    for kind, partitions, assets in (
+        ("datasets", list(datasets), DATASET_ASSETS),
+        ("comparisons", keys, COMPARISON_ASSETS),
+    ):
+        instance.add_dynamic_partitions(kind, partitions)
+        seconds[kind] = 0.0
+        for i, partition in enumerate(partitions):
+            start = time.perf_counter()
+            result = materialize(
+                [by_name[n] for n in assets], partition_key=partition, instance=instance, resources=resources
+            )
+            if not result.success:
+                raise RuntimeError(f"{kind} {partition}: materialization failed")
+            seconds[kind] += time.perf_counter() - start
+            took = time.perf_counter() - start
+            print(f"  {kind} {i + 1}/{len(partitions)} {partition}: {took:.1f} s", flush=True)
     return seconds
 
 
