@@ -152,13 +152,12 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
     train_config = DocumentSAEConfig(
         d_sae=config.d_sae, k=config.k, steps=config.steps, lr=config.lr, seed=config.seed
     )
+    embeddings = np.asarray(pooled["embedding"].to_list(), dtype=np.float32)
     training_hash = hashlib.sha256(
         (
             json.dumps([DOCUMENT_SAE_VERSION, vars(train_config)], sort_keys=True)
             + "".join(pooled["doc_hash"].to_list())
-            + hashlib.sha256(
-                np.asarray(pooled["embedding"].to_list(), dtype=np.float32).tobytes()
-            ).hexdigest()
+            + hashlib.sha256(embeddings.tobytes()).hexdigest()
         ).encode()
     ).hexdigest()[:20]
     folder = storage.root / "models" / "document_sae" / training_hash
@@ -168,7 +167,6 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
         report = json.loads(report_path.read_text())
         trained_now = False
     else:
-        embeddings = np.asarray(pooled["embedding"].to_list(), dtype=np.float32)
         sae, report = train_document_sae(embeddings, train_config)
         report = report | {"comparison": key, "config": vars(train_config), "training_hash": training_hash}
         save_document_sae(sae, str(folder), report)  # the report is written last: its presence marks done

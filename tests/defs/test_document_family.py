@@ -16,6 +16,7 @@ import polars as pl
 import pytest
 from dagster import DagsterInstance, materialize
 
+from benchmarks.planted import load_dbpedia
 from interp_assets.analysis.reports import top_features
 from interp_assets.comparisons import comparison_key
 from interp_assets.defs.assets import ALL_ASSETS
@@ -32,11 +33,6 @@ DATASET_ASSETS = [
 COMPARISON_ASSETS = [BY_NAME[n] for n in ("document_sae", "document_features", "diff_reports")]
 
 pytestmark = pytest.mark.skipif(not DBPEDIA.exists(), reason=f"{DBPEDIA} (shared DBpedia sample) not found")
-
-
-def _dbpedia() -> pl.DataFrame:
-    frame = pl.read_csv(DBPEDIA, separator="\t", quote_char=None, infer_schema_length=0)
-    return frame.select("text", "category").filter(pl.col("text").str.len_chars() > 0)
 
 
 def _run(tmp_path: Path, drops: dict[str, pl.DataFrame]) -> tuple[str, str]:
@@ -60,7 +56,7 @@ def _run(tmp_path: Path, drops: dict[str, pl.DataFrame]) -> tuple[str, str]:
 
 
 def test_planted_topic_is_found_by_the_document_family(tmp_path: Path) -> None:
-    data = _dbpedia()
+    data = load_dbpedia(DBPEDIA)
     rng = np.random.default_rng(0)
     categories = sorted(data["category"].unique().to_list())
     topic = categories[int(rng.integers(len(categories)))]
@@ -103,7 +99,7 @@ def test_planted_topic_is_found_by_the_document_family(tmp_path: Path) -> None:
 
 
 def test_random_halves_of_one_sample_give_no_significant_feature(tmp_path: Path) -> None:
-    data = _dbpedia()
+    data = load_dbpedia(DBPEDIA)
     sample = np.random.default_rng(1).choice(data.height, size=600, replace=False)
     base, key = _run(tmp_path, {"half_a": data[sample[:300].tolist()], "half_b": data[sample[300:].tolist()]})
     diff = read_table(base, "diff_features", key).collect()
