@@ -12,7 +12,7 @@ import threading
 from dagster import ConfigurableResource
 from pydantic import PrivateAttr
 
-from interp_assets.engine.reader import SAEReader, load_reader
+from interp_assets.engine.reader import ReaderIdentity, SAEReader, load_reader, reader_identity
 from interp_assets.engine.reader_model import EMBEDDED_READER
 
 _READERS: dict[str, SAEReader] = {}
@@ -43,6 +43,25 @@ class SAEReaderResource(ConfigurableResource):
     activation_dtype: str = "float16"
 
     _reader: SAEReader | None = PrivateAttr(default=None)
+    _identity: ReaderIdentity | None = PrivateAttr(default=None)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether this resource has loaded its model and SAE."""
+        return self._reader is not None
+
+    def get_identity(self) -> ReaderIdentity:
+        """Fingerprint, SAE width and device, from configuration files alone when possible (no weights
+        loaded: an unchanged run finds everything cached without touching the model); a SAELens release
+        is loaded to learn them."""
+        if self._identity is None:
+            self._identity = reader_identity(**self.model_dump())
+            if self._identity is None:
+                reader = self.get_reader()
+                self._identity = ReaderIdentity(
+                    reader.identity, reader.d_sae, reader.device, reader.activation_dtype
+                )
+        return self._identity
 
     def get_reader(self) -> SAEReader:
         """The loaded reader (cached per process and configuration)."""

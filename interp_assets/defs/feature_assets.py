@@ -62,14 +62,16 @@ def token_activations(
 ):
     dataset = context.partition_key
     docs = raw_documents.select("doc_id", "doc_hash", "text").collect()
-    reader = sae_reader.get_reader()
+    reader = sae_reader.get_identity()  # the model itself loads only if a document needs encoding
     cache = ActivationCache(storage.cache_dir / "activations", reader.fingerprint)
     started = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
         context.log.info(f"{dataset}: encoded {done}/{total} new documents")
 
-    stats = cache.encode_missing(lambda texts: encode_texts(reader, texts), docs, on_chunk=progress)
+    stats = cache.encode_missing(
+        lambda texts: encode_texts(sae_reader.get_reader(), texts), docs, on_chunk=progress
+    )
     seconds = time.perf_counter() - started
     status = cache.activation_status(docs.select("doc_id", "doc_hash"), dataset)
     write_table(storage.parquet_base, "activation_status", dataset, status)
@@ -118,6 +120,7 @@ def token_activations(
             "reader_fingerprint": reader.fingerprint,
             "d_sae": reader.d_sae,
             "device": reader.device,
+            "reader_loaded": sae_reader.loaded,
         },
     )
     missing = count.get("missing", 0)

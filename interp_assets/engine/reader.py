@@ -137,6 +137,27 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _sae_files_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in path.iterdir() if p.suffix in (".json", ".safetensors")):
+        if name == "training_report.json":
+            continue
+        digest.update(name.encode())
+        digest.update((path / name).read_bytes())
+    return digest.hexdigest()[:20]
+
+
+def _sae_dir(sae_path: str | None) -> Path:
+    path = Path(sae_path or DEFAULT_SAE_DIR)
+    if not (path / "cfg.json").is_file():
+        raise FileNotFoundError(
+            f"No SAE found at {path}: expected SAELens on-disk format "
+            "(cfg.json + sae_weights.safetensors). "
+            "Point `sae_path` at such a folder, or set `release` and `sae_id`."
+        )
+    return path
+
+
 def load_sae(
     *, sae_path: str | None, release: str | None, sae_id: str | None, device: str, dtype: str
 ) -> tuple[Any, dict[str, Any]]:
@@ -153,21 +174,100 @@ def load_sae(
             )
         sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
         return sae, {"release": release, "sae_id": sae_id}
-    path = Path(sae_path or DEFAULT_SAE_DIR)
-    if not (path / "cfg.json").is_file():
-        raise FileNotFoundError(
-            f"No SAE found at {path}: expected SAELens on-disk format "
-            "(cfg.json + sae_weights.safetensors). "
-            "Point `sae_path` at such a folder, or set `release` and `sae_id`."
-        )
+    path = _sae_dir(sae_path)
     sae = SAE.load_from_disk(str(path), device=device, dtype=dtype)
-    digest = hashlib.sha256()
-    for name in sorted(p.name for p in path.iterdir() if p.suffix in (".json", ".safetensors")):
-        if name == "training_report.json":
-            continue
-        digest.update(name.encode())
-        digest.update((path / name).read_bytes())
-    return sae, {"sae_path_hash": digest.hexdigest()[:20]}
+    return sae, {"sae_path_hash": _sae_files_digest(path)}
+
+
+@dataclass(frozen=True)
+class ReaderIdentity:
+    """What decides a reader's stored activations, known without loading its weights."""
+
+    identity: dict[str, Any]
+    d_sae: int
+    device: str
+    activation_dtype: str
+
+    @property
+    def fingerprint(self) -> str:
+        """The activation cache key: equal to the loaded `SAEReader.fingerprint`."""
+        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _identity(
+    *,
+    model: str,
+    config: Any,
+    sae_identity: dict[str, Any],
+    hook: HookPoint,
+    dtype: str,
+    max_length: int,
+    exclude_special_tokens: bool,
+    chat_template: bool,
+    exclude_template_tokens: bool,
+    activation_dtype: str,
+) -> dict[str, Any]:
+    model_path = resolve_model_path(model)
+    return {
+        "model": model
+        if model == EMBEDDED_READER or not Path(model_path).is_dir()
+        else Path(model_path).name,
+        "model_config": _config_digest(config),
+        "sae": sae_identity,
+        "hook": [hook.layer, hook.position],
+        "dtype": dtype,
+        "max_length": max_length,
+        "exclude_special_tokens": exclude_special_tokens,
+        "chat_template": chat_template,
+        "exclude_template_tokens": exclude_template_tokens,
+        "activation_dtype": activation_dtype,
+        "engine": ENGINE_VERSION,
+    }
+
+
+def reader_identity(
+    *,
+    model: str = EMBEDDED_READER,
+    sae_path: str | None = None,
+    release: str | None = None,
+    sae_id: str | None = None,
+    hook_name: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    max_length: int = 512,
+    exclude_special_tokens: bool = True,
+    chat_template: bool = False,
+    exclude_template_tokens: bool = True,
+    activation_dtype: str = "float16",
+    **_: Any,
+) -> ReaderIdentity | None:
+    """The reader's identity from its configuration files alone (model config, SAE cfg.json and weight
+    hash), so an unchanged run can find its activations cached without loading the model. None for a
+    SAELens release (its config lives with the release; `load_reader` knows it after loading)."""
+    if release:
+        return None
+    from transformers import AutoConfig
+
+    from interp_assets.engine.reader_model import _offline
+
+    path = resolve_model_path(model)
+    config = AutoConfig.from_pretrained(path, local_files_only=Path(path).is_dir() or _offline())
+    sae_dir = _sae_dir(sae_path)
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    hook = parse_hook_name(hook_name or (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name"))
+    identity = _identity(
+        model=model,
+        config=config,
+        sae_identity={"sae_path_hash": _sae_files_digest(sae_dir)},
+        hook=hook,
+        dtype=dtype,
+        max_length=max_length,
+        exclude_special_tokens=exclude_special_tokens,
+        chat_template=chat_template,
+        exclude_template_tokens=exclude_template_tokens,
+        activation_dtype=activation_dtype,
+    )
+    return ReaderIdentity(identity, int(cfg["d_sae"]), resolve_device(device), activation_dtype)
 
 
 def load_reader(
@@ -206,22 +306,18 @@ def load_reader(
         )
     if chat_template and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"chat_template=True but the tokenizer of {model!r} defines no chat template.")
-    model_path = resolve_model_path(model)
-    identity = {
-        "model": model
-        if model == EMBEDDED_READER or not Path(model_path).is_dir()
-        else Path(model_path).name,
-        "model_config": _config_digest(net.config),
-        "sae": sae_identity,
-        "hook": [hook.layer, hook.position],
-        "dtype": dtype,
-        "max_length": max_length,
-        "exclude_special_tokens": exclude_special_tokens,
-        "chat_template": chat_template,
-        "exclude_template_tokens": exclude_template_tokens,
-        "activation_dtype": activation_dtype,
-        "engine": ENGINE_VERSION,
-    }
+    identity = _identity(
+        model=model,
+        config=net.config,
+        sae_identity=sae_identity,
+        hook=hook,
+        dtype=dtype,
+        max_length=max_length,
+        exclude_special_tokens=exclude_special_tokens,
+        chat_template=chat_template,
+        exclude_template_tokens=exclude_template_tokens,
+        activation_dtype=activation_dtype,
+    )
     return SAEReader(
         tokenizer,
         net,

@@ -1,0 +1,53 @@
+"""document_embeddings: the fused BERT forward gives the Hugging Face forward's mean-pooled states."""
+
+import numpy as np
+import pytest
+import torch
+
+from interp_assets.engine import documents
+from interp_assets.engine.documents import cached_model, document_embeddings
+from interp_assets.engine.reader_model import EMBEDDED_READER
+
+TEXTS = [
+    "A village in the administrative district of Gmina Wola.",
+    "ok",
+    "The album was released in 1999 by the band, and it reached the top ten in three countries within "
+    "a month of its release, which surprised everyone including the band itself.",
+    "",
+]
+
+
+def _reference(texts: list[str], layer: int | None, normalize: bool) -> np.ndarray:
+    """The plain Hugging Face forward: hidden states of `layer`, mean over the attention mask."""
+    tokenizer, net = cached_model(EMBEDDED_READER)
+    with torch.inference_mode():
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        hidden = net(**enc, output_hidden_states=True).hidden_states[-1 if layer is None else layer]
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        if normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=1)
+    return pooled.numpy()
+
+
+@pytest.mark.parametrize(
+    ("layer", "normalize"), [(None, True), (-1, True), (3, False), (0, True), (-3, True)]
+)
+def test_fused_forward_equals_the_hugging_face_forward(layer: int | None, normalize: bool) -> None:
+    got = document_embeddings(TEXTS, layer=layer, normalize=normalize, batch_size=2)
+    np.testing.assert_allclose(got, _reference(TEXTS, layer, normalize), atol=2e-5, rtol=1e-4)
+
+
+def test_fused_forward_is_used_for_the_embedded_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, net = cached_model(EMBEDDED_READER)
+    assert documents._fused_forward(net, 6, 6) is not None
+    calls = []
+    original = documents._fused_forward
+    monkeypatch.setattr(documents, "_fused_forward", lambda *a: calls.append(a) or original(*a))
+    document_embeddings(TEXTS[:1])
+    assert calls and calls[0][1:] == (6, 6)
+
+
+def test_layer_out_of_range_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="outside the model's hidden states"):
+        document_embeddings(TEXTS, layer=7)

@@ -1,0 +1,87 @@
+"""The reader's fingerprint is known from its configuration files, without loading weights, and equals
+the loaded reader's: an unchanged run finds its activations cached and never loads the model."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from sae_lens import TopKSAE, TopKSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast
+
+from interp_assets.engine.reader import load_reader, reader_identity
+from resources.sae_reader import SAEReaderResource
+
+
+def _tiny_gpt2(folder: Path) -> Path:
+    vocab = {w: i for i, w in enumerate(["<pad>", "the", "cat", "sat", "on", "mat"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>").save_pretrained(folder)
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config(vocab_size=6, n_embd=16, n_layer=2, n_head=2, n_positions=32)).save_pretrained(
+        folder
+    )
+    return folder
+
+
+def _tiny_sae(folder: Path, hook: str = "blocks.1.hook_resid_pre") -> Path:
+    torch.manual_seed(1)
+    cfg = TopKSAEConfig(
+        d_in=16, d_sae=40, k=4, dtype="float32", device="cpu", metadata=SAEMetadata(hook_name=hook)
+    )
+    TopKSAE(cfg).save_model(folder)
+    return folder
+
+
+def test_embedded_default_identity_equals_the_loaded_reader() -> None:
+    light = reader_identity()
+    loaded = load_reader()
+    assert light is not None
+    assert light.identity == loaded.identity
+    assert light.fingerprint == loaded.fingerprint
+    assert light.d_sae == loaded.d_sae
+
+
+@pytest.mark.parametrize("settings", [{}, {"max_length": 16, "activation_dtype": "float32"}])
+def test_local_model_and_sae_identity_equals_the_loaded_reader(tmp_path: Path, settings: dict) -> None:
+    model = str(_tiny_gpt2(tmp_path / "model"))
+    sae = str(_tiny_sae(tmp_path / "sae"))
+    light = reader_identity(model=model, sae_path=sae, **settings)
+    loaded = load_reader(model=model, sae_path=sae, **settings)
+    assert light is not None and light.fingerprint == loaded.fingerprint and light.d_sae == 40
+
+
+def test_identity_changes_with_the_sae_weights_and_the_hook(tmp_path: Path) -> None:
+    model = str(_tiny_gpt2(tmp_path / "model"))
+    base = reader_identity(model=model, sae_path=str(_tiny_sae(tmp_path / "sae"))).fingerprint
+    other_hook = reader_identity(
+        model=model, sae_path=str(_tiny_sae(tmp_path / "hook", "blocks.0.hook_resid_post"))
+    )
+    assert other_hook.fingerprint != base
+    retrained = tmp_path / "retrained"
+    shutil.copytree(tmp_path / "sae", retrained)
+    weights = retrained / "sae_weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one flipped bit in the weights
+    weights.write_bytes(bytes(data))
+    assert reader_identity(model=model, sae_path=str(retrained)).fingerprint != base
+
+
+def test_a_release_sae_has_no_light_identity_and_a_missing_sae_is_a_clear_error(tmp_path: Path) -> None:
+    assert reader_identity(release="gpt2-small-res-jb", sae_id="blocks.8.hook_resid_pre") is None
+    with pytest.raises(FileNotFoundError, match="No SAE found"):
+        reader_identity(sae_path=str(tmp_path))
+
+
+def test_resource_identity_does_not_load_the_model(tmp_path: Path) -> None:
+    model = str(_tiny_gpt2(tmp_path / "model"))
+    resource = SAEReaderResource(model=model, sae_path=str(_tiny_sae(tmp_path / "sae")), device="cpu")
+    identity = resource.get_identity()
+    assert not resource.loaded
+    assert identity.fingerprint == resource.get_reader().fingerprint
+    assert resource.loaded
+    assert json.loads(json.dumps(identity.identity)) == identity.identity  # plain JSON: a stable key
