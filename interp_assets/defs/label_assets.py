@@ -99,6 +99,7 @@ def feature_labels(
         labeling.load_published_labels(config.published_labels_path) if config.published_labels_path else None
     )
     errors: list[str] = []
+    counts: dict[str, int] = {}
     labels = labeling.label_features(
         acts,
         docs,
@@ -116,6 +117,7 @@ def feature_labels(
         n_holdout=config.n_holdout,
         seed=config.seed,
         errors=errors,
+        counts=counts,
     )
     for message in errors[:20]:
         context.log.warning(message)
@@ -124,6 +126,7 @@ def feature_labels(
         labels,
         metadata={
             "labeled_features": labels.height,
+            "labels_recomputed": counts.get("computed", 0),  # the rest: published or from the label cache
             "sources": MetadataValue.json(labels.group_by("source").len().to_dicts()),
             "labeling_errors": len(errors),
             "llm_calls_made": llm.calls_made if llm.enabled else 0,
@@ -195,6 +198,7 @@ def feature_scores(
         embedded_now[0] += computed
         return vectors
 
+    counts: dict[str, int] = {}
     scores = scoring.score_features(
         labels,
         acts,
@@ -206,6 +210,8 @@ def feature_scores(
         n_holdout=split["n_holdout"],
         seed=split["seed"],
         errors=errors,
+        cache=scoring.ScoreCache(storage.cache_dir / "scores" / f"{dataset}.parquet"),
+        counts=counts,
     )
     for message in errors[:20]:
         context.log.warning(message)
@@ -216,6 +222,7 @@ def feature_scores(
         scores,
         metadata={
             "scored_labels": scores.height,
+            "scores_recomputed": counts.get("computed", 0),  # the rest came from the score cache
             "texts_embedded_now": embedded_now[0],  # the rest came from the embeddings cache
             "scoring_errors": len(errors),
             "summary": MetadataValue.md(markdown_preview(summary.to_arrow(), max_rows=summary.height)),

@@ -64,6 +64,7 @@ class EvidenceSplit:
     heldout_hard_negative: tuple[int, ...]
     background: tuple[int, ...]
     evidence_hash: str
+    background_hash: str = ""  # content of `background`: with evidence_hash, all the offline labeler reads
 
     @property
     def evidence_doc_ids(self) -> list[int]:
@@ -241,6 +242,10 @@ def _split(
     payload.update({k: v["doc_hash"].to_list() for k, v in shown.items()})
     evidence_hash = hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=16).hexdigest()
 
+    background_hash = hashlib.blake2b(
+        json.dumps(background["doc_hash"].to_list()).encode(), digest_size=16
+    ).hexdigest()
+
     def ids(frame: pl.DataFrame) -> tuple[int, ...]:
         return tuple(frame["doc_id"].to_list())
 
@@ -256,6 +261,7 @@ def _split(
         heldout_hard_negative=ids(ho_hard),
         background=ids(background),
         evidence_hash=evidence_hash,
+        background_hash=background_hash,
     )
 
 

@@ -34,6 +34,7 @@ from interp_assets.labels.evidence import (
 Messages = list[dict[str, Any]]
 
 OFFLINE_SOURCE = "offline:log-odds"
+OFFLINE_VERSION = "1"  # bumped when offline_label's output changes for the same inputs
 PROMPT_VERSION = "label-prompt-v1"
 
 FEATURE_LABELS_SCHEMA: dict[str, pl.DataType] = {
@@ -591,12 +592,15 @@ def label_features(
     seed: int = 0,
     context_chars: int = 150,
     errors: list[str] | None = None,
+    counts: dict[str, int] | None = None,
 ) -> pl.DataFrame:
     """Label `features`: published labels first, then the cache, then the LLM (if enabled), else offline.
 
     Returns the feature_labels table. A feature whose LLM request fails (bad answer, HTTP error, budget
     spent) gets its offline label instead (source says so) and a message appended to `errors`; the
-    other features' answers are kept and cached.
+    other features' answers are kept and cached. Offline labels are cached too, keyed by everything they
+    read (evidence and background documents). `counts` (if given) receives `published`, `from_cache`
+    and `computed` (labels written now: LLM answers and offline labels).
     """
     splits = split_features(
         token_activations,
@@ -615,13 +619,16 @@ def label_features(
     labeler = llm_labeler_id(llm.model) if use_llm else OFFLINE_SOURCE
     labels: dict[int, Label] = {}
     pending: dict[int, Messages] = {}
+    tally = {"published": 0, "from_cache": 0, "computed": 0}
     for f, split in splits.items():
         if f in published_by_feature:
             labels[f] = published_by_feature[f]
+            tally["published"] += 1
         elif use_llm and split.evidence_positive:
             cached = cache.get(sae_id, f, split.evidence_hash, labeler) if cache is not None else None
             if cached is not None:
                 labels[f] = cached
+                tally["from_cache"] += 1
             else:
                 pos, neg = split_excerpts(
                     split, token_activations, documents, "evidence", context_chars=context_chars
@@ -641,11 +648,26 @@ def label_features(
                 continue
             labels[f] = Label(label, description, f"llm:{llm.model}")
             fresh.append((sae_id, f, splits[f].evidence_hash, labeler, labels[f]))
+            tally["computed"] += 1
         if cache is not None and fresh:
             cache.put_many(fresh)
+    offline_fresh = []
     for f, split in splits.items():
-        if f not in labels:
+        if f in labels:
+            continue
+        offline_id = f"{OFFLINE_SOURCE}#{OFFLINE_VERSION}:{split.background_hash}"
+        cached = cache.get(sae_id, f, split.evidence_hash, offline_id) if cache is not None else None
+        if cached is not None:
+            labels[f] = cached
+            tally["from_cache"] += 1
+        else:
             labels[f] = offline_label(token_activations, documents, split)
+            offline_fresh.append((sae_id, f, split.evidence_hash, offline_id, labels[f]))
+            tally["computed"] += 1
+    if cache is not None and offline_fresh:
+        cache.put_many(offline_fresh)
+    if counts is not None:
+        counts.update(tally)
     reasons = selected_because or {}
     return pl.DataFrame(
         {

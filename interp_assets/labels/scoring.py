@@ -8,7 +8,10 @@ precision (TP / predicted positives), not 1 - FPR.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import json
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +40,63 @@ FEATURE_SCORES_SCHEMA: dict[str, pl.DataType] = {
     "f1_ci_high": pl.Float64(),
 }
 METRIC_COLUMNS = tuple(FEATURE_SCORES_SCHEMA)[4:]
+SCORER_VERSION = "1"  # bumped when a scorer's metrics change for the same inputs
+
+
+# --------------------------------------------------------------------------------------------------
+# Score cache
+
+
+def score_key(method: str, payload: Any) -> str:
+    """Cache key of one score: a hash of the method, the scorer version and everything the scorer read."""
+    text = json.dumps([SCORER_VERSION, method, payload], sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
+
+
+class ScoreCache:
+    """Metrics of finished scores keyed by `score_key`, in one Parquet file (columns key, metrics JSON).
+
+    The key covers the label, the exact held-out (and, for the embedding scorer, evidence) excerpts, the
+    scorer's settings and model, so a hit is the same computation. Writes replace the file atomically.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._entries: dict[str, str] = {}
+        if self.path.exists():
+            try:
+                frame = pl.read_parquet(self.path)
+                self._entries = dict(zip(frame["key"].to_list(), frame["metrics"].to_list(), strict=True))
+            except Exception as exc:  # noqa: BLE001 - any unreadable cache gets the same advice
+                raise ValueError(
+                    f"score cache {str(self.path)!r} is unreadable ({type(exc).__name__}: {exc}); delete it "
+                    "to start an empty cache (scores will be computed again)."
+                ) from None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The cached metrics, or None."""
+        found = self._entries.get(key)
+        return json.loads(found) if found is not None else None
+
+    def put_many(self, entries: Mapping[str, Mapping[str, Any]]) -> None:
+        """Store metrics and write the file once."""
+        if not entries:
+            return
+        from interp_assets.storage.parquet import write_parquet_atomic
+
+        with self._lock:
+            for key, metrics in entries.items():
+                self._entries[key] = json.dumps({k: metrics.get(k) for k in METRIC_COLUMNS})
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            frame = pl.DataFrame(
+                {"key": list(self._entries), "metrics": list(self._entries.values())},
+                schema={"key": pl.String, "metrics": pl.String},
+            )
+            write_parquet_atomic(str(self.path), frame.to_arrow())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,6 +486,8 @@ def score_features(
     batch_size: int = 10,
     n_boot: int = 1000,
     errors: list[str] | None = None,
+    cache: ScoreCache | None = None,
+    counts: dict[str, int] | None = None,
 ) -> pl.DataFrame:
     """Score every row of a feature_labels table on its held-out split; returns the feature_scores table.
 
@@ -435,7 +497,8 @@ def score_features(
     LLM requests of all features go through one `map_chat` (bounded concurrency, one budget); failed
     batches are left out and described in `errors`; features without held-out positives are skipped.
     `embed` (texts -> unit vectors) replaces `sentence_embeddings(texts, embedding_model)`, e.g. to reuse
-    vectors across calls.
+    vectors across calls. With `cache`, a score whose inputs (label, excerpts, scorer settings) were scored
+    before is read back, not recomputed; `counts` (if given) receives `from_cache` and `computed`.
     """
     llm_on = llm is not None and llm.enabled
     methods = (
@@ -498,44 +561,82 @@ def score_features(
         work.append((row, ho_pos + ho_neg, ev_pos + ev_neg))
 
     results: dict[tuple[int, str], dict[str, Any]] = {}  # (position in work, method) -> metrics
+    fresh: dict[str, dict[str, Any]] = {}  # score_key -> metrics computed now, for the cache
+    tally = {"from_cache": 0, "computed": 0}
+
+    def cached(i: int, method: str, payload: Any) -> str | None:
+        """The score's key, or None when the cache already answered it (results filled)."""
+        key = score_key(method, payload)
+        hit = cache.get(key) if cache is not None else None
+        if hit is None:
+            return key
+        results[(i, method)] = hit
+        tally["from_cache"] += 1
+        return None
+
     if "embedding" in methods and work:
         queries = [label_query(r["label"], r["description"] or "") for r, *_ in work]
-        texts = list(dict.fromkeys([*queries, *(e.text for _, ho, ev in work for e in ho + ev)]))
-        vectors = embed(texts) if embed is not None else sentence_embeddings(texts, model=embedding_model)
-        at = {t: i for i, t in enumerate(texts)}
-        reference = vectors[[at[q] for q in dict.fromkeys(queries)]]
+        reference_queries = list(dict.fromkeys(queries))
+        todo: dict[int, str] = {}
         for i, ((row, ho, ev), query) in enumerate(zip(work, queries, strict=True)):
             if not ev:
                 errors.append(
                     f"feature {row['feature']}: embedding score skipped, no evidence to fit a threshold."
                 )
                 continue
-            results[(i, "embedding")] = _embedding_metrics(
-                vectors[at[query]],
-                vectors[[at[e.text] for e in ev]],
-                vectors[[at[e.text] for e in ho]],
-                ev,
-                ho,
-                n_boot=n_boot,
-                seed=seed,
-                reference=reference,
+            payload = {
+                "model": embedding_model,  # `embed`, when given, embeds with this model too
+                "query": query,
+                "reference": sorted(reference_queries),
+                "evidence": [(e.text, e.is_positive) for e in ev],
+                "heldout": [(e.text, e.is_positive) for e in ho],
+                "n_boot": n_boot,
+                "seed": seed,
+            }
+            key = cached(i, "embedding", payload)
+            if key is not None:
+                todo[i] = key
+        if todo:
+            texts = list(
+                dict.fromkeys([*reference_queries, *(e.text for i in todo for e in work[i][1] + work[i][2])])
             )
+            vectors = embed(texts) if embed is not None else sentence_embeddings(texts, model=embedding_model)
+            at = {t: j for j, t in enumerate(texts)}
+            reference = vectors[[at[q] for q in reference_queries]]
+            for i, key in todo.items():
+                _, ho, ev = work[i]
+                results[(i, "embedding")] = fresh[key] = _embedding_metrics(
+                    vectors[at[queries[i]]],
+                    vectors[[at[e.text] for e in ev]],
+                    vectors[[at[e.text] for e in ho]],
+                    ev,
+                    ho,
+                    n_boot=n_boot,
+                    seed=seed,
+                    reference=reference,
+                )
+                tally["computed"] += 1
     llm_methods = [m for m in methods if m in ("detection", "fuzz")]
     if llm_methods and work:
-        jobs = [
-            (
-                i,
-                method,
-                score_prompts(
+        jobs = []
+        for method in llm_methods:
+            for i, (row, ho, _) in enumerate(work):
+                prompts = score_prompts(
                     method, row["label"], row["description"] or "", ho, batch_size=batch_size, seed=seed
-                ),
-            )
-            for method in llm_methods
-            for i, (row, ho, _) in enumerate(work)
-        ]
-        replies = llm.map_chat([m for *_, prompts in jobs for m, _ in prompts])
+                )
+                payload = {
+                    "model": getattr(llm, "model", None),
+                    "prompts": [m for m, _ in prompts],
+                    "truth": [int(e.is_positive) for e in ho],
+                    "n_boot": n_boot,
+                    "seed": seed,
+                }
+                key = cached(i, method, payload)
+                if key is not None:
+                    jobs.append((i, method, prompts, key))
+        replies = llm.map_chat([m for *_, prompts, _ in jobs for m, _ in prompts]) if jobs else []
         offset = 0
-        for i, method, prompts in jobs:
+        for i, method, prompts, key in jobs:
             row, ho, _ = work[i]
             job_errors: list[str] = []
             metrics = _collect(ho, prompts, replies[offset : offset + len(prompts)], n_boot, seed, job_errors)
@@ -543,6 +644,13 @@ def score_features(
             errors += [f"feature {row['feature']} ({method}): {e}" for e in job_errors]
             if metrics is not None:
                 results[(i, method)] = metrics
+                tally["computed"] += 1
+                if not job_errors:  # a score with failed batches is not kept: a later run may complete it
+                    fresh[key] = metrics
+    if cache is not None:
+        cache.put_many(fresh)
+    if counts is not None:
+        counts.update(tally)
 
     out = [
         {

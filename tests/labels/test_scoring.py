@@ -18,9 +18,10 @@ from interp_assets.engine.documents import cached_model
 from interp_assets.labels import embedding
 from interp_assets.labels.embedding import sentence_embeddings
 from interp_assets.labels.evidence import Excerpt, split_evidence, text_hash
-from interp_assets.labels.labeling import LabelResponseError, label_features
+from interp_assets.labels.labeling import LabelCache, LabelResponseError, label_features
 from interp_assets.labels.scoring import (
     FEATURE_SCORES_SCHEMA,
+    ScoreCache,
     auc_score,
     binary_metrics,
     embedding_score,
@@ -301,3 +302,84 @@ def test_real_labels_score_clearly_above_swapped_labels_on_sst2(bench: ModuleTyp
     assert result["f1"].mean() - result["f1_swapped"].mean() > 0.2
     summary = bench.summarize(result).row(0, named=True)
     assert summary["real_auc_wins"] == 1.0
+
+
+def test_score_cache_serves_an_unchanged_score_and_recomputes_a_changed_one(tmp_path: Path) -> None:
+    docs, acts = _apology_corpus()
+    labels = label_features(acts, docs, [4], dataset="d", sae_id="s", n_evidence=10, n_holdout=20)
+    cache = ScoreCache(tmp_path / "scores.parquet")
+    embedded: list[int] = []
+
+    def embed(texts: list[str]) -> np.ndarray:
+        embedded.append(len(texts))
+        return sentence_embeddings(texts)
+
+    params = {"n_evidence": 10, "n_holdout": 20, "n_boot": 100, "embed": embed}
+    counts: dict[str, int] = {}
+    first = score_features(labels, acts, docs, cache=cache, counts=counts, **params)
+    assert counts == {"from_cache": 0, "computed": 1} and len(embedded) == 1
+    # a new process reads the same file: nothing embedded, nothing computed, the same table
+    again = score_features(labels, acts, docs, cache=ScoreCache(cache.path), counts=counts, **params)
+    assert counts == {"from_cache": 1, "computed": 0} and len(embedded) == 1
+    assert again.equals(first)
+    # another label for the same feature is a new computation
+    relabeled = labels.with_columns(pl.lit("apology").alias("label"))
+    other = score_features(relabeled, acts, docs, cache=cache, counts=counts, **params)
+    assert counts == {"from_cache": 0, "computed": 1} and other["label"].to_list() == ["apology"]
+    # other bootstrap settings too
+    score_features(labels, acts, docs, cache=cache, counts=counts, **(params | {"n_boot": 50}))
+    assert counts["computed"] == 1
+
+
+def test_unreadable_score_cache_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "scores.parquet"
+    path.write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="score cache .* is unreadable .* delete it"):
+        ScoreCache(path)
+
+
+def test_offline_labels_come_from_the_cache_when_evidence_and_background_are_unchanged(
+    tmp_path: Path,
+) -> None:
+    docs, acts = _apology_corpus()
+    cache = LabelCache(tmp_path / "labels.parquet")
+    counts: dict[str, int] = {}
+    params = {"dataset": "d", "sae_id": "s", "n_evidence": 10, "n_holdout": 20, "cache": cache}
+    first = label_features(acts, docs, [4], counts=counts, **params)
+    assert counts["computed"] == 1 and counts["from_cache"] == 0
+    again = label_features(acts, docs, [4], counts=counts, **params)
+    assert counts["computed"] == 0 and counts["from_cache"] == 1 and again.equals(first)
+    # a changed background document (not evidence, not held out) changes what the labeler reads
+    split = split_evidence(acts, docs, 4, n_evidence=10, n_holdout=20)
+    target = split.background[0]
+    edited = docs.with_columns(
+        pl.when(pl.col("doc_id") == target)
+        .then(pl.lit("an entirely new text"))
+        .otherwise("text")
+        .alias("text")
+    ).with_columns(
+        pl.when(pl.col("doc_id") == target)
+        .then(pl.col("text").map_elements(text_hash, return_dtype=pl.String))
+        .otherwise("doc_hash")
+        .alias("doc_hash")
+    )
+    label_features(acts, edited, [4], counts=counts, **params)
+    assert counts["computed"] == 1
+
+
+def test_the_background_edit_above_leaves_the_evidence_unchanged() -> None:
+    """Guards the previous test: its edit must change the background only, or it proves nothing."""
+    docs, acts = _apology_corpus()
+    split = split_evidence(acts, docs, 4, n_evidence=10, n_holdout=20)
+    target = split.background[0]
+    edited = docs.with_columns(
+        pl.when(pl.col("doc_id") == target)
+        .then(pl.lit("an entirely new text"))
+        .otherwise("text")
+        .alias("text")
+    )
+    edited = edited.with_columns(
+        pl.col("text").map_elements(text_hash, return_dtype=pl.String).alias("doc_hash")
+    )
+    again = split_evidence(acts, edited, 4, n_evidence=10, n_holdout=20)
+    assert again.evidence_hash == split.evidence_hash and again.background_hash != split.background_hash
