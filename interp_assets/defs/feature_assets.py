@@ -90,7 +90,10 @@ def token_activations(
 
     # One segment per cache chunk holding documents of this dataset, named by its content: a segment
     # already stored under its name is kept as is; the others are streamed from the cache.
-    schema = token_activations_schema(reader.activation_dtype)
+    # the SAE width travels with the files (a notebook's matrices then have every feature's column)
+    schema = token_activations_schema(reader.activation_dtype).with_metadata(
+        {b"d_sae": str(reader.d_sae).encode()}
+    )
     plan = cache.activation_segments(docs.select("doc_id", "doc_hash"), dataset, schema)
     stored = stored_segments(storage.parquet_base, "token_activations", dataset, schema)
     # New segments are checked while the IO manager writes them, which Dagster does while handling the

@@ -16,6 +16,7 @@ from dagster import DagsterInstance, build_sensor_context, materialize
 
 from interp_assets.defs.assets import ALL_ASSETS, WAREHOUSE_TABLES
 from interp_assets.defs.sensors import comparisons_sensor, landing_sensor
+from interp_assets.notebook import Dataset
 from interp_assets.warehouse import query, refresh_views
 from resources.local import local_resources
 from resources.storage import StorageResource
@@ -157,6 +158,7 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     again = materialize(embed, partition_key="support_assistant_a", instance=instance, resources=resources)
     meta = again.asset_materializations_for_node("token_activations")[0].metadata
     assert meta["encoded_now"].value == 0 and meta["reused_from_cache"].value == 80
+    assert meta["reader_loaded"].value is False  # the fingerprint came from config files, no model load
     again_checks = {e.check_name: e.passed for e in again.get_asset_check_evaluations()}
     assert again_checks["every_document_accounted_for"] and again_checks["activations_finite_and_positive"]
 
@@ -266,3 +268,18 @@ def test_hostile_drop_names_stay_inside_storage(tmp_path, name):
 
     path = Path(table_path(str(tmp_path / "parquet"), "raw_documents", drop.dataset)).resolve()
     assert str(path).startswith(str((tmp_path / "parquet").resolve()))
+    # An unchanged re-run of the label steps reads every label and score back from the caches.
+    rerun = materialize(
+        embed + label,
+        partition_key="support_assistant_a",
+        instance=instance,
+        resources=resources,
+        selection=label,
+    )
+    labels_meta = rerun.asset_materializations_for_node("feature_labels")[0].metadata
+    scores_meta = rerun.asset_materializations_for_node("feature_scores")[0].metadata
+    assert labels_meta["labels_recomputed"].value == 0 and labels_meta["labeled_features"].value > 0
+    assert scores_meta["scores_recomputed"].value == 0 and scores_meta["texts_embedded_now"].value == 0
+    assert scores_meta["scored_labels"].value > 0
+    # The SAE width is stored with the data: a notebook matrix has every feature's column.
+    assert Dataset.load("support_assistant_a", data_dir=str(data)).latents().shape == (80, 2048)

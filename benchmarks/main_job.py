@@ -1,0 +1,122 @@
+"""The whole main job on the demo, twice: into an empty data folder (cold) and again with nothing changed.
+
+Runs `scripts/run_main_job.py` as a user does (a fresh process each time, warm venv), and reads back:
+- wall_s: the process's wall time (interpreter start, imports and Dagster included);
+- per-step seconds from Dagster's step events, and labels_scores_s = feature_labels + feature_scores;
+- from the runs' materialization metadata: documents encoded, whether the reader model was loaded, labels
+  and scores computed (not read from a cache), texts embedded.
+Prints a table and writes `benchmarks/results/main_job.json`.
+
+    python benchmarks/main_job.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import ROOT, cpu_model, git_state, load_average, print_table, write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "main_job.json"
+STEP_RE = re.compile(r'Finished execution of step "([^"]+)" in ([0-9.]+)(ms|s|m)')
+LABEL_STEPS = ("feature_labels", "feature_scores")
+
+
+def run_once(data_dir: Path) -> dict:
+    """Run the main job into `data_dir`; wall time, per-step seconds (summed over partitions), metadata."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", INTERP_DATA_DIR=str(data_dir))
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "run_main_job.py"), "--data-dir", str(data_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"the main job failed:\n{proc.stderr[-4000:]}")
+    steps: dict[str, float] = defaultdict(float)
+    for name, value, unit in STEP_RE.findall(proc.stdout + proc.stderr):
+        steps[name] += float(value) * {"ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+    return {"wall_s": round(wall, 1), "steps_s": {k: round(v, 2) for k, v in sorted(steps.items())}}
+
+
+def run_metadata(data_dir: Path, since: float) -> dict:
+    """Totals over the materializations recorded after `since` (a timestamp)."""
+    os.environ["DAGSTER_HOME"] = str(data_dir / "dagster_home")
+    from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
+
+    instance = DagsterInstance.get()
+    totals = {"documents_encoded": 0, "reader_loads": 0, "labels_recomputed": 0, "scores_recomputed": 0}
+    totals["texts_embedded"] = 0
+    fields = {
+        "token_activations": [("encoded_now", "documents_encoded"), ("reader_loaded", "reader_loads")],
+        "feature_labels": [("labels_recomputed", "labels_recomputed")],
+        "feature_scores": [("scores_recomputed", "scores_recomputed"), ("texts_embedded_now", "texts_embedded")],
+    }
+    for asset, pairs in fields.items():
+        records = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey(asset), after_timestamp=since), limit=1000
+        ).records
+        for record in records:
+            metadata = record.asset_materialization.metadata
+            for key, total in pairs:
+                if key in metadata:
+                    totals[total] += int(metadata[key].value)
+    instance.dispose()
+    return totals
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="main_job_") as tmp:
+        data_dir = Path(tmp) / "data"
+        for phase in ("cold", "unchanged"):
+            since = time.time()
+            run = run_once(data_dir)
+            run |= run_metadata(data_dir, since)
+            run["labels_scores_s"] = round(sum(run["steps_s"].get(s, 0.0) for s in LABEL_STEPS), 1)
+            run["labels_scores_share"] = round(run["labels_scores_s"] / run["wall_s"], 3)
+            results[phase] = run
+            print(f"{phase}: {run['wall_s']} s", flush=True)
+    rows = [
+        {"phase": phase, **{k: v for k, v in run.items() if k != "steps_s"}} for phase, run in results.items()
+    ]
+    print_table(
+        rows,
+        [
+            ("phase", "phase", "s"),
+            ("wall s", "wall_s", ".1f"),
+            ("labels+scores s", "labels_scores_s", ".1f"),
+            ("share", "labels_scores_share", ".0%"),
+            ("docs encoded", "documents_encoded", "d"),
+            ("reader loads", "reader_loads", "d"),
+            ("labels recomputed", "labels_recomputed", "d"),
+            ("scores recomputed", "scores_recomputed", "d"),
+            ("texts embedded", "texts_embedded", "d"),
+        ],
+        title="\nMain job on the demo (scripts/run_main_job.py, a fresh process per run)",
+    )
+    slowest = sorted(results["cold"]["steps_s"].items(), key=lambda kv: -kv[1])[:8]
+    print("\nSlowest steps (cold, seconds over partitions): " + ", ".join(f"{k} {v:.1f}" for k, v in slowest))
+    write_results(
+        results | {"load_avg": load_average(), "cpus": os.cpu_count(), "cpu": cpu_model(), "git": git_state()},
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()
