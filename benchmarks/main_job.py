@@ -62,7 +62,10 @@ def run_metadata(data_dir: Path, since: float) -> dict:
     fields = {
         "token_activations": [("encoded_now", "documents_encoded"), ("reader_loaded", "reader_loads")],
         "feature_labels": [("labels_recomputed", "labels_recomputed")],
-        "feature_scores": [("scores_recomputed", "scores_recomputed"), ("texts_embedded_now", "texts_embedded")],
+        "feature_scores": [
+            ("scores_recomputed", "scores_recomputed"),
+            ("texts_embedded_now", "texts_embedded"),
+        ],
     }
     for asset, pairs in fields.items():
         records = instance.fetch_materializations(
@@ -113,7 +116,8 @@ def main() -> None:
     slowest = sorted(results["cold"]["steps_s"].items(), key=lambda kv: -kv[1])[:8]
     print("\nSlowest steps (cold, seconds over partitions): " + ", ".join(f"{k} {v:.1f}" for k, v in slowest))
     write_results(
-        results | {"load_avg": load_average(), "cpus": os.cpu_count(), "cpu": cpu_model(), "git": git_state()},
+        results
+        | {"load_avg": load_average(), "cpus": os.cpu_count(), "cpu": cpu_model(), "git": git_state()},
         args.out,
     )
 

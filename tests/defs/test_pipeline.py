@@ -189,6 +189,22 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     requests = evaluate().run_requests
     assert [(r.job_name, r.partition_key) for r in requests] == [("diff_job", key)]
 
+    # An unchanged re-run of the label steps reads every label and score back from the caches.
+    rerun = materialize(
+        embed + label,
+        partition_key="support_assistant_a",
+        instance=instance,
+        resources=resources,
+        selection=label,
+    )
+    labels_meta = rerun.asset_materializations_for_node("feature_labels")[0].metadata
+    scores_meta = rerun.asset_materializations_for_node("feature_scores")[0].metadata
+    assert labels_meta["labels_recomputed"].value == 0 and labels_meta["labeled_features"].value > 0
+    assert scores_meta["scores_recomputed"].value == 0 and scores_meta["texts_embedded_now"].value == 0
+    assert scores_meta["scored_labels"].value > 0
+    # The SAE width is stored with the data: a notebook matrix has every feature's column.
+    assert Dataset.load("support_assistant_a", data_dir=str(data)).latents().shape == (80, 2048)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -268,18 +284,3 @@ def test_hostile_drop_names_stay_inside_storage(tmp_path, name):
 
     path = Path(table_path(str(tmp_path / "parquet"), "raw_documents", drop.dataset)).resolve()
     assert str(path).startswith(str((tmp_path / "parquet").resolve()))
-    # An unchanged re-run of the label steps reads every label and score back from the caches.
-    rerun = materialize(
-        embed + label,
-        partition_key="support_assistant_a",
-        instance=instance,
-        resources=resources,
-        selection=label,
-    )
-    labels_meta = rerun.asset_materializations_for_node("feature_labels")[0].metadata
-    scores_meta = rerun.asset_materializations_for_node("feature_scores")[0].metadata
-    assert labels_meta["labels_recomputed"].value == 0 and labels_meta["labeled_features"].value > 0
-    assert scores_meta["scores_recomputed"].value == 0 and scores_meta["texts_embedded_now"].value == 0
-    assert scores_meta["scored_labels"].value > 0
-    # The SAE width is stored with the data: a notebook matrix has every feature's column.
-    assert Dataset.load("support_assistant_a", data_dir=str(data)).latents().shape == (80, 2048)
