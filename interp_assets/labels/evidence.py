@@ -375,22 +375,24 @@ def make_excerpt(
 ) -> Excerpt:
     """Cut a window of `text` around its strongest active token (or a pseudo-random window when no span).
 
+    A text no longer than a window (`2 * context_chars + 20` characters) is kept whole, whether the feature
+    fires in it or not: positives and negatives of short documents then differ in content, not in length,
+    and an excerpt that is a whole document shares its embedding (cached by content hash).
     `token_spans` are `(char_start, char_end, activation)` of the active tokens in the whole text; the
     excerpt keeps those inside the window, merged. `…` marks where the text was trimmed.
     """
     spans = [(s, e, a) for s, e, a in token_spans if e > s]
-    if spans:
+    size = 2 * context_chars + 20
+    if len(text) <= size:
+        start, end = 0, len(text)
+    elif spans:
         a_start, a_end, _ = max(spans, key=lambda t: (t[2], -t[0]))
         start, end = max(0, a_start - context_chars), min(len(text), a_end + context_chars)
         start, end = _window(text, start, end, a_start, a_end)
     else:
-        size = 2 * context_chars + 20
-        if len(text) <= size:
-            start, end = 0, len(text)
-        else:
-            digest = hashlib.blake2b(f"{doc_id}:{seed}".encode(), digest_size=8).digest()
-            start = int.from_bytes(digest, "big") % (len(text) - size + 1)
-            start, end = _window(text, start, start + size, start + size // 2, start + size // 2)
+        digest = hashlib.blake2b(f"{doc_id}:{seed}".encode(), digest_size=8).digest()
+        start = int.from_bytes(digest, "big") % (len(text) - size + 1)
+        start, end = _window(text, start, start + size, start + size // 2, start + size // 2)
     prefix = f"{ELLIPSIS} " if start > 0 else ""
     suffix = f" {ELLIPSIS}" if end < len(text) else ""
     shift = len(prefix) - start

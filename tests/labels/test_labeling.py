@@ -203,6 +203,18 @@ def test_excerpt_is_trimmed_around_the_strongest_activation() -> None:
     assert neg == make_excerpt(8, text, [], "random_negative", context_chars=30)
 
 
+def test_a_document_no_longer_than_a_window_is_kept_whole_positive_or_negative() -> None:
+    text = "The parcel arrived broken and I am so sorry for that, truly, it will not happen again." * 2
+    s = text.index("sorry")
+    size = 2 * 30 + 20
+    short, long = text[:size], text + " " + text
+    pos = make_excerpt(1, short, [(s, s + 5, 2.0)], "positive", context_chars=30)
+    neg = make_excerpt(2, short, [], "random_negative", context_chars=30)
+    assert pos.text == short and neg.text == short and pos.marked.count("<<sorry>>") == 1
+    trimmed = make_excerpt(3, long, [(s, s + 5, 2.0)], "positive", context_chars=30)
+    assert trimmed.text.endswith(" …") and len(trimmed.text) < len(long)
+
+
 def test_split_excerpts_use_token_offsets() -> None:
     texts = ["we are sorry for this", "nothing here", "so sorry", "plain text again", "sorry!"] * 4
     rows = [(i, t.index("sorry"), t.index("sorry") + 5, 1.0 + i) for i, t in enumerate(texts) if "sorry" in t]
