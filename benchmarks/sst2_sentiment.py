@@ -47,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks._common import write_results  # noqa: E402
-from interp_assets.analysis.diffing import diff_features, two_by_two_pvalue  # noqa: E402
+from interp_assets.analysis.diffing import REPORT_FIRING, diff_features, two_by_two_pvalue  # noqa: E402
 from interp_assets.analysis.reports import top_features  # noqa: E402
 from interp_assets.labels.labeling import label_features  # noqa: E402
 from interp_assets.labels.scoring import auc_score  # noqa: E402
@@ -185,10 +185,15 @@ def encode_sides(docs: dict[str, pl.DataFrame], reader: Any) -> dict[str, dict[s
 
 
 def dev_replication(
-    features: Sequence[int], direction: dict[int, str], dev: dict[str, dict[str, Any]]
+    features: Sequence[int],
+    direction: dict[int, str],
+    dev: dict[str, dict[str, Any]],
+    thresholds: dict[int, float] | None = None,
 ) -> pl.DataFrame:
     """Per feature on the dev sides: document frequencies, same direction as train, two-sided p-value,
-    AUC of max activation for 'positive review' (documents where it does not fire count as 0)."""
+    AUC of max activation for 'positive review' (documents where it does not fire count as 0). A document
+    fires when its max activation is at least the feature's train threshold (`thresholds`, from an
+    adaptive diff), else when it is above 0."""
     n_pos, n_neg = dev["positive"]["n"], dev["negative"]["n"]
     rows = []
     for f in features:
@@ -200,7 +205,9 @@ def dev_replication(
             pos = np.searchsorted(ids, pooled["doc_id"].to_numpy())
             v[pos] = pooled["max_activation"].to_numpy()
             vals[side] = v
-        docs_pos, docs_neg = int((vals["positive"] > 0).sum()), int((vals["negative"] > 0).sum())
+        cut = (thresholds or {}).get(f)
+        fires = {k: (v >= cut) & (v > 0) if cut is not None else v > 0 for k, v in vals.items()}
+        docs_pos, docs_neg = int(fires["positive"].sum()), int(fires["negative"].sum())
         p, test = two_by_two_pvalue(np.array([docs_pos]), n_pos, np.array([docs_neg]), n_neg)
         y = np.r_[np.ones(n_pos, dtype=int), np.zeros(n_neg, dtype=int)]
         auc = auc_score(y, np.r_[vals["positive"], vals["negative"]])
@@ -346,6 +353,7 @@ def run(
     n_evidence: int = 20,
     n_holdout: int = 40,
     alpha: float = 0.05,
+    firing: str = REPORT_FIRING,
 ) -> dict[str, Any]:
     """Everything the benchmark measures, as frames and numbers (the test calls this on a small sample)."""
     times: dict[str, float] = {}
@@ -372,7 +380,7 @@ def run(
     t = time.perf_counter()
     pos, neg = train["positive"], train["negative"]
     diff = diff_features(
-        pos["pooled"], pos["n"], neg["pooled"], neg["n"], alpha=alpha, n_features=reader.d_sae
+        pos["pooled"], pos["n"], neg["pooled"], neg["n"], alpha=alpha, n_features=reader.d_sae, firing=firing
     )
     tops = top_features(diff, top_n)
     times["diff"] = time.perf_counter() - t
@@ -412,7 +420,8 @@ def run(
     )
     feats = top["feature"].to_list()
     direction = dict(zip(feats, top["direction"].to_list(), strict=True))
-    replication = dev_replication(feats, direction, dev) if feats else pl.DataFrame()
+    cuts = dict(zip(feats, top["threshold"].to_list(), strict=True)) if "threshold" in top.columns else None
+    replication = dev_replication(feats, direction, dev, cuts) if feats else pl.DataFrame()
     controls = matched_controls(diff, feats, set(diff.filter("significant")["feature"].to_list()))
     control_dir = {c: direction[f] for f, c in controls.items()}  # polarity compared with its partner's
     words = feature_words(train, feats + list(controls.values()))
@@ -521,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n-dev-per-side", type=int, default=1500)
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--firing", default=REPORT_FIRING, help="diff firing rule (default: the report's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -532,6 +542,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         top_n=args.top,
         seed=args.seed,
         reader=load_default_reader(args.device),
+        firing=args.firing,
     )
     total = time.perf_counter() - t0
     table, summary = result["table"], summarize(result)
