@@ -39,9 +39,15 @@ def main() -> int:
     shutil.copy(args.comparisons, data_dir / "config" / "comparisons.json")
 
     import definitions
+    from interp_assets.defs.run_recovery import local_run_tags, recover_dead_local_runs
 
     defs = definitions.defs
     instance = DagsterInstance.get()
+    for run_id in recover_dead_local_runs(instance):
+        print(
+            f"A killed earlier run {run_id} held the model pool: marked failed, its slot freed.", flush=True
+        )
+    tags = local_run_tags()
     drops = list_drops(landing)
     names = [d.dataset for d in drops]
     instance.add_dynamic_partitions(
@@ -51,7 +57,9 @@ def main() -> int:
         job = defs.resolve_job_def(job_name)
         for name in names:
             print(f"== {job_name} [{name}]", flush=True)
-            result = job.execute_in_process(partition_key=name, instance=instance, raise_on_error=False)
+            result = job.execute_in_process(
+                partition_key=name, instance=instance, raise_on_error=False, tags=tags
+            )
             if not result.success:
                 print(
                     f"   {job_name} failed for {name}; see the run in the UI. Other datasets go on.",
@@ -67,7 +75,7 @@ def main() -> int:
     diff_job = defs.resolve_job_def("diff_job")
     for key in keys:
         print(f"== diff_job [{key}]", flush=True)
-        diff_job.execute_in_process(partition_key=key, instance=instance, raise_on_error=True)
+        diff_job.execute_in_process(partition_key=key, instance=instance, raise_on_error=True, tags=tags)
 
     from interp_assets.defs.assets import WAREHOUSE_TABLES
 

@@ -19,7 +19,13 @@ from dagster import (
 from interp_assets.analysis import associations, diffing, reports
 from interp_assets.comparisons import find_comparison, parse_comparison_key
 from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
-from interp_assets.defs.shared import dataset_settings, encoded_doc_count, recorded_d_sae, stored_documents
+from interp_assets.defs.shared import (
+    OWNERS,
+    dataset_settings,
+    encoded_doc_count,
+    recorded_d_sae,
+    stored_documents,
+)
 from interp_assets.engine.documents import document_feature_spans
 from interp_assets.labels import labeling
 from interp_assets.storage.parquet import (
@@ -44,6 +50,9 @@ class FeatureAssociationsConfig(Config):
 @asset(
     partitions_def=datasets_partitions,
     io_manager_key="parquet_io_manager",
+    group_name="analysis",
+    kinds={"scipy", "parquet"},
+    owners=OWNERS,
     code_version="1",
     deps=[AssetDep("raw_documents"), AssetDep("pooled_embeddings")],
     description="Which features go with each metadata column (criterion): AUC for boolean columns and "
@@ -111,6 +120,9 @@ class DiffReportsConfig(Config):
 @asset(
     partitions_def=comparisons_partitions,
     io_manager_key="parquet_io_manager",
+    group_name="analysis",
+    kinds={"polars", "parquet"},
+    owners=OWNERS,
     code_version="1",
     deps=[
         AssetDep("feature_scores", partition_mapping=AllPartitionMapping()),

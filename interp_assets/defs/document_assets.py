@@ -23,7 +23,7 @@ from dagster import (
 
 from interp_assets.comparisons import parse_comparison_key
 from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
-from interp_assets.defs.shared import MODEL_POOL, cached_document_embeddings
+from interp_assets.defs.shared import MODEL_POOL, OWNERS, cached_document_embeddings
 from interp_assets.engine.documents import (
     DOCUMENT_SAE_VERSION,
     DocumentSAEConfig,
@@ -65,9 +65,11 @@ class DocumentEmbeddingsConfig(Config):
 @asset(
     partitions_def=datasets_partitions,
     io_manager_key="parquet_io_manager",
+    group_name="documents",
+    kinds={"pytorch", "parquet"},
+    owners=OWNERS,
     code_version="1",
     pool=MODEL_POOL,
-    group_name="documents",
     description="One embedding per document: the reader's hidden states at one layer, mean-pooled over the "
     "document's tokens and L2-normalized (for the embedded MiniLM: its sentence embedding). Cached by "
     "content hash.",
@@ -136,9 +138,11 @@ def _comparison_embeddings(storage: StorageResource, key: str) -> dict[str, pl.D
 @asset(
     partitions_def=comparisons_partitions,
     io_manager_key="parquet_io_manager",
+    group_name="documents",
+    kinds={"pytorch", "parquet"},
+    owners=OWNERS,
     code_version=DOCUMENT_SAE_VERSION,
     pool=MODEL_POOL,
-    group_name="documents",
     deps=[AssetDep("document_embeddings", partition_mapping=AllPartitionMapping())],
     check_specs=[AssetCheckSpec("document_sae_quality", asset="document_sae")],
     description="A TopK SAE (SAELens) trained label-blind on the document embeddings of both datasets of a "
@@ -215,8 +219,10 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
 @asset(
     partitions_def=comparisons_partitions,
     io_manager_key="parquet_io_manager",
-    code_version=DOCUMENT_SAE_VERSION,
     group_name="documents",
+    kinds={"pytorch", "parquet"},
+    owners=OWNERS,
+    code_version=DOCUMENT_SAE_VERSION,
     deps=[AssetDep("document_embeddings", partition_mapping=AllPartitionMapping())],
     description="Every nonzero feature of the comparison's document SAE for every document of both datasets "
     "(comparison, dataset, doc_id, feature, activation): exactly k per document.",

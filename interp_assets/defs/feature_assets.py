@@ -16,7 +16,7 @@ from dagster import (
 )
 
 from interp_assets.defs.partitions import datasets_partitions
-from interp_assets.defs.shared import MODEL_POOL
+from interp_assets.defs.shared import MODEL_POOL, OWNERS
 from interp_assets.engine.activation_cache import ActivationCache, token_activations_schema
 from interp_assets.engine.activations import encode_texts
 from interp_assets.engine.pooling import (
@@ -44,6 +44,9 @@ from resources.storage import StorageResource
 @asset(
     partitions_def=datasets_partitions,
     io_manager_key="parquet_io_manager",
+    group_name="features",
+    kinds={"pytorch", "parquet"},
+    owners=OWNERS,
     code_version=ENGINE_VERSION,
     pool=MODEL_POOL,
     check_specs=[
@@ -159,6 +162,9 @@ def _bad_activations(token_activations: pl.LazyFrame) -> int:
 @asset(
     partitions_def=datasets_partitions,
     io_manager_key="parquet_io_manager",
+    group_name="features",
+    kinds={"polars", "parquet"},
+    owners=OWNERS,
     code_version=POOLING_VERSION,
     deps=[AssetDep("token_activations")],
     check_specs=[AssetCheckSpec("pooled_statistics_consistent", asset="pooled_embeddings")],

@@ -16,7 +16,7 @@ from dagster import (
 
 from interp_assets import ingest
 from interp_assets.defs.partitions import datasets_partitions
-from interp_assets.defs.shared import dataset_settings
+from interp_assets.defs.shared import OWNERS, dataset_settings
 from interp_assets.storage.parquet import write_table
 from resources.storage import StorageResource
 
@@ -40,6 +40,9 @@ class RawDocumentsConfig(Config):
 @asset(
     partitions_def=datasets_partitions,
     io_manager_key="parquet_io_manager",
+    group_name="ingest",
+    kinds={"polars", "parquet"},
+    owners=OWNERS,
     code_version="1",
     check_specs=[AssetCheckSpec("documents_have_text", asset="raw_documents")],
     description="Documents of one dataset, read from its drop in the landing folder; bad rows go to "

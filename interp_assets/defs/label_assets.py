@@ -9,6 +9,7 @@ from interp_assets.comparisons import load_comparisons
 from interp_assets.defs.partitions import datasets_partitions
 from interp_assets.defs.shared import (
     MODEL_POOL,
+    OWNERS,
     cached_document_embeddings,
     cached_text_embeddings,
     data_version,
@@ -49,7 +50,10 @@ def _document_embeddings(storage: StorageResource, docs: pl.DataFrame, max_docs:
 @asset(
     partitions_def=datasets_partitions,
     io_manager_key="parquet_io_manager",
-    code_version="1",
+    group_name="labels",
+    kinds={"openai", "parquet"},
+    owners=OWNERS,
+    code_version="2",  # 2: offline labels cached, short documents shown whole
     pool=MODEL_POOL,
     deps=[AssetDep("pooled_embeddings"), AssetDep("feature_associations")],
     description="Labels for the features that matter in this dataset (frequent, distinctive against its "
@@ -166,7 +170,10 @@ def _split_parameters(config: FeatureLabelsConfig) -> dict[str, int]:
 @asset(
     partitions_def=datasets_partitions,
     io_manager_key="parquet_io_manager",
-    code_version="1",
+    group_name="labels",
+    kinds={"pytorch", "parquet"},
+    owners=OWNERS,
+    code_version="2",  # 2: scores cached, short documents scored whole
     pool=MODEL_POOL,
     description="Every label scored on held-out documents never shown to the labeler: precision, recall, F1, "
     "balanced accuracy, AUC and a bootstrap interval, offline (embedding) and with an LLM when configured.",

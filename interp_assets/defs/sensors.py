@@ -4,6 +4,7 @@ import json
 
 from dagster import (
     DagsterRunStatus,
+    DefaultSensorStatus,
     RunRequest,
     RunStatusSensorContext,
     SensorEvaluationContext,
@@ -33,6 +34,7 @@ def plan_drop_runs(drops: list, cursor: dict[str, str]) -> tuple[list, dict[str,
 
 
 @sensor(
+    default_status=DefaultSensorStatus.RUNNING,
     job=dataset_job,
     minimum_interval_seconds=30,
     description="Adds a dataset partition for each new or "
@@ -83,6 +85,7 @@ def stale_labels(instance, a: str, b: str) -> dict[str, str]:
 
 
 @sensor(
+    default_status=DefaultSensorStatus.RUNNING,
     jobs=[diff_job, label_job],
     minimum_interval_seconds=30,
     description="Runs diff_reports for each comparison declared in <data_dir>/config/comparisons.json once "
@@ -137,6 +140,7 @@ def comparisons_sensor(context: SensorEvaluationContext, storage: StorageResourc
 
 
 @run_status_sensor(
+    default_status=DefaultSensorStatus.RUNNING,
     run_status=DagsterRunStatus.SUCCESS,
     monitor_all_code_locations=False,
     description="(Re)builds the DuckDB views over the Parquet tables after every successful run.",
@@ -147,6 +151,7 @@ def warehouse_views_sensor(context: RunStatusSensorContext, storage: StorageReso
 
 
 @run_status_sensor(
+    default_status=DefaultSensorStatus.RUNNING,
     run_status=DagsterRunStatus.FAILURE,
     monitor_all_code_locations=False,
     description="(Re)builds the DuckDB views after a failed run too: it may have written segments before "

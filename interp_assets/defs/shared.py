@@ -14,6 +14,7 @@ from resources.storage import StorageResource
 DATA_VERSION_TAG = "dagster/data_version"  # the tag Dagster stores a materialization's data version under
 
 MODEL_POOL = "sae_model"  # every step that runs the reader model shares this concurrency pool
+OWNERS = ["team:interp-platform"]  # who answers for every asset (the catalog's owner filter)
 
 
 def dataset_settings(storage: StorageResource, dataset: str) -> dict:

@@ -1,0 +1,34 @@
+"""What a data engineer sees in the catalog: every asset grouped by domain, with kinds, owners and a
+description; automation on by default."""
+
+from dagster import DefaultSensorStatus
+
+import definitions
+
+GROUPS = {
+    "raw_documents": "ingest",
+    "token_activations": "features",
+    "pooled_embeddings": "features",
+    "document_embeddings": "documents",
+    "document_sae": "documents",
+    "document_features": "documents",
+    "feature_labels": "labels",
+    "feature_scores": "labels",
+    "feature_associations": "analysis",
+    "diff_reports": "analysis",
+}
+
+
+def test_every_asset_has_its_domain_group_kinds_owners_and_a_description() -> None:
+    specs = {spec.key.to_user_string(): spec for spec in definitions.defs.resolve_all_asset_specs()}
+    assert set(specs) == set(GROUPS)
+    for name, spec in specs.items():
+        assert spec.group_name == GROUPS[name], name
+        assert "parquet" in spec.kinds and 2 <= len(spec.kinds) <= 3, name
+        assert spec.owners == ["team:interp-platform"], name
+        assert spec.description and len(spec.description) > 40, name
+
+
+def test_sensors_run_by_default() -> None:
+    statuses = {s.name: s.default_status for s in definitions.defs.sensors}
+    assert statuses and set(statuses.values()) == {DefaultSensorStatus.RUNNING}, statuses
