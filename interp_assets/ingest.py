@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import shutil
 import time
 import unicodedata
 from collections.abc import Sequence
@@ -136,15 +137,17 @@ def drop_fingerprint(paths: Sequence[str | os.PathLike[str]]) -> str:
     return digest.hexdigest()
 
 
-def list_drops(
+def scan_drops(
     landing_dir: str | os.PathLike[str], min_age_s: float = 0.0, follow_symlinks: bool = False
-) -> list[Drop]:
-    """One `Drop` per supported file directly in `landing_dir` and one per sub-folder of supported files.
+) -> tuple[list[Drop], dict[str, list[str]]]:
+    """`(drops, clashes)`: one `Drop` per supported file directly in `landing_dir` and one per sub-folder of
+    supported files, and the dataset names that several of them map to (name -> their paths).
 
-    Hidden entries, temp files (`.tmp`, `~`, `.part`, `.crdownload`), unsupported files and (unless
-    `follow_symlinks`) symbolic links are ignored. A file modified less than `min_age_s` seconds ago is
-    skipped as still being written; a sub-folder is skipped while it or any entry in it is that young.
-    Raises `DropError` when two drops map to the same dataset name.
+    A clash blocks only its own dataset: its drops are left out of `drops` (`clash_error` describes it),
+    every other dataset goes on. Hidden entries, temp files (`.tmp`, `~`, `.part`, `.crdownload`),
+    unsupported files and (unless `follow_symlinks`) symbolic links are ignored. A file modified less than
+    `min_age_s` seconds ago is skipped as still being written; a sub-folder is skipped while it or any
+    entry in it is that young.
     """
     root = Path(landing_dir)
     if not root.is_dir():
@@ -169,8 +172,45 @@ def list_drops(
             located.append(
                 (entry.path, Drop(dataset_name_from_path(entry.path), paths, drop_fingerprint(paths)))
             )
-    _check_unique_names(located, root)
-    return [drop for _, drop in located]
+    by_name: dict[str, list[str]] = {}
+    for location, drop in located:
+        by_name.setdefault(drop.dataset, []).append(location)
+    clashes = {name: where for name, where in by_name.items() if len(where) > 1}
+    return [drop for _, drop in located if drop.dataset not in clashes], clashes
+
+
+def list_drops(
+    landing_dir: str | os.PathLike[str], min_age_s: float = 0.0, follow_symlinks: bool = False
+) -> list[Drop]:
+    """The drops of `scan_drops` (datasets whose name several drops share are left out)."""
+    return scan_drops(landing_dir, min_age_s, follow_symlinks)[0]
+
+
+def copy_drop_files(source: str | os.PathLike[str], landing_dir: str | os.PathLike[str]) -> list[str]:
+    """Copy the regular files directly in `source` into `landing_dir`; returns the entries skipped.
+
+    Symbolic links are never followed (a link could pull any file on the machine into the data folder);
+    sub-folders and other entries are skipped too.
+    """
+    skipped = []
+    target = Path(landing_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    for src in sorted(Path(source).iterdir()):
+        if src.is_symlink() or not src.is_file():
+            skipped.append(str(src))
+            continue
+        shutil.copyfile(src, target / src.name)
+    return skipped
+
+
+def clash_error(name: str, paths: list[str]) -> DropError:
+    """The error for a dataset name that several drops map to, naming all of them."""
+    return DropError(
+        paths[0],
+        f"dataset {name!r} comes from several drops: " + ", ".join(map(repr, paths)),
+        "rename or remove all but one of them so the dataset name comes from exactly one file or folder "
+        "(other datasets are not affected)",
+    )
 
 
 def _folder_files(folder: str, cutoff: float | None, follow_symlinks: bool) -> tuple[str, ...]:
@@ -187,20 +227,6 @@ def _folder_files(folder: str, cutoff: float | None, follow_symlinks: bool) -> t
             if entry.is_file(follow_symlinks=follow_symlinks) and _is_supported(entry.name):
                 files.append(entry.path)
     return tuple(files)
-
-
-def _check_unique_names(located: list[tuple[str, Drop]], root: Path) -> None:
-    by_name: dict[str, list[str]] = {}
-    for location, drop in located:
-        by_name.setdefault(drop.dataset, []).append(location)
-    clashes = {name: where for name, where in by_name.items() if len(where) > 1}
-    if clashes:
-        listed = "; ".join(f"{name!r} <- " + ", ".join(map(repr, where)) for name, where in clashes.items())
-        raise DropError(
-            root,
-            f"several drops map to the same dataset name: {listed}",
-            "rename or remove all but one of them so each dataset name comes from exactly one file or folder",
-        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,15 +27,14 @@ def main() -> int:
     from dagster import DagsterInstance
 
     from interp_assets.comparisons import load_comparisons
-    from interp_assets.ingest import list_drops
+    from interp_assets.ingest import clash_error, copy_drop_files, scan_drops
     from interp_assets.warehouse import query, refresh_views
 
     landing = data_dir / "landing"
     (data_dir / "config").mkdir(parents=True, exist_ok=True)
     landing.mkdir(parents=True, exist_ok=True)
-    for src in sorted(Path(args.landing).iterdir()):
-        if src.is_file():
-            shutil.copy(src, landing / src.name)
+    for skipped in copy_drop_files(args.landing, landing):
+        print(f"Skipped {skipped}: not a regular file (symbolic links are never followed).", flush=True)
     shutil.copy(args.comparisons, data_dir / "config" / "comparisons.json")
 
     import definitions
@@ -48,7 +47,9 @@ def main() -> int:
             f"A killed earlier run {run_id} held the model pool: marked failed, its slot freed.", flush=True
         )
     tags = local_run_tags()
-    drops = list_drops(landing)
+    drops, clashes = scan_drops(landing)
+    for name, paths in clashes.items():
+        print(f"Skipped dataset {name!r}: {clash_error(name, paths)}", flush=True)
     names = [d.dataset for d in drops]
     instance.add_dynamic_partitions(
         "datasets", [n for n in names if not instance.has_dynamic_partition("datasets", n)]

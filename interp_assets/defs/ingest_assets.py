@@ -50,7 +50,10 @@ class RawDocumentsConfig(Config):
 )
 def raw_documents(context: AssetExecutionContext, config: RawDocumentsConfig, storage: StorageResource):
     dataset = context.partition_key
-    drops = {d.dataset: d for d in ingest.list_drops(storage.landing_dir)}
+    found, clashes = ingest.scan_drops(storage.landing_dir)
+    if dataset in clashes:
+        raise ingest.clash_error(dataset, clashes[dataset])
+    drops = {d.dataset: d for d in found}
     if dataset not in drops:
         raise FileNotFoundError(
             f"No drop for dataset {dataset!r} in {storage.landing_dir}: put a CSV/TSV/JSONL/Parquet file "

@@ -20,7 +20,7 @@ from interp_assets.defs.assets import WAREHOUSE_TABLES
 from interp_assets.defs.jobs import dataset_job, diff_job, label_job
 from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
 from interp_assets.defs.shared import data_version, latest_materialization
-from interp_assets.ingest import DropError, list_drops
+from interp_assets.ingest import clash_error, scan_drops
 from interp_assets.warehouse import refresh_views_with_resource
 from resources.storage import StorageResource
 
@@ -45,10 +45,9 @@ def landing_sensor(context: SensorEvaluationContext, storage: StorageResource):
         return SkipReason(
             f"Landing folder {storage.landing_dir} does not exist yet; create it and drop files there."
         )
-    try:
-        drops = list_drops(storage.landing_dir, min_age_s=5.0)
-    except DropError as exc:
-        return SkipReason(str(exc))
+    drops, clashes = scan_drops(storage.landing_dir, min_age_s=5.0)
+    for name, paths in clashes.items():  # blocks only that dataset; the others go on
+        context.log.warning(str(clash_error(name, paths)))
     cursor = json.loads(context.cursor) if context.cursor else {}
     changed, updated = plan_drop_runs(drops, cursor)
     if not changed:
