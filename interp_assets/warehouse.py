@@ -184,31 +184,64 @@ def _empty_source(manifest: dict) -> str:
     return f"(SELECT {columns} WHERE false)"
 
 
-def apply_views(con: duckdb.DuckDBPyConnection, sources: Mapping[str, str | None]) -> dict[str, int]:
-    """Create or replace one view per table (dropping views of tables without files) in one transaction."""
+class ViewRefreshError(ValueError):
+    """Some views could not be refreshed; every other view was. `errors` maps table -> what went wrong."""
+
+    def __init__(self, errors: Mapping[str, str], counts: Mapping[str, int]) -> None:
+        self.errors = dict(errors)
+        self.counts = dict(counts)
+        listed = "; ".join(f"{table}: {problem.rstrip('.')}" for table, problem in self.errors.items())
+        super().__init__(
+            f"{len(self.errors)} DuckDB view(s) not refreshed (they keep their previous definition; every "
+            f"other view is current): {listed}. Fix or re-materialize those partitions, then refresh again."
+        )
+
+
+def apply_views(
+    con: duckdb.DuckDBPyConnection, sources: Mapping[str, str | Exception | None]
+) -> dict[str, int]:
+    """Create or replace one view per table (dropping views of tables without files), each in its own
+    transaction: a table whose files cannot be read keeps its previous view and is reported in a
+    `ViewRefreshError` raised after every other table was refreshed. Returns row counts."""
     counts: dict[str, int] = {}
-    con.execute("BEGIN TRANSACTION")
-    try:
-        for table, source in sources.items():
-            name = '"' + check_table_name(table) + '"'
+    errors: dict[str, str] = {}
+    for table, source in sources.items():
+        name = '"' + check_table_name(table) + '"'
+        if isinstance(source, Exception):
+            errors[table] = f"{type(source).__name__}: {source}"
+            continue
+        con.execute("BEGIN TRANSACTION")
+        try:
             if source is None:
                 con.execute(f"DROP VIEW IF EXISTS {name}")
-                continue
-            con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {source}")
-            row = con.execute(f"SELECT count(*) FROM {name}").fetchone()
-            counts[table] = int(row[0]) if row else 0
-        con.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(duckdb.Error):
-            con.execute("ROLLBACK")
-        raise
+            else:
+                con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {source}")
+                row = con.execute(f"SELECT count(*) FROM {name}").fetchone()
+                counts[table] = int(row[0]) if row else 0
+            con.execute("COMMIT")
+        except duckdb.Error as exc:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            errors[table] = f"{type(exc).__name__}: {exc}"
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
+    if errors:
+        raise ViewRefreshError(errors, counts)
     return counts
 
 
-def _sources(parquet_base: str, tables: Sequence[str]) -> dict[str, str | None]:
+def _sources(parquet_base: str, tables: Sequence[str]) -> dict[str, str | Exception | None]:
     for table in tables:
         check_table_name(table)
-    return {table: table_source(parquet_base, table) for table in tables}
+    sources: dict[str, str | Exception | None] = {}
+    for table in tables:
+        try:
+            sources[table] = table_source(parquet_base, table)
+        except (OSError, ValueError) as exc:  # one unreadable table never blocks the others
+            sources[table] = exc
+    return sources
 
 
 def refresh_views(
@@ -217,6 +250,8 @@ def refresh_views(
     """(Re)build the views over `tables` in `db_path` with a short read-write connection.
 
     Returns row counts of the tables that have Parquet files; views of tables without files are dropped.
+    Each table is refreshed on its own: one that fails keeps its previous view and is named in the
+    `ViewRefreshError` raised once all the others are current.
     """
     sources = _sources(parquet_base, tables)
     if db_path != ":memory:":

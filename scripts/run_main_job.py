@@ -28,7 +28,7 @@ def main() -> int:
 
     from interp_assets.comparisons import load_comparisons
     from interp_assets.ingest import clash_error, copy_drop_files, scan_drops
-    from interp_assets.warehouse import query, refresh_views
+    from interp_assets.warehouse import ViewRefreshError, query, refresh_views
 
     landing = data_dir / "landing"
     (data_dir / "config").mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,11 @@ def main() -> int:
     from interp_assets.defs.assets import WAREHOUSE_TABLES
 
     db = data_dir / "warehouse.duckdb"
-    counts = refresh_views(str(db), definitions.PARQUET_BASE, WAREHOUSE_TABLES)
+    try:
+        counts = refresh_views(str(db), definitions.PARQUET_BASE, WAREHOUSE_TABLES)
+    except ViewRefreshError as exc:  # the other views are current; say which failed and go on
+        print(f"\n{exc}", flush=True)
+        counts = exc.counts
     print("\nDuckDB tables (rows):")
     for table, n in counts.items():
         print(f"  {table:20s} {n}")

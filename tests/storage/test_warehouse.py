@@ -17,6 +17,7 @@ from dagster_duckdb import DuckDBResource
 
 from interp_assets.storage.parquet import write_table
 from interp_assets.warehouse import (
+    ViewRefreshError,
     WarehouseLockedError,
     connect_read_only,
     query,
@@ -208,3 +209,19 @@ def test_refresh_through_dagster_duckdb_resource(tmp_path):
     out, err = other.communicate(timeout=60)
     assert out.strip() == "ok", err
     assert isinstance(query(db, "SELECT 1 AS x"), pl.DataFrame)
+
+
+def test_one_unreadable_table_leaves_every_other_view_current(tmp_path):
+    base = str(tmp_path / "parquet")
+    db = str(tmp_path / "warehouse.duckdb")
+    write_table(base, "good", "p", _docs("p", 3))
+    write_table(base, "bad", "p", _docs("p", 2))
+    assert refresh_views(db, base, ["bad", "good"]) == {"bad": 2, "good": 3}
+    write_table(base, "good", "q", _docs("q", 4))  # new data in the good table
+    bad_file = next((tmp_path / "parquet" / "bad").rglob("*.parquet"))
+    bad_file.write_bytes(bad_file.read_bytes()[:20])  # truncated
+    with pytest.raises(ViewRefreshError) as info:
+        refresh_views(db, base, ["bad", "good"])
+    assert list(info.value.errors) == ["bad"] and info.value.counts == {"good": 7}
+    assert bad_file.name in str(info.value)  # the error names the file
+    assert query(db, "select count(*) as n from good")["n"][0] == 7
