@@ -66,7 +66,9 @@ def token_activations(
     dataset = context.partition_key
     docs = raw_documents.select("doc_id", "doc_hash", "text").collect()
     reader = sae_reader.get_identity()  # the model itself loads only if a document needs encoding
-    cache = ActivationCache(storage.cache_dir / "activations", reader.fingerprint)
+    cache = ActivationCache(
+        storage.cache_dir / "activations", reader.fingerprint, on_warning=context.log.warning
+    )
     started = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
@@ -98,7 +100,7 @@ def token_activations(
         {b"d_sae": str(reader.d_sae).encode()}
     )
     plan = cache.activation_segments(docs.select("doc_id", "doc_hash"), dataset, schema)
-    stored = stored_segments(storage.parquet_base, "token_activations", dataset, schema)
+    stored = stored_segments(storage.parquet_base, "token_activations", dataset, schema, context.log.warning)
     # New segments are checked while the IO manager writes them, which Dagster does while handling the
     # Output, before this generator resumes; `written` counts the segments streamed to the end, so the
     # check fails loudly (not passes silently) if that order ever changed.
@@ -176,7 +178,7 @@ def pooled_embeddings(context: AssetExecutionContext, storage: StorageResource):
     dataset = context.partition_key
     base = storage.parquet_base
     sources = table_segments(base, "token_activations", dataset)
-    stored = stored_segments(base, "pooled_embeddings", dataset, POOLED_SCHEMA)
+    stored = stored_segments(base, "pooled_embeddings", dataset, POOLED_SCHEMA, context.log.warning)
     doc_tokens = (
         read_table(base, "activation_status", dataset)
         .filter(pl.col("status") == "encoded")

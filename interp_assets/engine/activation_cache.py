@@ -14,6 +14,8 @@ the segments whose documents changed.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -104,14 +106,52 @@ class EncodeStats:
     chunks_written: int
 
 
-class ActivationCache:
-    """Encoded documents for one reader fingerprint, under `<root>/<fingerprint>/`."""
+QUARANTINE = "quarantine"  # sub-folder where unreadable chunks are moved aside
 
-    def __init__(self, root: str | Path, fingerprint: str) -> None:
+
+class ActivationCache:
+    """Encoded documents for one reader fingerprint, under `<root>/<fingerprint>/`.
+
+    A committed chunk whose files cannot be read (truncated, overwritten) is moved to `quarantine/` with a
+    warning naming it (`on_warning`, default: this module's logger); its documents then count as not
+    encoded, so the next `encode_missing` encodes them again. Other chunks and datasets are unaffected.
+    """
+
+    def __init__(
+        self, root: str | Path, fingerprint: str, on_warning: Callable[[str], None] | None = None
+    ) -> None:
         self.fingerprint = fingerprint
         self.dir = Path(root) / fingerprint
         self.dir.mkdir(parents=True, exist_ok=True)
         self._index: tuple[tuple[str, ...], pl.DataFrame] | None = None
+        self._warn = on_warning or logging.getLogger(__name__).warning
+
+    def quarantine(self, chunk_id: str, problem: str) -> None:
+        """Move both files of a chunk to `quarantine/` and say so (its documents will be encoded again)."""
+        target = self.dir / QUARANTINE
+        target.mkdir(exist_ok=True)
+        moved = []
+        for suffix in (".docs.parquet", ".acts.parquet"):  # docs first: without it the chunk is not committed
+            path = self.dir / f"{chunk_id}{suffix}"
+            if path.exists():
+                os.replace(path, target / path.name)
+                moved.append(str(target / path.name))
+        self._index = None
+        self._warn(
+            f"Activation cache chunk {self.dir / chunk_id}.*.parquet is unreadable ({problem}); moved to "
+            f"{', '.join(moved) or target}. Its documents will be encoded again; delete the quarantined "
+            "files once you no longer need them."
+        )
+
+    def _readable(self, chunk_id: str) -> bool:
+        """Both files of a chunk have a valid Parquet footer; else the chunk is quarantined."""
+        for suffix in (".docs.parquet", ".acts.parquet"):
+            try:
+                pq.read_metadata(self.dir / f"{chunk_id}{suffix}")
+            except (OSError, pa.ArrowException) as exc:
+                self.quarantine(chunk_id, f"{chunk_id}{suffix}: {type(exc).__name__}: {exc}")
+                return False
+        return True
 
     def committed_chunks(self) -> list[str]:
         """Ids of committed chunks, oldest name first (the order decides which copy of a document wins)."""
@@ -130,10 +170,17 @@ class ActivationCache:
         chunks = tuple(self.committed_chunks())
         if self._index is not None and self._index[0] == chunks:
             return self._index[1]
-        frames = [
-            pl.read_parquet(self.dir / f"{c}.docs.parquet").with_columns(pl.lit(c).alias("chunk"))
-            for c in chunks
-        ]
+        frames = []
+        for c in chunks:
+            if not self._readable(c):
+                continue
+            try:
+                frames.append(
+                    pl.read_parquet(self.dir / f"{c}.docs.parquet").with_columns(pl.lit(c).alias("chunk"))
+                )
+            except (OSError, pl.exceptions.PolarsError) as exc:
+                self.quarantine(c, f"{c}.docs.parquet: {type(exc).__name__}: {exc}")
+        chunks = tuple(self.committed_chunks())
         if not frames:
             empty = pl.from_arrow(DOC_STATUS_SCHEMA.empty_table())
             index = empty.with_columns(pl.lit("").alias("chunk")).head(0)
@@ -245,7 +292,15 @@ class ActivationCache:
         self, segment: ActivationSegment, dataset: str, schema: pa.Schema
     ) -> Iterator[pa.RecordBatch]:
         """The token_activations rows of one segment (sorted by doc_id, token_index), cast to `schema`."""
-        acts = pl.read_parquet(self.dir / f"{segment.chunk}.acts.parquet")
+        path = self.dir / f"{segment.chunk}.acts.parquet"
+        try:
+            acts = pl.read_parquet(path)
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            self.quarantine(segment.chunk, f"{path.name}: {type(exc).__name__}: {exc}")
+            raise ValueError(
+                f"Activation cache chunk {path} could not be read ({type(exc).__name__}: {exc}); it was "
+                "moved to quarantine and its documents will be encoded again: run the step again."
+            ) from exc
         # keep only this chunk's copy of each document (first chunk wins), then map hash -> doc_id(s)
         rows = acts.join(segment.documents, on="doc_hash").sort("doc_id", "token_index", "feature")
         rows = rows.with_columns(pl.lit(dataset).alias("dataset")).select(schema.names)

@@ -22,7 +22,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -456,20 +456,44 @@ def _listed_files(folder: str, manifest: dict[str, Any]) -> list[str]:
 
 
 def stored_segments(
-    base_path: str, table: str, partition: str, schema: pa.Schema | None = None
+    base_path: str,
+    table: str,
+    partition: str,
+    schema: pa.Schema | None = None,
+    on_bad: Callable[[str], None] | None = None,
 ) -> dict[str, str]:
     """Segments of a stored partition that `KEEP` can reuse: {name: file}, in manifest order.
 
     Empty when the partition is absent or a single file, or (given `schema`) was stored with another
-    schema. A segment whose file has gone missing is left out, so the next write writes it again.
+    schema. A segment is trusted only when its file exists with the size the manifest recorded and a
+    readable Parquet footer; any other is left out, so the next write writes it again, and `on_bad` (if
+    given) hears which file and why.
     """
     folder = segments_path(base_path, table, partition)
     manifest = read_manifest(folder)
     if manifest is None or (schema is not None and not _schema_from_text(manifest["schema"]).equals(schema)):
         return {}
     fs, fspath = _fs(folder)
-    present = {_name_of(p) for p in fs.ls(fspath, detail=False)}
-    return {e["name"]: f"{folder}/{e['file']}" for e in manifest["segments"] if e["file"] in present}
+    sizes = {_name_of(info["name"]): info.get("size") for info in fs.ls(fspath, detail=True)}
+    kept = {}
+    for entry in manifest["segments"]:
+        path = f"{folder}/{entry['file']}"
+        if entry["file"] not in sizes:
+            continue  # gone: written again, nothing to report
+        problem = None
+        if sizes[entry["file"]] != entry["bytes"]:
+            problem = f"{sizes[entry['file']]} bytes where the manifest recorded {entry['bytes']}"
+        else:
+            try:
+                with fs.open(f"{fspath.rstrip('/')}/{entry['file']}", "rb") as fh:
+                    pq.read_metadata(fh)
+            except (OSError, pa.ArrowException) as exc:
+                problem = f"unreadable footer ({type(exc).__name__}: {exc})"
+        if problem is None:
+            kept[entry["name"]] = path
+        elif on_bad is not None:
+            on_bad(f"Stored segment {path} is damaged ({problem}): it is written again.")
+    return kept
 
 
 def table_segments(base_path: str, table: str, partition: str) -> dict[str, str]:

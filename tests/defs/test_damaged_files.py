@@ -1,0 +1,83 @@
+"""A damaged stored file fails nothing but itself: it is found when trusted, named, set aside and
+recomputed, and the tables come out equal to an undamaged run's."""
+
+from pathlib import Path
+
+import polars as pl
+from dagster import DagsterInstance, materialize
+
+from interp_assets.defs.assets import ALL_ASSETS
+from interp_assets.storage.parquet import read_table, table_segments
+from resources.local import local_resources
+
+ROOT = Path(__file__).resolve().parents[2]
+EMBED = ("raw_documents", "token_activations", "pooled_embeddings")
+
+
+def _setup(tmp_path: Path) -> tuple[Path, DagsterInstance, dict, list]:
+    data = tmp_path / "data"
+    landing = data / "landing"
+    landing.mkdir(parents=True)
+    lines = (ROOT / "demo/landing/support_assistant_a.jsonl").read_text().splitlines()
+    (landing / "first.jsonl").write_text("\n".join(lines[:12]) + "\n")
+    (landing / "second.jsonl").write_text("\n".join(lines[12:20]) + "\n")
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("datasets", ["first", "second"])
+    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
+    return data, instance, local_resources(data), [by_name[n] for n in EMBED]
+
+
+def _content(data: Path, table: str, dataset: str) -> pl.DataFrame:
+    frame = read_table(str(data / "parquet"), table, dataset).collect()
+    keys = [c for c in ("doc_id", "token_index", "feature") if c in frame.columns]
+    return frame.sort(keys)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(8, path.stat().st_size // 2)])
+
+
+def test_a_truncated_token_activations_segment_is_written_again(tmp_path: Path) -> None:
+    data, instance, resources, embed = _setup(tmp_path)
+    assert materialize(embed, partition_key="first", instance=instance, resources=resources).success
+    before = {t: _content(data, t, "first") for t in ("token_activations", "pooled_embeddings")}
+    segment = Path(next(iter(table_segments(str(data / "parquet"), "token_activations", "first").values())))
+    _truncate(segment)
+
+    again = materialize(embed, partition_key="first", instance=instance, resources=resources)
+    assert again.success
+    checks = {e.check_name: e.passed for e in again.get_asset_check_evaluations()}
+    assert all(checks.values()), checks
+    meta = again.asset_materializations_for_node("token_activations")[0].metadata
+    assert meta["encoded_now"].value == 0  # the cache still holds it: rewritten, not re-encoded
+    logs = " ".join(str(e) for e in instance.all_logs(again.run_id))
+    assert segment.name in logs and "damaged" in logs
+    for table, frame in before.items():
+        assert _content(data, table, "first").equals(frame), table
+
+
+def test_a_corrupt_cache_chunk_is_quarantined_and_its_documents_encoded_again(tmp_path: Path) -> None:
+    data, instance, resources, embed = _setup(tmp_path)
+    assert materialize(embed, partition_key="first", instance=instance, resources=resources).success
+    before = _content(data, "token_activations", "first")
+    chunk = next((data / "cache" / "activations").rglob("*.acts.parquet"))
+    _truncate(chunk)
+
+    # another dataset on the same reader is not blocked by it
+    other = materialize(embed, partition_key="second", instance=instance, resources=resources)
+    assert other.success
+    logs = " ".join(str(e) for e in instance.all_logs(other.run_id))
+    assert chunk.name in logs and "quarantine" in logs
+    assert (chunk.parent / "quarantine" / chunk.name).exists() and not chunk.exists()
+
+    # the damaged dataset's documents are encoded again and its table is what it was
+    again = materialize(embed, partition_key="first", instance=instance, resources=resources)
+    assert again.success
+    meta = again.asset_materializations_for_node("token_activations")[0].metadata
+    assert meta["encoded_now"].value == 12
+    after = _content(data, "token_activations", "first")
+    assert after.select("doc_id", "token_index", "feature").equals(
+        before.select("doc_id", "token_index", "feature")
+    )
+    diff = (after["activation"].cast(pl.Float32) - before["activation"].cast(pl.Float32)).abs().max()
+    assert diff is not None and diff <= 2e-3
