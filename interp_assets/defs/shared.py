@@ -68,7 +68,8 @@ def cached_document_embeddings(
     under `<data_dir>/cache/embeddings/` keyed by (model, layer, normalize) and document hash."""
     from interp_assets.engine.documents import document_embeddings
 
-    key = hashlib.sha256(json.dumps([model, layer, normalize]).encode()).hexdigest()[:12]
+    # "text-as-text": special-token strings in a text are tokenized as text (embeddings made before are stale)
+    key = hashlib.sha256(json.dumps([model, layer, normalize, "text-as-text"]).encode()).hexdigest()[:12]
     path = storage.cache_dir / "embeddings" / f"{key}.parquet"
     schema = {"doc_hash": pl.String, "embedding": pl.List(pl.Float32)}
     known = pl.read_parquet(path) if path.exists() else pl.DataFrame(schema=schema)

@@ -137,6 +137,7 @@ def tokenize_documents(reader: Any, texts: Sequence[str]) -> list[_Tokenized | s
             max_length=reader.max_length,
             return_offsets_mapping=True,
             return_special_tokens_mask=True,
+            split_special_tokens=True,  # "[SEP]" written in a document is text, never structure
         )
     except Exception:  # noqa: BLE001 - fall back to one document at a time to isolate the bad one
         return [_tokenize_one(reader, t) for t in texts]
@@ -160,6 +161,7 @@ def _tokenize_one(reader: Any, text: str) -> _Tokenized | str:
             max_length=reader.max_length,
             return_offsets_mapping=True,
             return_special_tokens_mask=True,
+            split_special_tokens=True,
         )
         keep = [not (reader.exclude_special_tokens and s) for s in enc["special_tokens_mask"]]
         overflow = len(enc.encodings[0].overflowing) > 0 if enc.encodings else False
@@ -169,32 +171,49 @@ def _tokenize_one(reader: Any, text: str) -> _Tokenized | str:
 
 
 def _tokenize_chat(reader: Any, text: str) -> _Tokenized | str:
-    """Wrap `text` as one user message; offsets are made relative to `text`, template tokens marked."""
+    """Wrap `text` as one user message; offsets are made relative to `text`, template tokens marked.
+
+    The template around the text is tokenized with its special tokens; the text itself always as text
+    (`split_special_tokens`), so a document cannot inject template structure such as `<|eot_id|>`.
+    """
     try:
         tok = reader.tokenizer
         templated = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
         start = templated.find(text)
         if start < 0:
             return "chat template does not contain the document text verbatim"
-        enc = tok(
-            templated,
-            add_special_tokens=False,
-            truncation=True,
-            max_length=reader.max_length,
-            return_offsets_mapping=True,
-            return_special_tokens_mask=True,
-        )
         end = start + len(text)
-        offsets, keep = [], []
-        for (a, b), special in zip(enc["offset_mapping"], enc["special_tokens_mask"], strict=True):
-            inside = a >= start and b <= end and b > a
-            offsets.append((a - start, b - start) if inside else (0, 0))
-            keep.append(
-                not (reader.exclude_special_tokens and special)
-                and (inside or not reader.exclude_template_tokens)
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        keep: list[bool] = []
+        for piece, is_text in ((templated[:start], False), (text, True), (templated[end:], False)):
+            if not piece:
+                continue
+            enc = tok(
+                piece,
+                add_special_tokens=False,
+                return_offsets_mapping=True,
+                return_special_tokens_mask=True,
+                split_special_tokens=is_text,
             )
-        overflow = len(enc.encodings[0].overflowing) > 0 if enc.encodings else False
-        return _Tokenized(enc["input_ids"], offsets, keep, overflow)
+            for token, (a, b), special in zip(
+                enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"], strict=True
+            ):
+                inside = is_text and b > a
+                ids.append(token)
+                offsets.append((a, b) if inside else (0, 0))
+                keep.append(
+                    not (reader.exclude_special_tokens and special)
+                    and (inside or not reader.exclude_template_tokens)
+                )
+        truncated = len(ids) > reader.max_length
+        if truncated:
+            ids, offsets, keep = (
+                ids[: reader.max_length],
+                offsets[: reader.max_length],
+                keep[: reader.max_length],
+            )
+        return _Tokenized(ids, offsets, keep, truncated)
     except Exception as exc:  # noqa: BLE001
         return f"chat template failed: {type(exc).__name__}: {exc}"
 

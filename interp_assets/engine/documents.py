@@ -81,6 +81,7 @@ def document_embeddings(
                 truncation=True,
                 max_length=max_length,
                 return_tensors="pt",
+                split_special_tokens=True,  # "[SEP]" in a text is text
             )
             mask = enc["attention_mask"].bool()
             if fused is not None:  # hidden states of real tokens only, [n_tokens, d] in row-major order

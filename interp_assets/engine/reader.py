@@ -22,7 +22,7 @@ DEFAULT_SAE_DIR = str(Path(__file__).resolve().parents[2] / "resources" / "defau
 EMBEDDED_SAE = "embedded:minilm-l3-topk"
 
 # Bumped whenever a change in our code changes stored activations: part of every cache key.
-ENGINE_VERSION = "3"
+ENGINE_VERSION = "4"  # 4: text is always tokenized as text (split_special_tokens)
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 _LAYER_LISTS = (
