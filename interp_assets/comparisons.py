@@ -4,18 +4,27 @@ per-dataset ingest settings (`<data_dir>/config/datasets.json`)."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from interp_assets.storage.paths import check_storage_key
 
 COMPARISON_SEPARATOR = "__vs__"
+MAX_COMPARISONS_FILE_BYTES = 4_000_000  # a few tens of thousands of comparisons; a sensor tick stays short
+MAX_COMPARISONS = 10_000
 
 
 def comparison_key(dataset_a: str, dataset_b: str) -> str:
     """Partition key of the comparison of dataset A with dataset B: `A__vs__B`."""
     check_storage_key(dataset_a, "dataset name")
     check_storage_key(dataset_b, "dataset name")
+    for name in (dataset_a, dataset_b):
+        if COMPARISON_SEPARATOR in name:
+            raise ValueError(
+                f"Dataset name {name!r} contains {COMPARISON_SEPARATOR!r}, which separates the two datasets "
+                "of a comparison key: rename the dataset (its drop file) to compare it."
+            )
     if dataset_a == dataset_b:
         raise ValueError(f"A comparison needs two different datasets; both are {dataset_a!r}.")
     return check_storage_key(f"{dataset_a}{COMPARISON_SEPARATOR}{dataset_b}", "comparison key")
@@ -44,37 +53,68 @@ class Comparison:
         return comparison_key(self.a, self.b)
 
 
-def load_comparisons(path: Path) -> list[Comparison]:
-    """Read a comparisons file: a JSON list of {"a": ..., "b": ..., "paired_on": optional}. Missing -> []."""
+def load_comparisons(path: Path, errors: list[str] | None = None) -> list[Comparison]:
+    """Read a comparisons file: a JSON list of {"a": ..., "b": ..., "paired_on": optional}. Missing -> [].
+
+    Entries are checked one by one: a bad entry (not an object, a self-comparison, a name that is not a
+    valid dataset name or contains `__vs__`, a repeat of an earlier comparison) is left out with a message
+    in `errors` (or logged as a warning) and never hides the good ones. A file that is not a JSON list, is
+    larger than `MAX_COMPARISONS_FILE_BYTES`, nests too deeply or holds more than `MAX_COMPARISONS`
+    entries raises ValueError naming the file.
+    """
     if not path.exists():
         return []
+    size = path.stat().st_size
+    if size > MAX_COMPARISONS_FILE_BYTES:
+        raise ValueError(
+            f"{path}: {size:,} bytes, more than the {MAX_COMPARISONS_FILE_BYTES:,} a comparisons file may "
+            f"hold (at most {MAX_COMPARISONS:,} comparisons); split the work or remove unused entries."
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(
             f'{path}: not valid JSON ({exc}). Expected a list like [{{"a": "dataset_a", "b": "dataset_b"}}].'
         ) from exc
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply; expected a flat list of comparisons.") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of comparisons, got {type(data).__name__}.")
-    out = []
+    if len(data) > MAX_COMPARISONS:
+        raise ValueError(f"{path}: {len(data):,} entries; at most {MAX_COMPARISONS:,} comparisons are read.")
+    problems: list[str] = []
+    out: list[Comparison] = []
+    seen: set[str] = set()
     for i, item in enumerate(data):
+        where = f"{path}: entry {i}"
         if (
             not isinstance(item, dict)
             or not isinstance(item.get("a"), str)
             or not isinstance(item.get("b"), str)
         ):
-            raise ValueError(
-                f"{path}: entry {i} must be an object with string fields 'a' and 'b'; got {item!r}."
+            problems.append(
+                f"{where} must be an object with string fields 'a' and 'b'; got {str(item)[:200]}."
             )
+            continue
         paired = item.get("paired_on")
         if paired is not None and not isinstance(paired, str):
-            raise ValueError(f"{path}: entry {i}: 'paired_on' must be a column name (string).")
+            problems.append(f"{where}: 'paired_on' must be a column name (string).")
+            continue
         try:
-            check_storage_key(item["a"], "dataset name")
-            check_storage_key(item["b"], "dataset name")
+            key = comparison_key(item["a"], item["b"])
         except ValueError as exc:
-            raise ValueError(f"{path}: entry {i}: {exc}") from exc
+            problems.append(f"{where}: {exc}")
+            continue
+        if key in seen:
+            problems.append(f"{where}: repeats the comparison {key!r}; only the first is used.")
+            continue
+        seen.add(key)
         out.append(Comparison(item["a"], item["b"], paired))
+    if errors is not None:
+        errors.extend(problems)
+    else:
+        for problem in problems:
+            logging.getLogger(__name__).warning(problem)
     return out
 
 

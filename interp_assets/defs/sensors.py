@@ -91,10 +91,16 @@ def stale_labels(instance, a: str, b: str) -> dict[str, str]:
     "both datasets have fresh feature_scores; first re-labels a dataset whose labels predate its partner.",
 )
 def comparisons_sensor(context: SensorEvaluationContext, storage: StorageResource):
+    path = storage.config_dir / "comparisons.json"
+    if not path.exists():
+        return SkipReason(f"No comparisons declared: write {path} (a JSON list of {{'a': ..., 'b': ...}}).")
+    problems: list[str] = []
     try:
-        comparisons = load_comparisons(storage.config_dir / "comparisons.json")
+        comparisons = load_comparisons(path, problems)
     except ValueError as exc:
         return SkipReason(str(exc))
+    for problem in problems[:20]:  # bad entries are skipped; the good ones still run
+        context.log.warning(problem)
     cursor = json.loads(context.cursor) if context.cursor else {}
     existing = set(context.instance.get_dynamic_partitions(comparisons_partitions.name))
     requests, new_keys = [], []
