@@ -46,6 +46,7 @@ def _sae_reader() -> SAEReaderResource:
         sae_path=env.get("INTERP_SAE_PATH") or None,
         release=env.get("INTERP_SAE_RELEASE") or None,
         sae_id=env.get("INTERP_SAE_ID") or None,
+        hook_name=env.get("INTERP_HOOK_NAME") or None,
         device=env.get("INTERP_DEVICE", "auto"),
         dtype=env.get("INTERP_DTYPE", "float32"),
         max_length=int(env.get("INTERP_MAX_LENGTH", "512")),

@@ -126,7 +126,28 @@ def encoder_weights(sae: Any) -> tuple[Any, Any]:
 
 
 def tokenize_documents(reader: Any, texts: Sequence[str]) -> list[_Tokenized | str]:
-    """Tokenize each text (truncating to `max_length`); a failure becomes an error string for that text."""
+    """Tokenize each text (truncating to `max_length`); a failure becomes an error string for that text.
+
+    When the SAE was trained with a BOS token first (`reader.prepend_bos`), each document starts with the
+    tokenizer's BOS (added unless the tokenizer or chat template already put it there): the model reads it,
+    it is never pooled.
+    """
+    out = _tokenize_all(reader, texts)
+    if not getattr(reader, "prepend_bos", False):
+        return out
+    bos = reader.tokenizer.bos_token_id
+    return [t if isinstance(t, str) else _with_bos(t, bos, reader.max_length) for t in out]
+
+
+def _with_bos(t: _Tokenized, bos: int, max_length: int) -> _Tokenized:
+    if t.input_ids and t.input_ids[0] == bos:
+        return t
+    ids, offsets, keep = [bos, *t.input_ids], [(0, 0), *t.offsets], [False, *t.keep]
+    truncated = t.truncated or len(ids) > max_length
+    return _Tokenized(ids[:max_length], offsets[:max_length], keep[:max_length], truncated)
+
+
+def _tokenize_all(reader: Any, texts: Sequence[str]) -> list[_Tokenized | str]:
     tok = reader.tokenizer
     if reader.chat_template:
         return [_tokenize_chat(reader, t) for t in texts]

@@ -117,6 +117,14 @@ class SAEReader:
         return int(self.sae.cfg.d_sae)
 
     @property
+    def prepend_bos(self) -> bool:
+        """Whether the SAE was trained on inputs that start with the tokenizer's BOS token (SAELens
+        `metadata.prepend_bos`); only meaningful for tokenizers that have one (BERT's [CLS] is added by
+        the tokenizer itself)."""
+        meta = getattr(self.sae.cfg, "metadata", None)
+        return bool(getattr(meta, "prepend_bos", False)) and self.tokenizer.bos_token_id is not None
+
+    @property
     def fingerprint(self) -> str:
         """Hash of what decides the stored activations (model, SAE, hook, dtype, settings, code)."""
         return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
