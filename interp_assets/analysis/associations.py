@@ -48,7 +48,6 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-from scipy import special, stats
 
 from interp_assets.analysis.diffing import (
     AGGREGATIONS,
@@ -59,6 +58,21 @@ from interp_assets.analysis.diffing import (
     pooled_value_expr,
 )
 from interp_assets.ingest import RESERVED_COLUMNS
+
+
+def _scipy_special() -> Any:
+    """scipy.special, imported on first use (loading the Dagster definitions stays fast)."""
+    from scipy import special
+
+    return special
+
+
+def _scipy_stats() -> Any:
+    """scipy.stats, imported on first use (loading the Dagster definitions stays fast)."""
+    from scipy import stats
+
+    return stats
+
 
 Kind = Literal["auto", "binary", "numeric"]
 Method = Literal["spearman", "pearson"]
@@ -205,7 +219,7 @@ def feature_associations(
         del sel
     k = k_all[tested].astype(np.int64)
 
-    z = special.ndtri(0.5 + confidence / 2)
+    z = _scipy_special().ndtri(0.5 + confidence / 2)
     if target.binary:
         cols, constant = _binary_stats(d, f, v, k, target.y.astype(bool), z)
         statistic = "auc"
@@ -695,7 +709,7 @@ def _binary_stats(
     u = np.maximum(u_pos, n_pos * n_neg - u_pos)
     with np.errstate(divide="ignore", invalid="ignore"):
         zval = (u - n_pos * n_neg / 2 - 0.5) / sigma
-        p = np.where(sigma > 0, np.clip(2 * special.ndtr(-zval), 0.0, 1.0), 1.0)
+        p = np.where(sigma > 0, np.clip(2 * _scipy_special().ndtr(-zval), 0.0, 1.0), 1.0)
     mixture = _needs_mixture(k, n, int(n_pos))
     if mixture.any():
         # X = sum over active positives of (overall rank - zeros' rank) = midrank among actives + (n0-1)/2;
@@ -782,7 +796,7 @@ def _mixture_pvalue(
     centre = kk * (r / n) * abar * bbar  # E X
     dist = np.abs(x_obs - centre)
     eps = 1e-9 * np.maximum(np.abs(centre) + dist, 1.0)
-    log_fact = special.gammaln(np.arange(n + 1, dtype=np.float64) + 1)  # log(i!), a lookup table
+    log_fact = _scipy_special().gammaln(np.arange(n + 1, dtype=np.float64) + 1)  # log(i!), a lookup table
     log_total = log_fact[n] - log_fact[r] - log_fact[n - r]
 
     def log_hypergeom(kv: np.ndarray, jv: np.ndarray) -> np.ndarray:
@@ -833,8 +847,12 @@ def _mixture_pvalue(
         lower = (centre - dist)[idx][owner]
         e = eps[idx][owner]
         with np.errstate(divide="ignore", invalid="ignore"):
-            tail_up = np.where(sd > 0, special.ndtr((mean - (upper - continuity)) / sd), mean >= upper - e)
-            tail_lo = np.where(sd > 0, special.ndtr((lower + continuity - mean) / sd), mean <= lower + e)
+            tail_up = np.where(
+                sd > 0, _scipy_special().ndtr((mean - (upper - continuity)) / sd), mean >= upper - e
+            )
+            tail_lo = np.where(
+                sd > 0, _scipy_special().ndtr((lower + continuity - mean) / sd), mean <= lower + e
+            )
         w = np.exp(log_pmf) * (tail_up + tail_lo)
         out[idx] = np.minimum(np.bincount(owner, weights=w, minlength=idx.size) + outside[idx], 1.0)
     return out
@@ -860,7 +878,7 @@ def _correlation_tests(r: np.ndarray, n: int, se_z: np.ndarray, z: float) -> dic
     df = n - 2
     with np.errstate(divide="ignore", invalid="ignore"):
         t = r * np.sqrt(df / ((1 - r) * (1 + r)))
-        p = np.where(np.abs(r) >= 1, 0.0, 2 * stats.t.sf(np.abs(t), df))
+        p = np.where(np.abs(r) >= 1, 0.0, 2 * _scipy_stats().t.sf(np.abs(t), df))
         fz = np.arctanh(r)
     return {
         "effect": r,
@@ -876,7 +894,7 @@ def _spearman_stats(
     """Spearman rho of each feature's values (zeros included) with y: Pearson r of the midranks."""
     T = k.size
     n = y.size
-    ryc = stats.rankdata(y) - (n + 1) / 2  # centred midranks of y; they sum to 0
+    ryc = _scipy_stats().rankdata(y) - (n + 1) / 2  # centred midranks of y; they sum to 0
     ss_y = float(ryc @ ryc)
     split = _mode_split(ryc, y)
     beta = np.where(split[0], ryc - ryc[~split[0]][0], 0.0) if split else None

@@ -26,11 +26,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from scipy import sparse, special, stats
+
+
+def _scipy_sparse() -> Any:
+    """scipy.sparse, imported on first use (loading the Dagster definitions stays fast)."""
+    from scipy import sparse
+
+    return sparse
+
+
+def _scipy_special() -> Any:
+    """scipy.special, imported on first use (loading the Dagster definitions stays fast)."""
+    from scipy import special
+
+    return special
+
+
+def _scipy_stats() -> Any:
+    """scipy.stats, imported on first use (loading the Dagster definitions stays fast)."""
+    from scipy import stats
+
+    return stats
+
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 FISHER_MIN_EXPECTED = 5.0
@@ -219,11 +241,12 @@ def two_proportion_z_pvalue(x_a: np.ndarray, n_a: np.ndarray, x_b: np.ndarray, n
     se = np.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
     with np.errstate(divide="ignore", invalid="ignore"):
         zval = np.where(se > 0, (x_a / n_a - x_b / n_b) / se, 0.0)
-    return np.minimum(2.0 * special.ndtr(-np.abs(zval)), 1.0)
+    return np.minimum(2.0 * _scipy_special().ndtr(-np.abs(zval)), 1.0)
 
 
 def _log_comb(n: np.ndarray, k: np.ndarray) -> np.ndarray:
-    return special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1)
+    gammaln = _scipy_special().gammaln
+    return gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
 
 
 def fisher_exact_pvalue(x_a: np.ndarray, n_a: np.ndarray, x_b: np.ndarray, n_b: np.ndarray) -> np.ndarray:
@@ -300,7 +323,7 @@ def mcnemar_exact_pvalue(a_only: np.ndarray, b_only: np.ndarray) -> np.ndarray:
     b = np.asarray(a_only, dtype=np.int64)
     c = np.asarray(b_only, dtype=np.int64)
     m = b + c
-    p = np.minimum(1.0, 2.0 * stats.binom.cdf(np.minimum(b, c), m, 0.5))
+    p = np.minimum(1.0, 2.0 * _scipy_stats().binom.cdf(np.minimum(b, c), m, 0.5))
     return np.where(m > 0, p, 1.0)
 
 
@@ -745,7 +768,7 @@ def paired_diff_features(
                 "(paired tests need independent pairs); deduplicate the pairs."
             )
 
-    def side(pooled: FrameLike, col: str, what: str) -> tuple[np.ndarray, np.ndarray, sparse.csr_matrix]:
+    def side(pooled: FrameLike, col: str, what: str) -> tuple[np.ndarray, np.ndarray, Any]:
         """Per-feature doc counts and activation sums over paired docs, and the pair x feature pattern."""
         df = (
             as_lazy(pooled, what, ["doc_id", "feature", "max_activation"])
@@ -765,7 +788,7 @@ def paired_diff_features(
         if feat.size and feat.min() < 0:
             raise ValueError(f"{what} has negative feature index {int(feat.min())}; features are 0-based.")
         width = int(feat.max()) + 1 if feat.size else 1
-        pattern = sparse.csr_matrix(
+        pattern = _scipy_sparse().csr_matrix(
             (np.ones(feat.size, dtype=np.int8), (pair[keep], feat)), shape=(n, max(width, 1))
         )
         return np.bincount(feat, minlength=width), np.bincount(feat, weights=act, minlength=width), pattern

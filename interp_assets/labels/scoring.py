@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from scipy.stats import rankdata
 
 from interp_assets.labels.embedding import DEFAULT_EMBEDDING_MODEL, sentence_embeddings
 from interp_assets.labels.evidence import Excerpt, split_excerpts, split_features
@@ -113,6 +112,8 @@ def auc_score(y_true: np.ndarray, y_score: np.ndarray) -> float | None:
     n_pos, n_neg = int(y_true.sum()), int((~y_true).sum())
     if n_pos == 0 or n_neg == 0:
         return None
+    from scipy.stats import rankdata  # imported on first use: loading the definitions stays fast
+
     ranks = rankdata(np.asarray(y_score, dtype=np.float64))
     return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
