@@ -166,6 +166,52 @@ class Dataset:
         return cls(store)
 
     @classmethod
+    def from_frame(
+        cls,
+        frame: Any,
+        text: str = "text",
+        *,
+        name: str | None = None,
+        data_dir: str | None = None,
+        reader: Any = None,
+    ) -> Dataset:
+        """A dataset computed from a pandas or polars DataFrame, through the same assets, activation cache
+        and storage as a dropped file (interp_embed's `Dataset(df, sae)`).
+
+        `text` names the text column; every other column is kept as metadata. `name` defaults to
+        `frame_<content hash>`, so the same frame is the same dataset (and is not encoded again). `reader`
+        is a `resources.sae_reader.SAEReaderResource` (default: the embedded reader on the best device).
+        The dataset is then an ordinary partition: `Dataset.load(name)`, the UI and SQL all see it.
+        """
+        if not isinstance(frame, pl.DataFrame):
+            try:
+                frame = pl.from_pandas(frame)
+            except (TypeError, ValueError, ImportError) as exc:
+                raise TypeError(
+                    f"from_frame needs a pandas or polars DataFrame; got {type(frame).__name__}."
+                ) from exc
+        if text not in frame.columns:
+            raise ValueError(
+                f"from_frame: no text column {text!r}; the frame's columns are {frame.columns}. "
+                "Pass text='<column with the documents>'."
+            )
+        if frame.height == 0:
+            raise ValueError("from_frame: the frame has no rows.")
+        if name is None:
+            import hashlib
+
+            digest = hashlib.blake2b(digest_size=6)
+            digest.update("\x1f".join(frame.columns).encode())
+            for value in frame[text].cast(pl.String).fill_null("").to_list():
+                digest.update(value.encode() + b"\x1e")
+            name = f"frame_{digest.hexdigest()}"
+        data_dir = data_dir if data_dir is not None else paths.data_dir()
+        from interp_assets.defs.notebook_runs import materialize_frame  # Dagster: only on this path
+
+        materialize_frame(frame, name, text_column=text, data_dir=data_dir, reader=reader)
+        return cls.load(name, data_dir=data_dir)
+
+    @classmethod
     def from_frames(
         cls,
         name: str,

@@ -70,11 +70,25 @@ def test_rule_checker_sees_lazy_and_from_imports(tmp_path):
     assert _uses(modules, "resources") == ["resources.llm"]
 
 
+# Entry points outside defs/ that run the assets on request: imported inside that function only, so
+# importing the module stays free of Dagster (test_pure_modules_load_without_dagster checks that).
+ON_DEMAND = {"interp_assets/notebook.py": {"interp_assets.defs.notebook_runs"}}
+
+
 def test_only_defs_imports_dagster_resources_or_io_managers():
     offenders = {
         str(path.relative_to(ROOT)): found
         for path in _modules_outside_defs()
-        if (found := [m for prefix in DAGSTER_SIDE for m in _uses(imported_modules(path), prefix)])
+        if (
+            found := [
+                m
+                for prefix in DAGSTER_SIDE
+                for m in _uses(imported_modules(path), prefix)
+                if not any(
+                    m == a or m.startswith(a + ".") for a in ON_DEMAND.get(str(path.relative_to(ROOT)), ())
+                )
+            ]
+        )
     }
     assert not offenders, (
         f"only interp_assets/defs/ may import Dagster, resources or io_managers: {offenders}"
@@ -151,3 +165,15 @@ def test_benchmark_results_record_repo_relative_paths():
         if found:
             absolute[path.name] = found[:3]
     assert not absolute, f"benchmark results hold machine paths (use _common.write_results): {absolute}"
+
+
+def test_on_demand_imports_are_inside_functions():
+    for rel, allowed in ON_DEMAND.items():
+        tree = ast.parse((ROOT / rel).read_text())
+        top = {
+            node.module if isinstance(node, ast.ImportFrom) else alias.name
+            for node in tree.body
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        }
+        assert not top & allowed, f"{rel} imports {top & allowed} at module level"
