@@ -4,7 +4,7 @@
     ds = Dataset.load("support_tickets")           # <data_dir>/parquet/{raw_documents,pooled_embeddings,...}
     X = ds.latents("max")                          # scipy.sparse.csr_matrix (n_docs, d_sae)
     ds.top_documents_for_feature(123)              # doc_id, value, text
-    print(ds.highlight(doc_id=7, feature=123))     # activating tokens marked << >>
+    print(ds.highlight(0, 123))                    # row 0's activating tokens marked << >> (or doc_id=7)
     long = ds.filter(pl.col("text").str.len_chars() > 500).sort_by_features([123, 456])
     ds.diff(Dataset.load("other"))                 # interp_assets.analysis.diffing.diff_features
     ds.associations("resolved")                    # interp_assets.analysis.associations
@@ -410,19 +410,61 @@ class Dataset:
 
     def top_documents_for_feature(self, feature: int, k: int = 10, aggregation: str = "max") -> pl.DataFrame:
         """The k documents of this view with the highest value of `feature`: doc_id, value, text."""
-        vals = self._values(aggregation).filter(pl.col("feature") == int(feature))
+        vals = self._values(aggregation).filter(pl.col("feature") == self._feature(feature))
         top = vals.sort(["value", "doc_id"], descending=[True, False]).head(k)
         docs = self._store.documents.select(pl.col("doc_id").cast(pl.Int32), "text")
         return top.join(docs, on="doc_id", how="left", maintain_order="left").select(
             "doc_id", pl.col("value").cast(pl.Float64), "text"
         )
 
-    def highlight(self, doc_id: int, feature: int, open_mark: str = "<<", close_mark: str = ">>") -> str:
-        """The text of document `doc_id` with the tokens where `feature` is active wrapped in marks."""
-        ids = self._store.doc_ids
-        pos = int(np.searchsorted(ids, doc_id))
-        if pos >= ids.size or ids[pos] != doc_id:
-            raise KeyError(f"doc_id {doc_id} is not in dataset {self.name!r} ({ids.size} documents).")
+    def _feature(self, feature: int) -> int:
+        """`feature` as an int, or a clear error when it is not a feature of this SAE."""
+        if isinstance(feature, bool) or not isinstance(feature, int | np.integer):
+            raise TypeError(f"feature must be an integer; got {feature!r}.")
+        if not 0 <= int(feature) < self.d_sae:
+            raise ValueError(f"feature {feature} is outside this SAE's features 0..{self.d_sae - 1}.")
+        return int(feature)
+
+    def highlight(
+        self,
+        row: int | None = None,
+        feature: int | None = None,
+        open_mark: str = "<<",
+        close_mark: str = ">>",
+        *,
+        doc_id: int | None = None,
+    ) -> str:
+        """The text of one document with the tokens where `feature` is active wrapped in marks.
+
+        The document is the `row`-th of this view (as `ds[row]`; negative counts from the end), so on a
+        sorted view `highlight(0, f)` marks the top row; or pass `doc_id=` for a document by id.
+        """
+        if feature is None:
+            raise TypeError(
+                "highlight needs a feature: highlight(row, feature) or highlight(doc_id=..., feature=...)."
+            )
+        feature = self._feature(feature)
+        if (row is None) == (doc_id is None):
+            raise TypeError("highlight takes a row of this view or doc_id=..., not both and not neither.")
+        if doc_id is None:
+            n = len(self)
+            i = int(row) + n if row < 0 else int(row)
+            if not 0 <= i < n:
+                raise IndexError(f"row {row} is out of range for a Dataset of {n} documents.")
+            pos = int(self.rows[i])
+            doc_id = int(self._store.doc_ids[pos])
+        else:
+            ids = self._store.doc_ids
+            pos = int(np.searchsorted(ids, doc_id))
+            if pos >= ids.size or ids[pos] != doc_id:
+                raise KeyError(f"doc_id {doc_id} is not in dataset {self.name!r} ({ids.size} documents).")
+        return self.highlight_many([doc_id], feature, open_mark, close_mark)[0]
+
+    def highlight_many(
+        self, doc_ids: Sequence[int], feature: int, open_mark: str = "<<", close_mark: str = ">>"
+    ) -> list[str]:
+        """`highlight` for many documents (by doc_id) at once: one read of the activations, not one each."""
+        feature = self._feature(feature)
         ta = self._store.token_activations
         if ta is None:
             where = self._store.where.get("token_activations", "token_activations")
@@ -431,19 +473,28 @@ class Dataset:
                 + _MATERIALIZE_HINT.format(asset="token_activations", name=self.name)
                 + "."
             )
+        wanted = [int(d) for d in doc_ids]
+        positions = self._positions(np.asarray(wanted, dtype=np.int64))
         spans = (
-            ta.filter((pl.col("doc_id") == int(doc_id)) & (pl.col("feature") == int(feature)))
-            .select("char_start", "char_end")
+            ta.filter((pl.col("feature") == feature) & pl.col("doc_id").is_in(wanted))
+            .select("doc_id", "char_start", "char_end")
             .collect()
         )
-        text = self._store.documents["text"][pos] or ""
-        return highlight_text(text, spans.rows(), open_mark, close_mark)
+        by_doc: dict[int, list[tuple[int, int]]] = {}
+        for d, a, b in spans.iter_rows():
+            by_doc.setdefault(int(d), []).append((a, b))
+        texts = self._store.documents["text"]
+        return [
+            highlight_text(texts[int(p)] or "", by_doc.get(d, []), open_mark, close_mark)
+            for d, p in zip(wanted, positions, strict=True)
+        ]
 
     def sort_by_features(
         self, features: int | Sequence[int], aggregation: str = "max", descending: bool = True
     ) -> Dataset:
         """This view reordered by the sum of `features`' values (0 where inactive); ties keep the order."""
-        feats = [int(features)] if isinstance(features, int | np.integer) else [int(f) for f in features]
+        feats = [features] if isinstance(features, int | np.integer) else list(features)
+        feats = [self._feature(f) for f in feats]
         vals = self._values(aggregation).filter(pl.col("feature").is_in(feats))
         per_doc = vals.group_by("doc_id").agg(pl.col("value").cast(pl.Float64).sum())
         score = np.zeros(self._store.documents.height)

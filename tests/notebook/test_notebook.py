@@ -242,8 +242,29 @@ def test_highlight(ds: Dataset) -> None:
     assert ds.highlight(3, 2) == "<<cat>> <<cat>> <<mat>> sat"
     assert ds.highlight(4, 6, "[", "]") == "dog sat [<x>] ran"
     assert ds.highlight(2, 2) == TEXTS[2]
+    assert ds.highlight(doc_id=3, feature=2) == ds.highlight(3, 2)
     with pytest.raises(KeyError, match="doc_id 99"):
+        ds.highlight(doc_id=99, feature=2)
+    with pytest.raises(IndexError, match="row 99 is out of range"):
         ds.highlight(99, 2)
+
+
+def test_highlight_is_by_row_of_the_view_and_batches(ds: Dataset) -> None:
+    top = ds.sort_by_features(2, aggregation="sum")  # doc 3 (two cats and a mat) first
+    assert top[0]["doc_id"] == 3 and top.highlight(0, 2) == "<<cat>> <<cat>> <<mat>> sat"
+    assert top.highlight(-1, 2) == ds.highlight(doc_id=int(top.doc_ids[-1]), feature=2)
+    assert ds.highlight_many([3, 0, 2], 2) == [ds.highlight(3, 2), ds.highlight(0, 2), TEXTS[2]]
+
+
+@pytest.mark.parametrize("feature", [99999, -1, 7])
+def test_a_feature_outside_the_sae_is_a_clear_error(ds: Dataset, feature: int) -> None:
+    for call in (
+        lambda: ds.highlight(0, feature),
+        lambda: ds.top_documents_for_feature(feature),
+        lambda: ds.sort_by_features([2, feature]),
+    ):
+        with pytest.raises(ValueError, match=f"feature {feature} is outside this SAE's features 0..6"):
+            call()
 
 
 def test_highlight_without_token_activations(tmp_path: Path) -> None:

@@ -445,7 +445,7 @@ def test_warehouse_and_notebook_read_the_asset_tables(incremental):
     latents = ds.latents("count")
     assert latents.shape[0] == 47 and latents.nnz == tables["pooled_embeddings"].height
     row = tables["token_activations"].row(0, named=True)
-    assert "<<" in ds.highlight(row["doc_id"], row["feature"])
+    assert "<<" in ds.highlight(doc_id=row["doc_id"], feature=row["feature"])
 
 
 def test_crash_while_writing_segments_keeps_the_previous_table(tmp_path, monkeypatch):
