@@ -38,20 +38,10 @@ from interp_assets.analysis.diffing import (
     pooled_value_expr,
 )
 from interp_assets.analysis.reports import highlight_text
+from interp_assets.labels.labeling import FEATURE_LABELS_SCHEMA
 from interp_assets.storage import paths
 
 CORE_DOCUMENT_COLUMNS = ("dataset", "doc_id", "doc_hash", "text", "source_file", "source_row")
-FEATURE_LABELS_SCHEMA: dict[str, pl.DataType] = {
-    "dataset": pl.String(),
-    "feature": pl.Int32(),
-    "label": pl.String(),
-    "description": pl.String(),
-    "source": pl.String(),
-    "selected_because": pl.String(),
-    "evidence_doc_ids": pl.List(pl.Int32()),
-    "evidence_hash": pl.String(),
-    "sae_id": pl.String(),
-}
 D_SAE_METADATA_KEYS = (b"d_sae", b"interp.d_sae")
 
 _MATERIALIZE_HINT = (
@@ -99,6 +89,7 @@ class _Store:
     d_sae: int | None = None
     d_sae_explicit: bool = False
     where: dict[str, str] = field(default_factory=dict)  # table -> path, for error messages
+    embeddings: tuple[tuple[int, ...], np.ndarray] | None = None  # (doc_ids, sentence embeddings) of a view
     doc_ids: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -512,6 +503,101 @@ class Dataset:
         if labels is None:
             return pl.DataFrame(schema=FEATURE_LABELS_SCHEMA)
         return labels
+
+    def _label_inputs(self, feature: int) -> tuple[pl.DataFrame, pl.DataFrame, np.ndarray | None]:
+        """This view's documents (doc_id order), the feature's token activations among them, and the
+        documents' sentence embeddings (the hard negatives' input, as feature_labels uses up to 20,000)."""
+        ta = self._store.token_activations
+        if ta is None:
+            where = self._store.where.get("token_activations", "token_activations")
+            raise FileNotFoundError(
+                f"Dataset {self.name!r} has no token_activations ({where}): "
+                + _MATERIALIZE_HINT.format(asset="token_activations", name=self.name)
+                + "."
+            )
+        docs = self.documents.unique(subset="doc_id", keep="first").sort("doc_id")
+        ids = docs["doc_id"].cast(pl.Int32).to_list()
+        acts = ta.filter((pl.col("feature") == feature) & pl.col("doc_id").is_in(ids)).collect()
+        embeddings = None
+        if docs.height <= 20_000:
+            from interp_assets.labels.embedding import sentence_embeddings
+
+            key = tuple(ids)
+            if self._store.embeddings is None or self._store.embeddings[0] != key:
+                self._store.embeddings = (key, sentence_embeddings(docs["text"].fill_null("").to_list()))
+            embeddings = self._store.embeddings[1]
+        return docs, acts, embeddings
+
+    def label_feature(
+        self, feature: int, *, llm: Any = None, n_evidence: int = 20, n_holdout: int = 40, seed: int = 0
+    ) -> dict[str, Any]:
+        """Label one feature from this view's documents the way feature_labels does (evidence split with
+        hard negatives; the LLM labeler when `llm` is an enabled client, else the offline one). Returns the
+        feature_labels row: label, description, source, evidence_doc_ids, evidence_hash, ..."""
+        from interp_assets.labels.labeling import label_features
+
+        feature = self._feature(feature)
+        docs, acts, embeddings = self._label_inputs(feature)
+        labels = label_features(
+            acts,
+            docs,
+            [feature],
+            dataset=self.name,
+            sae_id=self._sae_id(),
+            embeddings=embeddings,
+            llm=llm,
+            n_evidence=n_evidence,
+            n_holdout=n_holdout,
+            seed=seed,
+        )
+        return labels.row(0, named=True)
+
+    def score_feature(
+        self,
+        feature: int,
+        label: str | dict[str, Any] | None = None,
+        *,
+        llm: Any = None,
+        n_evidence: int = 20,
+        n_holdout: int = 40,
+        seed: int = 0,
+        n_boot: int = 1000,
+    ) -> pl.DataFrame:
+        """Score a label of `feature` on held-out documents never shown to the labeler, with
+        feature_scores's scorers (embedding offline; detection and fuzz with an enabled `llm`).
+
+        `label`: a row from `label_feature`, a label text of your own (scored on the same held-out split),
+        or None (label first). Returns feature_scores rows, one per method.
+        """
+        from interp_assets.labels.scoring import score_features
+
+        feature = self._feature(feature)
+        row = (
+            label
+            if isinstance(label, dict)
+            else self.label_feature(feature, llm=llm, n_evidence=n_evidence, n_holdout=n_holdout, seed=seed)
+        )
+        if isinstance(label, str):
+            row = row | {"label": label, "description": label, "source": "user"}
+        docs, acts, embeddings = self._label_inputs(feature)
+        labels = pl.DataFrame([{k: row.get(k) for k in FEATURE_LABELS_SCHEMA}], schema=FEATURE_LABELS_SCHEMA)
+        return score_features(
+            labels,
+            acts,
+            docs,
+            llm=llm,
+            embeddings=embeddings,
+            n_evidence=n_evidence,
+            n_holdout=n_holdout,
+            seed=seed,
+            n_boot=n_boot,
+        )
+
+    def _sae_id(self) -> str:
+        labels = self._store.labels
+        if labels is not None and labels.height and "sae_id" in labels.columns:
+            return str(labels["sae_id"][0])
+        return f"notebook:{self.name}"
 
     def _diff_width(self, other: Dataset) -> int:
         a, b = self._store, other._store

@@ -53,3 +53,21 @@ def test_bad_frames_are_clear_errors(tmp_path: Path) -> None:
         Dataset.from_frame([{"text": "a"}], data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="dataset name"):
         Dataset.from_frame(_frame(), text="body", name="../escape", data_dir=str(tmp_path))
+
+
+def test_label_and_score_a_feature_from_the_notebook(tmp_path: Path) -> None:
+    ds = Dataset.from_frame(
+        _frame(80), text="body", data_dir=str(tmp_path), reader=SAEReaderResource(device="cpu")
+    )
+    counts = np.asarray((ds.latents() > 0).sum(axis=0)).ravel()
+    feature = int(np.flatnonzero((counts >= 25) & (counts <= 55))[0])  # fires in some documents, not all
+    row = ds.label_feature(feature, n_evidence=10, n_holdout=20)
+    assert row["feature"] == feature and row["label"] and row["source"] == "offline:log-odds"
+    assert len(row["evidence_doc_ids"]) > 0
+    scores = ds.score_feature(feature, row, n_evidence=10, n_holdout=20, n_boot=100)
+    assert scores["method"].to_list() == ["embedding"] and scores["label"][0] == row["label"]
+    assert scores["n_positive"][0] > 0 and scores["n_negative"][0] > 0
+    mine = ds.score_feature(feature, "weather forecasts", n_evidence=10, n_holdout=20, n_boot=100)
+    assert mine["label"][0] == "weather forecasts" and mine["n_examples"][0] == scores["n_examples"][0]
+    with pytest.raises(ValueError, match="outside this SAE"):
+        ds.label_feature(5000)
