@@ -230,7 +230,17 @@ def _label_map(labels: pl.DataFrame | None) -> dict[int, dict[str, Any]]:
 def _score_map(scores: pl.DataFrame | None) -> dict[int, dict[str, Any]]:
     if scores is None or scores.height == 0 or "feature" not in scores.columns:
         return {}
-    cols = [c for c in ("feature", "f1", "f1_ci_low", "f1_ci_high", "method") if c in scores.columns]
+    wanted = (
+        "feature",
+        "f1",
+        "f1_ci_low",
+        "f1_ci_high",
+        "auc",
+        "length_baseline_auc",
+        "beats_length_baseline",
+        "method",
+    )
+    cols = [c for c in wanted if c in scores.columns]
     first = scores.select(cols).unique(subset="feature", keep="first", maintain_order=True)
     return {int(r["feature"]): r for r in first.iter_rows(named=True)}
 
@@ -253,11 +263,21 @@ def _q(x: float | None) -> str:
 
 
 def _score_text(s: Mapping[str, Any] | None) -> str:
-    if not s or s.get("f1") is None:
+    """The label's held-out score that carries evidence: AUC where the scorer gives one (on SST-2 it
+    separates real from swapped labels; F1 does not), else F1 with its interval; "unclear" when excerpt
+    length alone does as well."""
+    if not s:
         return "–"
-    text = f"{s['f1']:.2f}"
-    if s.get("f1_ci_low") is not None and s.get("f1_ci_high") is not None:
-        text += f" [{s['f1_ci_low']:.2f}, {s['f1_ci_high']:.2f}]"
+    if s.get("auc") is not None:
+        text = f"AUC {s['auc']:.2f}"
+    elif s.get("f1") is not None:
+        text = f"F1 {s['f1']:.2f}"
+        if s.get("f1_ci_low") is not None and s.get("f1_ci_high") is not None:
+            text += f" [{s['f1_ci_low']:.2f}, {s['f1_ci_high']:.2f}]"
+    else:
+        return "–"
+    if s.get("beats_length_baseline") is False:
+        text += f", unclear (length alone: {s['length_baseline_auc']:.2f})"
     return text
 
 
@@ -325,8 +345,9 @@ def render_markdown(
 ) -> str:
     """Markdown report of one comparison (a `diff_features` / `paired_diff_features` frame).
 
-    Summary, then per direction a table of the top significant features (feature, label, label F1 with
-    CI, freq_a, freq_b, diff with 95% CI, q-value) and up to 3 excerpts per feature with activating
+    Summary, then per direction a table of the top significant features (feature, label, its held-out
+    score: AUC, or F1 with CI for LLM scorers, "unclear" when excerpt length alone does as well; freq_a,
+    freq_b, diff with 95% CI, q-value) and up to 3 excerpts per feature with activating
     tokens marked `<< >>`. All text from documents and labels is escaped (`escape_markdown`).
     """
     esc = escape_markdown
@@ -352,7 +373,7 @@ def render_markdown(
             lines += [f"No feature is significantly more frequent in {name}.", ""]
             continue
         lines += [
-            f"| feature | label | label F1 [95% CI] | freq {a} | freq {b} | diff [95% CI] | q-value |",
+            f"| feature | label | label score (held out) | freq {a} | freq {b} | diff [95% CI] | q-value |",
             "|---:|---|---|---:|---:|---|---:|",
         ]
         for r in rows.iter_rows(named=True):
@@ -529,7 +550,7 @@ def render_html(
             out.append(f"<p>No feature is significantly more frequent in {name}.</p>")
             continue
         out.append(
-            "<table><thead><tr><th>feature</th><th>label</th><th>label F1 [95% CI]</th>"
+            "<table><thead><tr><th>feature</th><th>label</th><th>label score (held out)</th>"
             f"<th>freq {a}</th><th>freq {b}</th><th>diff [95% CI]</th><th>q-value</th></tr></thead><tbody>"
         )
         for r in rows.iter_rows(named=True):

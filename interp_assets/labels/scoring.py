@@ -37,9 +37,30 @@ FEATURE_SCORES_SCHEMA: dict[str, pl.DataType] = {
     "auc": pl.Float64(),
     "f1_ci_low": pl.Float64(),
     "f1_ci_high": pl.Float64(),
+    "length_baseline_auc": pl.Float64(),
+    "beats_length_baseline": pl.Boolean(),
 }
 METRIC_COLUMNS = tuple(FEATURE_SCORES_SCHEMA)[4:]
-SCORER_VERSION = "1"  # bumped when a scorer's metrics change for the same inputs
+SCORER_VERSION = "2"  # bumped when a scorer's metrics change for the same inputs (2: length baseline)
+
+
+def length_baseline(heldout: Sequence[Excerpt]) -> float | None:
+    """AUC of excerpt length alone for telling the held-out positives from the negatives, in its better
+    direction (>= 0.5): what a label must beat to carry evidence beyond "positives are longer"."""
+    auc = auc_score(
+        np.array([e.is_positive for e in heldout], dtype=bool),
+        np.array([len(e.text) for e in heldout], dtype=float),
+    )
+    return None if auc is None else max(auc, 1.0 - auc)
+
+
+def with_length_baseline(metrics: dict[str, Any], heldout: Sequence[Excerpt]) -> dict[str, Any]:
+    """`metrics` plus `length_baseline_auc` and `beats_length_baseline`: the label's AUC (balanced accuracy
+    for scorers without a continuous score) above the length-only AUC."""
+    baseline = length_baseline(heldout)
+    ours = metrics.get("auc") if metrics.get("auc") is not None else metrics.get("balanced_accuracy")
+    beats = None if baseline is None or ours is None else bool(ours > baseline)
+    return metrics | {"length_baseline_auc": baseline, "beats_length_baseline": beats}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -606,7 +627,7 @@ def score_features(
             reference = vectors[[at[q] for q in reference_queries]]
             for i, key in todo.items():
                 _, ho, ev = work[i]
-                results[(i, "embedding")] = fresh[key] = _embedding_metrics(
+                metrics = _embedding_metrics(
                     vectors[at[queries[i]]],
                     vectors[[at[e.text] for e in ev]],
                     vectors[[at[e.text] for e in ho]],
@@ -616,6 +637,7 @@ def score_features(
                     seed=seed,
                     reference=reference,
                 )
+                results[(i, "embedding")] = fresh[key] = with_length_baseline(metrics, ho)
                 tally["computed"] += 1
     llm_methods = [m for m in methods if m in ("detection", "fuzz")]
     if llm_methods and work:
@@ -644,6 +666,7 @@ def score_features(
             offset += len(prompts)
             errors += [f"feature {row['feature']} ({method}): {e}" for e in job_errors]
             if metrics is not None:
+                metrics = with_length_baseline(metrics, ho)
                 results[(i, method)] = metrics
                 tally["computed"] += 1
                 if not job_errors:  # a score with failed batches is not kept: a later run may complete it

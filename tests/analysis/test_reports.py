@@ -258,3 +258,15 @@ def test_render_associations_markdown() -> None:
     row = next(line for line in md.splitlines() if line.startswith("| 4 |"))
     assert "apology \\| &lt;b&gt;sorry&lt;/b&gt;" in row
     assert "| 1 |" not in md
+
+
+def test_report_shows_the_score_that_carries_evidence_and_flags_unclear_labels() -> None:
+    from interp_assets.analysis.reports import _score_text
+
+    clear = {"auc": 0.81, "f1": 0.5, "length_baseline_auc": 0.6, "beats_length_baseline": True}
+    assert _score_text(clear) == "AUC 0.81"
+    unclear = {"auc": 0.58, "length_baseline_auc": 0.71, "beats_length_baseline": False}
+    assert _score_text(unclear) == "AUC 0.58, unclear (length alone: 0.71)"
+    llm = {"auc": None, "f1": 0.7, "f1_ci_low": 0.6, "f1_ci_high": 0.8, "beats_length_baseline": True}
+    assert _score_text(llm) == "F1 0.70 [0.60, 0.80]"
+    assert _score_text(None) == "–"

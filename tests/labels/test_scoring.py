@@ -383,3 +383,22 @@ def test_the_background_edit_above_leaves_the_evidence_unchanged() -> None:
     )
     again = split_evidence(acts, edited, 4, n_evidence=10, n_holdout=20)
     assert again.evidence_hash == split.evidence_hash and again.background_hash != split.background_hash
+
+
+def test_length_baseline_is_the_better_direction_of_excerpt_length_alone() -> None:
+    from interp_assets.labels.scoring import length_baseline, with_length_baseline
+
+    def ex(text: str, positive: bool) -> Excerpt:
+        return Excerpt(0, text, (), 1.0 if positive else 0.0, "positive" if positive else "random_negative")
+
+    longer = [ex("a long positive excerpt", True)] * 3 + [ex("short", False)] * 3
+    assert length_baseline(longer) == 1.0
+    shorter = [ex("pos", True)] * 3 + [ex("a much longer negative", False)] * 3
+    assert length_baseline(shorter) == 1.0  # negatives longer: as telling, the other way round
+    mixed = [ex("abc", True), ex("abcdef", True), ex("abc", False), ex("abcdef", False)]
+    assert length_baseline(mixed) == 0.5
+    assert with_length_baseline({"auc": 0.9}, longer)["beats_length_baseline"] is False
+    assert with_length_baseline({"auc": 0.7}, mixed)["beats_length_baseline"] is True
+    assert (
+        with_length_baseline({"auc": None, "balanced_accuracy": 0.4}, mixed)["beats_length_baseline"] is False
+    )
