@@ -451,11 +451,8 @@ class Dataset:
                 raise KeyError(f"doc_id {doc_id} is not in dataset {self.name!r} ({ids.size} documents).")
         return self.highlight_many([doc_id], feature, open_mark, close_mark)[0]
 
-    def highlight_many(
-        self, doc_ids: Sequence[int], feature: int, open_mark: str = "<<", close_mark: str = ">>"
-    ) -> list[str]:
-        """`highlight` for many documents (by doc_id) at once: one read of the activations, not one each."""
-        feature = self._feature(feature)
+    def _token_activations(self) -> pl.LazyFrame:
+        """The dataset's token_activations, or a clear error saying what to materialize."""
         ta = self._store.token_activations
         if ta is None:
             where = self._store.where.get("token_activations", "token_activations")
@@ -464,6 +461,14 @@ class Dataset:
                 + _MATERIALIZE_HINT.format(asset="token_activations", name=self.name)
                 + "."
             )
+        return ta
+
+    def highlight_many(
+        self, doc_ids: Sequence[int], feature: int, open_mark: str = "<<", close_mark: str = ">>"
+    ) -> list[str]:
+        """`highlight` for many documents (by doc_id) at once: one read of the activations, not one each."""
+        feature = self._feature(feature)
+        ta = self._token_activations()
         wanted = [int(d) for d in doc_ids]
         positions = self._positions(np.asarray(wanted, dtype=np.int64))
         spans = (
@@ -507,14 +512,7 @@ class Dataset:
     def _label_inputs(self, feature: int) -> tuple[pl.DataFrame, pl.DataFrame, np.ndarray | None]:
         """This view's documents (doc_id order), the feature's token activations among them, and the
         documents' sentence embeddings (the hard negatives' input, as feature_labels uses up to 20,000)."""
-        ta = self._store.token_activations
-        if ta is None:
-            where = self._store.where.get("token_activations", "token_activations")
-            raise FileNotFoundError(
-                f"Dataset {self.name!r} has no token_activations ({where}): "
-                + _MATERIALIZE_HINT.format(asset="token_activations", name=self.name)
-                + "."
-            )
+        ta = self._token_activations()
         docs = self.documents.unique(subset="doc_id", keep="first").sort("doc_id")
         ids = docs["doc_id"].cast(pl.Int32).to_list()
         acts = ta.filter((pl.col("feature") == feature) & pl.col("doc_id").is_in(ids)).collect()

@@ -338,6 +338,28 @@ def test_unreadable_score_cache_is_a_clear_error(tmp_path: Path) -> None:
         ScoreCache(path)
 
 
+def _edit_first_background_document(docs: pl.DataFrame, acts: pl.DataFrame) -> pl.DataFrame:
+    """The corpus with the first background document of feature 4's split rewritten (hash updated)."""
+    target = split_evidence(acts, docs, 4, n_evidence=10, n_holdout=20).background[0]
+    edited = docs.with_columns(
+        pl.when(pl.col("doc_id") == target)
+        .then(pl.lit("an entirely new text"))
+        .otherwise("text")
+        .alias("text")
+    )
+    return edited.with_columns(
+        pl.col("text").map_elements(text_hash, return_dtype=pl.String).alias("doc_hash")
+    )
+
+
+def test_the_background_edit_leaves_the_evidence_unchanged() -> None:
+    """Guards the next test: the edit must change the background only, or that test proves nothing."""
+    docs, acts = _apology_corpus()
+    split = split_evidence(acts, docs, 4, n_evidence=10, n_holdout=20)
+    again = split_evidence(acts, _edit_first_background_document(docs, acts), 4, n_evidence=10, n_holdout=20)
+    assert again.evidence_hash == split.evidence_hash and again.background_hash != split.background_hash
+
+
 def test_offline_labels_come_from_the_cache_when_evidence_and_background_are_unchanged(
     tmp_path: Path,
 ) -> None:
@@ -350,39 +372,8 @@ def test_offline_labels_come_from_the_cache_when_evidence_and_background_are_unc
     again = label_features(acts, docs, [4], counts=counts, **params)
     assert counts["computed"] == 0 and counts["from_cache"] == 1 and again.equals(first)
     # a changed background document (not evidence, not held out) changes what the labeler reads
-    split = split_evidence(acts, docs, 4, n_evidence=10, n_holdout=20)
-    target = split.background[0]
-    edited = docs.with_columns(
-        pl.when(pl.col("doc_id") == target)
-        .then(pl.lit("an entirely new text"))
-        .otherwise("text")
-        .alias("text")
-    ).with_columns(
-        pl.when(pl.col("doc_id") == target)
-        .then(pl.col("text").map_elements(text_hash, return_dtype=pl.String))
-        .otherwise("doc_hash")
-        .alias("doc_hash")
-    )
-    label_features(acts, edited, [4], counts=counts, **params)
+    label_features(acts, _edit_first_background_document(docs, acts), [4], counts=counts, **params)
     assert counts["computed"] == 1
-
-
-def test_the_background_edit_above_leaves_the_evidence_unchanged() -> None:
-    """Guards the previous test: its edit must change the background only, or it proves nothing."""
-    docs, acts = _apology_corpus()
-    split = split_evidence(acts, docs, 4, n_evidence=10, n_holdout=20)
-    target = split.background[0]
-    edited = docs.with_columns(
-        pl.when(pl.col("doc_id") == target)
-        .then(pl.lit("an entirely new text"))
-        .otherwise("text")
-        .alias("text")
-    )
-    edited = edited.with_columns(
-        pl.col("text").map_elements(text_hash, return_dtype=pl.String).alias("doc_hash")
-    )
-    again = split_evidence(acts, edited, 4, n_evidence=10, n_holdout=20)
-    assert again.evidence_hash == split.evidence_hash and again.background_hash != split.background_hash
 
 
 def test_length_baseline_is_the_better_direction_of_excerpt_length_alone() -> None:
