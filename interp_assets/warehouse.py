@@ -13,6 +13,7 @@ import random
 import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -133,7 +134,22 @@ def _partition_entries(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[list
     return sorted(files), sorted(folders)
 
 
-def table_source(parquet_base: str, table: str) -> str | None:
+ORPHAN_AGE_S = 600  # a partition folder without a manifest this long after its last write is not mid-write
+
+
+def _orphan_partitions(fs: fsspec.AbstractFileSystem, folder: str, names: list[str]) -> list[str]:
+    """Partition folders that hold Parquet files but no manifest, untouched for `ORPHAN_AGE_S` seconds."""
+    now = time.time()
+    orphans = []
+    for name in names:
+        infos = [i for i in fs.ls(f"{folder}/{name}", detail=True) if str(i["name"]).endswith(".parquet")]
+        ages = [now - float(i.get("mtime") or i.get("created") or now) for i in infos]
+        if infos and min(ages) > ORPHAN_AGE_S:
+            orphans.append(name)
+    return orphans
+
+
+def table_source(parquet_base: str, table: str, problems: list[str] | None = None) -> str | None:
     """`read_parquet(...)` SQL over a table's Parquet files, or None when it has none.
 
     Partitioned tables of single files (`<base>/<table>/*.parquet`) are read with a glob so new partitions
@@ -154,6 +170,13 @@ def table_source(parquet_base: str, table: str) -> str | None:
         url_base = parquet_base.rstrip("/")
     files, folders = _partition_entries(fs, f"{base}/{table}")
     segmented = {p: segment_files(f"{url_base}/{table}/{p}") for p in folders}
+    if problems is not None:  # a lost manifest never silently drops a partition from the view
+        unlisted = [p for p, urls in segmented.items() if urls is None]
+        for p in _orphan_partitions(fs, f"{base}/{table}", unlisted):
+            problems.append(
+                f"partition folder {url_base}/{table}/{p} holds segment files but no _manifest.json, so it "
+                f"is left out of the view; materialize {table} for partition {p!r} again"
+            )
     segmented = {p: urls for p, urls in segmented.items() if urls is not None}
     options = "union_by_name = true, hive_partitioning = false"
     if segmented:
@@ -192,13 +215,14 @@ class ViewRefreshError(ValueError):
         self.counts = dict(counts)
         listed = "; ".join(f"{table}: {problem.rstrip('.')}" for table, problem in self.errors.items())
         super().__init__(
-            f"{len(self.errors)} DuckDB view(s) not refreshed (they keep their previous definition; every "
-            f"other view is current): {listed}. Fix or re-materialize those partitions, then refresh again."
+            f"{len(self.errors)} DuckDB view(s) with problems (a view that cannot be built keeps its "
+            f"previous definition; every other view is current): {listed}. Fix or re-materialize those "
+            "partitions, then refresh again."
         )
 
 
 def apply_views(
-    con: duckdb.DuckDBPyConnection, sources: Mapping[str, str | Exception | None]
+    con: duckdb.DuckDBPyConnection, sources: Mapping[str, str | Exception | _Partial | None]
 ) -> dict[str, int]:
     """Create or replace one view per table (dropping views of tables without files), each in its own
     transaction: a table whose files cannot be read keeps its previous view and is reported in a
@@ -210,6 +234,11 @@ def apply_views(
         if isinstance(source, Exception):
             errors[table] = f"{type(source).__name__}: {source}"
             continue
+        if isinstance(source, _Partial):
+            errors[table] = source.problem
+            if source.source is None:
+                continue  # nothing readable: keep the previous view rather than drop it
+            source = source.source
         con.execute("BEGIN TRANSACTION")
         try:
             if source is None:
@@ -232,16 +261,27 @@ def apply_views(
     return counts
 
 
-def _sources(parquet_base: str, tables: Sequence[str]) -> dict[str, str | Exception | None]:
+def _sources(parquet_base: str, tables: Sequence[str]) -> dict[str, str | Exception | _Partial | None]:
     for table in tables:
         check_table_name(table)
-    sources: dict[str, str | Exception | None] = {}
+    sources: dict[str, str | Exception | _Partial | None] = {}
     for table in tables:
         try:
-            sources[table] = table_source(parquet_base, table)
+            sources[table] = table_source(parquet_base, table, problems := [])
         except (OSError, ValueError) as exc:  # one unreadable table never blocks the others
             sources[table] = exc
+            continue
+        if problems:
+            sources[table] = _Partial(sources[table], "; ".join(problems))
     return sources
+
+
+@dataclass(frozen=True)
+class _Partial:
+    """A table's view source that leaves out partitions it cannot read, and why."""
+
+    source: str | None
+    problem: str
 
 
 def refresh_views(

@@ -225,3 +225,24 @@ def test_one_unreadable_table_leaves_every_other_view_current(tmp_path):
     assert list(info.value.errors) == ["bad"] and info.value.counts == {"good": 7}
     assert bad_file.name in str(info.value)  # the error names the file
     assert query(db, "select count(*) as n from good")["n"][0] == 7
+
+
+def test_a_lost_manifest_is_reported_and_never_silently_drops_the_view(tmp_path):
+    from interp_assets.storage.parquet import SegmentedTable
+
+    base = str(tmp_path / "parquet")
+    db = str(tmp_path / "warehouse.duckdb")
+    docs = _docs("p", 3)
+    write_table(base, "t", "p", SegmentedTable(docs.schema, {"s1": docs}))
+    write_table(base, "t", "q", SegmentedTable(docs.schema, {"s1": _docs("q", 2)}))
+    assert refresh_views(db, base, ["t"]) == {"t": 5}
+    folder = tmp_path / "parquet" / "t" / "q"
+    (folder / "_manifest.json").unlink()
+    # just written (a first write before its manifest): not an error yet
+    assert refresh_views(db, base, ["t"]) == {"t": 3}
+    for f in folder.glob("*.parquet"):
+        os.utime(f, (1, 1))  # long untouched: a lost manifest
+    with pytest.raises(ViewRefreshError, match="no _manifest.json") as info:
+        refresh_views(db, base, ["t"])
+    assert str(folder) in str(info.value) and info.value.counts == {"t": 3}
+    assert query(db, "select count(*) as n from t")["n"][0] == 3  # the readable partition stays
