@@ -85,7 +85,9 @@ def document_embeddings(
     docs = raw_documents.select("doc_id", "doc_hash", "text").collect().sort("doc_id")
     model = config.model or sae_reader.model
     started = time.perf_counter()
-    vectors, computed = cached_document_embeddings(storage, docs, model, config.layer, config.normalize)
+    vectors, computed = cached_document_embeddings(
+        storage, docs, model, config.layer, config.normalize, log=context.log.info
+    )
     table = pl.DataFrame(
         {
             "dataset": [dataset] * docs.height,

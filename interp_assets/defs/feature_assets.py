@@ -27,6 +27,7 @@ from interp_assets.engine.pooling import (
     pooled_summary,
 )
 from interp_assets.engine.reader import ENGINE_VERSION
+from interp_assets.progress import Progress
 from interp_assets.storage.parquet import (
     KEEP,
     SegmentedTable,
@@ -71,12 +72,24 @@ def token_activations(
     )
     started = time.perf_counter()
 
-    def progress(done: int, total: int) -> None:
-        context.log.info(f"{dataset}: encoded {done}/{total} new documents")
+    progress = Progress(f"{dataset}: encoding new documents", 0, context.log.info)
+    chunk_start = [0]  # documents done before the chunk in flight
 
-    stats = cache.encode_missing(
-        lambda texts: encode_texts(sae_reader.get_reader(), texts), docs, on_chunk=progress
-    )
+    def start(total: int) -> None:
+        progress.total = total
+        if total:
+            context.log.info(f"{dataset}: {total:,} of {docs.height:,} documents need encoding")
+
+    def chunk_done(done: int, total: int) -> None:
+        chunk_start[0] = done
+        progress.update(done)
+
+    def encode(texts: list[str]):
+        return encode_texts(
+            sae_reader.get_reader(), texts, on_batch=lambda n: progress.update(chunk_start[0] + n)
+        )
+
+    stats = cache.encode_missing(encode, docs, on_chunk=chunk_done, on_start=start)
     seconds = time.perf_counter() - started
     status = cache.activation_status(docs.select("doc_id", "doc_hash"), dataset)
     write_table(storage.parquet_base, "activation_status", dataset, status)

@@ -2,12 +2,14 @@
 
 import hashlib
 import json
+from collections.abc import Callable
 
 import numpy as np
 import polars as pl
 from dagster import AssetExecutionContext, AssetKey, AssetRecordsFilter, DagsterInstance, EventLogRecord
 
 from interp_assets.comparisons import load_dataset_settings
+from interp_assets.progress import Progress
 from interp_assets.storage.parquet import read_table, write_table
 from resources.storage import StorageResource
 
@@ -62,7 +64,12 @@ def recorded_d_sae(context: AssetExecutionContext, dataset: str) -> int | None:
 
 
 def cached_document_embeddings(
-    storage: StorageResource, docs: pl.DataFrame, model: str, layer: int | None = None, normalize: bool = True
+    storage: StorageResource,
+    docs: pl.DataFrame,
+    model: str,
+    layer: int | None = None,
+    normalize: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, int]:
     """Embeddings of `docs` (row i = docs row i) and how many were computed now; the rest come from a cache
     under `<data_dir>/cache/embeddings/` keyed by (model, layer, normalize) and document hash."""
@@ -79,7 +86,14 @@ def cached_document_embeddings(
         .join(known.select("doc_hash"), on="doc_hash", how="anti")
     )
     if missing.height:
-        vectors = document_embeddings(missing["text"].to_list(), model, layer=layer, normalize=normalize)
+        progress = Progress("embedding documents", missing.height, log) if log is not None else None
+        vectors = document_embeddings(
+            missing["text"].to_list(),
+            model,
+            layer=layer,
+            normalize=normalize,
+            on_batch=progress.update if progress is not None else None,
+        )
         new = pl.DataFrame({"doc_hash": missing["doc_hash"], "embedding": list(vectors)}, schema=schema)
         known = pl.concat([known, new])
         path.parent.mkdir(parents=True, exist_ok=True)

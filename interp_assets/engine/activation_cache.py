@@ -202,8 +202,12 @@ class ActivationCache:
         max_chars: int = 400_000,
         retry_rejected: bool = False,
         on_chunk: Callable[[int, int], None] | None = None,
+        on_start: Callable[[int], None] | None = None,
     ) -> EncodeStats:
-        """Encode the documents (columns doc_hash, text) whose hash is not cached yet, chunk by chunk."""
+        """Encode the documents (columns doc_hash, text) whose hash is not cached yet, chunk by chunk.
+
+        `on_start(n)` hears how many documents need encoding before the first chunk; `on_chunk(done, n)`
+        after each committed chunk."""
         unique = documents.select("doc_hash", "text").unique("doc_hash", keep="first", maintain_order=True)
         index = self.document_index()
         done = index if not retry_rejected else index.filter(pl.col("status") == "encoded")
@@ -212,6 +216,8 @@ class ActivationCache:
         hashes = missing["doc_hash"].to_list()
         encoded = rejected = chunks = 0
         lengths = [len(t) for t in texts]
+        if on_start is not None:
+            on_start(len(texts))
         for rng in iter_chunks(len(texts), lengths, max_docs, max_chars):
             result = encode([texts[i] for i in rng])
             chunk_hashes = [hashes[i] for i in rng]

@@ -14,7 +14,7 @@ Design points (see README, "Activation engine"):
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -392,8 +392,12 @@ def _encode_batch(reader: Any, docs: list[_Tokenized], workspace: Workspace) -> 
         )
 
 
-def encode_texts(reader: Any, texts: Sequence[str]) -> EncodedTexts:
-    """Encode `texts` with the reader's model and SAE; rows of the result carry `doc_index` into `texts`."""
+def encode_texts(
+    reader: Any, texts: Sequence[str], on_batch: Callable[[int], None] | None = None
+) -> EncodedTexts:
+    """Encode `texts` with the reader's model and SAE; rows of the result carry `doc_index` into `texts`.
+
+    `on_batch(n)` (if given) hears after each forward batch how many of `texts` are done."""
     tokenized = tokenize_documents(reader, texts)
     n = len(texts)
     errors: dict[int, str] = {}
@@ -413,9 +417,13 @@ def encode_texts(reader: Any, texts: Sequence[str]) -> EncodedTexts:
             truncated[i] = t.truncated
     parts: list[tuple[np.ndarray, ...]] = []
     workspace = Workspace()
+    finished = n - len(good)  # documents that failed tokenization are done already
     for batch in plan_batches([n_tokens[i] for i in good], reader.token_budget):
         doc_idx = [good[j] for j in batch]
         parts.extend(_encode_with_isolation(reader, doc_idx, tokenized, errors, workspace))
+        finished += len(doc_idx)
+        if on_batch is not None:
+            on_batch(finished)
     if activation_dtype(reader) == "float16":
         parts = [_reject_float16_overflow(p, errors) for p in parts]
     return EncodedTexts(

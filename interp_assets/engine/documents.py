@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +47,9 @@ def document_embeddings(
     normalize: bool = True,
     batch_size: int = 64,
     max_length: int = 256,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Embed `texts` as an `(n, hidden)` float32 array (row i is text i).
+    """Embed `texts` as an `(n, hidden)` float32 array (row i is text i); `on_batch(done)` hears progress.
 
     Hidden states of `layer` (an index into the model's hidden states: 0 = embeddings, None or -1 = the
     last layer) are averaged over each text's tokens and, with `normalize`, scaled to unit length.
@@ -104,6 +105,8 @@ def document_embeddings(
             if normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
             out[idx] = pooled.cpu().numpy()
+            if on_batch is not None:
+                on_batch(min(start + batch_size, len(order)))
     return out
 
 

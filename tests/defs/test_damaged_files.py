@@ -75,6 +75,8 @@ def test_a_corrupt_cache_chunk_is_quarantined_and_its_documents_encoded_again(tm
     assert again.success
     meta = again.asset_materializations_for_node("token_activations")[0].metadata
     assert meta["encoded_now"].value == 12
+    progress = " ".join(str(e) for e in instance.all_logs(again.run_id))
+    assert "first: encoding new documents: 12/12 documents" in progress  # the step says how far it is
     after = _content(data, "token_activations", "first")
     assert after.select("doc_id", "token_index", "feature").equals(
         before.select("doc_id", "token_index", "feature")
