@@ -438,18 +438,24 @@ class Dataset:
         if (row is None) == (doc_id is None):
             raise TypeError("highlight takes a row of this view or doc_id=..., not both and not neither.")
         if doc_id is None:
-            n = len(self)
-            i = int(row) + n if row < 0 else int(row)
-            if not 0 <= i < n:
-                raise IndexError(f"row {row} is out of range for a Dataset of {n} documents.")
-            pos = int(self.rows[i])
-            doc_id = int(self._store.doc_ids[pos])
-        else:
-            ids = self._store.doc_ids
-            pos = int(np.searchsorted(ids, doc_id))
-            if pos >= ids.size or ids[pos] != doc_id:
-                raise KeyError(f"doc_id {doc_id} is not in dataset {self.name!r} ({ids.size} documents).")
+            doc_id = self._row_doc_id(row)
         return self.highlight_many([doc_id], feature, open_mark, close_mark)[0]
+
+    def _row_doc_id(self, row: int) -> int:
+        """doc_id of the `row`-th document of this view (negative counts from the end)."""
+        n = len(self)
+        i = int(row) + n if row < 0 else int(row)
+        if not 0 <= i < n:
+            raise IndexError(f"row {row} is out of range for a Dataset of {n} documents.")
+        return int(self._store.doc_ids[int(self.rows[i])])
+
+    def _doc_position(self, doc_id: int) -> int:
+        """Position of `doc_id` in the dataset's documents; KeyError when it is not one of them."""
+        ids = self._store.doc_ids
+        pos = int(np.searchsorted(ids, doc_id))
+        if pos >= ids.size or ids[pos] != doc_id:
+            raise KeyError(f"doc_id {doc_id} is not in dataset {self.name!r} ({ids.size} documents).")
+        return pos
 
     def _token_activations(self) -> pl.LazyFrame:
         """The dataset's token_activations, or a clear error saying what to materialize."""
@@ -463,6 +469,31 @@ class Dataset:
             )
         return ta
 
+    def tokens(self, row: int | None = None, *, doc_id: int | None = None) -> pl.DataFrame:
+        """The active tokens of one document (the `row`-th of this view, or `doc_id=`): one row per token
+        with at least one active feature, in text order: token_index, token, char_start, char_end, and
+        its features and activations (lists, strongest first)."""
+        if (row is None) == (doc_id is None):
+            raise TypeError("tokens takes a row of this view or doc_id=..., not both and not neither.")
+        if doc_id is None:
+            doc_id = self._row_doc_id(row)
+        else:
+            self._doc_position(doc_id)  # a clear error for an unknown id
+        return (
+            self._token_activations()
+            .filter(pl.col("doc_id") == int(doc_id))
+            .sort(["token_index", "activation"], descending=[False, True])
+            .group_by("token_index", maintain_order=True)
+            .agg(
+                pl.col("token").cast(pl.String).first(),
+                pl.col("char_start").first(),
+                pl.col("char_end").first(),
+                pl.col("feature").alias("features"),
+                pl.col("activation").cast(pl.Float32).alias("activations"),
+            )
+            .collect()
+        )
+
     def highlight_many(
         self, doc_ids: Sequence[int], feature: int, open_mark: str = "<<", close_mark: str = ">>"
     ) -> list[str]:
@@ -470,7 +501,7 @@ class Dataset:
         feature = self._feature(feature)
         ta = self._token_activations()
         wanted = [int(d) for d in doc_ids]
-        positions = self._positions(np.asarray(wanted, dtype=np.int64))
+        positions = [self._doc_position(d) for d in wanted]
         spans = (
             ta.filter((pl.col("feature") == feature) & pl.col("doc_id").is_in(wanted))
             .select("doc_id", "char_start", "char_end")

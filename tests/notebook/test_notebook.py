@@ -349,3 +349,16 @@ def test_from_frames_in_memory(ds: Dataset) -> None:
     np.testing.assert_allclose(mem.latents("binarize").toarray()[:, :7], dense_reference("binarize", 7))
     mem2 = Dataset.from_frames("mem2", ds.documents.to_arrow(), ds._store.pooled.collect().to_arrow())
     assert mem2.latents().shape == (5, 7)
+
+
+def test_tokens_lists_each_active_token_with_its_features(ds: Dataset) -> None:
+    toks = ds.tokens(doc_id=3)  # "cat cat mat sat"
+    assert toks["token"].to_list() == ["cat", "cat", "mat", "sat"]
+    assert toks["features"].to_list()[0] == [2, 5]  # strongest first: cat -> {2: 1.5, 5: 0.5}
+    assert toks["activations"].to_list()[0] == pytest.approx([1.5, 0.5])
+    assert toks.select("char_start", "char_end").row(2) == (8, 11)
+    top = ds.sort_by_features(2, aggregation="sum")
+    assert top.tokens(0).equals(toks)  # by row of the view
+    assert ds.tokens(doc_id=2).height == 0  # "nothing here at all": no active token
+    with pytest.raises(KeyError):
+        ds.tokens(doc_id=99)
