@@ -319,14 +319,23 @@ def _cell(value: Any, limit: int = PREVIEW_CELL_CHARS) -> str:
     )
 
 
+_FLOAT_DIGITS = {"halffloat": 4, "float": 7}  # significant digits of float16 and float32
+
+
 def markdown_preview(head: pa.Table, max_rows: int = PREVIEW_ROWS) -> str:
     """First `max_rows` rows as a Markdown table; cells truncated, `|` and newlines escaped."""
     names = [_cell(n) for n in head.column_names]
     if not names:
         return "_(no columns)_"
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    # floats shown with the digits their type holds (a float16 0.3879 is not "0.387939453125")
+    digits = [_FLOAT_DIGITS.get(str(field.type)) for field in head.schema]
     for row in head.slice(0, max_rows).to_pylist():
-        lines.append("| " + " | ".join(_cell(v) for v in row.values()) + " |")
+        cells = [
+            _cell(f"{v:.{d}g}" if d is not None and isinstance(v, float) else v)
+            for v, d in zip(row.values(), digits, strict=True)
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     if head.num_rows == 0:
         lines.append("\n_(no rows)_")
     return "\n".join(lines)
