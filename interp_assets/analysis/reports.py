@@ -262,6 +262,18 @@ def _q(x: float | None) -> str:
     return f"{x:.2g}" if x >= 1e-3 else f"{x:.1e}"
 
 
+def _top_three(rows: pl.DataFrame, lab: Mapping[int, Mapping[str, Any]], esc: Any) -> str:
+    """ "none" or the first three features of a direction with their labels, for the report's summary."""
+    if rows.height == 0:
+        return "none"
+    named = []
+    for f in rows["feature"].head(3).to_list():
+        label = lab.get(int(f), {}).get("label")
+        named.append(f'{int(f)} "{esc(str(label))}"' if label else str(int(f)))
+    more = f" and {rows.height - 3} more in the table below" if rows.height > 3 else ""
+    return ("features " if rows.height > 1 else "feature ") + ", ".join(named) + more
+
+
 def _score_text(s: Mapping[str, Any] | None) -> str:
     """The label's held-out score that carries evidence: AUC where the scorer gives one (on SST-2 it
     separates real from swapped labels; F1 does not), else F1 with its interval; "unclear" when excerpt
@@ -362,9 +374,11 @@ def render_markdown(
         f"- Significant at FDR {alpha:g}: **{s['significant']:,}** "
         f"({s['significant_a']:,} more frequent in {a}, {s['significant_b']:,} more frequent in {b})",
         f"- Method: {esc(s['method'])}",
-        "",
     ]
     tops = top_features(diff, top_n)
+    for d, name in (("a", a), ("b", b)):
+        lines.append(f"- More frequent in {name}: {_top_three(tops[d], lab, esc)}")
+    lines.append("")
     for d, name in (("a", a), ("b", b)):
         rows = tops[d]
         lines.append(f"## More frequent in {name}")
@@ -448,7 +462,12 @@ def scatter_svg(
         pts = pl.concat([rest, sig.head(max_points)])
     else:
         vmax, pts = 1.0, diff
-    ticks = [t for t in (0, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0) if t <= vmax * 1.0001]
+    ticks: list[float] = []
+    for t in (0, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0):  # kept only with room for their labels
+        if t <= vmax * 1.0001 and (
+            not ticks or _sqrt_scale(t, vmax, size) - _sqrt_scale(ticks[-1], vmax, size) >= 30
+        ):
+            ticks.append(t)
 
     def x(v: float) -> float:
         return pad_l + _sqrt_scale(v, vmax, size)
@@ -539,10 +558,12 @@ def render_html(
         f'(<span class="dot-a">●</span> {s["significant_a"]:,} more frequent in {a}, '
         f'<span class="dot-b">●</span> {s["significant_b"]:,} more frequent in {b})</li>',
         f"<li>Method: {esc(s['method'])}</li>",
-        "</ul>",
-        scatter_svg(diff, name_a=name_a, name_b=name_b, labels=labels, max_points=max_points),
     ]
     tops = top_features(diff, top_n)
+    for d, name in (("a", a), ("b", b)):  # both directions up front, whichever holds the difference
+        top = _top_three(tops[d], lab, esc)
+        out.append(f'<li><span class="dot-{d}">●</span> More frequent in {name}: {top}</li>')
+    out += ["</ul>", scatter_svg(diff, name_a=name_a, name_b=name_b, labels=labels, max_points=max_points)]
     for d, name in (("a", a), ("b", b)):
         rows = tops[d]
         out.append(f'<h2><span class="dot-{d}">●</span> More frequent in {name}</h2>')

@@ -240,6 +240,12 @@ def test_scatter_svg_caps_points_but_keeps_significant() -> None:
     svg = scatter_svg(diff, name_a="a", name_b="b", max_points=50)
     assert svg.count("<circle") == 50
     assert svg.count('fill="#d95f02"') == 7
+    # axis labels never crowd: x-axis tick labels at least 30 px apart
+    import re
+
+    xs = [float(m) for m in re.findall(r'<text x="([0-9.]+)" y="[0-9.]+" text-anchor="middle">[0-9.]+<', svg)]
+    assert len(xs) >= 3 and all(b - a >= 30 for a, b in zip(xs, xs[1:], strict=False))
+    assert ">0.001<" not in svg  # too close to 0 at this range: left out
 
 
 def test_render_associations_markdown() -> None:
@@ -270,3 +276,37 @@ def test_report_shows_the_score_that_carries_evidence_and_flags_unclear_labels()
     llm = {"auc": None, "f1": 0.7, "f1_ci_low": 0.6, "f1_ci_high": 0.8, "beats_length_baseline": True}
     assert _score_text(llm) == "F1 0.70 [0.60, 0.80]"
     assert _score_text(None) == "–"
+
+
+def test_report_summary_names_both_directions_top_features_first() -> None:
+    from interp_assets.analysis.reports import render_html, render_markdown
+
+    n = 6
+    diff = pl.DataFrame(
+        {
+            "feature": np.arange(n, dtype=np.int32),
+            "docs_a": [50, 5, 5, 5, 5, 5],
+            "docs_b": [5, 50, 60, 70, 80, 5],
+            "freq_a": [0.5, 0.05, 0.05, 0.05, 0.05, 0.05],
+            "freq_b": [0.05, 0.5, 0.6, 0.7, 0.8, 0.05],
+            "freq_diff": [0.45, -0.45, -0.55, -0.65, -0.75, 0.0],
+            "freq_diff_ci_low": np.zeros(n),
+            "freq_diff_ci_high": np.zeros(n),
+            "p_value": [1e-9] * 5 + [1.0],
+            "q_value": [1e-8, 1e-8, 1e-9, 1e-10, 1e-11, 1.0],
+            "significant": [True] * 5 + [False],
+            "direction": ["a", "b", "b", "b", "b", None],
+            "test": ["z"] * n,
+        }
+    )
+    labels = pl.DataFrame({"feature": [4, 1], "label": ["refund <b>", "sorry"], "description": ["", ""]})
+    md = render_markdown(diff, name_a="A", name_b="B", n_docs_a=100, n_docs_b=100, labels=labels)
+    summary = md.split("## ")[0]
+    assert "- More frequent in A: feature 0\n" in summary
+    assert (
+        '- More frequent in B: features 4 "refund &lt;b&gt;", 3, 2 and 1 more in the table below' in summary
+    )
+    page = render_html(diff, name_a="A", name_b="B", n_docs_a=100, n_docs_b=100, labels=labels)
+    head = page.split("<svg")[0]  # before the plot and the tables
+    assert "More frequent in A: feature 0</li>" in head
+    assert 'More frequent in B: features 4 "refund &lt;b&gt;", 3, 2 and 1 more' in head
