@@ -29,6 +29,7 @@ from scipy import sparse
 from interp_assets.analysis.associations import associations_for_column
 from interp_assets.analysis.diffing import (
     AGGREGATIONS,
+    REPORT_FIRING,
     FrameLike,
     as_lazy,
     diff_features,
@@ -640,9 +641,10 @@ class Dataset:
     def diff(self, other: Dataset, *, key: str | None = None, **kwargs: Any) -> pl.DataFrame:
         """Features whose document frequency differs between this view (A) and `other` (B).
 
-        Unpaired: `diffing.diff_features`. With `key` (a metadata column both share, e.g. a prompt id):
-        paired `diffing.paired_diff_features` over the documents matched on it. kwargs go to those
-        functions (threshold, alpha, n_features; default n_features: the SAE width).
+        Unpaired: `diffing.diff_features` with the report's firing rule (`REPORT_FIRING`, adaptive; pass
+        `firing="fixed"` for "max activation > threshold"). With `key` (a metadata column both share,
+        e.g. a prompt id): paired `diffing.paired_diff_features` over the documents matched on it. kwargs
+        go to those functions (threshold, alpha, n_features; default n_features: the SAE width).
         """
         kwargs.setdefault("n_features", self._diff_width(other))
         cols = ["feature", "max_activation"]
@@ -656,6 +658,7 @@ class Dataset:
             raise ValueError(
                 f"Cannot diff an empty Dataset ({self.name!r}: {n_a}, {other.name!r}: {n_b} docs)."
             )
+        kwargs.setdefault("firing", REPORT_FIRING)  # the rule diff_reports uses, so both agree
         return diff_features(self._pooled_subset(cols), n_a, other._pooled_subset(cols), n_b, **kwargs)
 
     def associations(self, column: str, **kwargs: Any) -> pl.DataFrame:
