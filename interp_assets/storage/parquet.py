@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -319,7 +320,7 @@ def _cell(value: Any, limit: int = PREVIEW_CELL_CHARS) -> str:
     )
 
 
-_FLOAT_DIGITS = {"halffloat": 4, "float": 7}  # significant digits of float16 and float32
+_FLOAT_TYPES = {"halffloat": np.float16, "float": np.float32}
 
 
 def markdown_preview(head: pa.Table, max_rows: int = PREVIEW_ROWS) -> str:
@@ -328,12 +329,12 @@ def markdown_preview(head: pa.Table, max_rows: int = PREVIEW_ROWS) -> str:
     if not names:
         return "_(no columns)_"
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
-    # floats shown with the digits their type holds (a float16 0.3879 is not "0.387939453125")
-    digits = [_FLOAT_DIGITS.get(str(field.type)) for field in head.schema]
+    # floats shown as the shortest text their own type round-trips (a float16 0.388, not 0.387939453125)
+    kinds = [_FLOAT_TYPES.get(str(field.type)) for field in head.schema]
     for row in head.slice(0, max_rows).to_pylist():
         cells = [
-            _cell(f"{v:.{d}g}" if d is not None and isinstance(v, float) else v)
-            for v, d in zip(row.values(), digits, strict=True)
+            _cell(str(kind(v)) if kind is not None and isinstance(v, float) else v)
+            for v, kind in zip(row.values(), kinds, strict=True)
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if head.num_rows == 0:

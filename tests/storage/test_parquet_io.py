@@ -16,5 +16,5 @@ def test_preview_shows_floats_with_the_digits_their_type_holds() -> None:
         }
     )
     lines = markdown_preview(table).splitlines()
-    assert lines[2] == "| 0.3879 | 0.1 | 0.3333333333333333 | a \\| b |"
-    assert lines[3] == "| 12.5 | 0.3333333 | 2e-12 |  |"
+    assert lines[2] == "| 0.388 | 0.1 | 0.3333333333333333 | a \\| b |"
+    assert lines[3] == "| 12.5 | 0.33333334 | 2e-12 |  |"
