@@ -52,6 +52,7 @@ def _sae_reader() -> SAEReaderResource:
         max_length=int(env.get("INTERP_MAX_LENGTH", "512")),
         token_budget=int(env.get("INTERP_TOKEN_BUDGET", "16384")),
         chat_template=env.get("INTERP_CHAT_TEMPLATE", "0") == "1",
+        chat_role=env.get("INTERP_CHAT_ROLE", "user"),
         activation_dtype=env.get("INTERP_ACTIVATION_DTYPE", "float16"),
     )
 

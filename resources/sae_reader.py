@@ -39,6 +39,7 @@ class SAEReaderResource(ConfigurableResource):
     token_budget: int = 16384
     exclude_special_tokens: bool = True
     chat_template: bool = False
+    chat_role: str = "user"  # with chat_template: the turn documents are read as, "user" or "assistant"
     exclude_template_tokens: bool = True
     activation_dtype: str = "float16"
 

@@ -192,14 +192,21 @@ def _tokenize_one(reader: Any, text: str) -> _Tokenized | str:
 
 
 def _tokenize_chat(reader: Any, text: str) -> _Tokenized | str:
-    """Wrap `text` as one user message; offsets are made relative to `text`, template tokens marked.
+    """Wrap `text` as one message of `reader.chat_role` ("user", or "assistant" after a blank user turn);
+    offsets are made relative to `text`, template tokens marked.
 
     The template around the text is tokenized with its special tokens; the text itself always as text
     (`split_special_tokens`), so a document cannot inject template structure such as `<|eot_id|>`.
     """
     try:
         tok = reader.tokenizer
-        templated = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
+        if (
+            getattr(reader, "chat_role", "user") == "assistant"
+        ):  # an assistant turn answers a (blank) user turn
+            messages = [{"role": "user", "content": ""}, {"role": "assistant", "content": text}]
+        else:
+            messages = [{"role": "user", "content": text}]
+        templated = tok.apply_chat_template(messages, tokenize=False)
         start = templated.find(text)
         if start < 0:
             return "chat template does not contain the document text verbatim"

@@ -94,6 +94,7 @@ class SAEReader:
         exclude_template_tokens: bool,
         identity: dict[str, Any],
         activation_dtype: str = "float16",
+        chat_role: str = "user",
     ) -> None:
         self.tokenizer = tokenizer
         self.model = model
@@ -108,6 +109,7 @@ class SAEReader:
         self.exclude_template_tokens = exclude_template_tokens
         self.identity = identity
         self.activation_dtype = activation_dtype
+        self.chat_role = chat_role
         # one forward pass at a time: the layer hook lives on the shared model (threads share readers)
         self.forward_lock = threading.Lock()
         self.layer_module = find_layer_module(model, hook.layer)
@@ -214,6 +216,7 @@ def _identity(
     chat_template: bool,
     exclude_template_tokens: bool,
     activation_dtype: str,
+    chat_role: str = "user",
 ) -> dict[str, Any]:
     model_path = resolve_model_path(model)
     return {
@@ -229,6 +232,7 @@ def _identity(
         "chat_template": chat_template,
         "exclude_template_tokens": exclude_template_tokens,
         "activation_dtype": activation_dtype,
+        "chat_role": chat_role,
         "engine": ENGINE_VERSION,
     }
 
@@ -247,6 +251,7 @@ def reader_identity(
     chat_template: bool = False,
     exclude_template_tokens: bool = True,
     activation_dtype: str = "float16",
+    chat_role: str = "user",
     **_: Any,
 ) -> ReaderIdentity | None:
     """The reader's identity from its configuration files alone (model config, SAE cfg.json and weight
@@ -274,6 +279,7 @@ def reader_identity(
         chat_template=chat_template,
         exclude_template_tokens=exclude_template_tokens,
         activation_dtype=activation_dtype,
+        chat_role=_check_chat_role(chat_role),
     )
     return ReaderIdentity(identity, int(cfg["d_sae"]), resolve_device(device), activation_dtype)
 
@@ -293,6 +299,7 @@ def load_reader(
     chat_template: bool = False,
     exclude_template_tokens: bool = True,
     activation_dtype: str = "float16",
+    chat_role: str = "user",
 ) -> SAEReader:
     """Load the reader model and the SAE and check that they fit together."""
     if activation_dtype not in ("float16", "float32"):
@@ -325,6 +332,7 @@ def load_reader(
         chat_template=chat_template,
         exclude_template_tokens=exclude_template_tokens,
         activation_dtype=activation_dtype,
+        chat_role=_check_chat_role(chat_role),
     )
     return SAEReader(
         tokenizer,
@@ -340,7 +348,17 @@ def load_reader(
         exclude_template_tokens=exclude_template_tokens,
         identity=identity,
         activation_dtype=activation_dtype,
+        chat_role=chat_role,
     )
+
+
+CHAT_ROLES = ("user", "assistant")
+
+
+def _check_chat_role(role: str) -> str:
+    if role not in CHAT_ROLES:
+        raise ValueError(f"chat_role must be one of {list(CHAT_ROLES)}; got {role!r}.")
+    return role
 
 
 def _config_digest(config: Any) -> str:
