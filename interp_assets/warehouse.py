@@ -13,7 +13,6 @@ import random
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -221,24 +220,22 @@ class ViewRefreshError(ValueError):
         )
 
 
-def apply_views(
-    con: duckdb.DuckDBPyConnection, sources: Mapping[str, str | Exception | _Partial | None]
-) -> dict[str, int]:
+ViewSource = tuple[str | None, str | None]
+"""A table's view: its SQL source (None: no files) and what is wrong with it (None: nothing)."""
+
+
+def apply_views(con: duckdb.DuckDBPyConnection, sources: Mapping[str, ViewSource]) -> dict[str, int]:
     """Create or replace one view per table (dropping views of tables without files), each in its own
     transaction: a table whose files cannot be read keeps its previous view and is reported in a
     `ViewRefreshError` raised after every other table was refreshed. Returns row counts."""
     counts: dict[str, int] = {}
     errors: dict[str, str] = {}
-    for table, source in sources.items():
+    for table, (source, problem) in sources.items():
         name = '"' + check_table_name(table) + '"'
-        if isinstance(source, Exception):
-            errors[table] = f"{type(source).__name__}: {source}"
-            continue
-        if isinstance(source, _Partial):
-            errors[table] = source.problem
-            if source.source is None:
+        if problem is not None:
+            errors[table] = problem
+            if source is None:
                 continue  # nothing readable: keep the previous view rather than drop it
-            source = source.source
         con.execute("BEGIN TRANSACTION")
         try:
             if source is None:
@@ -248,40 +245,30 @@ def apply_views(
                 row = con.execute(f"SELECT count(*) FROM {name}").fetchone()
                 counts[table] = int(row[0]) if row else 0
             con.execute("COMMIT")
-        except duckdb.Error as exc:
+        except BaseException as exc:
             with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
+            if not isinstance(exc, duckdb.Error):
+                raise
             errors[table] = f"{type(exc).__name__}: {exc}"
-        except BaseException:
-            with contextlib.suppress(duckdb.Error):
-                con.execute("ROLLBACK")
-            raise
     if errors:
         raise ViewRefreshError(errors, counts)
     return counts
 
 
-def _sources(parquet_base: str, tables: Sequence[str]) -> dict[str, str | Exception | _Partial | None]:
+def _sources(parquet_base: str, tables: Sequence[str]) -> dict[str, ViewSource]:
     for table in tables:
         check_table_name(table)
-    sources: dict[str, str | Exception | _Partial | None] = {}
+    sources: dict[str, ViewSource] = {}
     for table in tables:
+        problems: list[str] = []
         try:
-            sources[table] = table_source(parquet_base, table, problems := [])
+            source = table_source(parquet_base, table, problems)
         except (OSError, ValueError) as exc:  # one unreadable table never blocks the others
-            sources[table] = exc
+            sources[table] = (None, f"{type(exc).__name__}: {exc}")
             continue
-        if problems:
-            sources[table] = _Partial(sources[table], "; ".join(problems))
+        sources[table] = (source, "; ".join(problems) if problems else None)
     return sources
-
-
-@dataclass(frozen=True)
-class _Partial:
-    """A table's view source that leaves out partitions it cannot read, and why."""
-
-    source: str | None
-    problem: str
 
 
 def refresh_views(
