@@ -143,16 +143,6 @@ class ActivationCache:
             "files once you no longer need them."
         )
 
-    def _readable(self, chunk_id: str) -> bool:
-        """Both files of a chunk have a valid Parquet footer; else the chunk is quarantined."""
-        for suffix in (".docs.parquet", ".acts.parquet"):
-            try:
-                pq.read_metadata(self.dir / f"{chunk_id}{suffix}")
-            except (OSError, pa.ArrowException) as exc:
-                self.quarantine(chunk_id, f"{chunk_id}{suffix}: {type(exc).__name__}: {exc}")
-                return False
-        return True
-
     def committed_chunks(self) -> list[str]:
         """Ids of committed chunks, oldest name first (the order decides which copy of a document wins)."""
         ids = []
@@ -172,15 +162,14 @@ class ActivationCache:
             return self._index[1]
         frames = []
         for c in chunks:
-            if not self._readable(c):
-                continue
+            path = self.dir / f"{c}.acts.parquet"
             try:
-                frames.append(
-                    pl.read_parquet(self.dir / f"{c}.docs.parquet").with_columns(pl.lit(c).alias("chunk"))
-                )
-            except (OSError, pl.exceptions.PolarsError) as exc:
-                self.quarantine(c, f"{c}.docs.parquet: {type(exc).__name__}: {exc}")
-        chunks = tuple(self.committed_chunks())
+                pq.read_metadata(path)  # the activations are read later: their footer must be sound now
+                path = self.dir / f"{c}.docs.parquet"
+                frames.append(pl.read_parquet(path).with_columns(pl.lit(c).alias("chunk")))
+            except (OSError, pa.ArrowException, pl.exceptions.PolarsError) as exc:
+                self.quarantine(c, f"{path.name}: {type(exc).__name__}: {exc}")
+        chunks = tuple(self.committed_chunks())  # without the quarantined ones
         if not frames:
             empty = pl.from_arrow(DOC_STATUS_SCHEMA.empty_table())
             index = empty.with_columns(pl.lit("").alias("chunk")).head(0)

@@ -200,9 +200,7 @@ def _tokenize_chat(reader: Any, text: str) -> _Tokenized | str:
     """
     try:
         tok = reader.tokenizer
-        if (
-            getattr(reader, "chat_role", "user") == "assistant"
-        ):  # an assistant turn answers a (blank) user turn
+        if getattr(reader, "chat_role", "user") == "assistant":  # answering a (blank) user turn
             messages = [{"role": "user", "content": ""}, {"role": "assistant", "content": text}]
         else:
             messages = [{"role": "user", "content": text}]

@@ -68,9 +68,7 @@ def document_embeddings(
         raise ValueError(
             f"layer={layer} is outside the model's hidden states (0..{n_layers}, or negative from the end)."
         )
-    hidden_index = (
-        n_layers if layer is None or layer == -1 else layer % (n_layers + 1) if layer < 0 else layer
-    )
+    hidden_index = n_layers if layer is None else layer % (n_layers + 1)  # -1 is the last hidden state
     fused = _fused_forward(net, hidden_index, n_layers)
     order = np.argsort([len(t) for t in texts], kind="stable")
     with torch.inference_mode():
@@ -90,9 +88,7 @@ def document_embeddings(
                 tokens = forward(enc["input_ids"], mask, mask, workspace)
                 lengths = mask.sum(1)
                 rows = torch.repeat_interleave(torch.arange(len(idx)), lengths)
-                summed = torch.zeros(len(idx), tokens.shape[1], dtype=tokens.dtype).index_add_(
-                    0, rows, tokens
-                )
+                summed = tokens.new_zeros(len(idx), tokens.shape[1]).index_add_(0, rows, tokens)
                 pooled = summed / lengths.clamp(min=1).unsqueeze(1).to(summed.dtype)
             else:
                 if hidden_index == n_layers:
