@@ -129,7 +129,12 @@ class SAEReader:
     @property
     def fingerprint(self) -> str:
         """Hash of what decides the stored activations (model, SAE, hook, dtype, settings, code)."""
-        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
+        return identity_fingerprint(self.identity)
+
+
+def identity_fingerprint(identity: dict[str, Any]) -> str:
+    """The activation cache key of a reader identity (what decides its stored activations)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def resolve_device(device: str) -> str:
@@ -201,7 +206,7 @@ class ReaderIdentity:
     @property
     def fingerprint(self) -> str:
         """The activation cache key: equal to the loaded `SAEReader.fingerprint`."""
-        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
+        return identity_fingerprint(self.identity)
 
 
 def _identity(
@@ -257,6 +262,7 @@ def reader_identity(
     """The reader's identity from its configuration files alone (model config, SAE cfg.json and weight
     hash), so an unchanged run can find its activations cached without loading the model. None for a
     SAELens release (its config lives with the release; `load_reader` knows it after loading)."""
+    _check_settings(activation_dtype, chat_role)
     if release:
         return None
     from transformers import AutoConfig
@@ -279,7 +285,7 @@ def reader_identity(
         chat_template=chat_template,
         exclude_template_tokens=exclude_template_tokens,
         activation_dtype=activation_dtype,
-        chat_role=_check_chat_role(chat_role),
+        chat_role=chat_role,
     )
     return ReaderIdentity(identity, int(cfg["d_sae"]), resolve_device(device), activation_dtype)
 
@@ -302,11 +308,7 @@ def load_reader(
     chat_role: str = "user",
 ) -> SAEReader:
     """Load the reader model and the SAE and check that they fit together."""
-    if activation_dtype not in ("float16", "float32"):
-        raise ValueError(
-            f"activation_dtype must be 'float16' (compact, ~3 significant digits) or 'float32' (exact); "
-            f"got {activation_dtype!r}."
-        )
+    _check_settings(activation_dtype, chat_role)
     device = resolve_device(device)
     tokenizer, net = load_reader_model(model, device=device, dtype=dtype)
     sae, sae_identity = load_sae(
@@ -332,7 +334,7 @@ def load_reader(
         chat_template=chat_template,
         exclude_template_tokens=exclude_template_tokens,
         activation_dtype=activation_dtype,
-        chat_role=_check_chat_role(chat_role),
+        chat_role=chat_role,
     )
     return SAEReader(
         tokenizer,
@@ -355,10 +357,15 @@ def load_reader(
 CHAT_ROLES = ("user", "assistant")
 
 
-def _check_chat_role(role: str) -> str:
-    if role not in CHAT_ROLES:
-        raise ValueError(f"chat_role must be one of {list(CHAT_ROLES)}; got {role!r}.")
-    return role
+def _check_settings(activation_dtype: str, chat_role: str) -> None:
+    """The reader settings both `reader_identity` and `load_reader` check before any file is read."""
+    if activation_dtype not in ("float16", "float32"):
+        raise ValueError(
+            f"activation_dtype must be 'float16' (compact, ~3 significant digits) or 'float32' (exact); "
+            f"got {activation_dtype!r}."
+        )
+    if chat_role not in CHAT_ROLES:
+        raise ValueError(f"chat_role must be one of {list(CHAT_ROLES)}; got {chat_role!r}.")
 
 
 def _config_digest(config: Any) -> str:

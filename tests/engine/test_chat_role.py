@@ -52,3 +52,5 @@ def test_chat_role_is_part_of_the_fingerprint_and_checked() -> None:
     assert reader_identity(chat_role="user").fingerprint != reader_identity(chat_role="assistant").fingerprint
     with pytest.raises(ValueError, match="chat_role must be one of"):
         reader_identity(chat_role="system")
+    with pytest.raises(ValueError, match="activation_dtype must be"):  # checked before any file is read
+        reader_identity(activation_dtype="int8")
