@@ -283,11 +283,7 @@ class Dataset:
     def __getitem__(self, key: Any) -> dict[str, Any] | Dataset:
         """int -> the row as a dict; slice / list of ints / numpy int or bool array -> a Dataset view."""
         if isinstance(key, int | np.integer) and not isinstance(key, bool):
-            n = len(self)
-            i = int(key) + n if key < 0 else int(key)
-            if not 0 <= i < n:
-                raise IndexError(f"row {key} is out of range for a Dataset of {n} documents.")
-            return self._store.documents.row(int(self.rows[i]), named=True)
+            return self._store.documents.row(self._row_position(key), named=True)
         if isinstance(key, slice):
             return self._view(self.rows[key])
         if isinstance(key, pl.Series):
@@ -436,19 +432,26 @@ class Dataset:
                 "highlight needs a feature: highlight(row, feature) or highlight(doc_id=..., feature=...)."
             )
         feature = self._feature(feature)
-        if (row is None) == (doc_id is None):
-            raise TypeError("highlight takes a row of this view or doc_id=..., not both and not neither.")
-        if doc_id is None:
-            doc_id = self._row_doc_id(row)
+        doc_id = self._chosen_doc_id(row, doc_id, "highlight")
         return self.highlight_many([doc_id], feature, open_mark, close_mark)[0]
 
-    def _row_doc_id(self, row: int) -> int:
-        """doc_id of the `row`-th document of this view (negative counts from the end)."""
+    def _row_position(self, row: int) -> int:
+        """Position in the dataset's documents of the `row`-th document of this view (negative counts
+        from the end); IndexError out of range."""
         n = len(self)
         i = int(row) + n if row < 0 else int(row)
         if not 0 <= i < n:
             raise IndexError(f"row {row} is out of range for a Dataset of {n} documents.")
-        return int(self._store.doc_ids[int(self.rows[i])])
+        return int(self.rows[i])
+
+    def _chosen_doc_id(self, row: int | None, doc_id: int | None, what: str) -> int:
+        """The document a call names by a row of this view or by `doc_id=` (exactly one), checked."""
+        if (row is None) == (doc_id is None):
+            raise TypeError(f"{what} takes a row of this view or doc_id=..., not both and not neither.")
+        if doc_id is None:
+            return int(self._store.doc_ids[self._row_position(row)])
+        self._doc_position(doc_id)  # KeyError for an unknown id
+        return int(doc_id)
 
     def _doc_position(self, doc_id: int) -> int:
         """Position of `doc_id` in the dataset's documents; KeyError when it is not one of them."""
@@ -474,12 +477,7 @@ class Dataset:
         """The active tokens of one document (the `row`-th of this view, or `doc_id=`): one row per token
         with at least one active feature, in text order: token_index, token, char_start, char_end, and
         its features and activations (lists, strongest first)."""
-        if (row is None) == (doc_id is None):
-            raise TypeError("tokens takes a row of this view or doc_id=..., not both and not neither.")
-        if doc_id is None:
-            doc_id = self._row_doc_id(row)
-        else:
-            self._doc_position(doc_id)  # a clear error for an unknown id
+        doc_id = self._chosen_doc_id(row, doc_id, "tokens")
         return (
             self._token_activations()
             .filter(pl.col("doc_id") == int(doc_id))
