@@ -39,6 +39,7 @@ from interp_assets.analysis.diffing import (
     pooled_value_expr,
 )
 from interp_assets.analysis.reports import highlight_text
+from interp_assets.labels.evidence import HARD_NEGATIVES_MAX_DOCS
 from interp_assets.labels.labeling import FEATURE_LABELS_SCHEMA
 from interp_assets.storage import paths
 
@@ -541,13 +542,13 @@ class Dataset:
 
     def _label_inputs(self, feature: int) -> tuple[pl.DataFrame, pl.DataFrame, np.ndarray | None]:
         """This view's documents (doc_id order), the feature's token activations among them, and the
-        documents' sentence embeddings (the hard negatives' input, as feature_labels uses up to 20,000)."""
+        documents' sentence embeddings (the hard negatives' input, as feature_labels computes them)."""
         ta = self._token_activations()
         docs = self.documents.unique(subset="doc_id", keep="first").sort("doc_id")
         ids = docs["doc_id"].cast(pl.Int32).to_list()
         acts = ta.filter((pl.col("feature") == feature) & pl.col("doc_id").is_in(ids)).collect()
         embeddings = None
-        if docs.height <= 20_000:
+        if docs.height <= HARD_NEGATIVES_MAX_DOCS:
             from interp_assets.labels.embedding import sentence_embeddings
 
             key = tuple(ids)
@@ -562,10 +563,22 @@ class Dataset:
         """Label one feature from this view's documents the way feature_labels does (evidence split with
         hard negatives; the LLM labeler when `llm` is an enabled client, else the offline one). Returns the
         feature_labels row: label, description, source, evidence_doc_ids, evidence_hash, ..."""
+        feature = self._feature(feature)
+        return self._label(feature, *self._label_inputs(feature), llm, n_evidence, n_holdout, seed)
+
+    def _label(
+        self,
+        feature: int,
+        docs: pl.DataFrame,
+        acts: pl.DataFrame,
+        embeddings: np.ndarray | None,
+        llm: Any,
+        n_evidence: int,
+        n_holdout: int,
+        seed: int,
+    ) -> dict[str, Any]:
         from interp_assets.labels.labeling import label_features
 
-        feature = self._feature(feature)
-        docs, acts, embeddings = self._label_inputs(feature)
         labels = label_features(
             acts,
             docs,
@@ -600,14 +613,13 @@ class Dataset:
         from interp_assets.labels.scoring import score_features
 
         feature = self._feature(feature)
-        row = (
-            label
-            if isinstance(label, dict)
-            else self.label_feature(feature, llm=llm, n_evidence=n_evidence, n_holdout=n_holdout, seed=seed)
-        )
+        docs, acts, embeddings = self._label_inputs(feature)
+        if isinstance(label, dict):
+            row = label
+        else:
+            row = self._label(feature, docs, acts, embeddings, llm, n_evidence, n_holdout, seed)
         if isinstance(label, str):
             row = row | {"label": label, "description": label, "source": "user"}
-        docs, acts, embeddings = self._label_inputs(feature)
         labels = pl.DataFrame([{k: row.get(k) for k in FEATURE_LABELS_SCHEMA}], schema=FEATURE_LABELS_SCHEMA)
         return score_features(
             labels,

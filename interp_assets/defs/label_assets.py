@@ -20,6 +20,7 @@ from interp_assets.defs.shared import (
 )
 from interp_assets.labels import labeling, scoring
 from interp_assets.labels.embedding import DEFAULT_EMBEDDING_MODEL
+from interp_assets.labels.evidence import HARD_NEGATIVES_MAX_DOCS
 from interp_assets.labels.feature_selection import select_features
 from interp_assets.storage.parquet import markdown_preview, read_table, table_exists
 from resources.llm import LLMResource
@@ -37,7 +38,7 @@ class FeatureLabelsConfig(Config):
     n_evidence: int = 20
     n_holdout: int = 40
     seed: int = 0
-    hard_negatives_max_docs: int = 20000
+    hard_negatives_max_docs: int = HARD_NEGATIVES_MAX_DOCS
 
 
 def _document_embeddings(storage: StorageResource, docs: pl.DataFrame, max_docs: int) -> np.ndarray | None:

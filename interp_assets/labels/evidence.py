@@ -20,6 +20,7 @@ import polars as pl
 from interp_assets.analysis.reports import ELLIPSIS, highlight_text, merge_spans
 
 SPLIT_VERSION = 1
+HARD_NEGATIVES_MAX_DOCS = 20_000  # above this, documents are not embedded for hard negatives
 CORE_DOC_COLUMNS = frozenset({"dataset", "doc_id", "doc_hash", "text", "source_file", "source_row"})
 
 
