@@ -59,21 +59,6 @@ from interp_assets.analysis.diffing import (
 )
 from interp_assets.ingest import RESERVED_COLUMNS
 
-
-def _scipy_special() -> Any:
-    """scipy.special, imported on first use (loading the Dagster definitions stays fast)."""
-    from scipy import special
-
-    return special
-
-
-def _scipy_stats() -> Any:
-    """scipy.stats, imported on first use (loading the Dagster definitions stays fast)."""
-    from scipy import stats
-
-    return stats
-
-
 Kind = Literal["auto", "binary", "numeric"]
 Method = Literal["spearman", "pearson"]
 DocIds = Sequence[int] | np.ndarray | pl.Series
@@ -188,6 +173,8 @@ def feature_associations(
     the string that sorts last). Features active in fewer than `min_docs` analyzed documents, or
     constant over them, are skipped and counted. Statistics: module docstring; columns: ASSOCIATION_SCHEMA.
     """
+    from scipy import special
+
     name = column if column is not None else (values.name if isinstance(values, pl.Series) else "")
     name = name or "value"
     _check_params(aggregation, kind, method, min_docs, alpha, confidence)
@@ -219,7 +206,7 @@ def feature_associations(
         del sel
     k = k_all[tested].astype(np.int64)
 
-    z = _scipy_special().ndtri(0.5 + confidence / 2)
+    z = special.ndtri(0.5 + confidence / 2)
     if target.binary:
         cols, constant = _binary_stats(d, f, v, k, target.y.astype(bool), z)
         statistic = "auc"
@@ -658,6 +645,8 @@ def _binary_stats(
     d: np.ndarray, f: np.ndarray, v: np.ndarray, k: np.ndarray, ypos: np.ndarray, z: float
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """AUC, Mann-Whitney p (normal or mixture), DeLong CI, class frequencies and means."""
+    from scipy import special
+
     T = k.size
     n = ypos.size
     n_pos = float(ypos.sum())
@@ -709,7 +698,7 @@ def _binary_stats(
     u = np.maximum(u_pos, n_pos * n_neg - u_pos)
     with np.errstate(divide="ignore", invalid="ignore"):
         zval = (u - n_pos * n_neg / 2 - 0.5) / sigma
-        p = np.where(sigma > 0, np.clip(2 * _scipy_special().ndtr(-zval), 0.0, 1.0), 1.0)
+        p = np.where(sigma > 0, np.clip(2 * special.ndtr(-zval), 0.0, 1.0), 1.0)
     mixture = _needs_mixture(k, n, int(n_pos))
     if mixture.any():
         # X = sum over active positives of (overall rank - zeros' rank) = midrank among actives + (n0-1)/2;
@@ -784,6 +773,8 @@ def _mixture_pvalue(
     within 12 sd + 30 of E[J], plus a bound on P(J outside) (far below any p-value of interest; it only
     keeps p above 0 for extreme features).
     """
+    from scipy import special
+
     kk = k.astype(np.int64)
     out = np.ones(kk.size)
     if kk.size == 0:
@@ -796,7 +787,7 @@ def _mixture_pvalue(
     centre = kk * (r / n) * abar * bbar  # E X
     dist = np.abs(x_obs - centre)
     eps = 1e-9 * np.maximum(np.abs(centre) + dist, 1.0)
-    log_fact = _scipy_special().gammaln(np.arange(n + 1, dtype=np.float64) + 1)  # log(i!), a lookup table
+    log_fact = special.gammaln(np.arange(n + 1, dtype=np.float64) + 1)  # log(i!), a lookup table
     log_total = log_fact[n] - log_fact[r] - log_fact[n - r]
 
     def log_hypergeom(kv: np.ndarray, jv: np.ndarray) -> np.ndarray:
@@ -847,12 +838,8 @@ def _mixture_pvalue(
         lower = (centre - dist)[idx][owner]
         e = eps[idx][owner]
         with np.errstate(divide="ignore", invalid="ignore"):
-            tail_up = np.where(
-                sd > 0, _scipy_special().ndtr((mean - (upper - continuity)) / sd), mean >= upper - e
-            )
-            tail_lo = np.where(
-                sd > 0, _scipy_special().ndtr((lower + continuity - mean) / sd), mean <= lower + e
-            )
+            tail_up = np.where(sd > 0, special.ndtr((mean - (upper - continuity)) / sd), mean >= upper - e)
+            tail_lo = np.where(sd > 0, special.ndtr((lower + continuity - mean) / sd), mean <= lower + e)
         w = np.exp(log_pmf) * (tail_up + tail_lo)
         out[idx] = np.minimum(np.bincount(owner, weights=w, minlength=idx.size) + outside[idx], 1.0)
     return out
@@ -874,11 +861,13 @@ def _mode_split(b: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, float]
 
 def _correlation_tests(r: np.ndarray, n: int, se_z: np.ndarray, z: float) -> dict[str, np.ndarray]:
     """t-test p-value (n - 2 df, as scipy) and Fisher-z interval of correlations r."""
+    from scipy import stats
+
     r = np.clip(r, -1.0, 1.0)
     df = n - 2
     with np.errstate(divide="ignore", invalid="ignore"):
         t = r * np.sqrt(df / ((1 - r) * (1 + r)))
-        p = np.where(np.abs(r) >= 1, 0.0, 2 * _scipy_stats().t.sf(np.abs(t), df))
+        p = np.where(np.abs(r) >= 1, 0.0, 2 * stats.t.sf(np.abs(t), df))
         fz = np.arctanh(r)
     return {
         "effect": r,
@@ -892,9 +881,11 @@ def _spearman_stats(
     d: np.ndarray, f: np.ndarray, v: np.ndarray, k: np.ndarray, y: np.ndarray, z: float
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Spearman rho of each feature's values (zeros included) with y: Pearson r of the midranks."""
+    from scipy import stats
+
     T = k.size
     n = y.size
-    ryc = _scipy_stats().rankdata(y) - (n + 1) / 2  # centred midranks of y; they sum to 0
+    ryc = stats.rankdata(y) - (n + 1) / 2  # centred midranks of y; they sum to 0
     ss_y = float(ryc @ ryc)
     split = _mode_split(ryc, y)
     beta = np.where(split[0], ryc - ryc[~split[0]][0], 0.0) if split else None

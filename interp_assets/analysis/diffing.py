@@ -32,28 +32,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-
-def _scipy_sparse() -> Any:
-    """scipy.sparse, imported on first use (loading the Dagster definitions stays fast)."""
-    from scipy import sparse
-
-    return sparse
-
-
-def _scipy_special() -> Any:
-    """scipy.special, imported on first use (loading the Dagster definitions stays fast)."""
-    from scipy import special
-
-    return special
-
-
-def _scipy_stats() -> Any:
-    """scipy.stats, imported on first use (loading the Dagster definitions stays fast)."""
-    from scipy import stats
-
-    return stats
-
-
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 FISHER_MIN_EXPECTED = 5.0
 _FISHER_REL_TOL = 1e-7  # as R's fisher.test: tables within this relative pmf of the observed count as ties
@@ -233,6 +211,8 @@ def log2_ratio_interval(
 
 def two_proportion_z_pvalue(x_a: np.ndarray, n_a: np.ndarray, x_b: np.ndarray, n_b: np.ndarray) -> np.ndarray:
     """Two-sided pooled two-proportion z test (= Pearson chi-square on the 2x2 table, no Yates)."""
+    from scipy import special
+
     x_a = np.asarray(x_a, dtype=np.float64)
     x_b = np.asarray(x_b, dtype=np.float64)
     n_a = np.asarray(n_a, dtype=np.float64)
@@ -241,11 +221,13 @@ def two_proportion_z_pvalue(x_a: np.ndarray, n_a: np.ndarray, x_b: np.ndarray, n
     se = np.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
     with np.errstate(divide="ignore", invalid="ignore"):
         zval = np.where(se > 0, (x_a / n_a - x_b / n_b) / se, 0.0)
-    return np.minimum(2.0 * _scipy_special().ndtr(-np.abs(zval)), 1.0)
+    return np.minimum(2.0 * special.ndtr(-np.abs(zval)), 1.0)
 
 
 def _log_comb(n: np.ndarray, k: np.ndarray) -> np.ndarray:
-    gammaln = _scipy_special().gammaln
+    from scipy import special
+
+    gammaln = special.gammaln
     return gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
 
 
@@ -320,10 +302,12 @@ def two_by_two_pvalue(
 
 def mcnemar_exact_pvalue(a_only: np.ndarray, b_only: np.ndarray) -> np.ndarray:
     """Exact two-sided McNemar p-value: binomial(b + c, 1/2) test of the discordant pairs."""
+    from scipy import stats
+
     b = np.asarray(a_only, dtype=np.int64)
     c = np.asarray(b_only, dtype=np.int64)
     m = b + c
-    p = np.minimum(1.0, 2.0 * _scipy_stats().binom.cdf(np.minimum(b, c), m, 0.5))
+    p = np.minimum(1.0, 2.0 * stats.binom.cdf(np.minimum(b, c), m, 0.5))
     return np.where(m > 0, p, 1.0)
 
 
@@ -746,6 +730,8 @@ def paired_diff_features(
     matched-pairs variance (b + c) / ((a + b)(a + c)). Columns `DIFF_SCHEMA` plus n_pairs, docs_both,
     docs_a_only, docs_b_only; mean activations are over paired documents where the feature fires.
     """
+    from scipy import sparse
+
     pairs_lf = as_lazy(pairs, "pairs", ["doc_id_a", "doc_id_b"])
     pr = (
         pairs_lf.select(pl.col("doc_id_a").cast(pl.Int32), pl.col("doc_id_b").cast(pl.Int32))
@@ -788,7 +774,7 @@ def paired_diff_features(
         if feat.size and feat.min() < 0:
             raise ValueError(f"{what} has negative feature index {int(feat.min())}; features are 0-based.")
         width = int(feat.max()) + 1 if feat.size else 1
-        pattern = _scipy_sparse().csr_matrix(
+        pattern = sparse.csr_matrix(
             (np.ones(feat.size, dtype=np.int8), (pair[keep], feat)), shape=(n, max(width, 1))
         )
         return np.bincount(feat, minlength=width), np.bincount(feat, weights=act, minlength=width), pattern
