@@ -16,6 +16,7 @@ from dagster import DagsterInstance, materialize
 
 from interp_assets.defs.assets import ALL_ASSETS
 from interp_assets.defs.partitions import datasets_partitions
+from interp_assets.defs.run_recovery import local_run_tags, recover_dead_local_runs
 from interp_assets.storage.parquet import write_parquet_atomic
 from interp_assets.storage.paths import check_storage_key
 from resources.local import local_resources
@@ -45,6 +46,7 @@ def materialize_frame(
     write_parquet_atomic(str(landing / f"{name}.parquet"), frame.to_arrow())
     if instance is None:
         instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
+    recover_dead_local_runs(instance)  # a killed notebook run must not hold the model pool
     if not instance.has_dynamic_partition(datasets_partitions.name, name):
         instance.add_dynamic_partitions(datasets_partitions.name, [name])
     resources = local_resources(data, sae_reader=reader or SAEReaderResource())
@@ -56,6 +58,7 @@ def materialize_frame(
         resources=resources,
         run_config={"ops": {"raw_documents": {"config": {"text_column": text_column}}}},
         raise_on_error=False,
+        tags=local_run_tags(),
     )
     if not result.success:
         failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]

@@ -1,11 +1,11 @@
 """Runs whose process died: mark them failed and free their concurrency slots.
 
-A run executed in-process (`scripts/run_main_job.py`, tests, notebooks) that is killed (SIGKILL, OOM,
-a closed laptop) stays STARTED in the instance and keeps its `sae_model` pool slot; only the daemon's
-run monitoring could free it, and only for run launchers that report worker health (the default launcher
-does not). Runs started through `local_run_tags()` record their process (host, pid and the pid's start
-time, so a reused pid is not mistaken for the run); `recover_dead_local_runs` finds those whose process is
-gone and ends them.
+A run executed in-process (`scripts/run_main_job.py`, `Dataset.from_frame`, tests) that is killed
+(SIGKILL, OOM, a closed laptop) stays STARTED in the instance and keeps its `sae_model` pool slot; only
+the daemon's run monitoring could free it, and only for run launchers that report worker health (the
+default launcher does not). Runs started with `local_run_tags()` (run_main_job.py and from_frame do)
+record their process (host, pid and the pid's start time, so a reused pid is not mistaken for the run);
+`recover_dead_local_runs` finds those whose process is gone and ends them.
 """
 
 from __future__ import annotations
