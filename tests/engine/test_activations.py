@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from _tokenizers import word_tokenizer
 from sae_lens import TopKSAE, TopKSAEConfig
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, PreTrainedTokenizerFast
 
 from interp_assets.engine.activations import _row_order, _used_ids, encode_texts, sparse_encode
@@ -20,15 +20,8 @@ TEXTS = ["the cat sat on the mat", "a dog", "the cat and the dog sat on a mat to
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {
-        w: i
-        for i, w in enumerate(
-            ["<pad>", "the", "cat", "sat", "on", "mat", "a", "dog", "and", "together", "today"]
-        )
-    }
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
+    words = ["<pad>", "the", "cat", "sat", "on", "mat", "a", "dog", "and", "together", "today"]
+    return word_tokenizer(words, unk="<pad>", pad_token="<pad>")
 
 
 @pytest.fixture(scope="module", params=["gpt2", "bert"])

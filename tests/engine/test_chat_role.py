@@ -3,7 +3,7 @@
 from types import SimpleNamespace
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
+from _tokenizers import word_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from interp_assets.engine.activations import tokenize_documents
@@ -13,10 +13,7 @@ ROLE_TOKENS = ["<|user|>", "<|assistant|>", "<|end|>"]
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    words = ["<unk>", *ROLE_TOKENS, "hello", "world"]
-    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    model.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>")
+    tok = word_tokenizer(["<unk>", *ROLE_TOKENS, "hello", "world"], unk="<unk>", unk_token="<unk>")
     tok.add_special_tokens({"additional_special_tokens": ROLE_TOKENS})
     tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|>{% endfor %}"
     return tok

@@ -5,9 +5,9 @@ BOS position is read but never stored or pooled."""
 import numpy as np
 import pytest
 import torch
+from _tokenizers import word_tokenizer
 from sae_lens import HookedSAETransformer, TopKSAE, TopKSAEConfig
 from sae_lens.saes.sae import SAEMetadata
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens import HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -21,9 +21,7 @@ TEXTS = ["the cat sat on the mat", "a dog ran far", "the dog and the cat", "mat"
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
-    model.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", bos_token="<|endoftext|>")
+    return word_tokenizer(WORDS, unk="<pad>", pad_token="<pad>", bos_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tokenizers import word_tokenizer
 from sae_lens import TopKSAE, TopKSAEConfig
 from sae_lens.saes.sae import SAEMetadata
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2Model
 
 from interp_assets.engine.reader import load_reader, reader_identity
 from resources.sae_reader import SAEReaderResource
 
 
 def _tiny_gpt2(folder: Path) -> Path:
-    vocab = {w: i for i, w in enumerate(["<pad>", "the", "cat", "sat", "on", "mat"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>").save_pretrained(folder)
+    words = ["<pad>", "the", "cat", "sat", "on", "mat"]
+    word_tokenizer(words, unk="<pad>", pad_token="<pad>").save_pretrained(folder)
     torch.manual_seed(0)
     GPT2Model(GPT2Config(vocab_size=6, n_embd=16, n_layer=2, n_head=2, n_positions=32)).save_pretrained(
         folder

@@ -3,7 +3,7 @@ the model's special or template token (BERT-style and chat-template readers)."""
 
 from types import SimpleNamespace
 
-from tokenizers import Tokenizer, models, pre_tokenizers
+from _tokenizers import word_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from interp_assets.engine.activations import tokenize_documents
@@ -33,12 +33,8 @@ def test_bert_special_token_strings_in_a_document_stay_text() -> None:
 
 
 def _chat_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {
-        w: i for i, w in enumerate(["<unk>", "<|user|>", "<|end|>", "hello", "world", "<|", "end", "|>"])
-    }
-    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    model.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>")
+    words = ["<unk>", "<|user|>", "<|end|>", "hello", "world", "<|", "end", "|>"]
+    tok = word_tokenizer(words, unk="<unk>", unk_token="<unk>")
     tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|end|>"]})
     tok.chat_template = "{% for m in messages %}<|user|> {{ m['content'] }} <|end|>{% endfor %}"
     return tok
