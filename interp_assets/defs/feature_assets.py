@@ -66,9 +66,9 @@ def token_activations(
 ):
     dataset = context.partition_key
     docs = raw_documents.select("doc_id", "doc_hash", "text").collect()
-    reader = sae_reader.get_identity()  # the model itself loads only if a document needs encoding
+    identity = sae_reader.get_identity()  # the model itself loads only if a document needs encoding
     cache = ActivationCache(
-        storage.cache_dir / "activations", reader.fingerprint, on_warning=context.log.warning
+        storage.cache_dir / "activations", identity.fingerprint, on_warning=context.log.warning
     )
     started = time.perf_counter()
 
@@ -103,14 +103,14 @@ def token_activations(
             f"{rejected['doc_id'][0]}: {rejected['reason'][0]} (see the activation_status table)"
         )
     version = hashlib.sha256(
-        (reader.fingerprint + "".join(sorted(docs["doc_hash"].to_list()))).encode()
+        (identity.fingerprint + "".join(sorted(docs["doc_hash"].to_list()))).encode()
     ).hexdigest()[:24]
 
     # One segment per cache chunk holding documents of this dataset, named by its content: a segment
     # already stored under its name is kept as is; the others are streamed from the cache.
     # the SAE width travels with the files (a notebook's matrices then have every feature's column)
-    schema = token_activations_schema(reader.activation_dtype).with_metadata(
-        {b"d_sae": str(reader.d_sae).encode()}
+    schema = token_activations_schema(identity.activation_dtype).with_metadata(
+        {b"d_sae": str(identity.d_sae).encode()}
     )
     plan = cache.activation_segments(docs.select("doc_id", "doc_hash"), dataset, schema)
     stored = stored_segments(storage.parquet_base, "token_activations", dataset, schema, context.log.warning)
@@ -138,9 +138,9 @@ def token_activations(
             "rejected": count.get("rejected", 0),
             "chunks_written": stats.chunks_written,
             "encode_seconds": round(seconds, 2),
-            "reader_fingerprint": reader.fingerprint,
-            "d_sae": reader.d_sae,
-            "device": reader.device,
+            "reader_fingerprint": identity.fingerprint,
+            "d_sae": identity.d_sae,
+            "device": identity.device,
             "reader_loaded": sae_reader.loaded,
         },
     )
