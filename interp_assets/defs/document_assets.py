@@ -27,9 +27,15 @@ from interp_assets.defs.shared import MODEL_POOL, OWNERS, cached_document_embedd
 from interp_assets.engine.documents import (
     DOCUMENT_SAE_VERSION,
     DocumentSAEConfig,
+    LexicalProjection,
+    document_representation,
     encode_documents,
+    fit_lexical_projection,
+    lexical_profiles,
     load_document_sae,
+    load_lexical_projection,
     save_document_sae,
+    save_lexical_projection,
     train_document_sae,
 )
 from interp_assets.storage.parquet import read_table, table_exists
@@ -122,6 +128,7 @@ class DocumentSAETrainingConfig(Config):
     steps: int = 3000
     lr: float = 1e-3
     seed: int = 0
+    lexical_dims: int = 128  # lexical profile directions beside the embedding; 0: the embedding alone
 
 
 def _comparison_embeddings(storage: StorageResource, key: str) -> dict[str, pl.DataFrame]:
@@ -137,6 +144,40 @@ def _comparison_embeddings(storage: StorageResource, key: str) -> dict[str, pl.D
     return out
 
 
+def _token_features(storage: StorageResource, key: str, dataset: str, doc_ids: pl.Series) -> tuple:
+    """`(row, feature)` of every token-level feature firing in the documents `doc_ids` (row = position)."""
+    if not table_exists(storage.parquet_base, "pooled_embeddings", dataset):
+        raise FileNotFoundError(
+            f"Comparison {key}: dataset {dataset!r} has no pooled_embeddings yet (the document SAE reads "
+            "which token features fire in each document); materialize it first (embed_job does), or set "
+            "lexical_dims: 0 to train on the embeddings alone."
+        )
+    rows = pl.DataFrame({"doc_id": doc_ids.cast(pl.Int32), "row": np.arange(doc_ids.len(), dtype=np.int64)})
+    fired = (
+        read_table(storage.parquet_base, "pooled_embeddings", dataset)
+        .filter(pl.col("max_activation") > 0)
+        .select(pl.col("doc_id").cast(pl.Int32), pl.col("feature").cast(pl.Int64))
+        .collect()
+        .join(rows, on="doc_id", how="inner")
+    )
+    return fired["row"].to_numpy(), fired["feature"].to_numpy()
+
+
+def _represent(
+    storage: StorageResource,
+    key: str,
+    dataset: str,
+    frame: pl.DataFrame,
+    projection: LexicalProjection | None,
+) -> np.ndarray:
+    """What the comparison's document SAE reads for one dataset's documents (rows of `frame`)."""
+    embeddings = np.asarray(frame["embedding"].to_list(), dtype=np.float32)
+    if projection is None:
+        return embeddings
+    rows, features = _token_features(storage, key, dataset, frame["doc_id"])
+    return document_representation(embeddings, lexical_profiles(rows, features, frame.height, projection))
+
+
 @asset(
     partitions_def=comparisons_partitions,
     io_manager_key="parquet_io_manager",
@@ -145,25 +186,45 @@ def _comparison_embeddings(storage: StorageResource, key: str) -> dict[str, pl.D
     owners=OWNERS,
     code_version=DOCUMENT_SAE_VERSION,
     pool=MODEL_POOL,
-    deps=[AssetDep("document_embeddings", partition_mapping=AllPartitionMapping())],
+    deps=[
+        AssetDep("document_embeddings", partition_mapping=AllPartitionMapping()),
+        AssetDep("pooled_embeddings", partition_mapping=AllPartitionMapping()),
+    ],
     check_specs=[AssetCheckSpec("document_sae_quality", asset="document_sae")],
-    description="A TopK SAE (SAELens) trained label-blind on the document embeddings of both datasets of a "
-    "comparison, width and k by corpus size (HypotheSAEs); saved in SAELens format under "
-    "<data_dir>/models/document_sae/. One row: size, variance explained, dead features, path.",
+    description="A TopK SAE (SAELens) trained label-blind on the documents of both datasets of a comparison "
+    "(each document's embedding beside its lexical profile: which token-level SAE features fire in it, "
+    "TF-IDF weighted and SVD-reduced), width and k by corpus size (HypotheSAEs); saved in SAELens format "
+    "under <data_dir>/models/document_sae/. One row: size, variance explained, dead features, path.",
 )
 def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConfig, storage: StorageResource):
     key = context.partition_key
     frames = _comparison_embeddings(storage, key)
-    pooled = pl.concat(list(frames.values())).unique("doc_hash", keep="first").sort("doc_hash")
+    # one row per distinct document (by content) over both datasets, in doc_hash order
+    tagged = [f.with_columns(pl.lit(ds).alias("dataset")) for ds, f in frames.items()]
+    pooled = pl.concat(tagged).unique("doc_hash", keep="first").sort("doc_hash")
     train_config = DocumentSAEConfig(
-        d_sae=config.d_sae, k=config.k, steps=config.steps, lr=config.lr, seed=config.seed
+        d_sae=config.d_sae,
+        k=config.k,
+        steps=config.steps,
+        lr=config.lr,
+        seed=config.seed,
+        lexical_dims=config.lexical_dims,
     )
     embeddings = np.asarray(pooled["embedding"].to_list(), dtype=np.float32)
+    lexical = np.zeros((0, 2), dtype=np.int64)
+    if config.lexical_dims > 0:
+        parts = []
+        for ds in frames:
+            mine = pooled.with_row_index("row").filter(pl.col("dataset") == ds)
+            rows, features = _token_features(storage, key, ds, mine["doc_id"])
+            parts.append(np.c_[mine["row"].to_numpy()[rows], features])
+        lexical = np.unique(np.concatenate(parts), axis=0)
     training_hash = hashlib.sha256(
         (
             json.dumps([DOCUMENT_SAE_VERSION, vars(train_config)], sort_keys=True)
             + "".join(pooled["doc_hash"].to_list())
             + hashlib.sha256(embeddings.tobytes()).hexdigest()
+            + hashlib.sha256(lexical.tobytes()).hexdigest()
         ).encode()
     ).hexdigest()[:20]
     folder = storage.root / "models" / "document_sae" / training_hash
@@ -173,8 +234,21 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
         report = json.loads(report_path.read_text())
         trained_now = False
     else:
+        projection = None
+        if config.lexical_dims > 0:
+            projection = fit_lexical_projection(
+                lexical[:, 0], lexical[:, 1], pooled.height, config.lexical_dims, seed=config.seed
+            )
+            profiles = lexical_profiles(lexical[:, 0], lexical[:, 1], pooled.height, projection)
+            embeddings = document_representation(embeddings, profiles)
+            save_lexical_projection(projection, str(folder))
         sae, report = train_document_sae(embeddings, train_config)
-        report = report | {"comparison": key, "config": vars(train_config), "training_hash": training_hash}
+        report = report | {
+            "comparison": key,
+            "config": vars(train_config),
+            "training_hash": training_hash,
+            "lexical_dims": int(projection.components.shape[0]) if projection is not None else 0,
+        }
         save_document_sae(sae, str(folder), report)  # the report is written last: its presence marks done
         trained_now = True
     row = pl.DataFrame(
@@ -225,7 +299,10 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
     kinds={"pytorch", "parquet"},
     owners=OWNERS,
     code_version=DOCUMENT_SAE_VERSION,
-    deps=[AssetDep("document_embeddings", partition_mapping=AllPartitionMapping())],
+    deps=[
+        AssetDep("document_embeddings", partition_mapping=AllPartitionMapping()),
+        AssetDep("pooled_embeddings", partition_mapping=AllPartitionMapping()),
+    ],
     description="Every nonzero feature of the comparison's document SAE for every document of both datasets "
     "(comparison, dataset, doc_id, feature, activation): exactly k per document.",
 )
@@ -233,11 +310,10 @@ def document_features(context: AssetExecutionContext, document_sae: pl.LazyFrame
     key = context.partition_key
     info = document_sae.collect().row(0, named=True)
     sae = load_document_sae(info["model_path"])
+    projection = load_lexical_projection(info["model_path"])
     parts = []
     for ds, frame in _comparison_embeddings(storage, key).items():
-        rows, feature, activation = encode_documents(
-            sae, np.asarray(frame["embedding"].to_list(), np.float32)
-        )
+        rows, feature, activation = encode_documents(sae, _represent(storage, key, ds, frame, projection))
         parts.append(
             pl.DataFrame(
                 {

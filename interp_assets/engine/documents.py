@@ -11,6 +11,10 @@ gets a feature that fires in its documents and few others.
   sentence embedding (the sentence-transformers recipe).
 - `document_sae_size`: width and k by corpus size (HypotheSAEs' guidance: about 64/k=4 for 1k documents,
   256/8 for 10k, 1024/8 for 100k).
+- `fit_lexical_projection` / `lexical_profiles` / `document_representation`: what the document SAE reads,
+  the embedding beside a lexical profile (TF-IDF of the token-level SAE features that fire in the document,
+  reduced by a truncated SVD fit on the same corpus). Sentence embeddings blur a rare topic into its
+  neighbours; the concepts its documents name (a species, a village, an album) keep it apart.
 - `train_document_sae` / `encode_documents`: SAELens training (`sae_training`) and sparse encoding.
 """
 
@@ -26,7 +30,8 @@ import numpy as np
 
 from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model
 
-DOCUMENT_SAE_VERSION = "1"  # bumped when training or encoding changes what document features hold
+# bumped when training or encoding changes what document features hold (2: embedding + lexical profile)
+DOCUMENT_SAE_VERSION = "2"
 
 _MODELS: dict[str, tuple[Any, Any]] = {}
 _LOCK = threading.Lock()
@@ -142,6 +147,7 @@ class DocumentSAEConfig:
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
+    lexical_dims: int = 128  # directions of the lexical profile beside the embedding; 0: embedding alone
 
 
 def train_document_sae(embeddings: np.ndarray, config: DocumentSAEConfig) -> tuple[Any, dict[str, Any]]:
@@ -199,6 +205,114 @@ def encode_documents(sae: Any, embeddings: np.ndarray) -> tuple[np.ndarray, np.n
         feats = sae.encode(torch.from_numpy(np.asarray(embeddings, dtype=np.float32))).float().numpy()
     rows, cols = np.nonzero(feats > 0)
     return rows.astype(np.int64), cols.astype(np.int32), feats[rows, cols].astype(np.float32)
+
+
+# --------------------------------------------------------------------------- lexical profiles
+
+LEXICAL_PROJECTION_FILE = "lexical_projection.npz"
+
+
+@dataclass(frozen=True)
+class LexicalProjection:
+    """TF-IDF weights and truncated-SVD components of the token-feature profile (fit label-blind)."""
+
+    idf: np.ndarray  # (n_token_features,)
+    components: np.ndarray  # (dims, n_token_features)
+
+
+def _tfidf_matrix(doc_rows: np.ndarray, features: np.ndarray, n_docs: int, idf: np.ndarray) -> Any:
+    """Binary document x token-feature matrix, weighted by `idf`, rows scaled to unit length (CSR)."""
+    from scipy import sparse
+
+    keep = features < idf.size
+    doc_rows, features = doc_rows[keep], features[keep]
+    x = sparse.csr_matrix((idf[features].astype(np.float64), (doc_rows, features)), shape=(n_docs, idf.size))
+    x.sum_duplicates()
+    x.data = idf[x.indices]  # a feature counts once per document, whatever its row repeats
+    norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+    return sparse.diags(1.0 / np.maximum(norms, 1e-12)) @ x
+
+
+def fit_lexical_projection(
+    doc_rows: np.ndarray, features: np.ndarray, n_docs: int, dims: int, seed: int = 0
+) -> LexicalProjection:
+    """Fit the lexical profile on a corpus: which token-level SAE features fire in which documents.
+
+    `(doc_rows[i], features[i])` says token feature `features[i]` fires somewhere in document `doc_rows[i]`
+    (0 <= doc_rows < n_docs). Features are weighted by smoothed inverse document frequency (a feature in
+    every document says nothing), each document's vector is scaled to unit length, and a truncated SVD keeps
+    `dims` directions (fewer when the corpus is smaller). Deterministic for a given seed.
+    """
+    from scipy.sparse.linalg import svds
+
+    doc_rows = np.asarray(doc_rows, dtype=np.int64)
+    features = np.asarray(features, dtype=np.int64)
+    if dims < 1:
+        raise ValueError(f"A lexical profile needs dims >= 1; got {dims}.")
+    if features.size and (features.min() < 0 or doc_rows.min() < 0 or doc_rows.max() >= n_docs):
+        raise ValueError("fit_lexical_projection: features must be >= 0 and doc_rows within 0..n_docs-1.")
+    n_features = int(features.max()) + 1 if features.size else 1
+    pairs = np.unique(np.c_[doc_rows, features], axis=0) if features.size else np.zeros((0, 2), np.int64)
+    df = np.bincount(pairs[:, 1], minlength=n_features) if pairs.size else np.zeros(n_features)
+    idf = np.log((1.0 + n_docs) / (1.0 + df)) + 1.0
+    x = _tfidf_matrix(doc_rows, features, n_docs, idf)
+    k = min(dims, min(x.shape) - 1)
+    if k < 1 or x.nnz == 0:
+        return LexicalProjection(idf=idf, components=np.zeros((0, n_features), dtype=np.float32))
+    v0 = np.random.default_rng(seed).standard_normal(min(x.shape))
+    _, values, vt = svds(x, k=k, v0=v0)
+    order = np.argsort(-values)
+    return LexicalProjection(idf=idf, components=vt[order].astype(np.float32))
+
+
+def lexical_profiles(
+    doc_rows: np.ndarray, features: np.ndarray, n_docs: int, projection: LexicalProjection
+) -> np.ndarray:
+    """`(n_docs, dims)` unit-length lexical profiles of documents under a fitted projection.
+
+    Token features the projection never saw are ignored; a document with no known feature gets zeros.
+    """
+    x = _tfidf_matrix(
+        np.asarray(doc_rows, dtype=np.int64), np.asarray(features, dtype=np.int64), n_docs, projection.idf
+    )
+    out = np.asarray(x @ projection.components.T.astype(np.float64), dtype=np.float64)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return (out / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def document_representation(embeddings: np.ndarray, profiles: np.ndarray | None) -> np.ndarray:
+    """What the document SAE reads: the embedding beside the lexical profile, the pair scaled to unit length.
+
+    Both parts are unit length, so each carries half of the squared norm: the sentence embedding brings
+    what the text is about as a whole, the profile which concepts the token-level SAE saw in it (rare ones
+    weigh most), so a topic that few documents share stands out in at least one of them.
+    """
+    x = np.asarray(embeddings, dtype=np.float32)
+    if profiles is not None and profiles.shape[1]:
+        if profiles.shape[0] != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} embeddings but {profiles.shape[0]} lexical profiles.")
+        x = np.concatenate([x, profiles.astype(np.float32)], axis=1)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def save_lexical_projection(projection: LexicalProjection, folder: str) -> None:
+    """Write the projection beside the document SAE that reads it."""
+    from pathlib import Path
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    np.savez(Path(folder) / LEXICAL_PROJECTION_FILE, idf=projection.idf, components=projection.components)
+
+
+def load_lexical_projection(folder: str) -> LexicalProjection | None:
+    """The projection saved beside a document SAE, or None (an SAE trained on embeddings alone)."""
+    from pathlib import Path
+
+    path = Path(folder) / LEXICAL_PROJECTION_FILE
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        return LexicalProjection(idf=data["idf"], components=data["components"])
 
 
 def save_document_sae(sae: Any, folder: str, report: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from benchmarks.planted import load_dbpedia
 from interp_assets.analysis.reports import top_features
 from interp_assets.comparisons import comparison_key
 from interp_assets.defs.assets import ALL_ASSETS
-from interp_assets.engine.documents import document_sae_size
+from interp_assets.engine.documents import LEXICAL_PROJECTION_FILE, document_sae_size
 from interp_assets.storage.parquet import read_table
 from resources.local import local_resources
 
@@ -69,6 +69,9 @@ def test_planted_topic_is_found_by_the_document_family(tmp_path: Path) -> None:
     sae = read_table(base, "document_sae", key).collect().row(0, named=True)
     assert (sae["d_sae"], sae["k"]) == document_sae_size(600)
     assert sae["fraction_variance_explained"] > 0.3
+    # it read each document's sentence embedding (384) beside its lexical profile, saved beside the SAE
+    assert sae["d_in"] == 384 + 128
+    assert (Path(sae["model_path"]) / LEXICAL_PROJECTION_FILE).exists()
     features = read_table(base, "document_features", key).collect()
     per_doc = features.group_by("dataset", "doc_id").len()
     assert per_doc.height == 600 and per_doc["len"].max() <= sae["k"]  # TopK: at most k per document
