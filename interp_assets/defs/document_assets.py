@@ -218,7 +218,8 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
             mine = pooled.with_row_index("row").filter(pl.col("dataset") == ds)
             rows, features = _token_features(storage, key, ds, mine["doc_id"])
             parts.append(np.c_[mine["row"].to_numpy()[rows], features])
-        lexical = np.unique(np.concatenate(parts), axis=0)
+        lexical = np.concatenate(parts)  # one row per (document, feature): pooled rows are unique
+        lexical = lexical[np.lexsort((lexical[:, 1], lexical[:, 0]))]  # a stable order for the hash
     training_hash = hashlib.sha256(
         (
             json.dumps([DOCUMENT_SAE_VERSION, vars(train_config)], sort_keys=True)

@@ -226,11 +226,26 @@ def _tfidf_matrix(doc_rows: np.ndarray, features: np.ndarray, n_docs: int, idf: 
 
     keep = features < idf.size
     doc_rows, features = doc_rows[keep], features[keep]
-    x = sparse.csr_matrix((idf[features].astype(np.float64), (doc_rows, features)), shape=(n_docs, idf.size))
+    values = idf[features].astype(np.float32)
+    x = sparse.csr_matrix((values, (doc_rows, features)), shape=(n_docs, idf.size))
     x.sum_duplicates()
-    x.data = idf[x.indices]  # a feature counts once per document, whatever its row repeats
+    x.data = idf[x.indices].astype(np.float32)  # a feature counts once per document, however often listed
     norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
-    return sparse.diags(1.0 / np.maximum(norms, 1e-12)) @ x
+    return sparse.diags((1.0 / np.maximum(norms, 1e-12)).astype(np.float32)) @ x
+
+
+def _top_right_singular_vectors(x: Any, k: int, seed: int, power_iterations: int = 3) -> np.ndarray:
+    """The top `k` right singular vectors of a sparse matrix (`(k, n_columns)`), by the randomized range
+    finder of Halko, Martinsson and Tropp (2011) with power iterations: a few sparse products instead of
+    an iterative eigensolver. Deterministic for a given seed."""
+    rng = np.random.default_rng(seed)
+    omega = rng.standard_normal((x.shape[1], min(k + 10, min(x.shape)))).astype(np.float32)
+    q, _ = np.linalg.qr(x @ omega)
+    for _ in range(power_iterations):
+        z, _ = np.linalg.qr(x.T @ q)
+        q, _ = np.linalg.qr(x @ z)
+    _, _, vt = np.linalg.svd((x.T @ q).T, full_matrices=False)
+    return vt[:k]
 
 
 def fit_lexical_projection(
@@ -243,7 +258,7 @@ def fit_lexical_projection(
     every document says nothing), each document's vector is scaled to unit length, and a truncated SVD keeps
     `dims` directions (fewer when the corpus is smaller). Deterministic for a given seed.
     """
-    from scipy.sparse.linalg import svds
+    from scipy import sparse
 
     doc_rows = np.asarray(doc_rows, dtype=np.int64)
     features = np.asarray(features, dtype=np.int64)
@@ -252,17 +267,18 @@ def fit_lexical_projection(
     if features.size and (features.min() < 0 or doc_rows.min() < 0 or doc_rows.max() >= n_docs):
         raise ValueError("fit_lexical_projection: features must be >= 0 and doc_rows within 0..n_docs-1.")
     n_features = int(features.max()) + 1 if features.size else 1
-    pairs = np.unique(np.c_[doc_rows, features], axis=0) if features.size else np.zeros((0, 2), np.int64)
-    df = np.bincount(pairs[:, 1], minlength=n_features) if pairs.size else np.zeros(n_features)
+    fired = sparse.csr_matrix(
+        (np.ones(features.size, dtype=np.float32), (doc_rows, features)), shape=(n_docs, n_features)
+    )
+    fired.sum_duplicates()  # a feature counts once per document
+    df = np.bincount(fired.indices, minlength=n_features)
     idf = np.log((1.0 + n_docs) / (1.0 + df)) + 1.0
     x = _tfidf_matrix(doc_rows, features, n_docs, idf)
     k = min(dims, min(x.shape) - 1)
     if k < 1 or x.nnz == 0:
         return LexicalProjection(idf=idf, components=np.zeros((0, n_features), dtype=np.float32))
-    v0 = np.random.default_rng(seed).standard_normal(min(x.shape))
-    _, values, vt = svds(x, k=k, v0=v0)
-    order = np.argsort(-values)
-    return LexicalProjection(idf=idf, components=vt[order].astype(np.float32))
+    components = _top_right_singular_vectors(x.astype(np.float32), k, seed)
+    return LexicalProjection(idf=idf, components=components.astype(np.float32))
 
 
 def lexical_profiles(
@@ -275,7 +291,7 @@ def lexical_profiles(
     x = _tfidf_matrix(
         np.asarray(doc_rows, dtype=np.int64), np.asarray(features, dtype=np.int64), n_docs, projection.idf
     )
-    out = np.asarray(x @ projection.components.T.astype(np.float64), dtype=np.float64)
+    out = np.asarray(x @ projection.components.T, dtype=np.float32)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return (out / np.maximum(norms, 1e-12)).astype(np.float32)
 
