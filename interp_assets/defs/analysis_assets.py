@@ -11,6 +11,7 @@ from dagster import (
     AssetDep,
     AssetExecutionContext,
     Config,
+    DataVersion,
     MetadataValue,
     Output,
     asset,
@@ -20,10 +21,13 @@ from interp_assets.analysis import associations, diffing, reports
 from interp_assets.comparisons import find_comparison, parse_comparison_key
 from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
 from interp_assets.defs.shared import (
+    INPUTS_KEY,
     OWNERS,
     dataset_settings,
     encoded_doc_count,
+    inputs_key,
     recorded_d_sae,
+    reuse_stored_output,
     stored_documents,
 )
 from interp_assets.engine.documents import document_feature_spans
@@ -36,6 +40,8 @@ from interp_assets.storage.parquet import (
     write_table,
 )
 from resources.storage import StorageResource
+
+ASSOCIATIONS_CODE_VERSION = "1"
 
 
 class FeatureAssociationsConfig(Config):
@@ -53,7 +59,7 @@ class FeatureAssociationsConfig(Config):
     group_name="analysis",
     kinds={"scipy", "parquet"},
     owners=OWNERS,
-    code_version="1",
+    code_version=ASSOCIATIONS_CODE_VERSION,
     deps=[AssetDep("raw_documents"), AssetDep("pooled_embeddings")],
     description="Which features go with each metadata column (criterion): AUC for boolean columns and "
     "each level of a few-valued text column, correlation for numeric and date columns, with BH FDR per "
@@ -65,6 +71,15 @@ def feature_associations(
     dataset = context.partition_key
     base = storage.parquet_base
     columns = dataset_settings(storage, dataset).get("association_columns", config.columns)
+    key = inputs_key(
+        context.instance,
+        [("raw_documents", dataset), ("token_activations", dataset), ("pooled_embeddings", dataset)],
+        {"config": config.model_dump(), "columns": columns},
+        ASSOCIATIONS_CODE_VERSION,
+    )
+    reused = reuse_stored_output(context, storage, "feature_associations", dataset, key)
+    if reused is not None:
+        return reused
     docs = stored_documents(storage, dataset)
     encoded = read_table(base, "activation_status", dataset).filter(pl.col("status") == "encoded")
     docs = docs.join(encoded.select("doc_id").collect(), on="doc_id", how="semi")
@@ -94,7 +109,9 @@ def feature_associations(
     per_criterion = table.group_by("criterion").agg(pl.col("significant").sum()).sort("criterion")
     return Output(
         table,
+        data_version=DataVersion(key) if key else None,
         metadata={
+            INPUTS_KEY: key,
             "criteria_tested": per_criterion.height,
             "significant_rows": int(table["significant"].sum()),
             "not_tested": MetadataValue.json({**skipped, **failed}),

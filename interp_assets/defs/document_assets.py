@@ -23,7 +23,14 @@ from dagster import (
 
 from interp_assets.comparisons import parse_comparison_key
 from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
-from interp_assets.defs.shared import MODEL_POOL, OWNERS, cached_document_embeddings
+from interp_assets.defs.shared import (
+    INPUTS_KEY,
+    MODEL_POOL,
+    OWNERS,
+    cached_document_embeddings,
+    inputs_key,
+    reuse_stored_output,
+)
 from interp_assets.engine.documents import (
     DOCUMENT_SAE_VERSION,
     DocumentSAEConfig,
@@ -309,6 +316,17 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
 )
 def document_features(context: AssetExecutionContext, document_sae: pl.LazyFrame, storage: StorageResource):
     key = context.partition_key
+    a, b = parse_comparison_key(key)
+    inputs = inputs_key(
+        context.instance,
+        [("document_sae", key)]
+        + [(t, ds) for ds in (a, b) for t in ("raw_documents", "document_embeddings", "pooled_embeddings")],
+        {},
+        DOCUMENT_SAE_VERSION,
+    )
+    reused = reuse_stored_output(context, storage, "document_features", key, inputs)
+    if reused is not None:
+        return reused
     info = document_sae.collect().row(0, named=True)
     sae = load_document_sae(info["model_path"])
     projection = load_lexical_projection(info["model_path"])
@@ -335,6 +353,7 @@ def document_features(context: AssetExecutionContext, document_sae: pl.LazyFrame
         table,
         data_version=DataVersion(f"{info['training_hash']}:{table.height}"),
         metadata={
+            INPUTS_KEY: inputs,
             "rows": table.height,
             "d_sae": int(info["d_sae"]),
             "features_alive": int(table["feature"].n_unique()),

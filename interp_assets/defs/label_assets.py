@@ -1,20 +1,26 @@
 """Labels: feature_labels (which features to name, and their names) and feature_scores (held-out scores)."""
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import polars as pl
-from dagster import AssetDep, AssetExecutionContext, Config, MetadataValue, Output, asset
+from dagster import AssetDep, AssetExecutionContext, Config, DataVersion, MetadataValue, Output, asset
 
 from interp_assets.analysis import diffing
 from interp_assets.comparisons import load_comparisons
 from interp_assets.defs.partitions import datasets_partitions
 from interp_assets.defs.shared import (
+    INPUTS_KEY,
     MODEL_POOL,
     OWNERS,
     cached_document_embeddings,
     cached_text_embeddings,
     data_version,
     encoded_doc_count,
+    inputs_key,
     latest_materialization,
+    reuse_stored_output,
     stored_documents,
     token_activations_metadata,
 )
@@ -25,6 +31,9 @@ from interp_assets.labels.feature_selection import select_features
 from interp_assets.storage.parquet import markdown_preview, read_table, table_exists
 from resources.llm import LLMResource
 from resources.storage import StorageResource
+
+LABELS_CODE_VERSION = "2"  # 2: offline labels cached, short documents shown whole
+SCORES_CODE_VERSION = "2"  # 2: scores cached, short documents scored whole
 
 
 class FeatureLabelsConfig(Config):
@@ -54,7 +63,7 @@ def _document_embeddings(storage: StorageResource, docs: pl.DataFrame, max_docs:
     group_name="labels",
     kinds={"openai", "parquet"},
     owners=OWNERS,
-    code_version="2",  # 2: offline labels cached, short documents shown whole
+    code_version=LABELS_CODE_VERSION,
     pool=MODEL_POOL,
     deps=[AssetDep("pooled_embeddings"), AssetDep("feature_associations")],
     description="Labels for the features that matter in this dataset (frequent, distinctive against its "
@@ -70,13 +79,27 @@ def feature_labels(
 ):
     dataset = context.partition_key
     base = storage.parquet_base
+    comparisons = [
+        c for c in load_comparisons(storage.config_dir / "comparisons.json") if dataset in (c.a, c.b)
+    ]
+    key = _labels_inputs_key(context, config, storage, llm, dataset, comparisons)
+    reused = reuse_stored_output(
+        context,
+        storage,
+        "feature_labels",
+        dataset,
+        key,
+        {"labels_recomputed": 0, "labeling_errors": 0, "llm_calls_made": 0},
+    )
+    if reused is not None:
+        return reused
     pooled = read_table(base, "pooled_embeddings", dataset)
     n_docs = encoded_doc_count(storage, dataset)
     docs = stored_documents(storage, dataset)
     partners = {}
-    for comparison in load_comparisons(storage.config_dir / "comparisons.json"):
-        other = comparison.b if comparison.a == dataset else comparison.a if comparison.b == dataset else None
-        if other and table_exists(base, "pooled_embeddings", other):
+    for comparison in comparisons:
+        other = comparison.b if comparison.a == dataset else comparison.a
+        if table_exists(base, "pooled_embeddings", other):
             pairs = (
                 diffing.pairs_from_key(docs, stored_documents(storage, other), comparison.paired_on)
                 if comparison.paired_on
@@ -129,7 +152,9 @@ def feature_labels(
     preview = labels.select("feature", "label", "selected_because", "source").head(20)
     return Output(
         labels,
+        data_version=DataVersion(key) if key else None,
         metadata={
+            INPUTS_KEY: None if errors else key,  # a run with failures is recomputed next time
             "labeled_features": labels.height,
             "labels_recomputed": counts.get("computed", 0),  # the rest: published or from the label cache
             "sources": MetadataValue.json(labels.group_by("source").len().to_dicts()),
@@ -144,6 +169,48 @@ def feature_labels(
             "labels": MetadataValue.md(markdown_preview(preview.to_arrow(), max_rows=preview.height)),
         },
     )
+
+
+def _llm_settings(llm: LLMResource) -> dict:
+    """What of the LLM resource changes labels and scores (never the API key)."""
+    return {"enabled": llm.enabled, "model": llm.model, "base_url": llm.base_url}
+
+
+def _file_digest(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"  # the labeler reports it
+
+
+def _labels_inputs_key(
+    context: AssetExecutionContext,
+    config: FeatureLabelsConfig,
+    storage: StorageResource,
+    llm: LLMResource,
+    dataset: str,
+    comparisons: list,
+) -> str | None:
+    """Everything feature_labels reads: this dataset's and its comparison partners' tables, the
+    comparisons, config, published labels and the LLM settings."""
+    tables = ("raw_documents", "token_activations", "pooled_embeddings")
+    upstream = [(t, dataset) for t in tables]
+    if table_exists(storage.parquet_base, "feature_associations", dataset):
+        upstream.append(("feature_associations", dataset))
+    for c in comparisons:
+        other = c.b if c.a == dataset else c.a
+        if table_exists(storage.parquet_base, "pooled_embeddings", other):
+            upstream += [(t, other) for t in tables]
+    settings = {
+        "config": config.model_dump(),
+        "comparisons": [[c.a, c.b, c.paired_on] for c in comparisons],
+        "published_labels": _file_digest(config.published_labels_path),
+        "llm": _llm_settings(llm),
+        "embedding_model": DEFAULT_EMBEDDING_MODEL,
+    }
+    return inputs_key(context.instance, upstream, settings, LABELS_CODE_VERSION)
 
 
 def _top_associated(base: str, dataset: str, n: int) -> dict[str, list[int]]:
@@ -174,7 +241,7 @@ def _split_parameters(config: FeatureLabelsConfig) -> dict[str, int]:
     group_name="labels",
     kinds={"pytorch", "parquet"},
     owners=OWNERS,
-    code_version="2",  # 2: scores cached, short documents scored whole
+    code_version=SCORES_CODE_VERSION,
     pool=MODEL_POOL,
     description="Every label scored on held-out documents never shown to the labeler: precision, recall, F1, "
     "balanced accuracy, AUC and a bootstrap interval, offline (embedding) and with an LLM when configured.",
@@ -186,6 +253,22 @@ def feature_scores(
     llm: LLMResource,
 ):
     dataset = context.partition_key
+    key = inputs_key(
+        context.instance,
+        [(t, dataset) for t in ("raw_documents", "token_activations", "feature_labels")],
+        {"llm": _llm_settings(llm), "embedding_model": DEFAULT_EMBEDDING_MODEL},
+        SCORES_CODE_VERSION,
+    )
+    reused = reuse_stored_output(
+        context,
+        storage,
+        "feature_scores",
+        dataset,
+        key,
+        {"scores_recomputed": 0, "texts_embedded_now": 0, "scoring_errors": 0},
+    )
+    if reused is not None:
+        return reused
     record = latest_materialization(context.instance, "feature_labels", dataset)
     stored = record.asset_materialization.metadata.get("split_parameters") if record else None
     split = stored.value if stored is not None else _split_parameters(FeatureLabelsConfig())
@@ -228,7 +311,9 @@ def feature_scores(
     )
     return Output(
         scores,
+        data_version=DataVersion(key) if key else None,
         metadata={
+            INPUTS_KEY: None if errors else key,  # a run with failures is recomputed next time
             "scored_labels": scores.height,
             "scores_recomputed": counts.get("computed", 0),  # the rest came from the score cache
             "texts_embedded_now": embedded_now[0],  # the rest came from the embeddings cache

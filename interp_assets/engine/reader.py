@@ -228,7 +228,7 @@ def _identity(
         "model": model
         if model == EMBEDDED_READER or not Path(model_path).is_dir()
         else Path(model_path).name,
-        "model_config": _config_digest(config),
+        "model_config": model_config_digest(model, config),
         "sae": sae_identity,
         "hook": [hook.layer, hook.position],
         "dtype": dtype,
@@ -265,18 +265,12 @@ def reader_identity(
     _check_settings(activation_dtype, chat_role)
     if release:
         return None
-    from transformers import AutoConfig
-
-    from interp_assets.engine.reader_model import _offline
-
-    path = resolve_model_path(model)
-    config = AutoConfig.from_pretrained(path, local_files_only=Path(path).is_dir() or _offline())
     sae_dir = _sae_dir(sae_path)
     cfg = json.loads((sae_dir / "cfg.json").read_text())
     hook = parse_hook_name(hook_name or (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name"))
     identity = _identity(
         model=model,
-        config=config,
+        config=None,  # read from the model's files: nothing is loaded
         sae_identity={"sae_path_hash": _sae_files_digest(sae_dir)},
         hook=hook,
         dtype=dtype,
@@ -368,8 +362,24 @@ def _check_settings(activation_dtype: str, chat_role: str) -> None:
         raise ValueError(f"chat_role must be one of {list(CHAT_ROLES)}; got {chat_role!r}.")
 
 
-def _config_digest(config: Any) -> str:
-    data = config.to_dict()
+def model_config_digest(model: str, config: Any = None) -> str:
+    """Digest of the reader model's configuration, the same whether or not the model is loaded.
+
+    A model in a local folder (the embedded default included) is digested from its `config.json`, read as
+    JSON without importing transformers; a hub id from `config` (the loaded model's) or its AutoConfig.
+    """
+    path = resolve_model_path(model)
+    file = Path(path) / "config.json"
+    if file.is_file():
+        data = json.loads(file.read_text())
+    else:
+        if config is None:
+            from transformers import AutoConfig
+
+            from interp_assets.engine.reader_model import _offline
+
+            config = AutoConfig.from_pretrained(path, local_files_only=_offline())
+        data = config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
         data.pop(volatile, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

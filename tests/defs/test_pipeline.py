@@ -17,6 +17,7 @@ from dagster import DagsterInstance, build_sensor_context, materialize
 from interp_assets.defs.assets import ALL_ASSETS, WAREHOUSE_TABLES
 from interp_assets.defs.sensors import comparisons_sensor, landing_sensor
 from interp_assets.notebook import Dataset
+from interp_assets.storage.parquet import read_table
 from interp_assets.warehouse import query, refresh_views
 from resources.local import local_resources
 from resources.storage import StorageResource
@@ -204,6 +205,36 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     assert labels_meta["labels_recomputed"].value == 0 and labels_meta["labeled_features"].value > 0
     assert scores_meta["scores_recomputed"].value == 0 and scores_meta["texts_embedded_now"].value == 0
     assert scores_meta["scored_labels"].value > 0
+    # nothing they read changed since the last run: the stored tables are kept, not even rebuilt
+    assert labels_meta["reused_stored_table"].value and scores_meta["reused_stored_table"].value
+    # another labeling setting: labels are chosen again (from the label cache) and scored again
+    changed = materialize(
+        embed + label,
+        partition_key="support_assistant_a",
+        instance=instance,
+        resources=resources,
+        selection=label,
+        run_config={"ops": {"feature_labels": {"config": {"n_frequent": 5}}}},
+    )
+    labeled_before = labels_meta["labeled_features"].value
+    labels_meta = changed.asset_materializations_for_node("feature_labels")[0].metadata
+    scores_meta = changed.asset_materializations_for_node("feature_scores")[0].metadata
+    assert "reused_stored_table" not in labels_meta and "reused_stored_table" not in scores_meta
+    n_labeled = read_table(str(data / "parquet"), "feature_labels", "support_assistant_a").collect().height
+    assert n_labeled == labels_meta["labeled_features"].value < labeled_before
+    # a stored table that went missing is computed again, not "reused"
+    shutil.rmtree(data / "parquet" / "feature_scores")
+    again = materialize(
+        embed + label,
+        partition_key="support_assistant_a",
+        instance=instance,
+        resources=resources,
+        selection=label,
+        run_config={"ops": {"feature_labels": {"config": {"n_frequent": 5}}}},
+    )
+    assert again.asset_materializations_for_node("feature_labels")[0].metadata["reused_stored_table"].value
+    assert "reused_stored_table" not in again.asset_materializations_for_node("feature_scores")[0].metadata
+    assert read_table(str(data / "parquet"), "feature_scores", "support_assistant_a").collect().height > 0
     # The SAE width is stored with the data: a notebook matrix has every feature's column.
     assert Dataset.load("support_assistant_a", data_dir=str(data)).latents().shape == (80, 2048)
 

@@ -3,6 +3,8 @@ the loaded reader's: an unchanged run finds its activations cached and never loa
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ from transformers import GPT2Config, GPT2Model
 
 from interp_assets.engine.reader import load_reader, reader_identity
 from resources.sae_reader import SAEReaderResource
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tiny_gpt2(folder: Path) -> Path:
@@ -67,6 +71,20 @@ def test_identity_changes_with_the_sae_weights_and_the_hook(tmp_path: Path) -> N
     data[-1] ^= 1  # one flipped bit in the weights
     weights.write_bytes(bytes(data))
     assert reader_identity(model=model, sae_path=str(retrained)).fingerprint != base
+    # a changed model configuration (read from config.json, nothing loaded) is another reader
+    config = json.loads((Path(model) / "config.json").read_text())
+    config["layer_norm_epsilon"] = 1e-3
+    (Path(model) / "config.json").write_text(json.dumps(config))
+    assert reader_identity(model=model, sae_path=str(_tiny_sae(tmp_path / "sae2"))).fingerprint != base
+
+
+def test_the_light_identity_imports_neither_transformers_nor_sae_lens() -> None:
+    code = (
+        "import sys; from interp_assets.engine.reader import reader_identity; reader_identity(); "
+        "print(sorted(m for m in ('transformers', 'sae_lens') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip().endswith("[]"), out.stdout + out.stderr
 
 
 def test_a_release_sae_has_no_light_identity_and_a_missing_sae_is_a_clear_error(tmp_path: Path) -> None:
