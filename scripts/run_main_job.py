@@ -24,7 +24,12 @@ def main() -> int:
     os.environ["DAGSTER_HOME"] = str(home)
     sys.path.insert(0, str(ROOT))
 
-    from dagster import DagsterInstance
+    import warnings
+
+    from dagster import BetaWarning, DagsterInstance
+
+    # data_version on Output is a beta parameter: the run needs it, the reader of this output does not
+    warnings.filterwarnings("ignore", category=BetaWarning)
 
     from interp_assets.comparisons import load_comparisons
     from interp_assets.ingest import clash_error, copy_drop_files, scan_drops
