@@ -38,6 +38,7 @@ from interp_assets.analysis.diffing import (
     pooled_value_columns,
     pooled_value_expr,
 )
+from interp_assets.analysis.feature_stats import feature_stats
 from interp_assets.analysis.reports import highlight_text
 from interp_assets.labels.evidence import HARD_NEGATIVES_MAX_DOCS
 from interp_assets.labels.labeling import FEATURE_LABELS_SCHEMA
@@ -670,6 +671,25 @@ class Dataset:
             )
         kwargs.setdefault("firing", REPORT_FIRING)  # the rule diff_reports uses, so both agree
         return diff_features(self._pooled_subset(cols), n_a, other._pooled_subset(cols), n_b, **kwargs)
+
+    def feature_stats(self, tokens: bool = True) -> pl.DataFrame:
+        """Statistics of every feature over this view's documents (`analysis.feature_stats`): document
+        and token frequency, mean and max activation, entropy of the activation mass over documents and,
+        with token_activations and `tokens`, over tokens. Pick features with
+        `interp_assets.analysis.feature_stats.keep_features` (drops never-on and always-on ones)."""
+        cols = ["feature", "max_activation", "sum_activation", "active_tokens", "doc_tokens"]
+        token_activations = None
+        if tokens and self._store.token_activations is not None:
+            token_activations = self._store.token_activations.select("doc_id", "feature", "activation")
+            if self._rows is not None:
+                keep = pl.Series("doc_id", np.unique(self.doc_ids).astype(np.int32))
+                token_activations = token_activations.filter(pl.col("doc_id").is_in(keep.implode()))
+        n_docs = int(np.unique(self.doc_ids).size)
+        if n_docs == 0:
+            raise ValueError(f"Dataset {self.name!r}: this view has no documents to compute statistics on.")
+        return feature_stats(
+            self._pooled_subset(cols), n_docs, token_activations=token_activations, n_features=self.d_sae
+        )
 
     def associations(self, column: str, **kwargs: Any) -> pl.DataFrame:
         """Features associated with a metadata column (`associations.associations_for_column`'s table)."""

@@ -362,3 +362,26 @@ def test_tokens_lists_each_active_token_with_its_features(ds: Dataset) -> None:
     assert ds.tokens(doc_id=2).height == 0  # "nothing here at all": no active token
     with pytest.raises(KeyError):
         ds.tokens(doc_id=99)
+
+
+def test_feature_stats_follow_the_hand_reference_and_the_view(ds: Dataset) -> None:
+    stats = ds.feature_stats()
+    assert stats.height == ds.d_sae  # every feature, never-active ones as zeros
+    count = dense_reference("count", ds.d_sae)
+    total = dense_reference("sum", ds.d_sae)
+    # tokens of the documents with an active feature (what pooled_embeddings records)
+    n_tokens = sum(len(tokens(TEXTS[d])) for d in TEXTS if count[d].sum() > 0)
+    for f in range(ds.d_sae):
+        row = stats.row(f, named=True)
+        assert row["documents"] == int((count[:, f] > 0).sum())
+        assert row["active_tokens"] == int(count[:, f].sum())
+        assert row["token_frequency"] == pytest.approx(count[:, f].sum() / n_tokens)
+        mass = total[:, f][total[:, f] > 0]
+        expected = float(-(mass / mass.sum() * np.log(mass / mass.sum())).sum()) if mass.size else 0.0
+        assert row["doc_entropy"] == pytest.approx(expected, abs=1e-6)
+        assert row["token_entropy"] is not None
+    # a view's statistics are over its own documents only
+    sub = ds[[0, 1]]
+    sub_count = count[np.sort(sub.doc_ids)]
+    expected_docs = [int((sub_count[:, f] > 0).sum()) for f in range(ds.d_sae)]
+    assert sub.feature_stats()["documents"].to_list() == expected_docs
