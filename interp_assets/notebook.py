@@ -39,6 +39,7 @@ from interp_assets.analysis.diffing import (
     pooled_value_expr,
 )
 from interp_assets.analysis.feature_stats import feature_stats
+from interp_assets.analysis.matching import match_features
 from interp_assets.analysis.reports import highlight_text
 from interp_assets.labels.evidence import HARD_NEGATIVES_MAX_DOCS
 from interp_assets.labels.labeling import FEATURE_LABELS_SCHEMA
@@ -690,6 +691,27 @@ class Dataset:
         return feature_stats(
             self._pooled_subset(cols), n_docs, token_activations=token_activations, n_features=self.d_sae
         )
+
+    def match_features(self, other: Dataset, aggregation: str = "max") -> pl.DataFrame:
+        """Match this reader's features with `other`'s over the documents both read (same text, found by
+        `doc_hash`): `analysis.matching.match_features` on their document signatures (`aggregation` of
+        `latents`). For two SAEs (seeds, widths, layers) or two models read over one corpus."""
+        for ds in (self, other):
+            if "doc_hash" not in ds.documents.columns:
+                raise ValueError(f"Dataset {ds.name!r} has no doc_hash column: re-materialize raw_documents.")
+        mine = self.documents.select("doc_hash").with_row_index("a")
+        theirs = other.documents.select("doc_hash").with_row_index("b")
+        common = mine.unique("doc_hash", keep="first").join(
+            theirs.unique("doc_hash", keep="first"), on="doc_hash", how="inner"
+        )
+        if common.height < 2:
+            raise ValueError(
+                f"{self.name!r} and {other.name!r} share {common.height} documents (by doc_hash); matching "
+                "needs the same documents read by both readers."
+            )
+        a = self.latents(aggregation)[common["a"].to_numpy()]
+        b = other.latents(aggregation)[common["b"].to_numpy()]
+        return match_features(a, b)
 
     def associations(self, column: str, **kwargs: Any) -> pl.DataFrame:
         """Features associated with a metadata column (`associations.associations_for_column`'s table)."""

@@ -385,3 +385,11 @@ def test_feature_stats_follow_the_hand_reference_and_the_view(ds: Dataset) -> No
     sub_count = count[np.sort(sub.doc_ids)]
     expected_docs = [int((sub_count[:, f] > 0).sum()) for f in range(ds.d_sae)]
     assert sub.feature_stats()["documents"].to_list() == expected_docs
+
+
+def test_match_features_of_a_dataset_with_itself_is_the_identity(ds: Dataset) -> None:
+    matches = ds.match_features(ds)
+    alive = matches.filter(matches["match_correlation"].is_not_null())
+    assert alive.height > 0
+    assert alive["match_b"].to_list() == alive["feature_a"].to_list()
+    assert alive["match_correlation"].to_numpy() == pytest.approx(1.0)
