@@ -34,7 +34,7 @@ from interp_assets.labels.evidence import (
 Messages = list[dict[str, Any]]
 
 OFFLINE_SOURCE = "offline:log-odds"
-OFFLINE_VERSION = "1"  # bumped when offline_label's output changes for the same inputs
+OFFLINE_VERSION = "2"  # bumped when offline_label's output changes for the same inputs
 PROMPT_VERSION = "label-prompt-v1"
 
 FEATURE_LABELS_SCHEMA: dict[str, pl.DataType] = {
@@ -114,6 +114,24 @@ def _ranked_terms(
 
 def _words(text: str) -> list[tuple[int, int, str]]:
     return [(m.start(), m.end(), m.group().lower()) for m in WORD_RE.finditer(text)]
+
+
+# English function words: a label made only of these describes syntax, not a topic, and says so
+FUNCTION_WORDS = frozenset(
+    """a an the this that these those i me my mine we us our you your he him his she her it its they them
+    their what which who whom whose and or but nor so yet if then than because as while although though
+    of in on at by for with about against between into through during before after above below to from up
+    down out off over under again further once here there when where why how all any both each few more
+    most other some such no not only own same too very can will just should would could may might must
+    shall do does did doing done be is am are was were been being have has had having s t n't 's 're 've
+    'll 'd""".split()
+)
+
+
+def _is_function_term(term: str) -> bool:
+    """A function word, a phrase of function words, or punctuation."""
+    parts = term.split()
+    return all(p in FUNCTION_WORDS or not _is_word(p) for p in parts)
 
 
 def _is_word(term: str) -> bool:
@@ -245,7 +263,15 @@ def offline_label(
     near = [t for t in _top_terms(context_ranked, 2, context_min_z) if t not in top]
     meta = _metadata_phrase(documents, positives, background)
 
-    if top:
+    if top and all(_is_function_term(t) for t in top):
+        # syntax, not a topic: say so instead of presenting stopwords as the feature's meaning
+        label = "function words: " + ", ".join(top)
+        covered = sum(1 for d in positives if active_by_doc.get(d, set()) & set(top))
+        sentence = (
+            f"Fires on function words ({_quoted(top)}), a grammatical rather than topical feature; "
+            f"{covered} of {len(positives)} top examples"
+        )
+    elif top:
         label = ", ".join(top)
         covered = sum(1 for d in positives if active_by_doc.get(d, set()) & set(top))
         sentence = f"Fires on {_quoted(top)}"

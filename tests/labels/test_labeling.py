@@ -439,3 +439,23 @@ def test_label_features_offline_and_published(tmp_path: Path) -> None:
     )
     assert second["label"] == "pub" and second["source"] == "published:p.json"
     assert second["selected_because"] == "requested"
+
+
+def test_a_feature_on_function_words_is_labeled_as_such() -> None:
+    texts, rows = [], []
+    for i in range(120):
+        content = ["refund", "screen", "ticket", "delivery"][i % 4]
+        text = f"my {content} is late and the {content} is broken"
+        if i % 3 == 0:  # fires on "the" and "and" only, whatever the topic
+            for word in ("and", "the"):
+                start = text.index(f" {word} ") + 1
+                rows.append((i, start, start + len(word), 2.0))
+        else:
+            text = f"my {content} is late, {content} broken"
+        texts.append(text)
+    docs, acts = documents(texts), activations(rows, texts)
+    split = split_evidence(acts, docs, 0, n_evidence=20, n_holdout=10)
+    lab = offline_label(acts, docs, split)
+    assert lab.label.startswith("function words: "), lab
+    assert set(lab.label.removeprefix("function words: ").split(", ")) <= {"the", "and"}
+    assert "grammatical rather than topical" in lab.description
