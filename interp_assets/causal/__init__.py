@@ -1,0 +1,1 @@
+"""Causal evidence: interventions on SAE features inside the reader (nnsight)."""

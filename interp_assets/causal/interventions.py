@@ -1,0 +1,238 @@
+"""Causal evidence: edit one SAE feature inside the reader's forward pass (through nnsight) and measure
+what changes, beside controls.
+
+A diff or an association says a feature goes with something; an intervention says whether the feature
+does anything. At the SAE's hook (a residual-stream layer), with `a` the feature's activation and `d` its
+decoder direction:
+
+- `ablate` (strength s): h - s * a * d (s = 1 removes its decoder contribution where it fires);
+- `clamp` (strength c): h + (c - a) * d where the feature fires (its activation set to c);
+- `steer` (strength alpha): h + alpha * d at every real token.
+
+Strength 0 is the placebo: every kind leaves the forward pass unchanged. `intervention_records` measures
+an effect for a feature and for frequency-matched random features (features whose firing rate on the same
+documents is closest), with bootstrap intervals over documents, in interp-lab's record shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+INTERVENTIONS = ("ablate", "clamp", "steer")
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One edit of one feature: `kind` in INTERVENTIONS, `strength` as in the module docstring."""
+
+    feature: int
+    kind: str = "ablate"
+    strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in INTERVENTIONS:
+            raise ValueError(f"Unknown intervention {self.kind!r}; use one of {list(INTERVENTIONS)}.")
+
+
+def edited_hidden(h: Any, sae: Any, intervention: Intervention, real: Any) -> Any:
+    """The hidden state `h` [batch, tokens, d_in] after `intervention`; `real` [batch, tokens] marks the
+    tokens that are not padding (the SAE reads them; padding is never edited)."""
+    import torch
+
+    f = intervention.feature
+    d_sae = int(sae.cfg.d_sae)
+    if not 0 <= f < d_sae:
+        raise ValueError(f"feature {f} is outside the SAE (d_sae={d_sae}).")
+    direction = sae.W_dec[f].to(h.dtype)
+    s = float(intervention.strength)
+    if s == 0.0:
+        return h
+    mask = real.to(h.dtype)
+    if intervention.kind == "steer":
+        return h + s * mask[..., None] * direction
+    with torch.no_grad():
+        a = sae.encode(h)[..., f].to(h.dtype) * mask
+    if intervention.kind == "ablate":
+        return h - s * a[..., None] * direction
+    fires = (a > 0).to(h.dtype)
+    return h + ((s - a) * fires)[..., None] * direction
+
+
+def _envoy(traced: Any, module_name: str) -> Any:
+    node = traced
+    for part in module_name.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def module_name(model: Any, module: Any) -> str:
+    """The dotted name of `module` inside `model` (how nnsight reaches it)."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise ValueError(f"{type(module).__name__} is not a submodule of {type(model).__name__}.")
+
+
+def run_with_intervention(
+    model: Any,
+    layer_name: str,
+    sae: Any,
+    intervention: Intervention | None,
+    input_ids: Any,
+    attention_mask: Any,
+    read: Callable[[Any], Any],
+) -> Any:
+    """Run `model` with `intervention` applied to the output of its submodule `layer_name` (through
+    nnsight) and return `read(model output)` (e.g. the logits). None: the unedited forward pass."""
+    import torch
+    from nnsight import NNsight
+
+    traced = NNsight(model)
+    real = attention_mask.bool()
+    with torch.no_grad():
+        with traced.trace(input_ids=input_ids, attention_mask=attention_mask):
+            layer = _envoy(traced, layer_name)
+            if intervention is not None:
+                out = layer.output
+                if isinstance(out, tuple):
+                    layer.output = (edited_hidden(out[0], sae, intervention, real), *out[1:])
+                else:
+                    layer.output = edited_hidden(out, sae, intervention, real)
+            result = read(traced.output).save()
+    return result
+
+
+def next_token_logprob(logits: Any, input_ids: Any, attention_mask: Any) -> np.ndarray:
+    """Per document: mean log-probability of each observed next token (causal LMs)."""
+    import torch
+
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    observed = logp.gather(-1, input_ids[:, 1:, None])[..., 0]
+    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).float()
+    return ((observed * valid).sum(1) / valid.sum(1).clamp(min=1)).numpy()
+
+
+def token_logprob(token_id: int) -> Callable[[Any, Any, Any], np.ndarray]:
+    """Per document: mean log-probability of one token at every real position (e.g. a planted target)."""
+
+    def score(logits: Any, input_ids: Any, attention_mask: Any) -> np.ndarray:
+        import torch
+
+        logp = torch.log_softmax(logits.float(), dim=-1)[..., token_id]
+        mask = attention_mask.float()
+        return ((logp * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy()
+
+    return score
+
+
+def firing_rates(sae: Any, hidden: Any, real: Any) -> np.ndarray:
+    """Share of real tokens on which each SAE feature fires (from hidden states [batch, tokens, d_in])."""
+    import torch
+
+    with torch.no_grad():
+        acts = sae.encode(hidden)
+    fires = (acts > 0) & real.bool()[..., None]
+    return (fires.sum(dim=(0, 1)).float() / real.sum().clamp(min=1)).numpy()
+
+
+def matched_controls(rates: np.ndarray, feature: int, n: int, seed: int = 0) -> list[int]:
+    """`n` features whose firing rates are closest to `feature`'s (never-firing ones excluded), ties
+    broken at random (seeded)."""
+    rng = np.random.default_rng(seed)
+    candidates = np.flatnonzero((rates > 0) & (np.arange(rates.size) != feature))
+    jitter = rng.random(candidates.size) * 1e-9
+    order = np.argsort(np.abs(rates[candidates] - rates[feature]) + jitter, kind="stable")
+    return candidates[order[:n]].tolist()
+
+
+def _bootstrap(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+    if values.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(n_boot, values.size))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def intervention_records(
+    model: Any,
+    layer_name: str,
+    sae: Any,
+    input_ids: Any,
+    attention_mask: Any,
+    feature: int,
+    *,
+    kind: str = "ablate",
+    strengths: Sequence[float] = (1.0,),
+    score: Callable[[Any, Any, Any], np.ndarray] = next_token_logprob,
+    read: Callable[[Any], Any] = lambda output: output.logits,
+    n_controls: int = 20,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """Effects of editing `feature` and, as controls, `n_controls` frequency-matched random features and
+    a placebo (strength 0), on the documents of one batch.
+
+    `score(read(output), input_ids, attention_mask)` gives one number per document (default: mean
+    log-probability of the observed next tokens). Per (feature, strength): `baseline_score` and
+    `intervention_score` (means over the documents where the feature fires), `effect` (their mean
+    paired difference) with a bootstrap 95% interval, `side_effect_score` (mean |difference| on the
+    documents where it never fires), and `control_type` (`target`, `random_matched`, `placebo`).
+    """
+    import torch
+
+    real = attention_mask.bool()
+    with torch.no_grad():
+        base_out = run_with_intervention(model, layer_name, sae, None, input_ids, attention_mask, read)
+        hidden = _hidden_at(model, layer_name, input_ids, attention_mask)
+        acts = sae.encode(hidden)
+    baseline = score(base_out, input_ids, attention_mask)
+    fires_in_doc = ((acts > 0) & real[..., None]).any(dim=1).numpy()  # [batch, d_sae]
+    controls = matched_controls(firing_rates(sae, hidden, real), feature, n_controls, seed)
+    plan = [(feature, s, "target") for s in strengths]
+    plan += [(c, s, "random_matched") for c in controls for s in strengths]
+    plan.append((feature, 0.0, "placebo"))
+    rows = []
+    for f, strength, control in plan:
+        edited = run_with_intervention(
+            model, layer_name, sae, Intervention(f, kind, strength), input_ids, attention_mask, read
+        )
+        after = score(edited, input_ids, attention_mask)
+        on = fires_in_doc[:, f] if kind != "steer" else np.ones(len(baseline), dtype=bool)
+        diff = after - baseline
+        low, high = _bootstrap(diff[on], n_boot, seed)
+        off = ~fires_in_doc[:, f]
+        rows.append(
+            {
+                "feature": int(f),
+                "intervention": kind,
+                "strength": float(strength),
+                "control_type": control,
+                "documents": int(on.sum()),
+                "baseline_score": float(baseline[on].mean()) if on.any() else None,
+                "intervention_score": float(after[on].mean()) if on.any() else None,
+                "effect": float(diff[on].mean()) if on.any() else None,
+                "effect_ci_low": low if on.any() else None,
+                "effect_ci_high": high if on.any() else None,
+                "side_effect_score": float(np.abs(diff[off]).mean()) if off.any() else None,
+            }
+        )
+    return pl.DataFrame(rows)
+
+
+def _hidden_at(model: Any, layer_name: str, input_ids: Any, attention_mask: Any) -> Any:
+    """The unedited hidden state at the output of `layer_name` (through nnsight)."""
+    import torch
+    from nnsight import NNsight
+
+    traced = NNsight(model)
+    with torch.no_grad():
+        with traced.trace(input_ids=input_ids, attention_mask=attention_mask):
+            out = _envoy(traced, layer_name).output
+            hidden = (out[0] if isinstance(out, tuple) else out).save()
+    return hidden

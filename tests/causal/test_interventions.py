@@ -1,0 +1,138 @@
+"""Interventions through nnsight on a tiny GPT-2 whose SAE has a planted feature: its decoder direction is
+the unembedding of one target token, so removing it must lower that token's log-probability."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sae_lens import TopKSAE, TopKSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from interp_assets.causal.interventions import (
+    Intervention,
+    intervention_records,
+    matched_controls,
+    module_name,
+    next_token_logprob,
+    run_with_intervention,
+    token_logprob,
+)
+from interp_assets.engine.reader import find_layer_module
+
+TARGET, PLANTED, D_IN, D_SAE = 7, 5, 16, 64
+
+
+@pytest.fixture(scope="module")
+def setup() -> dict:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=12, n_embd=D_IN, n_layer=2, n_head=2, n_positions=32)
+    config.bos_token_id = config.eos_token_id = 0
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(1, 12, (24, 10))
+    mask = torch.ones_like(ids)
+    mask[::3, 7:] = 0  # some padding
+    layer = module_name(model, find_layer_module(model, 0))  # blocks.0.hook_resid_post
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+    sae = TopKSAE(
+        TopKSAEConfig(
+            d_in=D_IN,
+            d_sae=D_SAE,
+            k=8,
+            dtype="float32",
+            device="cpu",
+            metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post"),
+        )
+    )
+    with torch.no_grad():
+        target = model.lm_head.weight[TARGET].clone()
+        sae.W_dec[PLANTED] = 3.0 * target / target.norm()
+        mean = hidden[mask.bool()].mean(0)
+        sae.W_enc[:, PLANTED] = 4.0 * mean / mean.norm()  # fires on most tokens
+    return {"model": model, "sae": sae, "ids": ids, "mask": mask, "layer": layer}
+
+
+def _target_score(setup: dict, intervention: Intervention | None) -> float:
+    logits = run_with_intervention(
+        setup["model"],
+        setup["layer"],
+        setup["sae"],
+        intervention,
+        setup["ids"],
+        setup["mask"],
+        lambda out: out.logits,
+    )
+    return float(token_logprob(TARGET)(logits, setup["ids"], setup["mask"]).mean())
+
+
+def test_the_placebo_moves_nothing_and_no_intervention_is_the_plain_forward(setup: dict) -> None:
+    with torch.no_grad():
+        plain = setup["model"](input_ids=setup["ids"], attention_mask=setup["mask"]).logits
+    for intervention in (None, *(Intervention(PLANTED, kind, 0.0) for kind in ("ablate", "clamp", "steer"))):
+        logits = run_with_intervention(
+            setup["model"],
+            setup["layer"],
+            setup["sae"],
+            intervention,
+            setup["ids"],
+            setup["mask"],
+            lambda out: out.logits,
+        )
+        torch.testing.assert_close(logits, plain)
+
+
+def test_ablating_the_planted_feature_beats_every_matched_random_feature(setup: dict) -> None:
+    records = intervention_records(
+        setup["model"],
+        setup["layer"],
+        setup["sae"],
+        setup["ids"],
+        setup["mask"],
+        PLANTED,
+        kind="ablate",
+        score=token_logprob(TARGET),
+        n_controls=20,
+    )
+    target = records.filter(records["control_type"] == "target").row(0, named=True)
+    controls = records.filter(records["control_type"] == "random_matched")
+    placebo = records.filter(records["control_type"] == "placebo").row(0, named=True)
+    assert controls.height == 20
+    assert target["effect"] < 0 and target["effect_ci_high"] < 0
+    assert target["effect"] < controls["effect"].min()  # lower than every one of the 20 controls
+    assert placebo["effect"] == 0.0
+    assert set(records.columns) >= {
+        "feature",
+        "intervention",
+        "strength",
+        "baseline_score",
+        "intervention_score",
+        "side_effect_score",
+        "control_type",
+    }
+
+
+def test_steering_raises_the_target_monotonically_with_strength(setup: dict) -> None:
+    scores = [_target_score(setup, Intervention(PLANTED, "steer", s)) for s in (0.0, 0.5, 1.0, 2.0, 4.0)]
+    assert all(b > a for a, b in zip(scores, scores[1:], strict=False)), scores
+
+
+def test_clamping_to_zero_equals_ablating(setup: dict) -> None:
+    assert _target_score(setup, Intervention(PLANTED, "clamp", 1e-12)) == pytest.approx(
+        _target_score(setup, Intervention(PLANTED, "ablate", 1.0)), abs=1e-5
+    )
+
+
+def test_next_token_scores_and_controls_and_errors(setup: dict) -> None:
+    logits = run_with_intervention(
+        setup["model"], setup["layer"], setup["sae"], None, setup["ids"], setup["mask"], lambda o: o.logits
+    )
+    per_doc = next_token_logprob(logits, setup["ids"], setup["mask"])
+    assert per_doc.shape == (24,) and np.all(per_doc < 0)
+    rates = np.array([0.0, 0.1, 0.5, 0.12, 0.3])
+    assert matched_controls(rates, 1, 2) == [3, 4]  # closest rates; never-firing feature 0 excluded
+    with pytest.raises(ValueError, match="Unknown intervention"):
+        Intervention(1, "erase")
+    with pytest.raises(ValueError, match="outside the SAE"):
+        _target_score(setup, Intervention(D_SAE + 1, "ablate", 1.0))
