@@ -236,3 +236,25 @@ def _hidden_at(model: Any, layer_name: str, input_ids: Any, attention_mask: Any)
             out = _envoy(traced, layer_name).output
             hidden = (out[0] if isinstance(out, tuple) else out).save()
     return hidden
+
+
+def document_embedding_shift(
+    model: Any, layer_name: str, sae: Any, intervention: Intervention, input_ids: Any, attention_mask: Any
+) -> np.ndarray:
+    """Per document: 1 - cosine between the document embedding (last hidden state mean-pooled over real
+    tokens) with and without `intervention` (encoders such as the embedded MiniLM)."""
+    import torch
+
+    def embed(hidden: Any) -> Any:
+        mask = attention_mask.float()[..., None]
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+    def last_hidden(output: Any) -> Any:
+        return output.last_hidden_state
+
+    base = embed(run_with_intervention(model, layer_name, sae, None, input_ids, attention_mask, last_hidden))
+    edited = embed(
+        run_with_intervention(model, layer_name, sae, intervention, input_ids, attention_mask, last_hidden)
+    )
+    return (1.0 - (base * edited).sum(-1)).clamp(min=0).numpy()

@@ -136,3 +136,38 @@ def test_next_token_scores_and_controls_and_errors(setup: dict) -> None:
         Intervention(1, "erase")
     with pytest.raises(ValueError, match="outside the SAE"):
         _target_score(setup, Intervention(D_SAE + 1, "ablate", 1.0))
+
+
+def test_on_the_embedded_encoder_an_ablation_moves_only_the_documents_where_the_feature_fires() -> None:
+    from interp_assets.causal.interventions import document_embedding_shift
+    from interp_assets.engine.reader import load_reader
+
+    reader = load_reader(device="cpu")
+    texts = ["I want a refund for my order", "The weather is lovely today", "Sorry, my refund is late"]
+    enc = reader.tokenizer(texts, return_tensors="pt", padding=True)
+    layer = module_name(reader.model, reader.layer_module)
+    with torch.no_grad():
+        hidden = reader.model(**enc, output_hidden_states=True).hidden_states[reader.hook.layer + 1]
+        acts = reader.sae.encode(hidden) * enc["attention_mask"][..., None]
+    fires = (acts > 0).any(dim=1)  # [docs, d_sae]
+    # a feature active in some documents but not all
+    feature = int(torch.nonzero(fires.sum(0) == 1)[0, 0])
+    shift = document_embedding_shift(
+        reader.model,
+        layer,
+        reader.sae,
+        Intervention(feature, "ablate", 1.0),
+        enc["input_ids"],
+        enc["attention_mask"],
+    )
+    on = fires[:, feature].numpy()
+    assert np.all(shift[on] > 1e-6) and np.allclose(shift[~on], 0.0, atol=1e-6)
+    placebo = document_embedding_shift(
+        reader.model,
+        layer,
+        reader.sae,
+        Intervention(feature, "steer", 0.0),
+        enc["input_ids"],
+        enc["attention_mask"],
+    )
+    assert np.allclose(placebo, 0.0, atol=1e-6)
