@@ -171,3 +171,20 @@ def test_on_the_embedded_encoder_an_ablation_moves_only_the_documents_where_the_
         enc["attention_mask"],
     )
     assert np.allclose(placebo, 0.0, atol=1e-6)
+
+
+def test_input_optimization_beats_the_best_dataset_example(setup: dict) -> None:
+    from interp_assets.causal.input_optimization import feature_activation, optimize_inputs
+
+    model, sae = setup["model"], setup["sae"]
+    best_example = max(
+        feature_activation(model, sae, 0, "post", PLANTED, row[m.bool()])
+        for row, m in zip(setup["ids"], setup["mask"], strict=True)
+    )
+    found = optimize_inputs(model, sae, 0, "post", PLANTED, length=10, restarts=2, steps=30)
+    assert found.height == 2 and found["activation"].is_sorted(descending=True)
+    assert found["activation"][0] >= best_example
+    ids = torch.tensor(found["token_ids"][0].to_list())
+    assert found["activation"][0] == pytest.approx(feature_activation(model, sae, 0, "post", PLANTED, ids))
+    with pytest.raises(ValueError, match="outside the SAE"):
+        optimize_inputs(model, sae, 0, "post", D_SAE)
