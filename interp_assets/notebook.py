@@ -438,6 +438,12 @@ class Dataset:
         doc_id = self._chosen_doc_id(row, doc_id, "highlight")
         return self.highlight_many([doc_id], feature, open_mark, close_mark)[0]
 
+    def row(self, row: int) -> DatasetRow:
+        """The `row`-th document of this view as an object (interp_embed's `dataset[i]`): `.text`,
+        `.doc_id`, `.metadata` and `.token_activations(feature)` (its text with that feature's tokens
+        marked << >>)."""
+        return DatasetRow(self, int(self._store.doc_ids[self._row_position(row)]))
+
     def _row_position(self, row: int) -> int:
         """Position in the dataset's documents of the `row`-th document of this view (negative counts
         from the end); IndexError out of range."""
@@ -720,6 +726,33 @@ class Dataset:
         docs = self.documents.unique(subset="doc_id", keep="first", maintain_order=True)
         kwargs.setdefault("dataset", self.name)
         return associations_for_column(self._pooled_subset(cols), docs, column, **kwargs).table
+
+
+class DatasetRow:
+    """One document of a Dataset (see `Dataset.row`)."""
+
+    def __init__(self, dataset: Dataset, doc_id: int) -> None:
+        self._dataset = dataset
+        self.doc_id = doc_id
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The document's row of raw_documents (text, source, metadata columns)."""
+        store = self._dataset._store
+        return store.documents.row(self._dataset._doc_position(self.doc_id), named=True)
+
+    @property
+    def text(self) -> str:
+        return str(self.metadata["text"])
+
+    def token_activations(self, feature: int, open_mark: str = "<<", close_mark: str = ">>") -> str:
+        """The text with the tokens where `feature` is active wrapped in marks."""
+        return self._dataset.highlight(
+            feature=feature, doc_id=self.doc_id, open_mark=open_mark, close_mark=close_mark
+        )
+
+    def __repr__(self) -> str:
+        return f"DatasetRow(doc_id={self.doc_id}, text={self.text[:60]!r})"
 
 
 def _prepare_documents(docs: pl.DataFrame, name: str) -> pl.DataFrame:

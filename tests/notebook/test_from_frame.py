@@ -71,3 +71,28 @@ def test_label_and_score_a_feature_from_the_notebook(tmp_path: Path) -> None:
     assert mine["label"][0] == "weather forecasts" and mine["n_examples"][0] == scores["n_examples"][0]
     with pytest.raises(ValueError, match="outside this SAE"):
         ds.label_feature(5000)
+
+
+def test_interp_embeds_readme_workflow_runs_with_the_migration_tables_names(tmp_path: Path) -> None:
+    """interp_embed's quickstart and "commonly used methods", with the README's migration table."""
+    df = _frame(60).rename({"body": "text"}).to_pandas()  # 2. prepare your data as a DataFrame
+    # 3. create the dataset (interp_embed: Dataset(data=df, sae=sae, field="text", save_path=...))
+    dataset = Dataset.from_frame(
+        df, text="text", data_dir=str(tmp_path), reader=SAEReaderResource(device="cpu")
+    )
+    # 4. load it later without recomputation (interp_embed: Dataset.load_from_file(path))
+    dataset = Dataset.load(dataset.name, data_dir=str(tmp_path))
+    embeddings = dataset.latents()  # sparse (documents x features)
+    assert embeddings.shape == (60, 2048)
+    labels = dataset.feature_labels()  # stored labels (none yet: an empty frame with the columns)
+    assert "label" in labels.columns
+    counts = np.asarray((embeddings > 0).sum(axis=0)).ravel()
+    feature = int(np.flatnonzero((counts >= 15) & (counts <= 45))[0])
+    new_label = dataset.label_feature(feature=feature, n_evidence=10, n_holdout=10)  # sync here
+    assert new_label["label"]
+    annotated = dataset.row(0).token_activations(feature=feature)  # interp_embed: dataset[0].token_...
+    assert annotated.replace("<<", "").replace(">>", "") == dataset.row(0).text
+    top_documents = dataset.top_documents_for_feature(feature=feature)
+    assert top_documents.height == 10 and "<<" in dataset.highlight(
+        doc_id=int(top_documents["doc_id"][0]), feature=feature
+    )
