@@ -54,33 +54,25 @@ def setup() -> dict:
     return {"model": model, "sae": sae, "ids": ids, "mask": mask, "layer": layer}
 
 
-def _target_score(setup: dict, intervention: Intervention | None) -> float:
-    logits = run_with_intervention(
-        setup["model"],
-        setup["layer"],
-        setup["sae"],
-        intervention,
-        setup["ids"],
-        setup["mask"],
-        lambda out: out.logits,
+def _logits(setup: dict, intervention: Intervention | None) -> torch.Tensor:
+    return run_with_intervention(
+        setup["model"], setup["layer"], setup["sae"], intervention, setup["ids"], setup["mask"], _read_logits
     )
-    return float(token_logprob(TARGET)(logits, setup["ids"], setup["mask"]).mean())
+
+
+def _read_logits(output):
+    return output.logits
+
+
+def _target_score(setup: dict, intervention: Intervention | None) -> float:
+    return float(token_logprob(TARGET)(_logits(setup, intervention), setup["ids"], setup["mask"]).mean())
 
 
 def test_the_placebo_moves_nothing_and_no_intervention_is_the_plain_forward(setup: dict) -> None:
     with torch.no_grad():
         plain = setup["model"](input_ids=setup["ids"], attention_mask=setup["mask"]).logits
     for intervention in (None, *(Intervention(PLANTED, kind, 0.0) for kind in ("ablate", "clamp", "steer"))):
-        logits = run_with_intervention(
-            setup["model"],
-            setup["layer"],
-            setup["sae"],
-            intervention,
-            setup["ids"],
-            setup["mask"],
-            lambda out: out.logits,
-        )
-        torch.testing.assert_close(logits, plain)
+        torch.testing.assert_close(_logits(setup, intervention), plain)
 
 
 def test_ablating_the_planted_feature_beats_every_matched_random_feature(setup: dict) -> None:
@@ -125,9 +117,7 @@ def test_clamping_to_zero_equals_ablating(setup: dict) -> None:
 
 
 def test_next_token_scores_and_controls_and_errors(setup: dict) -> None:
-    logits = run_with_intervention(
-        setup["model"], setup["layer"], setup["sae"], None, setup["ids"], setup["mask"], lambda o: o.logits
-    )
+    logits = _logits(setup, None)
     per_doc = next_token_logprob(logits, setup["ids"], setup["mask"])
     assert per_doc.shape == (24,) and np.all(per_doc < 0)
     rates = np.array([0.0, 0.1, 0.5, 0.12, 0.3])

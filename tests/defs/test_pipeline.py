@@ -207,15 +207,19 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     assert scores_meta["scored_labels"].value > 0
     # nothing they read changed since the last run: the stored tables are kept, not even rebuilt
     assert labels_meta["reused_stored_table"].value and scores_meta["reused_stored_table"].value
+
     # another labeling setting: labels are chosen again (from the label cache) and scored again
-    changed = materialize(
-        embed + label,
-        partition_key="support_assistant_a",
-        instance=instance,
-        resources=resources,
-        selection=label,
-        run_config={"ops": {"feature_labels": {"config": {"n_frequent": 5}}}},
-    )
+    def label_run(n_frequent: int):
+        return materialize(
+            embed + label,
+            partition_key="support_assistant_a",
+            instance=instance,
+            resources=resources,
+            selection=label,
+            run_config={"ops": {"feature_labels": {"config": {"n_frequent": n_frequent}}}},
+        )
+
+    changed = label_run(5)
     labeled_before = labels_meta["labeled_features"].value
     labels_meta = changed.asset_materializations_for_node("feature_labels")[0].metadata
     scores_meta = changed.asset_materializations_for_node("feature_scores")[0].metadata
@@ -224,14 +228,7 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     assert n_labeled == labels_meta["labeled_features"].value < labeled_before
     # a stored table that went missing is computed again, not "reused"
     shutil.rmtree(data / "parquet" / "feature_scores")
-    again = materialize(
-        embed + label,
-        partition_key="support_assistant_a",
-        instance=instance,
-        resources=resources,
-        selection=label,
-        run_config={"ops": {"feature_labels": {"config": {"n_frequent": 5}}}},
-    )
+    again = label_run(5)
     assert again.asset_materializations_for_node("feature_labels")[0].metadata["reused_stored_table"].value
     assert "reused_stored_table" not in again.asset_materializations_for_node("feature_scores")[0].metadata
     assert read_table(str(data / "parquet"), "feature_scores", "support_assistant_a").collect().height > 0
