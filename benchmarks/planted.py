@@ -92,7 +92,11 @@ def plan(
 
 
 def run_assets(
-    data_dir: Path, data: pl.DataFrame, datasets: dict[str, np.ndarray], cases: list[dict]
+    data_dir: Path,
+    data: pl.DataFrame,
+    datasets: dict[str, np.ndarray],
+    cases: list[dict],
+    run_config: dict | None = None,
 ) -> dict:
     """Materialize every dataset's and comparison's assets; seconds per stage."""
     landing = data_dir / "landing"
@@ -117,7 +121,11 @@ def run_assets(
         for i, partition in enumerate(partitions):
             start = time.perf_counter()
             result = materialize(
-                [by_name[n] for n in assets], partition_key=partition, instance=instance, resources=resources
+                [by_name[n] for n in assets],
+                partition_key=partition,
+                instance=instance,
+                resources=resources,
+                run_config=run_config if kind == "comparisons" else None,
             )
             if not result.success:
                 raise RuntimeError(f"{kind} {partition}: materialization failed")
@@ -226,6 +234,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default="", help="keep the run's data here (default: a temporary folder)")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--lexical-dims",
+        type=int,
+        default=None,
+        help="document_sae's lexical profile width (default: the asset's default; 0: embedding alone)",
+    )
     args = ap.parse_args()
     started = time.perf_counter()
     data = load_dbpedia(DBPEDIA)
@@ -234,7 +248,12 @@ def main() -> None:
     datasets, cases = plan(data, categories, rates, args.n_docs, args.null_splits, args.seed)
     with tempfile.TemporaryDirectory(prefix="planted_") as tmp:
         data_dir = Path(args.data_dir or tmp)
-        seconds = run_assets(data_dir, data, datasets, cases)
+        run_config = (
+            {"ops": {"document_sae": {"config": {"lexical_dims": args.lexical_dims}}}}
+            if args.lexical_dims is not None
+            else None
+        )
+        seconds = run_assets(data_dir, data, datasets, cases, run_config)
         results, nulls = evaluate(data_dir, cases)
     summary = summarize(results, nulls, rates)
     print_table(

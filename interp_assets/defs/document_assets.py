@@ -135,7 +135,7 @@ class DocumentSAETrainingConfig(Config):
     steps: int = 3000
     lr: float = 1e-3
     seed: int = 0
-    lexical_dims: int = 128  # lexical profile directions beside the embedding; 0: the embedding alone
+    lexical_dims: int = 0  # lexical profile directions beside the embedding (e.g. 128); 0: embedding alone
 
 
 def _comparison_embeddings(storage: StorageResource, key: str) -> dict[str, pl.DataFrame]:

@@ -147,7 +147,7 @@ class DocumentSAEConfig:
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
-    lexical_dims: int = 128  # directions of the lexical profile beside the embedding; 0: embedding alone
+    lexical_dims: int = 0  # directions of a lexical profile beside the embedding (e.g. 128); 0: none
 
 
 def train_document_sae(embeddings: np.ndarray, config: DocumentSAEConfig) -> tuple[Any, dict[str, Any]]:

@@ -35,7 +35,7 @@ COMPARISON_ASSETS = [BY_NAME[n] for n in ("document_sae", "document_features", "
 pytestmark = pytest.mark.skipif(not DBPEDIA.exists(), reason=f"{DBPEDIA} (shared DBpedia sample) not found")
 
 
-def _run(tmp_path: Path, drops: dict[str, pl.DataFrame]) -> tuple[str, str]:
+def _run(tmp_path: Path, drops: dict[str, pl.DataFrame], run_config: dict | None = None) -> tuple[str, str]:
     """Materialize both datasets and their comparison; returns (parquet base, comparison key)."""
     (tmp_path / "landing").mkdir()
     (tmp_path / "config").mkdir()
@@ -50,7 +50,9 @@ def _run(tmp_path: Path, drops: dict[str, pl.DataFrame]) -> tuple[str, str]:
         assert materialize(DATASET_ASSETS, partition_key=name, instance=instance, resources=resources).success
     key = comparison_key(a, b)
     instance.add_dynamic_partitions("comparisons", [key])
-    result = materialize(COMPARISON_ASSETS, partition_key=key, instance=instance, resources=resources)
+    result = materialize(
+        COMPARISON_ASSETS, partition_key=key, instance=instance, resources=resources, run_config=run_config
+    )
     assert result.success
     return str(tmp_path / "parquet"), key
 
@@ -69,9 +71,8 @@ def test_planted_topic_is_found_by_the_document_family(tmp_path: Path) -> None:
     sae = read_table(base, "document_sae", key).collect().row(0, named=True)
     assert (sae["d_sae"], sae["k"]) == document_sae_size(600)
     assert sae["fraction_variance_explained"] > 0.3
-    # it read each document's sentence embedding (384) beside its lexical profile, saved beside the SAE
-    assert sae["d_in"] == 384 + 128
-    assert (Path(sae["model_path"]) / LEXICAL_PROJECTION_FILE).exists()
+    # by default it reads each document's sentence embedding alone
+    assert sae["d_in"] == 384 and not (Path(sae["model_path"]) / LEXICAL_PROJECTION_FILE).exists()
     features = read_table(base, "document_features", key).collect()
     per_doc = features.group_by("dataset", "doc_id").len()
     assert per_doc.height == 600 and per_doc["len"].max() <= sae["k"]  # TopK: at most k per document
@@ -104,7 +105,13 @@ def test_planted_topic_is_found_by_the_document_family(tmp_path: Path) -> None:
 def test_random_halves_of_one_sample_give_no_significant_feature(tmp_path: Path) -> None:
     data = load_dbpedia(DBPEDIA)
     sample = np.random.default_rng(1).choice(data.height, size=600, replace=False)
-    base, key = _run(tmp_path, {"half_a": data[sample[:300].tolist()], "half_b": data[sample[300:].tolist()]})
+    lexical = {"ops": {"document_sae": {"config": {"lexical_dims": 128}}}}  # the lexical profile too
+    base, key = _run(
+        tmp_path, {"half_a": data[sample[:300].tolist()], "half_b": data[sample[300:].tolist()]}, lexical
+    )
+    sae = read_table(base, "document_sae", key).collect().row(0, named=True)
+    # each document's sentence embedding (384) beside its lexical profile, saved beside the SAE
+    assert sae["d_in"] == 384 + 128 and (Path(sae["model_path"]) / LEXICAL_PROJECTION_FILE).exists()
     diff = read_table(base, "diff_features", key).collect()
     for family in ("token", "document"):
         part = diff.filter(pl.col("family") == family)
