@@ -16,6 +16,7 @@ indexing return new views whose `latents()` rows, `documents` and `metadata` fol
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -169,9 +170,11 @@ class Dataset:
         name: str | None = None,
         data_dir: str | None = None,
         reader: Any = None,
+        progress: bool = True,
     ) -> Dataset:
         """A dataset computed from a pandas or polars DataFrame, through the same assets, activation cache
-        and storage as a dropped file (interp_embed's `Dataset(df, sae)`).
+        and storage as a dropped file (interp_embed's `Dataset(df, sae)`); `progress` draws a tqdm bar
+        per long step (encoding, embedding).
 
         `text` names the text column; every other column is kept as metadata. `name` defaults to
         `frame_<content hash>`, so the same frame is the same dataset (and is not encoded again). `reader`
@@ -202,8 +205,10 @@ class Dataset:
             name = f"frame_{digest.hexdigest()}"
         data_dir = data_dir if data_dir is not None else paths.data_dir()
         from interp_assets.defs.notebook_runs import materialize_frame  # Dagster: only on this path
+        from interp_assets.progress import ProgressBars, listening
 
-        materialize_frame(frame, name, text_column=text, data_dir=data_dir, reader=reader)
+        with listening(ProgressBars()) if progress else contextlib.nullcontext():
+            materialize_frame(frame, name, text_column=text, data_dir=data_dir, reader=reader)
         return cls.load(name, data_dir=data_dir)
 
     @classmethod

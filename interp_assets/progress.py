@@ -3,7 +3,42 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+# in-process listeners (e.g. a notebook's progress bars): (what, done, total, unit) on every update
+_LISTENERS: list[Callable[[str, int, int, str], None]] = []
+
+
+@contextmanager
+def listening(callback: Callable[[str, int, int, str], None]) -> Iterator[None]:
+    """Call `callback(what, done, total, unit)` on every progress update made inside this block."""
+    _LISTENERS.append(callback)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(callback)
+
+
+class ProgressBars:
+    """A listener that draws one tqdm bar per long step (in a notebook: tqdm's widget bars)."""
+
+    def __init__(self, tqdm: Any = None) -> None:
+        if tqdm is None:
+            from tqdm.auto import tqdm
+        self._tqdm = tqdm
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, what: str, done: int, total: int, unit: str) -> None:
+        bar = self.bars.get(what)
+        if bar is None:
+            bar = self.bars[what] = self._tqdm(total=total, desc=what, unit=f" {unit}")
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
 
 
 class Progress:
@@ -40,6 +75,8 @@ class Progress:
         """Record that `done` of `total` are finished; report if it is time to."""
         finishing = done >= self.total and self.done < self.total
         self.done = done
+        for listener in list(_LISTENERS):
+            listener(self.what, done, self.total, self.unit)
         now = self.clock()
         if finishing or (done < self.total and now - self.last >= self.every_s):
             self.last = now

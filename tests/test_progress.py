@@ -21,3 +21,31 @@ def test_nothing_to_do_says_nothing() -> None:
     lines: list[str] = []
     Progress("encoding", 0, lines.append).update(0)
     assert lines == []
+
+
+def test_listeners_hear_every_update_and_bars_close_when_done() -> None:
+    from interp_assets.progress import ProgressBars, listening
+
+    heard: list[tuple] = []
+    drawn: list = []
+
+    class FakeBar:  # tqdm's interface as ProgressBars uses it
+        def __init__(self, total: int, desc: str, unit: str) -> None:
+            self.total, self.desc, self.n, self.closed = total, desc, 0, False
+            drawn.append(self)
+
+        def refresh(self) -> None:
+            pass
+
+        def close(self) -> None:
+            self.closed = True
+
+    bars = ProgressBars(tqdm=FakeBar)
+    with listening(lambda *args: heard.append(args)), listening(bars):
+        progress = Progress("encoding", 3, lambda line: None, every_s=1e9)
+        for done in (1, 2, 3):
+            progress.update(done)
+    assert heard == [("encoding", d, 3, "documents") for d in (1, 2, 3)]  # every update, not only reports
+    assert len(drawn) == 1 and drawn[0].n == 3 and drawn[0].closed
+    Progress("after", 1, lambda line: None).update(1)  # outside the block: nobody listens
+    assert len(heard) == 3
