@@ -341,14 +341,17 @@ class Dataset:
 
     # ------------------------------------------------------------------ features
 
+    def _in_view(self, lf: pl.LazyFrame) -> pl.LazyFrame:
+        """Rows of a per-document table (a doc_id column) whose document is in this view."""
+        if self._rows is None:
+            return lf
+        keep = pl.Series("doc_id", np.unique(self.doc_ids).astype(np.int32))
+        return lf.filter(pl.col("doc_id").is_in(keep.implode()))
+
     def _pooled_subset(self, columns: Sequence[str]) -> pl.LazyFrame:
-        lf = self._store.pooled.select(
-            pl.col("doc_id").cast(pl.Int32), *[c for c in columns if c != "doc_id"]
+        return self._in_view(
+            self._store.pooled.select(pl.col("doc_id").cast(pl.Int32), *[c for c in columns if c != "doc_id"])
         )
-        if self._rows is not None:
-            keep = pl.Series("doc_id", np.unique(self.doc_ids).astype(np.int32))
-            lf = lf.filter(pl.col("doc_id").is_in(keep.implode()))
-        return lf
 
     def _values(self, aggregation: str) -> pl.DataFrame:
         if aggregation not in AGGREGATIONS:
@@ -692,10 +695,9 @@ class Dataset:
         cols = ["feature", "max_activation", "sum_activation", "active_tokens", "doc_tokens"]
         token_activations = None
         if tokens and self._store.token_activations is not None:
-            token_activations = self._store.token_activations.select("doc_id", "feature", "activation")
-            if self._rows is not None:
-                keep = pl.Series("doc_id", np.unique(self.doc_ids).astype(np.int32))
-                token_activations = token_activations.filter(pl.col("doc_id").is_in(keep.implode()))
+            token_activations = self._in_view(
+                self._store.token_activations.select("doc_id", "feature", "activation")
+            )
         n_docs = int(np.unique(self.doc_ids).size)
         if n_docs == 0:
             raise ValueError(f"Dataset {self.name!r}: this view has no documents to compute statistics on.")
