@@ -52,6 +52,12 @@ class Comparison:
     def key(self) -> str:
         return comparison_key(self.a, self.b)
 
+    def partner(self, dataset: str) -> str:
+        """The other dataset of this comparison (`dataset` must be one of its two)."""
+        if dataset not in (self.a, self.b):
+            raise ValueError(f"{dataset!r} is not part of comparison {self.key}.")
+        return self.b if dataset == self.a else self.a
+
 
 def load_comparisons(path: Path, errors: list[str] | None = None) -> list[Comparison]:
     """Read a comparisons file: a JSON list of {"a": ..., "b": ..., "paired_on": optional}. Missing -> [].

@@ -98,7 +98,7 @@ def feature_labels(
     docs = stored_documents(storage, dataset)
     partners = {}
     for comparison in comparisons:
-        other = comparison.b if comparison.a == dataset else comparison.a
+        other = comparison.partner(dataset)
         if table_exists(base, "pooled_embeddings", other):
             pairs = (
                 diffing.pairs_from_key(docs, stored_documents(storage, other), comparison.paired_on)
@@ -200,7 +200,7 @@ def _labels_inputs_key(
     if table_exists(storage.parquet_base, "feature_associations", dataset):
         upstream.append(("feature_associations", dataset))
     for c in comparisons:
-        other = c.b if c.a == dataset else c.a
+        other = c.partner(dataset)
         if table_exists(storage.parquet_base, "pooled_embeddings", other):
             upstream += [(t, other) for t in tables]
     settings = {

@@ -70,3 +70,12 @@ def test_whole_file_problems_are_clear_errors(tmp_path: Path) -> None:
 def _write_raw(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_a_comparisons_partner_of_each_side() -> None:
+    from interp_assets.comparisons import Comparison
+
+    c = Comparison("a", "b")
+    assert (c.partner("a"), c.partner("b")) == ("b", "a")
+    with pytest.raises(ValueError, match="not part of comparison"):
+        c.partner("z")
