@@ -220,16 +220,26 @@ class LexicalProjection:
     components: np.ndarray  # (dims, n_token_features)
 
 
-def _tfidf_matrix(doc_rows: np.ndarray, features: np.ndarray, n_docs: int, idf: np.ndarray) -> Any:
-    """Binary document x token-feature matrix, weighted by `idf`, rows scaled to unit length (CSR)."""
+def _fired_matrix(doc_rows: np.ndarray, features: np.ndarray, n_docs: int, n_features: int) -> Any:
+    """Binary document x token-feature matrix (CSR, float32): 1 where the feature fires in the document,
+    however often a pair is listed; features at or beyond `n_features` are left out."""
     from scipy import sparse
 
-    keep = features < idf.size
-    doc_rows, features = doc_rows[keep], features[keep]
-    values = idf[features].astype(np.float32)
-    x = sparse.csr_matrix((values, (doc_rows, features)), shape=(n_docs, idf.size))
+    keep = features < n_features
+    x = sparse.csr_matrix(
+        (np.ones(int(keep.sum()), dtype=np.float32), (doc_rows[keep], features[keep])),
+        shape=(n_docs, n_features),
+    )
     x.sum_duplicates()
-    x.data = idf[x.indices].astype(np.float32)  # a feature counts once per document, however often listed
+    x.data[:] = 1.0
+    return x
+
+
+def _tfidf_rows(fired: Any, idf: np.ndarray) -> Any:
+    """`fired` weighted by `idf`, each document's row scaled to unit length."""
+    from scipy import sparse
+
+    x = fired @ sparse.diags(idf.astype(np.float32))
     norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
     return sparse.diags((1.0 / np.maximum(norms, 1e-12)).astype(np.float32)) @ x
 
@@ -258,8 +268,6 @@ def fit_lexical_projection(
     every document says nothing), each document's vector is scaled to unit length, and a truncated SVD keeps
     `dims` directions (fewer when the corpus is smaller). Deterministic for a given seed.
     """
-    from scipy import sparse
-
     doc_rows = np.asarray(doc_rows, dtype=np.int64)
     features = np.asarray(features, dtype=np.int64)
     if dims < 1:
@@ -267,17 +275,14 @@ def fit_lexical_projection(
     if features.size and (features.min() < 0 or doc_rows.min() < 0 or doc_rows.max() >= n_docs):
         raise ValueError("fit_lexical_projection: features must be >= 0 and doc_rows within 0..n_docs-1.")
     n_features = int(features.max()) + 1 if features.size else 1
-    fired = sparse.csr_matrix(
-        (np.ones(features.size, dtype=np.float32), (doc_rows, features)), shape=(n_docs, n_features)
-    )
-    fired.sum_duplicates()  # a feature counts once per document
+    fired = _fired_matrix(doc_rows, features, n_docs, n_features)
     df = np.bincount(fired.indices, minlength=n_features)
     idf = np.log((1.0 + n_docs) / (1.0 + df)) + 1.0
-    x = _tfidf_matrix(doc_rows, features, n_docs, idf)
+    x = _tfidf_rows(fired, idf)
     k = min(dims, min(x.shape) - 1)
     if k < 1 or x.nnz == 0:
         return LexicalProjection(idf=idf, components=np.zeros((0, n_features), dtype=np.float32))
-    components = _top_right_singular_vectors(x.astype(np.float32), k, seed)
+    components = _top_right_singular_vectors(x, k, seed)
     return LexicalProjection(idf=idf, components=components.astype(np.float32))
 
 
@@ -288,9 +293,9 @@ def lexical_profiles(
 
     Token features the projection never saw are ignored; a document with no known feature gets zeros.
     """
-    x = _tfidf_matrix(
-        np.asarray(doc_rows, dtype=np.int64), np.asarray(features, dtype=np.int64), n_docs, projection.idf
-    )
+    doc_rows, features = np.asarray(doc_rows, dtype=np.int64), np.asarray(features, dtype=np.int64)
+    fired = _fired_matrix(doc_rows, features, n_docs, projection.idf.size)
+    x = _tfidf_rows(fired, projection.idf)
     out = np.asarray(x @ projection.components.T, dtype=np.float32)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return (out / np.maximum(norms, 1e-12)).astype(np.float32)
