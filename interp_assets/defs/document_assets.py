@@ -198,10 +198,11 @@ def _represent(
         AssetDep("pooled_embeddings", partition_mapping=AllPartitionMapping()),
     ],
     check_specs=[AssetCheckSpec("document_sae_quality", asset="document_sae")],
-    description="A TopK SAE (SAELens) trained label-blind on the documents of both datasets of a comparison "
-    "(each document's embedding beside its lexical profile: which token-level SAE features fire in it, "
-    "TF-IDF weighted and SVD-reduced), width and k by corpus size (HypotheSAEs); saved in SAELens format "
-    "under <data_dir>/models/document_sae/. One row: size, variance explained, dead features, path.",
+    description="A TopK SAE (SAELens) trained label-blind on the document embeddings of both datasets of a "
+    "comparison (with `lexical_dims`, each beside its lexical profile: which token-level SAE features "
+    "fire in it, TF-IDF weighted and SVD-reduced), width and k by corpus size (HypotheSAEs); saved in "
+    "SAELens format under <data_dir>/models/document_sae/. One row: size, variance explained, dead "
+    "features, path.",
 )
 def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConfig, storage: StorageResource):
     key = context.partition_key
@@ -215,8 +216,9 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
         steps=config.steps,
         lr=config.lr,
         seed=config.seed,
-        lexical_dims=config.lexical_dims,
     )
+    # what was trained and on what: the SAE's settings and how its input was built
+    settings = vars(train_config) | {"lexical_dims": config.lexical_dims}
     embeddings = np.asarray(pooled["embedding"].to_list(), dtype=np.float32)
     lexical = np.zeros((0, 2), dtype=np.int64)
     if config.lexical_dims > 0:
@@ -229,7 +231,7 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
         lexical = lexical[np.lexsort((lexical[:, 1], lexical[:, 0]))]  # a stable order for the hash
     training_hash = hashlib.sha256(
         (
-            json.dumps([DOCUMENT_SAE_VERSION, vars(train_config)], sort_keys=True)
+            json.dumps([DOCUMENT_SAE_VERSION, settings], sort_keys=True)
             + "".join(pooled["doc_hash"].to_list())
             + hashlib.sha256(embeddings.tobytes()).hexdigest()
             + hashlib.sha256(lexical.tobytes()).hexdigest()
@@ -253,7 +255,7 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
         sae, report = train_document_sae(embeddings, train_config)
         report = report | {
             "comparison": key,
-            "config": vars(train_config),
+            "config": settings,
             "training_hash": training_hash,
             "lexical_dims": int(projection.components.shape[0]) if projection is not None else 0,
         }

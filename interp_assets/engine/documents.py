@@ -11,10 +11,10 @@ gets a feature that fires in its documents and few others.
   sentence embedding (the sentence-transformers recipe).
 - `document_sae_size`: width and k by corpus size (HypotheSAEs' guidance: about 64/k=4 for 1k documents,
   256/8 for 10k, 1024/8 for 100k).
-- `fit_lexical_projection` / `lexical_profiles` / `document_representation`: what the document SAE reads,
-  the embedding beside a lexical profile (TF-IDF of the token-level SAE features that fire in the document,
-  reduced by a truncated SVD fit on the same corpus). Sentence embeddings blur a rare topic into its
-  neighbours; the concepts its documents name (a species, a village, an album) keep it apart.
+- `fit_lexical_projection` / `lexical_profiles` / `document_representation`: optionally, what the
+  document SAE reads beside the embedding: a lexical profile (TF-IDF of the token-level SAE features that
+  fire in the document, reduced by a truncated SVD fit on the same corpus). Sentence embeddings blur a
+  rare topic into its neighbours; the concepts its documents name (a species, a village) keep it apart.
 - `train_document_sae` / `encode_documents`: SAELens training (`sae_training`) and sparse encoding.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model
 
-# bumped when training or encoding changes what document features hold (2: embedding + lexical profile)
+# bumped when training or encoding changes what document features hold (2: the optional lexical profile)
 DOCUMENT_SAE_VERSION = "2"
 
 _MODELS: dict[str, tuple[Any, Any]] = {}
@@ -147,7 +147,6 @@ class DocumentSAEConfig:
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
-    lexical_dims: int = 0  # directions of a lexical profile beside the embedding (e.g. 128); 0: none
 
 
 def train_document_sae(embeddings: np.ndarray, config: DocumentSAEConfig) -> tuple[Any, dict[str, Any]]:
