@@ -89,6 +89,19 @@ def run_with_intervention(
 ) -> Any:
     """Run `model` with `intervention` applied to the output of its submodule `layer_name` (through
     nnsight) and return `read(model output)` (e.g. the logits). None: the unedited forward pass."""
+    return _traced_forward(model, layer_name, sae, intervention, input_ids, attention_mask, read)[0]
+
+
+def _traced_forward(
+    model: Any,
+    layer_name: str,
+    sae: Any,
+    intervention: Intervention | None,
+    input_ids: Any,
+    attention_mask: Any,
+    read: Callable[[Any], Any],
+) -> tuple[Any, Any]:
+    """`run_with_intervention`'s forward pass, also returning the layer's hidden state before the edit."""
     import torch
     from nnsight import NNsight
 
@@ -97,14 +110,15 @@ def run_with_intervention(
     with torch.no_grad():
         with traced.trace(input_ids=input_ids, attention_mask=attention_mask):
             layer = _envoy(traced, layer_name)
+            out = layer.output
+            hidden = (out[0] if isinstance(out, tuple) else out).save()
             if intervention is not None:
-                out = layer.output
                 if isinstance(out, tuple):
                     layer.output = (edited_hidden(out[0], sae, intervention, real), *out[1:])
                 else:
                     layer.output = edited_hidden(out, sae, intervention, real)
             result = read(traced.output).save()
-    return result
+    return result, hidden
 
 
 def next_token_logprob(logits: Any, input_ids: Any, attention_mask: Any) -> np.ndarray:
@@ -130,12 +144,8 @@ def token_logprob(token_id: int) -> Callable[[Any, Any, Any], np.ndarray]:
     return score
 
 
-def firing_rates(sae: Any, hidden: Any, real: Any) -> np.ndarray:
-    """Share of real tokens on which each SAE feature fires (from hidden states [batch, tokens, d_in])."""
-    import torch
-
-    with torch.no_grad():
-        acts = sae.encode(hidden)
+def firing_rates(acts: Any, real: Any) -> np.ndarray:
+    """Share of real tokens on which each SAE feature fires (from activations [batch, tokens, d_sae])."""
     fires = (acts > 0) & real.bool()[..., None]
     return (fires.sum(dim=(0, 1)).float() / real.sum().clamp(min=1)).numpy()
 
@@ -187,13 +197,12 @@ def intervention_records(
     import torch
 
     real = attention_mask.bool()
+    base_out, hidden = _traced_forward(model, layer_name, sae, None, input_ids, attention_mask, read)
     with torch.no_grad():
-        base_out = run_with_intervention(model, layer_name, sae, None, input_ids, attention_mask, read)
-        hidden = _hidden_at(model, layer_name, input_ids, attention_mask)
         acts = sae.encode(hidden)
     baseline = score(base_out, input_ids, attention_mask)
     fires_in_doc = ((acts > 0) & real[..., None]).any(dim=1).numpy()  # [batch, d_sae]
-    controls = matched_controls(firing_rates(sae, hidden, real), feature, n_controls, seed)
+    controls = matched_controls(firing_rates(acts, real), feature, n_controls, seed)
     plan = [(feature, s, "target") for s in strengths]
     plan += [(c, s, "random_matched") for c in controls for s in strengths]
     plan.append((feature, 0.0, "placebo"))
@@ -223,19 +232,6 @@ def intervention_records(
             }
         )
     return pl.DataFrame(rows)
-
-
-def _hidden_at(model: Any, layer_name: str, input_ids: Any, attention_mask: Any) -> Any:
-    """The unedited hidden state at the output of `layer_name` (through nnsight)."""
-    import torch
-    from nnsight import NNsight
-
-    traced = NNsight(model)
-    with torch.no_grad():
-        with traced.trace(input_ids=input_ids, attention_mask=attention_mask):
-            out = _envoy(traced, layer_name).output
-            hidden = (out[0] if isinstance(out, tuple) else out).save()
-    return hidden
 
 
 def document_embedding_shift(
