@@ -136,6 +136,17 @@ def _check_features(features: np.ndarray, n_features: int | None, what: str) -> 
     return int(n_features)
 
 
+def check_docs_per_feature(feature: np.ndarray, docs: np.ndarray, n_docs: int, what: str) -> None:
+    """Refuse a feature counted in more documents (`docs`, one count per entry of `feature`) than exist."""
+    if docs.size and docs.max() > n_docs:
+        i = int(np.argmax(docs))
+        raise ValueError(
+            f"{what}: feature {int(feature[i])} is active in {int(docs[i])} pooled rows but n_docs={n_docs}; "
+            "pass the number of rows of raw_documents, and check pooled_embeddings has one row per "
+            "(doc_id, feature)."
+        )
+
+
 # --------------------------------------------------------------------------- statistics (vectorized)
 
 
@@ -527,13 +538,7 @@ def diff_features(
     docs_a = joined["docs"].fill_null(0).to_numpy()
     docs_b = joined["docs_b"].fill_null(0).to_numpy()
     for docs, n, side in ((docs_a, n_a, "A"), (docs_b, n_b, "B")):
-        if docs.size and docs.max() > n:
-            f = int(feature[int(np.argmax(docs))])
-            raise ValueError(
-                f"Dataset {side}: feature {f} is active in {int(docs.max())} pooled rows but n_docs={n}; "
-                "pass the number of rows of raw_documents, and check pooled_embeddings has one row per "
-                "(doc_id, feature)."
-            )
+        check_docs_per_feature(feature, docs, n, f"Dataset {side}")
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_a = joined["act_sum"].fill_null(0.0).to_numpy() / docs_a
         mean_b = joined["act_sum_b"].fill_null(0.0).to_numpy() / docs_b
@@ -596,14 +601,8 @@ def adaptive_diff_features(
             .collect()
         )
     for frame, n, side in ((frames[0], n_a, "A"), (frames[1], n_b, "B")):
-        if frame.height:
-            most = frame.group_by("feature").len().sort("len", descending=True).row(0)
-            if most[1] > n:
-                raise ValueError(
-                    f"Dataset {side}: feature {most[0]} is active in {most[1]} pooled rows but n_docs={n}; "
-                    "pass the number of rows of raw_documents, and check pooled_embeddings has one row per "
-                    "(doc_id, feature)."
-                )
+        counts = frame.group_by("feature").len()
+        check_docs_per_feature(counts["feature"].to_numpy(), counts["len"].to_numpy(), n, f"Dataset {side}")
     feature = np.concatenate([frames[0]["feature"].to_numpy(), frames[1]["feature"].to_numpy()])
     value = np.concatenate([frames[0]["max_activation"].to_numpy(), frames[1]["max_activation"].to_numpy()])
     in_b = np.concatenate([np.zeros(frames[0].height, dtype=bool), np.ones(frames[1].height, dtype=bool)])

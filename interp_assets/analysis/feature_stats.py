@@ -22,7 +22,7 @@ import math
 import numpy as np
 import polars as pl
 
-from interp_assets.analysis.diffing import FrameLike, as_lazy
+from interp_assets.analysis.diffing import FrameLike, as_lazy, check_docs_per_feature
 
 FEATURE_STATS_COLUMNS = (
     "feature",
@@ -92,11 +92,7 @@ def feature_stats(
         raise ValueError(
             f"pooled has features outside 0..{width - 1} (n_features={width}): pass the SAE's width."
         )
-    if per_feature.height and int(per_feature["documents"].max()) > n_docs:
-        raise ValueError(
-            f"a feature is active in {int(per_feature['documents'].max())} pooled rows but n_docs={n_docs}: "
-            "pass the number of documents, and one pooled row per (doc_id, feature)."
-        )
+    check_docs_per_feature(seen.to_numpy(), per_feature["documents"].to_numpy(), n_docs, "pooled")
     table = (
         pl.DataFrame({"feature": np.arange(width, dtype=np.int32)})
         .join(per_feature.with_columns(pl.col("feature").cast(pl.Int32)), on="feature", how="left")

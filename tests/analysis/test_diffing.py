@@ -483,3 +483,12 @@ def test_adaptive_null_split_halves_stays_clean(sizes: tuple[int, int]) -> None:
         out = diff_features(a, sizes[0], b, sizes[1], firing="adaptive", n_features=512)
         hits += int(out["significant"].sum() > 0)
     assert hits <= 1, hits
+
+
+@pytest.mark.parametrize("firing", ["fixed", "adaptive"])
+def test_more_pooled_rows_than_documents_is_refused(firing: str) -> None:
+    # feature 3 listed for 4 documents of a dataset said to hold 3: pooled rows or n_docs are wrong
+    pooled_a = pl.DataFrame({"doc_id": [0, 1, 2, 2], "feature": [3, 3, 3, 3], "max_activation": [1.0] * 4})
+    pooled_b = pl.DataFrame({"doc_id": [0], "feature": [3], "max_activation": [1.0]})
+    with pytest.raises(ValueError, match=r"Dataset A: feature 3 is active in 4 pooled rows but n_docs=3"):
+        diff_features(pooled_a, 3, pooled_b, 3, n_features=5, firing=firing)
