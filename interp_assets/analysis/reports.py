@@ -612,6 +612,120 @@ def combine_html(first: str, *sections: str) -> str:
     return first.rsplit(end, 1)[0] + "\n<hr>\n".join(["", *bodies]) + end + "\n"
 
 
+# --------------------------------------------------------------------------- causal evidence
+
+CAUSAL_START = "<!-- causal-evidence:start -->"
+CAUSAL_END = "<!-- causal-evidence:end -->"
+SCORE_NAMES = {
+    "feature_signature": "the document embedding projected on the feature's signature (mean embedding of "
+    "documents where it fires minus where it does not)",
+    "comparison_direction": "the document embedding projected on the comparison (mean embedding of the "
+    "feature's side minus the other's)",
+    "next_token_logprob": "mean log-probability of the observed next tokens (causal LMs)",
+}
+
+
+def _causal_rows(summary: pl.DataFrame, labels: dict[int, str], name_a: str, name_b: str) -> list[list[str]]:
+    rows = []
+    for r in summary.iter_rows(named=True):
+        side = name_a if r["direction"] == "a" else name_b
+        below = r["controls_below"]
+        rows.append(
+            [
+                str(r["feature"]),
+                labels.get(r["feature"], ""),
+                side,
+                r["score_name"],
+                str(r["documents"]),
+                f"{r['effect']:+.4f} [{r['effect_ci_low']:+.4f}, {r['effect_ci_high']:+.4f}]",
+                "" if r["control_effect_median"] is None else f"{r['control_effect_median']:+.4f}",
+                "" if below != below else f"{below:.0%} of {r['controls']}",
+                "yes" if r["evidence"] else "no",
+            ]
+        )
+    return rows
+
+
+CAUSAL_HEADER = [
+    "feature",
+    "label",
+    "more in",
+    "score",
+    "documents",
+    "effect of ablation [95% CI]",
+    "median of matched controls",
+    "controls with a larger drop",
+    "causal evidence",
+]
+
+
+def _causal_intro(n_controls: int) -> str:
+    scores = "; ".join(f"`{name}`: {meaning}" for name, meaning in SCORE_NAMES.items())
+    return (
+        "Each top feature is ablated (its decoder contribution removed where it fires) on documents where "
+        f"it fires; the effect is the mean change of a score, beside {n_controls} random features with the "
+        f"closest firing rate and a placebo. Scores: {scores}. Directions come from documents that are "
+        "never edited. Causal evidence: the interval is below 0 and no control lowered the score as much."
+    )
+
+
+def render_causal_markdown(
+    summary: pl.DataFrame,
+    *,
+    name_a: str,
+    name_b: str,
+    labels: dict[int, str] | None = None,
+    n_controls: int = 0,
+) -> str:
+    """The report's "Causal evidence" section (Markdown) from `effects.effect_summary`, between markers."""
+    esc = escape_markdown
+    out = [CAUSAL_START, "## Causal evidence", "", esc(_causal_intro(n_controls)), ""]
+    if summary.is_empty():
+        out.append("No feature was measured (no significant token-level feature, or none fires).")
+    else:
+        out.append("| " + " | ".join(CAUSAL_HEADER) + " |")
+        out.append("|" + "---|" * len(CAUSAL_HEADER))
+        for row in _causal_rows(summary, labels or {}, name_a, name_b):
+            out.append("| " + " | ".join(esc(c) for c in row) + " |")
+    out.append(CAUSAL_END)
+    return "\n".join(out) + "\n"
+
+
+def render_causal_html(
+    summary: pl.DataFrame,
+    *,
+    name_a: str,
+    name_b: str,
+    labels: dict[int, str] | None = None,
+    n_controls: int = 0,
+) -> str:
+    """The same section as HTML (a `<section>` between the same markers)."""
+    out = [CAUSAL_START, '<section id="causal-evidence"><h2>Causal evidence</h2>']
+    out.append(f"<p>{html.escape(_causal_intro(n_controls))}</p>")
+    if summary.is_empty():
+        out.append("<p>No feature was measured (no significant token-level feature, or none fires).</p>")
+    else:
+        out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in CAUSAL_HEADER) + "</tr>")
+        for row in _causal_rows(summary, labels or {}, name_a, name_b):
+            out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+        out.append("</table>")
+    out.append("</section>")
+    out.append(CAUSAL_END)
+    return "\n".join(out) + "\n"
+
+
+def with_causal_section(page: str, section: str, *, html_page: bool) -> str:
+    """`page` with its causal-evidence section replaced by `section` (added at the end when absent: before
+    `</body>` in an HTML page)."""
+    start, end = page.find(CAUSAL_START), page.find(CAUSAL_END)
+    if start != -1 and end > start:
+        return page[:start] + section.rstrip("\n") + page[end + len(CAUSAL_END) :]
+    if html_page and "</body>" in page:
+        head, tail = page.rsplit("</body>", 1)
+        return head + section + "</body>" + tail
+    return page.rstrip("\n") + "\n\n" + section
+
+
 # --------------------------------------------------------------------------- associations
 
 

@@ -16,7 +16,7 @@ documents is closest), with bootstrap intervals over documents, in interp-lab's 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,10 +86,15 @@ def run_with_intervention(
     input_ids: Any,
     attention_mask: Any,
     read: Callable[[Any], Any],
+    edit_mask: Any | None = None,
+    forward_kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """Run `model` with `intervention` applied to the output of its submodule `layer_name` (through
-    nnsight) and return `read(model output)` (e.g. the logits). None: the unedited forward pass."""
-    return _traced_forward(model, layer_name, sae, intervention, input_ids, attention_mask, read)[0]
+    nnsight) and return `read(model output)` (e.g. the logits). None: the unedited forward pass.
+    `edit_mask` [batch, tokens] limits the edit to the tokens the SAE reads (default: every real token);
+    `forward_kwargs` go to the model's forward (e.g. output_hidden_states=True)."""
+    args = (model, layer_name, sae, intervention, input_ids, attention_mask, read, edit_mask, forward_kwargs)
+    return _traced_forward(*args)[0]
 
 
 def _traced_forward(
@@ -100,15 +105,17 @@ def _traced_forward(
     input_ids: Any,
     attention_mask: Any,
     read: Callable[[Any], Any],
+    edit_mask: Any | None = None,
+    forward_kwargs: dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     """`run_with_intervention`'s forward pass, also returning the layer's hidden state before the edit."""
     import torch
     from nnsight import NNsight
 
     traced = NNsight(model)
-    real = attention_mask.bool()
+    real = (attention_mask if edit_mask is None else edit_mask).bool()
     with torch.no_grad():
-        with traced.trace(input_ids=input_ids, attention_mask=attention_mask):
+        with traced.trace(input_ids=input_ids, attention_mask=attention_mask, **(forward_kwargs or {})):
             layer = _envoy(traced, layer_name)
             out = layer.output
             hidden = (out[0] if isinstance(out, tuple) else out).save()
@@ -179,28 +186,40 @@ def intervention_records(
     *,
     kind: str = "ablate",
     strengths: Sequence[float] = (1.0,),
-    score: Callable[[Any, Any, Any], np.ndarray] = next_token_logprob,
+    score: Callable[[Any, Any, Any], np.ndarray] | Mapping[str, Callable[[Any, Any, Any], np.ndarray]] = (
+        next_token_logprob
+    ),
     read: Callable[[Any], Any] = lambda output: output.logits,
     n_controls: int = 20,
     n_boot: int = 1000,
     seed: int = 0,
+    edit_mask: Any | None = None,
+    forward_kwargs: dict[str, Any] | None = None,
 ) -> pl.DataFrame:
     """Effects of editing `feature` and, as controls, `n_controls` frequency-matched random features and
     a placebo (strength 0), on the documents of one batch.
 
+    `edit_mask` [batch, tokens] marks the tokens the SAE reads (edited, and counted for firing); default:
+    every real token. `forward_kwargs` go to every forward pass.
+
     `score(read(output), input_ids, attention_mask)` gives one number per document (default: mean
-    log-probability of the observed next tokens). Per (feature, strength): `baseline_score` and
+    log-probability of the observed next tokens); a mapping of named scores reads them all from the same
+    forward passes (`score_name` says which; "score" for a single one). Per (feature, strength, score):
+    `baseline_score` and
     `intervention_score` (means over the documents where the feature fires), `effect` (their mean
     paired difference) with a bootstrap 95% interval, `side_effect_score` (mean |difference| on the
     documents where it never fires), and `control_type` (`target`, `random_matched`, `placebo`).
     """
     import torch
 
-    real = attention_mask.bool()
-    base_out, hidden = _traced_forward(model, layer_name, sae, None, input_ids, attention_mask, read)
+    real = (attention_mask if edit_mask is None else edit_mask).bool()
+    base_out, hidden = _traced_forward(
+        model, layer_name, sae, None, input_ids, attention_mask, read, real, forward_kwargs
+    )
     with torch.no_grad():
         acts = sae.encode(hidden)
-    baseline = score(base_out, input_ids, attention_mask)
+    scores = dict(score) if isinstance(score, Mapping) else {"score": score}
+    baseline = {name: fn(base_out, input_ids, attention_mask) for name, fn in scores.items()}
     fires_in_doc = ((acts > 0) & real[..., None]).any(dim=1).numpy()  # [batch, d_sae]
     controls = matched_controls(firing_rates(acts, real), feature, n_controls, seed)
     plan = [(feature, s, "target") for s in strengths]
@@ -209,28 +228,38 @@ def intervention_records(
     rows = []
     for f, strength, control in plan:
         edited = run_with_intervention(
-            model, layer_name, sae, Intervention(f, kind, strength), input_ids, attention_mask, read
+            model,
+            layer_name,
+            sae,
+            Intervention(f, kind, strength),
+            input_ids,
+            attention_mask,
+            read,
+            real,
+            forward_kwargs,
         )
-        after = score(edited, input_ids, attention_mask)
-        on = fires_in_doc[:, f] if kind != "steer" else np.ones(len(baseline), dtype=bool)
-        diff = after - baseline
-        low, high = _bootstrap(diff[on], n_boot, seed)
+        on = fires_in_doc[:, f] if kind != "steer" else np.ones(input_ids.shape[0], dtype=bool)
         off = ~fires_in_doc[:, f]
-        rows.append(
-            {
-                "feature": int(f),
-                "intervention": kind,
-                "strength": float(strength),
-                "control_type": control,
-                "documents": int(on.sum()),
-                "baseline_score": float(baseline[on].mean()) if on.any() else None,
-                "intervention_score": float(after[on].mean()) if on.any() else None,
-                "effect": float(diff[on].mean()) if on.any() else None,
-                "effect_ci_low": low if on.any() else None,
-                "effect_ci_high": high if on.any() else None,
-                "side_effect_score": float(np.abs(diff[off]).mean()) if off.any() else None,
-            }
-        )
+        for name, fn in scores.items():
+            after = fn(edited, input_ids, attention_mask)
+            diff = after - baseline[name]
+            low, high = _bootstrap(diff[on], n_boot, seed)
+            rows.append(
+                {
+                    "feature": int(f),
+                    "intervention": kind,
+                    "strength": float(strength),
+                    "control_type": control,
+                    "score_name": name,
+                    "documents": int(on.sum()),
+                    "baseline_score": float(baseline[name][on].mean()) if on.any() else None,
+                    "intervention_score": float(after[on].mean()) if on.any() else None,
+                    "effect": float(diff[on].mean()) if on.any() else None,
+                    "effect_ci_low": low if on.any() else None,
+                    "effect_ci_high": high if on.any() else None,
+                    "side_effect_score": float(np.abs(diff[off]).mean()) if off.any() else None,
+                }
+            )
     return pl.DataFrame(rows)
 
 

@@ -8,6 +8,7 @@ diff_features) are written next to the asset tables with the same atomic Parquet
 """
 
 from interp_assets.defs.analysis_assets import diff_reports, feature_associations
+from interp_assets.defs.causal_assets import feature_effects
 from interp_assets.defs.document_assets import document_embeddings, document_features, document_sae
 from interp_assets.defs.feature_assets import pooled_embeddings, token_activations
 from interp_assets.defs.ingest_assets import raw_documents
@@ -24,6 +25,7 @@ ALL_ASSETS = [
     document_sae,
     document_features,
     diff_reports,
+    feature_effects,
 ]
 
 WAREHOUSE_TABLES = [
@@ -40,4 +42,5 @@ WAREHOUSE_TABLES = [
     "document_features",
     "diff_features",
     "diff_reports",
+    "feature_effects",
 ]

@@ -47,9 +47,9 @@ label_job = define_asset_job(
 
 diff_job = define_asset_job(
     "diff_job",
-    selection=AssetSelection.assets("document_sae", "document_features", "diff_reports"),
+    selection=AssetSelection.assets("document_sae", "document_features", "diff_reports", "feature_effects"),
     partitions_def=comparisons_partitions,
     executor_def=in_process_executor,
     description="Train the comparison's document SAE, encode both datasets' documents with it, compare "
-    "the two datasets in both feature families and render the report.",
+    "the two datasets in both feature families, render the report and add its causal evidence.",
 )

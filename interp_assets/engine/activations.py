@@ -360,14 +360,30 @@ def _bert_forward(reader: Any, workspace: Workspace) -> BertForward | None:
     return workspace.derived(("bert_forward", id(model), hook.layer, hook.position), build)
 
 
+def _pad_id(reader: Any) -> int:
+    pad_id = reader.tokenizer.pad_token_id
+    return pad_id if pad_id is not None else (reader.tokenizer.eos_token_id or 0)
+
+
+def document_batch(reader: Any, texts: Sequence[str]) -> tuple[Any, Any, Any]:
+    """(input_ids, attention_mask, keep) tensors [batch, longest] for `texts`, tokenized exactly as the
+    engine reads them (BOS, chat template, truncation); `keep` marks the tokens the SAE reads and pools.
+    Raises ValueError naming the first text that does not tokenize."""
+    import torch
+
+    docs = tokenize_documents(reader, texts)
+    for i, d in enumerate(docs):
+        if isinstance(d, str):
+            raise ValueError(f"text {i} ({texts[i][:60]!r}...) cannot be read: {d}")
+    ids, mask, keep = _batch_arrays(docs, _pad_id(reader))  # type: ignore[arg-type]
+    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(keep)
+
+
 def _encode_batch(reader: Any, docs: list[_Tokenized], workspace: Workspace) -> tuple[np.ndarray, ...]:
     """Forward one padded batch; return numpy arrays (batch_row, token_index, token_id, feature, value)."""
     import torch
 
-    pad_id = reader.tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = reader.tokenizer.eos_token_id or 0
-    ids_np, mask_np, keep_np = _batch_arrays(docs, pad_id)
+    ids_np, mask_np, keep_np = _batch_arrays(docs, _pad_id(reader))
     device = reader.device
     ids = torch.from_numpy(ids_np).to(device)
     mask = torch.from_numpy(mask_np).to(device)

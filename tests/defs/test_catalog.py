@@ -16,6 +16,7 @@ GROUPS = {
     "feature_scores": "labels",
     "feature_associations": "analysis",
     "diff_reports": "analysis",
+    "feature_effects": "analysis",
 }
 
 

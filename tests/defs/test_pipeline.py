@@ -109,6 +109,21 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"report_features_labeled": True}
+    small = {
+        "top_n": 1,
+        "documents_per_feature": 6,
+        "reference_documents": 20,
+        "n_controls": 3,
+        "n_boot": 100,
+    }
+    effects_run = materialize(
+        [by_name["feature_effects"]],
+        partition_key=key,
+        instance=instance,
+        resources=resources,
+        run_config={"ops": {"feature_effects": {"config": small}}},
+    )
+    assert effects_run.success
 
     db = data / "warehouse.duckdb"
     counts = refresh_views(str(db), str(data / "parquet"), WAREHOUSE_TABLES)
@@ -122,8 +137,13 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
         "diff_reports",
         "activation_status",
         "feature_associations",
+        "feature_effects",
     ):
         assert counts.get(table, 0) > 0, table
+    effects_table = query(str(db), "select * from feature_effects where score_name = 'feature_signature'")
+    assert set(effects_table["control_type"]) == {"target", "random_matched", "placebo"}
+    kinds = effects_table["control_type"].to_list()
+    assert kinds.count("random_matched") == 3 * kinds.count("target") and kinds.count("target") >= 1
     # Criteria: booleans, numbers and each topic level are tested; the id column is not.
     criteria = query(
         str(db),
@@ -147,6 +167,7 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     report = query(str(db), "select * from diff_reports")
     md = Path(report["report_markdown_path"][0]).read_text()
     assert "support\\_assistant\\_b" in md and "<<" in md
+    assert md.count("## Causal evidence") == 1 and "feature\\_signature" in md
     html = Path(report["report_html_path"][0]).read_text()
     assert "<svg" in html
     # The features most over-represented in B carry apology / refund labels.
