@@ -152,3 +152,27 @@ def test_an_unchanged_rerun_reads_no_cache_chunk(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(activation_cache, "checksum_problem", lambda p, *a: hashed.append(p) or real(p, *a))
     again = materialize(embed, partition_key="first", instance=instance, resources=resources)
     assert again.success and hashed == []
+
+
+def test_a_stored_table_with_flipped_bytes_is_computed_again_not_reused(tmp_path: Path) -> None:
+    data, instance, resources, embed = _setup(tmp_path)
+    assoc = next(a for a in ALL_ASSETS if a.key.to_user_string() == "feature_associations")
+    assert materialize([*embed, assoc], partition_key="first", instance=instance, resources=resources).success
+    path = data / "parquet" / "feature_associations" / "first.parquet"
+    before = pl.read_parquet(path)
+
+    def run() -> tuple:
+        result = materialize([assoc], partition_key="first", instance=instance, resources=resources)
+        assert result.success
+        return result.asset_materializations_for_node("feature_associations")[0].metadata, result.run_id
+
+    meta, _ = run()
+    assert meta["reused_stored_table"].value  # inputs unchanged: kept as it is
+    flip_inside_data(path)
+    meta, run_id = run()
+    assert "reused_stored_table" not in meta
+    logs = " ".join(str(e) for e in instance.all_logs(run_id))
+    assert str(path) in logs and "content checksum" in logs
+    assert pl.read_parquet(path).equals(before)
+    meta, _ = run()
+    assert meta["reused_stored_table"].value
