@@ -13,7 +13,7 @@ from interp_assets.storage.parquet import read_table, table_segments
 from resources.local import local_resources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _damage import flip_inside_data  # noqa: E402
+from _faults import flip_inside_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 EMBED = ("raw_documents", "token_activations", "pooled_embeddings")

@@ -1,9 +1,11 @@
-"""Content checksums of table files (issue #13): a segment whose bytes changed but whose size and Parquet
-footer did not is found before it is kept; manifests written before checksums keep working and get them
-on the next write; single-file writes report theirs."""
+"""Faults of table files (issue #13): a segment whose bytes changed but whose size and Parquet footer did
+not is found before it is kept; manifests written before checksums keep working and get them on the next
+write; single-file writes report their checksum; a disk that fills up mid-write leaves the previous table
+whole, and a retry completes."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import sys
@@ -28,7 +30,7 @@ from interp_assets.storage.parquet import (
 from interp_assets.storage.paths import segments_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _damage import flip_inside_data  # noqa: E402
+from _faults import FullDisk, cut_points, flip_inside_data  # noqa: E402
 
 SCHEMA = pa.schema([("dataset", pa.string()), ("doc_id", pa.int32()), ("value", pa.float32())])
 
@@ -117,3 +119,52 @@ def test_a_manifest_with_a_malformed_checksum_is_refused(tmp_path, bad):
     path.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="not a segment manifest"):
         read_table(base, "t", "p")
+
+
+def _update() -> SegmentedTable:
+    return SegmentedTable(SCHEMA, {"a": KEEP, "c": _rows(10_000, 4_000), "d": _rows(20_000, 2_000)})
+
+
+def test_a_disk_that_fills_up_mid_write_leaves_the_previous_table_and_a_retry_completes(
+    tmp_path, monkeypatch
+):
+    def stored(base: str) -> None:
+        write_table(base, "t", "p", SegmentedTable(SCHEMA, {"a": _rows(0, 5_000), "b": _rows(5_000, 3_000)}))
+        write_table(base, "single", None, _rows(0, 3_000))
+
+    clean = str(tmp_path / "clean")
+    stored(clean)
+    with monkeypatch.context() as m:
+        disk = FullDisk().install(m)
+        write_table(clean, "t", "p", _update())  # two new segment files, then the manifest
+        segmented_files = list(disk.files)
+        assert len(segmented_files) == 3  # c, d, the manifest: each is cut
+        write_table(clean, "single", None, _rows(50_000, 1_000))
+    expected = {t: read_table(clean, t, p).collect() for t, p in (("t", "p"), ("single", None))}
+
+    for budget in cut_points(segmented_files):
+        base = str(tmp_path / f"cut{budget}")
+        stored(base)
+        folder = Path(segments_path(base, "t", "p"))
+        manifest, before = (folder / MANIFEST).read_bytes(), read_table(base, "t", "p").collect()
+        with monkeypatch.context() as m:
+            FullDisk(budget).install(m)
+            with pytest.raises(OSError) as failed:
+                write_table(base, "t", "p", _update())
+        assert failed.value.errno == errno.ENOSPC
+        assert (folder / MANIFEST).read_bytes() == manifest, budget  # readers still see the previous table
+        assert_frame_equal(read_table(base, "t", "p").collect(), before)
+        assert list(stored_segments(base, "t", "p", SCHEMA)) == ["a", "b"], budget  # nothing kept is damaged
+        assert not list(folder.glob(".*.tmp")), budget
+        write_table(base, "t", "p", _update())  # the retry
+        assert_frame_equal(read_table(base, "t", "p").collect(), expected["t"])
+
+    base = str(tmp_path / "cut0")  # a single-file table: the previous file stays until the new one is whole
+    before = read_table(base, "single").collect()
+    with monkeypatch.context() as m:
+        FullDisk(2_000).install(m)
+        with pytest.raises(OSError):
+            write_table(base, "single", None, _rows(50_000, 1_000))
+    assert_frame_equal(read_table(base, "single").collect(), before)
+    write_table(base, "single", None, _rows(50_000, 1_000))
+    assert_frame_equal(read_table(base, "single").collect(), expected["single"])

@@ -1,9 +1,11 @@
-"""Content checksums of activation-cache chunks (issue #13), without a model: a chunk whose bytes changed
-but whose size and Parquet footer did not is quarantined before its rows are trusted, and its documents
-count as not encoded; chunks committed before checksums keep working and get them when first read."""
+"""Faults of the activation cache (issue #13), without a model: a chunk whose bytes changed but whose size
+and Parquet footer did not is quarantined before its rows are trusted, and its documents count as not
+encoded; chunks committed before checksums keep working and get them when first read; a disk that fills
+up mid-commit leaves every committed chunk whole, and a retry completes."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ from interp_assets.engine.activations import EncodedTexts, activation_fields
 from interp_assets.ingest import doc_hash
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _damage import flip_inside_data  # noqa: E402
+from _faults import FullDisk, cut_points, flip_inside_data  # noqa: E402
 
 FEATURES = 997
 
@@ -170,3 +172,31 @@ def test_unreadable_sums_quarantine_their_chunk(cache_with_two_chunks):
     warnings: list[str] = []
     assert ActivationCache(folder.parent, "fp", on_warning=warnings.append).document_index().height == 20
     assert sums.name in warnings[0] and not sums.exists()
+
+
+def test_a_disk_that_fills_up_mid_commit_leaves_committed_chunks_whole_and_a_retry_completes(
+    tmp_path, monkeypatch
+):
+    docs = documents(60)
+    clean = ActivationCache(tmp_path / "clean", "fp")
+    with monkeypatch.context() as m:
+        disk = FullDisk().install(m)
+        clean.encode_missing(fake_encode, docs, max_docs=20)
+    expected = table(clean, docs)
+    assert len(disk.files) == 9  # 3 chunks x (acts, sums, docs): each is cut
+    for budget in cut_points(disk.files):  # cuts inside every file of the three chunks
+        root = tmp_path / f"cut{budget}"
+        warnings: list[str] = []
+        with monkeypatch.context() as m:
+            FullDisk(budget).install(m)
+            with pytest.raises(OSError) as failed:
+                ActivationCache(root, "fp").encode_missing(fake_encode, docs, max_docs=20)
+        assert failed.value.errno == errno.ENOSPC
+        assert not list((root / "fp").glob(".*.tmp")), budget  # the torn file is removed
+
+        retry = ActivationCache(root, "fp", on_warning=warnings.append)
+        committed = retry.committed_chunks()
+        assert retry.verify_chunks(committed) == [] and warnings == [], budget  # nothing committed is damaged
+        stats = retry.encode_missing(fake_encode, docs, max_docs=20)
+        assert (stats.reused, stats.encoded) == (20 * len(committed), 60 - 20 * len(committed)), budget
+        assert table(retry, docs).equals(expected), budget
