@@ -14,6 +14,7 @@ the segments whose documents changed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -169,7 +170,7 @@ class ActivationCache:
             return None
         except ValueError as exc:
             raise ValueError(f"{path.name} is not valid JSON ({exc})") from exc
-        if not all(
+        if not isinstance(sums, dict) or not all(
             isinstance(sums.get(k), dict) and is_sha256(sums[k].get("sha256")) for k in ("acts", "docs")
         ):
             raise ValueError(f"{path.name} does not hold the sums of both files")
@@ -190,8 +191,7 @@ class ActivationCache:
             try:
                 sums = self.chunk_sums(chunk_id)
                 if sums is None:
-                    record = {"acts": file_record(str(acts)), "docs": file_record(str(self._docs(chunk_id)))}
-                    write_bytes_atomic(str(self.dir / f"{chunk_id}.sums.json"), json.dumps(record).encode())
+                    self._record_sums(chunk_id)
                     problem = None
                 else:
                     problem = checksum_problem(str(acts), sums["acts"])
@@ -203,6 +203,13 @@ class ActivationCache:
                 self.quarantine(chunk_id, f"{acts.name}: {problem}")
                 bad.append(chunk_id)
         return bad
+
+    def _record_sums(self, chunk_id: str) -> None:
+        """Write the sums of a chunk committed before sums were recorded (skipped on a read-only cache)."""
+        files = {kind: self.dir / f"{chunk_id}.{kind}.parquet" for kind in ("acts", "docs")}
+        record = {kind: file_record(str(path)) for kind, path in files.items()}
+        with contextlib.suppress(OSError):
+            write_bytes_atomic(str(self.dir / f"{chunk_id}.sums.json"), json.dumps(record).encode())
 
     def _docs(self, chunk_id: str) -> Path:
         return self.dir / f"{chunk_id}.docs.parquet"
