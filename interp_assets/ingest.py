@@ -137,14 +137,36 @@ def drop_fingerprint(paths: Sequence[str | os.PathLike[str]]) -> str:
     return digest.hexdigest()
 
 
+def printable_path(path: str | os.PathLike[str]) -> str:
+    """`path` safe to print and log: bytes that are not valid UTF-8 (which `os.fsdecode` keeps as lone
+    surrogates, unencodable anywhere else) shown as `\\xNN`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def undecodable_name_error(path: str | os.PathLike[str]) -> DropError | None:
+    """The error for a drop file or folder whose name is not valid UTF-8, or None when it is."""
+    if not _SURROGATE.search(os.path.basename(os.fspath(path))):
+        return None
+    return DropError(
+        printable_path(path),
+        "its name is not valid UTF-8 (the bytes that are not are shown as \\xNN)",
+        "rename it to a UTF-8 name, e.g. mv it in a shell; other drops are not affected",
+    )
+
+
 def scan_drops(
-    landing_dir: str | os.PathLike[str], min_age_s: float = 0.0, follow_symlinks: bool = False
+    landing_dir: str | os.PathLike[str],
+    min_age_s: float = 0.0,
+    follow_symlinks: bool = False,
+    bad_names: dict[str, DropError] | None = None,
 ) -> tuple[list[Drop], dict[str, list[str]]]:
     """`(drops, clashes)`: one `Drop` per supported file directly in `landing_dir` and one per sub-folder of
     supported files, and the dataset names that several of them map to (name -> their paths).
 
     A clash blocks only its own dataset: its drops are left out of `drops` (`clash_error` describes it),
-    every other dataset goes on. Hidden entries, temp files (`.tmp`, `~`, `.part`, `.crdownload`),
+    every other dataset goes on. So does a drop whose name, or the name of a file in its folder, is not
+    valid UTF-8: it is left out and, when `bad_names` is given, put there (dataset name -> the error naming
+    the file, escaped, and the fix). Hidden entries, temp files (`.tmp`, `~`, `.part`, `.crdownload`),
     unsupported files and (unless `follow_symlinks`) symbolic links are ignored. A file modified less than
     `min_age_s` seconds ago is skipped as still being written; a sub-folder is skipped while it or any
     entry in it is that young.
@@ -169,9 +191,13 @@ def scan_drops(
                 paths = found
             else:
                 continue
-            located.append(
-                (entry.path, Drop(dataset_name_from_path(entry.path), paths, drop_fingerprint(paths)))
-            )
+            name = dataset_name_from_path(entry.path)
+            error = next((e for p in (entry.path, *paths) if (e := undecodable_name_error(p))), None)
+            if error is not None:
+                if bad_names is not None:
+                    bad_names.setdefault(name, error)
+                continue
+            located.append((entry.path, Drop(name, paths, drop_fingerprint(paths))))
     by_name: dict[str, list[str]] = {}
     for location, drop in located:
         by_name.setdefault(drop.dataset, []).append(location)
@@ -301,6 +327,9 @@ def _expand_paths(
             paths.append(path)
     if not paths:
         raise ValueError("read_drop needs at least one file.")
+    for path in paths:
+        if (error := undecodable_name_error(path)) is not None:
+            raise error
     names = [os.path.basename(p) for p in paths]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

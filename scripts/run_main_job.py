@@ -32,14 +32,15 @@ def main() -> int:
     warnings.filterwarnings("ignore", category=BetaWarning)
 
     from interp_assets.comparisons import load_comparisons
-    from interp_assets.ingest import clash_error, copy_drop_files, scan_drops
+    from interp_assets.ingest import clash_error, copy_drop_files, printable_path, scan_drops
     from interp_assets.warehouse import ViewRefreshError, query, refresh_views
 
     landing = data_dir / "landing"
     (data_dir / "config").mkdir(parents=True, exist_ok=True)
     landing.mkdir(parents=True, exist_ok=True)
     for skipped in copy_drop_files(args.landing, landing):
-        print(f"Skipped {skipped}: not a regular file (symbolic links are never followed).", flush=True)
+        why = "not a regular file (symbolic links are never followed)"
+        print(f"Skipped {printable_path(skipped)}: {why}.", flush=True)
     shutil.copy(args.comparisons, data_dir / "config" / "comparisons.json")
 
     import definitions
@@ -52,9 +53,12 @@ def main() -> int:
             f"A killed earlier run {run_id} held the model pool: marked failed, its slot freed.", flush=True
         )
     tags = local_run_tags()
-    drops, clashes = scan_drops(landing)
+    bad_names: dict = {}
+    drops, clashes = scan_drops(landing, bad_names=bad_names)
     for name, paths in clashes.items():
         print(f"Skipped dataset {name!r}: {clash_error(name, paths)}", flush=True)
+    for name, error in bad_names.items():
+        print(f"Skipped dataset {name!r}: {error}", flush=True)
     names = [d.dataset for d in drops]
     instance.add_dynamic_partitions(
         "datasets", [n for n in names if not instance.has_dynamic_partition("datasets", n)]

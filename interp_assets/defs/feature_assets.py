@@ -70,8 +70,6 @@ def token_activations(
     cache = ActivationCache(
         storage.cache_dir / "activations", identity.fingerprint, on_warning=context.log.warning
     )
-    started = time.perf_counter()
-
     progress = Progress(f"{dataset}: encoding new documents", 0, context.log.info)
     chunk_start = [0]  # documents done before the chunk in flight
 
@@ -89,9 +87,20 @@ def token_activations(
             sae_reader.get_reader(), texts, on_batch=lambda n: progress.update(chunk_start[0] + n)
         )
 
+    # the SAE width travels with the files (a notebook's matrices then have every feature's column)
+    schema = token_activations_schema(identity.activation_dtype).with_metadata(
+        {b"d_sae": str(identity.d_sae).encode()}
+    )
+    ids = docs.select("doc_id", "doc_hash")
+    stored = stored_segments(storage.parquet_base, "token_activations", dataset, schema, context.log.warning)
+    # Cached chunks are trusted only once checked, and only those whose segments must be written are read:
+    # a damaged one is quarantined here and its documents are encoded again just below.
+    to_read = [s.chunk for s in cache.activation_segments(ids, dataset, schema) if s.name not in stored]
+    cache.verify_chunks(to_read)
+    started = time.perf_counter()
     stats = cache.encode_missing(encode, docs, on_chunk=chunk_done, on_start=start)
     seconds = time.perf_counter() - started
-    status = cache.activation_status(docs.select("doc_id", "doc_hash"), dataset)
+    status = cache.activation_status(ids, dataset)
     write_table(storage.parquet_base, "activation_status", dataset, status)
     status_pl = pl.from_arrow(status)
     counts = status_pl.group_by("status").len()
@@ -107,13 +116,9 @@ def token_activations(
     ).hexdigest()[:24]
 
     # One segment per cache chunk holding documents of this dataset, named by its content: a segment
-    # already stored under its name is kept as is; the others are streamed from the cache.
-    # the SAE width travels with the files (a notebook's matrices then have every feature's column)
-    schema = token_activations_schema(identity.activation_dtype).with_metadata(
-        {b"d_sae": str(identity.d_sae).encode()}
-    )
-    plan = cache.activation_segments(docs.select("doc_id", "doc_hash"), dataset, schema)
-    stored = stored_segments(storage.parquet_base, "token_activations", dataset, schema, context.log.warning)
+    # already stored under its name (and sound, see above) is kept as is; the others are streamed from
+    # the cache.
+    plan = cache.activation_segments(ids, dataset, schema)
     # New segments are checked while the IO manager writes them, which Dagster does while handling the
     # Output, before this generator resumes; `written` counts the segments streamed to the end, so the
     # check fails loudly (not passes silently) if that order ever changed.

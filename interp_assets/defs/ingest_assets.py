@@ -50,9 +50,12 @@ class RawDocumentsConfig(Config):
 )
 def raw_documents(context: AssetExecutionContext, config: RawDocumentsConfig, storage: StorageResource):
     dataset = context.partition_key
-    found, clashes = ingest.scan_drops(storage.landing_dir)
+    bad_names: dict[str, ingest.DropError] = {}
+    found, clashes = ingest.scan_drops(storage.landing_dir, bad_names=bad_names)
     if dataset in clashes:
         raise ingest.clash_error(dataset, clashes[dataset])
+    if dataset in bad_names:
+        raise bad_names[dataset]
     drops = {d.dataset: d for d in found}
     if dataset not in drops:
         raise FileNotFoundError(

@@ -20,7 +20,7 @@ from interp_assets.defs.assets import WAREHOUSE_TABLES
 from interp_assets.defs.jobs import dataset_job, diff_job, label_job
 from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
 from interp_assets.defs.shared import data_version, latest_materialization
-from interp_assets.ingest import clash_error, scan_drops
+from interp_assets.ingest import DropError, clash_error, scan_drops
 from interp_assets.warehouse import refresh_views_with_resource
 from resources.storage import StorageResource
 
@@ -45,9 +45,12 @@ def landing_sensor(context: SensorEvaluationContext, storage: StorageResource):
         return SkipReason(
             f"Landing folder {storage.landing_dir} does not exist yet; create it and drop files there."
         )
-    drops, clashes = scan_drops(storage.landing_dir, min_age_s=5.0)
+    bad_names: dict[str, DropError] = {}
+    drops, clashes = scan_drops(storage.landing_dir, min_age_s=5.0, bad_names=bad_names)
     for name, paths in clashes.items():  # blocks only that dataset; the others go on
         context.log.warning(str(clash_error(name, paths)))
+    for error in bad_names.values():  # so does a name that is not UTF-8
+        context.log.warning(str(error))
     cursor = json.loads(context.cursor) if context.cursor else {}
     changed, updated = plan_drop_runs(drops, cursor)
     if not changed:

@@ -18,7 +18,9 @@ from dagster import (
 
 from interp_assets.comparisons import load_dataset_settings
 from interp_assets.progress import Progress
-from interp_assets.storage.parquet import read_table, table_exists, write_table
+from interp_assets.storage.checksums import checksum_problem, file_sha256
+from interp_assets.storage.parquet import read_table, table_exists, table_files, write_table
+from interp_assets.storage.paths import table_path
 from resources.storage import StorageResource
 
 DATA_VERSION_TAG = "dagster/data_version"  # the tag Dagster stores a materialization's data version under
@@ -86,7 +88,9 @@ def reuse_stored_output(
     Returns an `Output(None)` (the Parquet IO manager writes nothing) that repeats the last
     materialization's data version and metadata (what describes the table), with `this_run` overriding
     the per-run counters (e.g. `labels_recomputed: 0`) and `reused_stored_table: True`; or None when the
-    step must compute (no key, inputs changed, never materialized, or the table is missing from storage).
+    step must compute (no key, inputs changed, never materialized, or the table is missing from storage
+    or differs from the size and content checksum its materialization recorded: then with a warning
+    naming the file). A materialization recorded before checksums gets the file's checksum now.
     """
     if key is None:
         return None
@@ -97,12 +101,23 @@ def reuse_stored_output(
     stored = metadata.get(INPUTS_KEY)
     if stored is None or stored.value != key:
         return None
+    path = table_path(storage.parquet_base, asset, partition)
+    checked = {}
+    if table_files(storage.parquet_base, asset, partition) == [path]:  # a single file (segments: own checks)
+        recorded = {
+            k: metadata[m].value for k, m in (("bytes", "size_bytes"), ("sha256", "sha256")) if m in metadata
+        }
+        problem = checksum_problem(path, recorded)
+        if problem is not None:
+            context.log.warning(f"Stored table {path} is damaged ({problem}): it is computed again.")
+            return None
+        checked = {"sha256": recorded.get("sha256") or file_sha256(path)}
     version = record.asset_materialization.tags.get(DATA_VERSION_TAG)
     context.log.info(f"{asset} [{partition}]: inputs unchanged since the last run; the stored table is kept.")
     return Output(
         None,
         data_version=DataVersion(version) if version else None,
-        metadata={**metadata, **(this_run or {}), "reused_stored_table": True},
+        metadata={**metadata, **checked, **(this_run or {}), "reused_stored_table": True},
     )
 
 

@@ -1,10 +1,11 @@
 """Content-addressed store of encoded documents: what makes recompute incremental and crashes cheap.
 
 Activations are keyed by (reader fingerprint, document hash). Documents are encoded in chunks; each
-chunk is committed as two Parquet files, `<id>.acts.parquet` (one row per nonzero) and then
-`<id>.docs.parquet` (one row per document: tokens, truncation, status). The `.docs` file is the commit
-marker: a chunk without it (a crash between the two renames, or mid-write) is ignored and redone.
-A run killed midway therefore redoes at most the chunk in flight, and an unchanged drop encodes nothing.
+chunk is committed as `<id>.acts.parquet` (one row per nonzero), then `<id>.sums.json` (size and SHA-256
+of both Parquet files), then `<id>.docs.parquet` (one row per document: tokens, truncation, status).
+The `.docs` file is the commit marker: a chunk without it (a crash between the renames, or mid-write) is
+ignored and redone. A run killed midway therefore redoes at most the chunk in flight, and an unchanged
+drop encodes nothing. Chunks committed before sums were recorded have none until they are first read.
 
 The token_activations table of a dataset is stored in segments, one per cache chunk holding some of its
 documents (`activation_segments`); a segment's name is a key of its content, so a re-run rewrites only
@@ -13,12 +14,15 @@ the segments whose documents changed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +33,14 @@ import pyarrow.parquet as pq
 
 from interp_assets.engine.activations import ACTIVATION_DTYPES, EncodedTexts, activation_fields, iter_chunks
 from interp_assets.engine.allocator import release_freed_memory
-from interp_assets.storage.parquet import write_parquet_atomic
+from interp_assets.storage.checksums import (
+    bytes_problem,
+    bytes_record,
+    checksum_problem,
+    file_record,
+    is_sha256,
+)
+from interp_assets.storage.parquet import parquet_bytes, write_bytes_atomic, write_parquet_atomic
 
 DOC_STATUS_SCHEMA = pa.schema(
     [
@@ -107,14 +118,18 @@ class EncodeStats:
 
 
 QUARANTINE = "quarantine"  # sub-folder where unreadable chunks are moved aside
+CHUNK_FILES = (".docs.parquet", ".sums.json", ".acts.parquet")  # docs first: without it, no commit
 
 
 class ActivationCache:
     """Encoded documents for one reader fingerprint, under `<root>/<fingerprint>/`.
 
-    A committed chunk whose files cannot be read (truncated, overwritten) is moved to `quarantine/` with a
-    warning naming it (`on_warning`, default: this module's logger); its documents then count as not
-    encoded, so the next `encode_missing` encodes them again. Other chunks and datasets are unaffected.
+    A committed chunk whose files cannot be read (truncated, overwritten) or differ from its sums is moved
+    to `quarantine/` with a warning naming it (`on_warning`, default: this module's logger); its documents
+    then count as not encoded, so the next `encode_missing` encodes them again. Other chunks and datasets
+    are unaffected. The `.docs` file is checked whenever the index is read (it is read whole anyway); the
+    `.acts` file, the large one, only before its rows are read (`verify_chunks`, `iter_segment`), so
+    chunks whose segments are already stored cost nothing.
     """
 
     def __init__(
@@ -124,24 +139,80 @@ class ActivationCache:
         self.dir = Path(root) / fingerprint
         self.dir.mkdir(parents=True, exist_ok=True)
         self._index: tuple[tuple[str, ...], pl.DataFrame] | None = None
+        self._verified: set[str] = set()  # chunks whose .acts file this instance checked or wrote
         self._warn = on_warning or logging.getLogger(__name__).warning
 
     def quarantine(self, chunk_id: str, problem: str) -> None:
-        """Move both files of a chunk to `quarantine/` and say so (its documents will be encoded again)."""
+        """Move the files of a chunk to `quarantine/` and say so (its documents will be encoded again)."""
         target = self.dir / QUARANTINE
         target.mkdir(exist_ok=True)
         moved = []
-        for suffix in (".docs.parquet", ".acts.parquet"):  # docs first: without it the chunk is not committed
+        for suffix in CHUNK_FILES:
             path = self.dir / f"{chunk_id}{suffix}"
             if path.exists():
                 os.replace(path, target / path.name)
                 moved.append(str(target / path.name))
         self._index = None
+        self._verified.discard(chunk_id)
         self._warn(
-            f"Activation cache chunk {self.dir / chunk_id}.*.parquet is unreadable ({problem}); moved to "
+            f"Activation cache chunk {self.dir / chunk_id}.* is damaged or unreadable ({problem}); moved to "
             f"{', '.join(moved) or target}. Its documents will be encoded again; delete the quarantined "
             "files once you no longer need them."
         )
+
+    def chunk_sums(self, chunk_id: str) -> dict | None:
+        """The recorded `{"acts": {"bytes", "sha256"}, "docs": {...}}` of a chunk; None for a chunk committed
+        before sums were recorded. ValueError when the sums file exists but is not valid."""
+        path = self.dir / f"{chunk_id}.sums.json"
+        try:
+            sums = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise ValueError(f"{path.name} is not valid JSON ({exc})") from exc
+        if not isinstance(sums, dict) or not all(
+            isinstance(sums.get(k), dict) and is_sha256(sums[k].get("sha256")) for k in ("acts", "docs")
+        ):
+            raise ValueError(f"{path.name} does not hold the sums of both files")
+        return sums
+
+    def verify_chunks(self, chunk_ids: Iterable[str]) -> list[str]:
+        """Check the `.acts` files of committed chunks against their sums before their rows are trusted;
+        quarantine each that differs (see `quarantine`) and return those ids.
+
+        A chunk committed before sums were recorded gets them now (its footer was checked by
+        `document_index`). Each chunk is checked once per instance; chunks it wrote are not checked.
+        """
+        bad = []
+        for chunk_id in chunk_ids:
+            if chunk_id in self._verified:
+                continue
+            acts = self.dir / f"{chunk_id}.acts.parquet"
+            try:
+                sums = self.chunk_sums(chunk_id)
+                if sums is None:
+                    self._record_sums(chunk_id)
+                    problem = None
+                else:
+                    problem = checksum_problem(str(acts), sums["acts"])
+            except (OSError, ValueError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem is None:
+                self._verified.add(chunk_id)
+            else:
+                self.quarantine(chunk_id, f"{acts.name}: {problem}")
+                bad.append(chunk_id)
+        return bad
+
+    def _record_sums(self, chunk_id: str) -> None:
+        """Write the sums of a chunk committed before sums were recorded (skipped on a read-only cache)."""
+        files = {kind: self.dir / f"{chunk_id}.{kind}.parquet" for kind in ("acts", "docs")}
+        record = {kind: file_record(str(path)) for kind, path in files.items()}
+        with contextlib.suppress(OSError):
+            write_bytes_atomic(str(self.dir / f"{chunk_id}.sums.json"), json.dumps(record).encode())
+
+    def _docs(self, chunk_id: str) -> Path:
+        return self.dir / f"{chunk_id}.docs.parquet"
 
     def committed_chunks(self) -> list[str]:
         """Ids of committed chunks, oldest name first (the order decides which copy of a document wins)."""
@@ -165,10 +236,16 @@ class ActivationCache:
             path = self.dir / f"{c}.acts.parquet"
             try:
                 pq.read_metadata(path)  # the activations are read later: their footer must be sound now
-                path = self.dir / f"{c}.docs.parquet"
-                frames.append(pl.read_parquet(path).with_columns(pl.lit(c).alias("chunk")))
-            except (OSError, pa.ArrowException, pl.exceptions.PolarsError) as exc:
-                self.quarantine(c, f"{path.name}: {type(exc).__name__}: {exc}")
+                path = self._docs(c)
+                docs = path.read_bytes()
+                sums = self.chunk_sums(c)
+                problem = None if sums is None else bytes_problem(docs, sums["docs"])
+                if problem is None:
+                    frames.append(pl.read_parquet(io.BytesIO(docs)).with_columns(pl.lit(c).alias("chunk")))
+            except (OSError, ValueError, pa.ArrowException, pl.exceptions.PolarsError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem is not None:
+                self.quarantine(c, f"{path.name}: {problem}")
         chunks = tuple(self.committed_chunks())  # without the quarantined ones
         if not frames:
             empty = pl.from_arrow(DOC_STATUS_SCHEMA.empty_table())
@@ -245,8 +322,13 @@ class ActivationCache:
             },
             schema=DOC_STATUS_SCHEMA,
         )
-        write_parquet_atomic(str(self.dir / f"{chunk_id}.acts.parquet"), acts)
-        write_parquet_atomic(str(self.dir / f"{chunk_id}.docs.parquet"), status)
+        written = write_parquet_atomic(str(self.dir / f"{chunk_id}.acts.parquet"), acts)
+        docs = parquet_bytes(status)
+        acts_record = {"bytes": written["size_bytes"], "sha256": written["sha256"]}
+        sums = {"acts": acts_record, "docs": bytes_record(docs)}
+        write_bytes_atomic(str(self.dir / f"{chunk_id}.sums.json"), json.dumps(sums).encode())
+        write_bytes_atomic(str(self._docs(chunk_id)), docs)  # the commit marker, last
+        self._verified.add(chunk_id)
 
     def activation_status(self, documents: pl.DataFrame, dataset: str) -> pa.Table:
         """Per-document outcome for a dataset (columns of ACTIVATION_STATUS_SCHEMA); missing = not encoded."""
@@ -286,15 +368,20 @@ class ActivationCache:
     def iter_segment(
         self, segment: ActivationSegment, dataset: str, schema: pa.Schema
     ) -> Iterator[pa.RecordBatch]:
-        """The token_activations rows of one segment (sorted by doc_id, token_index), cast to `schema`."""
+        """The token_activations rows of one segment (sorted by doc_id, token_index), cast to `schema`.
+
+        The chunk is verified first (`verify_chunks`); a damaged one is quarantined and this raises."""
         path = self.dir / f"{segment.chunk}.acts.parquet"
         try:
+            if self.verify_chunks([segment.chunk]):
+                raise OSError("it differs from its recorded size or checksum")
             acts = pl.read_parquet(path)
         except (OSError, pl.exceptions.PolarsError) as exc:
-            self.quarantine(segment.chunk, f"{path.name}: {type(exc).__name__}: {exc}")
+            if path.exists():
+                self.quarantine(segment.chunk, f"{path.name}: {type(exc).__name__}: {exc}")
             raise ValueError(
-                f"Activation cache chunk {path} could not be read ({type(exc).__name__}: {exc}); it was "
-                "moved to quarantine and its documents will be encoded again: run the step again."
+                f"Activation cache chunk {path} could not be read ({exc}); it was moved to quarantine "
+                "and its documents will be encoded again: run the step again."
             ) from exc
         # keep only this chunk's copy of each document (first chunk wins), then map hash -> doc_id(s)
         rows = acts.join(segment.documents, on="doc_hash").sort("doc_id", "token_index", "feature")

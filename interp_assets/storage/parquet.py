@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from interp_assets.storage.checksums import checksum_problem, file_sha256, is_sha256
 from interp_assets.storage.paths import check_storage_key, segments_path, table_path
 
 PREVIEW_ROWS = 5
@@ -228,6 +229,7 @@ class _Written:
     path: str  # as shown in metadata: the absolute local path, or the URL
     rows: int
     size: int
+    sha256: str  # of the file's bytes, read back before the rename
     schema: pa.Schema
     head: pa.Table
 
@@ -236,10 +238,11 @@ def write_parquet_atomic(path: str, data: Any) -> dict[str, Any]:
     """Write `data` to `path` atomically (temp file in the same folder, then rename); return what was written
     (`written_summary`).
 
-    A failure mid-write leaves the previous file untouched and no temp file behind.
+    A failure mid-write leaves the previous file untouched and no temp file behind. The summary's
+    `sha256` is the file's content checksum (`interp_assets.storage.checksums`).
     """
     w = _write_file_atomic(path, data)
-    return written_summary(w.path, w.rows, w.size, w.schema, w.head)
+    return written_summary(w.path, w.rows, w.size, w.schema, w.head, w.sha256)
 
 
 def _discard(fs: fsspec.AbstractFileSystem, tmp: str) -> None:
@@ -264,6 +267,7 @@ def _write_file_atomic(path: str, data: Any) -> _Written:
         if _is_local(fs):
             rows, head = _write_stream(tmp, schema, batches, table, path)
             _fsync_local(tmp)
+            sha256 = file_sha256(tmp)
             os.replace(tmp, fspath)
             with contextlib.suppress(OSError):
                 _fsync_local(os.path.dirname(fspath))
@@ -272,13 +276,14 @@ def _write_file_atomic(path: str, data: Any) -> _Written:
         else:
             with fs.open(tmp, "wb") as f:
                 rows, head = _write_stream(f, schema, batches, table, path)
+            sha256 = file_sha256(fs.unstrip_protocol(tmp))
             fs.mv(tmp, fspath)
             size = fs.size(fspath)
             shown_path = path
     except BaseException:
         _discard(fs, tmp)
         raise
-    return _Written(shown_path, rows, size, schema, head)
+    return _Written(shown_path, rows, size, sha256, schema, head)
 
 
 def write_bytes_atomic(path: str, payload: bytes) -> None:
@@ -300,6 +305,15 @@ def write_bytes_atomic(path: str, payload: bytes) -> None:
     except BaseException:
         _discard(fs, tmp)
         raise
+
+
+def parquet_bytes(data: Any) -> bytes:
+    """`data` as the bytes of a Parquet file written as `write_parquet_atomic` writes it: for a small file
+    whose checksum must be recorded before the file itself is written (`write_bytes_atomic`)."""
+    schema, batches, table = _as_stream(data)
+    buf = io.BytesIO()
+    _write_stream(buf, schema, batches, table, "parquet_bytes")
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,17 +357,26 @@ def markdown_preview(head: pa.Table, max_rows: int = PREVIEW_ROWS) -> str:
 
 
 def written_summary(
-    path: str, row_count: int, size_bytes: int, schema: pa.Schema, head: pa.Table
+    path: str,
+    row_count: int,
+    size_bytes: int,
+    schema: pa.Schema,
+    head: pa.Table,
+    sha256: str | None = None,
 ) -> dict[str, Any]:
     """What one write produced, as plain values (`io_managers.parquet.output_metadata` turns them into
-    Dagster metadata): rows, path, bytes, schema and a Markdown preview of the first rows."""
-    return {
+    Dagster metadata): rows, path, bytes, schema, a Markdown preview of the first rows and, for a single
+    file, its content checksum `sha256`."""
+    summary = {
         "row_count": row_count,
         "path": path,
         "size_bytes": size_bytes,
         "schema": schema,
         "preview": markdown_preview(head),
     }
+    if sha256 is not None:
+        summary["sha256"] = sha256
+    return summary
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,9 +426,10 @@ def read_manifest(folder: str) -> dict[str, Any] | None:
     """The manifest of a segmented partition folder (local path or URL); None when it has none.
 
     Format: `{"format": 1, "rows": total, "columns": [[name, type], ...], "schema": <base64 Arrow IPC
-    schema>, "segments": [{"name", "file", "rows", "bytes"}, ...], "retained": [...]}`. `segments` is
-    the table, in order; `retained` lists the previous manifest's segments that are no longer part of
-    it, kept for one more write so readers that resolved the previous manifest can finish.
+    schema>, "segments": [{"name", "file", "rows", "bytes", "sha256"}, ...], "retained": [...]}`.
+    `segments` is the table, in order; `retained` lists the previous manifest's segments that are no
+    longer part of it, kept for one more write so readers that resolved the previous manifest can finish.
+    `sha256` (the file's content checksum) is missing from entries written before it was recorded.
     """
     fs, fspath = _fs(folder)
     path = f"{fspath.rstrip('/')}/{MANIFEST}"
@@ -447,7 +471,8 @@ def _valid_entry(entry: Any) -> bool:
     counts = all(
         isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool) for k in ("rows", "bytes")
     )
-    return match is not None and match.group("name") == entry["name"] and counts
+    checksum = "sha256" not in entry or is_sha256(entry["sha256"])
+    return match is not None and match.group("name") == entry["name"] and counts and checksum
 
 
 def schema_of_manifest(manifest: dict[str, Any]) -> pa.Schema:
@@ -475,9 +500,10 @@ def stored_segments(
     """Segments of a stored partition that `KEEP` can reuse: {name: file}, in manifest order.
 
     Empty when the partition is absent or a single file, or (given `schema`) was stored with another
-    schema. A segment is trusted only when its file exists with the size the manifest recorded and a
-    readable Parquet footer; any other is left out, so the next write writes it again, and `on_bad` (if
-    given) hears which file and why.
+    schema. A segment is trusted only when its file exists with the size and the content checksum the
+    manifest recorded (an entry written before checksums were recorded: a readable Parquet footer
+    instead); any other is left out, so the next write writes it again, and `on_bad` (if given) hears
+    which file and why. Cost: every listed file is read once (about 1 GB/s).
     """
     folder = segments_path(base_path, table, partition)
     manifest = read_manifest(folder)
@@ -490,15 +516,13 @@ def stored_segments(
         path = f"{folder}/{entry['file']}"
         if entry["file"] not in sizes:
             continue  # gone: written again, nothing to report
-        problem = None
-        if sizes[entry["file"]] != entry["bytes"]:
-            problem = f"{sizes[entry['file']]} bytes where the manifest recorded {entry['bytes']}"
-        else:
-            try:
+        try:
+            problem = checksum_problem(path, entry, size=sizes[entry["file"]])
+            if problem is None and "sha256" not in entry:  # recorded before checksums: the footer must read
                 with fs.open(f"{fspath.rstrip('/')}/{entry['file']}", "rb") as fh:
                     pq.read_metadata(fh)
-            except (OSError, pa.ArrowException) as exc:
-                problem = f"unreadable footer ({type(exc).__name__}: {exc})"
+        except (OSError, pa.ArrowException) as exc:
+            problem = f"unreadable ({type(exc).__name__}: {exc})"
         if problem is None:
             kept[entry["name"]] = path
         elif on_bad is not None:
@@ -577,7 +601,8 @@ def write_segmented_atomic(folder: str, data: SegmentedTable) -> dict[str, Any]:
     the manifest is replaced (atomic rename): before that readers see the previous table, after it the
     new one, never a mix; last, files no reader needs are deleted (`_delete_unneeded`) and so is the
     partition's single-file layout (`<folder>.parquet`), if it had one. A failure before the manifest
-    swap leaves the previous table as it was.
+    swap leaves the previous table as it was. The manifest records each file's size and content
+    checksum (`sha256`); a kept segment recorded without one gets it now.
     """
     fs, fspath = _fs(folder)
     if _is_local(fs):
@@ -601,12 +626,17 @@ def write_segmented_atomic(folder: str, data: SegmentedTable) -> dict[str, Any]:
                     f"Segment {name!r} of {folder} is marked KEEP but {why}: pass its data instead "
                     "(KEEP only the names stored_segments(..., schema) returns)."
                 )
-            entries.append(stored[name])
+            entry = stored[name]
+            if "sha256" not in entry:  # stored before checksums were recorded: record it now
+                entry = {**entry, "sha256": file_sha256(f"{folder}/{entry['file']}")}
+            entries.append(entry)
             continue
         w = _write_file_atomic(
             f"{folder}/{name}.{uuid.uuid4().hex[:12]}.parquet", _segment_data(value, data.schema)
         )
-        entries.append({"name": name, "file": _name_of(w.path), "rows": w.rows, "bytes": w.size})
+        entries.append(
+            {"name": name, "file": _name_of(w.path), "rows": w.rows, "bytes": w.size, "sha256": w.sha256}
+        )
         written, written_rows = written + 1, written_rows + w.rows
         if head is None and w.rows:
             head = w.head

@@ -1,6 +1,8 @@
 """A damaged stored file fails nothing but itself: it is found when trusted, named, set aside and
-recomputed, and the tables come out equal to an undamaged run's."""
+recomputed, and the tables come out equal to an undamaged run's. Damage is truncation (size and footer
+show it) or bytes flipped inside a data page (only the content checksum shows it)."""
 
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -9,6 +11,9 @@ from dagster import DagsterInstance, materialize
 from interp_assets.defs.assets import ALL_ASSETS
 from interp_assets.storage.parquet import read_table, table_segments
 from resources.local import local_resources
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _faults import flip_inside_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 EMBED = ("raw_documents", "token_activations", "pooled_embeddings")
@@ -83,3 +88,91 @@ def test_a_corrupt_cache_chunk_is_quarantined_and_its_documents_encoded_again(tm
     )
     diff = (after["activation"].cast(pl.Float32) - before["activation"].cast(pl.Float32)).abs().max()
     assert diff is not None and diff <= 2e-3
+
+
+def _same_activations(after: pl.DataFrame, before: pl.DataFrame) -> None:
+    """Equal rows; values equal up to float16 rounding of a re-encode in other batches."""
+    keys = ["doc_id", "token_index", "feature"]
+    assert after.select(keys).equals(before.select(keys))
+    diff = (after["activation"].cast(pl.Float32) - before["activation"].cast(pl.Float32)).abs().max()
+    assert diff is not None and diff <= 2e-3
+
+
+def test_flipped_bytes_in_stored_segments_are_found_and_written_again(tmp_path: Path) -> None:
+    data, instance, resources, embed = _setup(tmp_path)
+    assert materialize(embed, partition_key="first", instance=instance, resources=resources).success
+    before = {t: _content(data, t, "first") for t in ("token_activations", "pooled_embeddings")}
+    base = str(data / "parquet")
+    damaged = [Path(next(iter(table_segments(base, t, "first").values()))) for t in before]
+    for path in damaged:
+        flip_inside_data(path)  # same size, readable footer
+
+    again = materialize(embed, partition_key="first", instance=instance, resources=resources)
+    assert again.success
+    assert all(e.passed for e in again.get_asset_check_evaluations())
+    meta = again.asset_materializations_for_node("token_activations")[0].metadata
+    assert (meta["encoded_now"].value, meta["segments_written"].value) == (0, 1)  # rewritten from the cache
+    logs = " ".join(str(e) for e in instance.all_logs(again.run_id))
+    for path in damaged:
+        assert path.name in logs
+    assert "content checksum" in logs
+    for table, frame in before.items():
+        assert _content(data, table, "first").equals(frame), table
+
+
+def test_flipped_bytes_in_a_cache_chunk_are_found_before_its_rows_are_reused(tmp_path: Path) -> None:
+    data, instance, resources, embed = _setup(tmp_path)
+    assert materialize(embed, partition_key="first", instance=instance, resources=resources).success
+    before = _content(data, "token_activations", "first")
+    chunk = next((data / "cache" / "activations").rglob("*.acts.parquet"))
+    flip_inside_data(chunk)
+    # the segment made from it must be written again, so the chunk's rows would be read
+    segment = Path(next(iter(table_segments(str(data / "parquet"), "token_activations", "first").values())))
+    flip_inside_data(segment)
+
+    again = materialize(embed, partition_key="first", instance=instance, resources=resources)
+    assert again.success
+    assert all(e.passed for e in again.get_asset_check_evaluations())
+    logs = " ".join(str(e) for e in instance.all_logs(again.run_id))
+    assert chunk.name in logs and "quarantine" in logs and "content checksum" in logs
+    assert (chunk.parent / "quarantine" / chunk.name).exists() and not chunk.exists()
+    meta = again.asset_materializations_for_node("token_activations")[0].metadata
+    assert meta["encoded_now"].value == 12  # encoded again in the same run, no second run needed
+    _same_activations(_content(data, "token_activations", "first"), before)
+
+
+def test_an_unchanged_rerun_reads_no_cache_chunk(tmp_path: Path, monkeypatch) -> None:
+    """Verification of cache chunks costs nothing when every segment is kept."""
+    from interp_assets.engine import activation_cache
+
+    data, instance, resources, embed = _setup(tmp_path)
+    assert materialize(embed, partition_key="first", instance=instance, resources=resources).success
+    hashed: list[str] = []
+    real = activation_cache.checksum_problem
+    monkeypatch.setattr(activation_cache, "checksum_problem", lambda p, *a: hashed.append(p) or real(p, *a))
+    again = materialize(embed, partition_key="first", instance=instance, resources=resources)
+    assert again.success and hashed == []
+
+
+def test_a_stored_table_with_flipped_bytes_is_computed_again_not_reused(tmp_path: Path) -> None:
+    data, instance, resources, embed = _setup(tmp_path)
+    assoc = next(a for a in ALL_ASSETS if a.key.to_user_string() == "feature_associations")
+    assert materialize([*embed, assoc], partition_key="first", instance=instance, resources=resources).success
+    path = data / "parquet" / "feature_associations" / "first.parquet"
+    before = pl.read_parquet(path)
+
+    def run() -> tuple:
+        result = materialize([assoc], partition_key="first", instance=instance, resources=resources)
+        assert result.success
+        return result.asset_materializations_for_node("feature_associations")[0].metadata, result.run_id
+
+    meta, _ = run()
+    assert meta["reused_stored_table"].value  # inputs unchanged: kept as it is
+    flip_inside_data(path)
+    meta, run_id = run()
+    assert "reused_stored_table" not in meta
+    logs = " ".join(str(e) for e in instance.all_logs(run_id))
+    assert str(path) in logs and "content checksum" in logs
+    assert pl.read_parquet(path).equals(before)
+    meta, _ = run()
+    assert meta["reused_stored_table"].value
