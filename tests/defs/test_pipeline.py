@@ -254,7 +254,7 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     assert "reused_stored_table" not in again.asset_materializations_for_node("feature_scores")[0].metadata
     assert read_table(str(data / "parquet"), "feature_scores", "support_assistant_a").collect().height > 0
     # The SAE width is stored with the data: a notebook matrix has every feature's column.
-    assert Dataset.load("support_assistant_a", data_dir=str(data)).latents().shape == (80, 2048)
+    assert Dataset.load("support_assistant_a", data_dir=str(data)).latents().shape == (80, 4096)
 
 
 def _free_port() -> int:

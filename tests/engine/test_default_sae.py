@@ -14,9 +14,9 @@ from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model
 
 SAE_DIR = Path(__file__).resolve().parents[2] / "resources" / "default_sae"
 
-# Minimum fraction of variance explained on the sentences below. The shipped SAE scores 0.863 on the
-# held-out SST-2 dev set (see training_report.json) and 0.872 on these sentences; leave some headroom.
-MIN_FVE = 0.75
+# Minimum fraction of variance explained on the sentences below. The shipped SAE scores 0.836 on the
+# held-out SST-2 dev set and 0.828 on DBpedia's held-out split (see training_report.json); leave headroom.
+MIN_FVE = 0.72
 
 SENTENCES = [
     "The film is a quiet triumph of acting and restraint.",
@@ -71,12 +71,12 @@ def test_shipped_sae_config(sae: object) -> None:
     report = json.loads((SAE_DIR / "training_report.json").read_text())
     assert isinstance(sae, sae_lens.TopKSAE)
     assert sae.cfg.d_in == 384
-    assert sae.cfg.d_sae == report["d_sae"] == 2048
+    assert sae.cfg.d_sae == report["d_sae"] == 4096
     assert sae.cfg.k == report["k"]
     assert sae.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
     assert sae.cfg.metadata.model_name == EMBEDDED_READER
     assert sae.cfg.normalize_activations == "none"  # the scaling factor is folded into the weights
-    assert (SAE_DIR / "sae_weights.safetensors").stat().st_size < 10_000_000
+    assert (SAE_DIR / "sae_weights.safetensors").stat().st_size < 16_000_000  # float32, 4,096 x 384, twice
 
 
 def test_reconstructs_reader_activations(sae: object, layer3_acts: torch.Tensor) -> None:

@@ -27,7 +27,7 @@ def test_a_polars_frame_becomes_an_asset_partition(tmp_path: Path) -> None:
         frame, text="body", data_dir=str(tmp_path), reader=SAEReaderResource(device="cpu")
     )
     assert ds.name.startswith("frame_") and len(ds) == 10
-    assert ds.latents().shape == (10, 2048)
+    assert ds.latents().shape == (10, 4096)
     again = Dataset.load(ds.name, data_dir=str(tmp_path))  # the same partition, read back
     assert (again.latents() != ds.latents()).nnz == 0
     assert "csat" in again.documents.columns
@@ -83,7 +83,7 @@ def test_interp_embeds_readme_workflow_runs_with_the_migration_tables_names(tmp_
     # 4. load it later without recomputation (interp_embed: Dataset.load_from_file(path))
     dataset = Dataset.load(dataset.name, data_dir=str(tmp_path))
     embeddings = dataset.latents()  # sparse (documents x features)
-    assert embeddings.shape == (60, 2048)
+    assert embeddings.shape == (60, 4096)
     labels = dataset.feature_labels()  # stored labels (none yet: an empty frame with the columns)
     assert "label" in labels.columns
     counts = np.asarray((embeddings > 0).sum(axis=0)).ravel()
