@@ -28,7 +28,7 @@ test: setup
 ui: setup
 	mkdir -p var/dagster_home var/landing var/config
 	test -f var/dagster_home/dagster.yaml || cp dagster.yaml var/dagster_home/dagster.yaml
-	DAGSTER_HOME=$(CURDIR)/var/dagster_home INTERP_DATA_DIR=$(CURDIR)/var $(BIN)/dagster dev -f definitions.py
+	DAGSTER_HOME=$(CURDIR)/var/dagster_home INTERP_DATA_DIR=$(CURDIR)/var $(BIN)/dg dev
 
 lint:
 	$(BIN)/ruff check .
