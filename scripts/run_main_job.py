@@ -36,7 +36,7 @@ def output_to(log_path: Path | None) -> Iterator[TextIO]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    console = open(os.dup(1), "w", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed below)
+    console = open(os.dup(1), "w", buffering=1, encoding="utf-8")  # closed below
     with open(log_path, "wb", buffering=0) as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
