@@ -1,34 +1,43 @@
 # Two commands on a fresh machine:
 #   make demo   set up, then run the main job on the embedded default (no keys, no GPU, no downloads)
 #   make test   set up, then run the tests
+# Then: make ui (the Dagster UI), make sql Q="select ..." (DuckDB views; without Q: every view and its rows).
+# All three use the data folder $(INTERP_DATA_DIR) (default ./var; e.g. make ui INTERP_DATA_DIR=/data/interp).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+INTERP_DATA_DIR ?= var
+DATA := $(abspath $(INTERP_DATA_DIR))
 
-.PHONY: setup demo test ui lint
+.PHONY: setup demo test ui sql lint
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip > $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
 
 # A stamp: `make setup` (and so `make demo` / `make test`) installs again only when pyproject.toml changed.
+# pip's output goes to .venv/install.log (shown only when it fails).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
-	touch $@
+	@echo "Installing the package and its dependencies into $(VENV) (pip's output: $(VENV)/install.log)"
+	@$(BIN)/pip install -q torch==2.13.0 >> $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
+	@$(BIN)/pip install -q -e ".[dev]" >> $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
+	@touch $@
 
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/python scripts/run_main_job.py
+	@$(BIN)/python scripts/run_main_job.py --data-dir "$(DATA)"
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 ui: setup
-	mkdir -p var/dagster_home var/landing var/config
-	test -f var/dagster_home/dagster.yaml || cp dagster.yaml var/dagster_home/dagster.yaml
-	DAGSTER_HOME=$(CURDIR)/var/dagster_home INTERP_DATA_DIR=$(CURDIR)/var $(BIN)/dagster dev -f definitions.py
+	mkdir -p "$(DATA)/dagster_home" "$(DATA)/landing" "$(DATA)/config"
+	test -f "$(DATA)/dagster_home/dagster.yaml" || cp dagster.yaml "$(DATA)/dagster_home/dagster.yaml"
+	DAGSTER_HOME="$(DATA)/dagster_home" INTERP_DATA_DIR="$(DATA)" $(BIN)/dg dev
+
+sql: setup
+	@$(BIN)/python -m interp_assets.warehouse --db "$(DATA)/warehouse.duckdb" $(if $(Q),"$(Q)")
 
 lint:
 	$(BIN)/ruff check .

@@ -7,7 +7,8 @@ Where things live (each package's docstring says what it owns and what it may im
 - `labels/`: evidence splits, labelers (offline, LLM, published), scorers, sentence embeddings,
   which features to label.
 - `analysis/`: dataset diffs, associations with metadata columns, report rendering.
-- `storage/`: the Parquet table format (atomic and segmented writes, reads) and storage paths.
+- `storage/`: the Parquet table format (atomic and segmented writes, reads), storage paths and every
+  table's documented columns.
 - `defs/`: everything that imports Dagster: assets, asset checks, sensors, jobs, partitions.
 - `ingest.py` (drops -> documents), `comparisons.py` (declared comparisons, dataset settings),
   `warehouse.py` (DuckDB views), `notebook.py` (the notebook API).

@@ -7,10 +7,12 @@ retries with jittered exponential backoff while another process holds the lock.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import random
 import re
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -300,3 +302,37 @@ def refresh_views_with_resource(
     (`DuckDBResource.get_connection` retries only the former).
     """
     return refresh_views(duckdb_resource.database, parquet_base, tables)
+
+
+def view_row_counts(db_path: str) -> pl.DataFrame:
+    """Every view of the warehouse with its row count (`view`, `rows`), in name order."""
+    views = query(db_path, "select view_name from duckdb_views() where not internal order by view_name")
+    names = [check_table_name(n) for n in views["view_name"].to_list()]
+    if not names:
+        return pl.DataFrame(schema={"view": pl.String, "rows": pl.Int64})
+    union = " union all ".join(
+        f'select {sql_string_literal(n)} as "view", count(*) as "rows" from {sql_identifier(n)}'
+        for n in names
+    )
+    return query(db_path, union)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m interp_assets.warehouse [--db PATH] [SQL]` (what `make sql Q="..."` runs): print the
+    result of one read-only query, or without SQL every view and its row count."""
+    parser = argparse.ArgumentParser(prog="python -m interp_assets.warehouse", description=main.__doc__)
+    parser.add_argument("sql", nargs="?", help="a read-only query; omit it to list the views")
+    parser.add_argument("--db", default=default_db_path(), help="the DuckDB file (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        frame = query(args.db, args.sql) if args.sql else view_row_counts(args.db)
+    except (FileNotFoundError, duckdb.Error) as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    with pl.Config(tbl_rows=100, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
+        print(frame)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -42,17 +42,33 @@ if TYPE_CHECKING:
 _UNSAFE_COMPONENT = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
-def output_metadata(summary: dict[str, Any]) -> dict[str, Any]:
-    """Dagster output metadata of one write (`interp_assets.storage.parquet.written_summary` plus extras)."""
+COLUMN_SCHEMA = "dagster/column_schema"
+
+
+def _described(schema: Any) -> dict[str, str]:
+    """Column name -> description of a definition's `dagster/column_schema` (empty if none)."""
+    schema = getattr(schema, "schema", schema)  # a TableSchemaMetadataValue or a TableSchema
+    if not isinstance(schema, TableSchema):
+        return {}
+    return {c.name: c.description for c in schema.columns if c.description}
+
+
+def output_metadata(summary: dict[str, Any], described: Any = None) -> dict[str, Any]:
+    """Dagster output metadata of one write (`interp_assets.storage.parquet.written_summary` plus extras).
+
+    The column schema is the written one (names and stored types); `described`, the asset's definition
+    `dagster/column_schema`, lends it the column descriptions, so the catalog keeps them after a run.
+    """
     plain = ("row_count", "path", "size_bytes", "schema", "preview")
     extra = {k: v for k, v in summary.items() if k not in plain}
-    columns = [TableColumn(name=f.name, type=str(f.type)) for f in summary["schema"]]
+    meanings = _described(described)
+    columns = [TableColumn(f.name, str(f.type), meanings.get(f.name)) for f in summary["schema"]]
     return {
         "row_count": summary["row_count"],
         "dagster/row_count": summary["row_count"],
         "path": MetadataValue.path(summary["path"]),
         "size_bytes": summary["size_bytes"],
-        "dagster/column_schema": MetadataValue.table_schema(TableSchema(columns=columns)),
+        COLUMN_SCHEMA: MetadataValue.table_schema(TableSchema(columns=columns)),
         "preview": MetadataValue.md(summary["preview"]),
         **extra,
     }
@@ -153,7 +169,7 @@ class ParquetIOManager(ConfigurableIOManager, UPathIOManager):
         else:
             meta = write_parquet_atomic(str(path), obj)
             drop_segmented_layout(str(path))
-        context.add_output_metadata(output_metadata(meta))
+        context.add_output_metadata(output_metadata(meta, context.definition_metadata.get(COLUMN_SCHEMA)))
 
     def load_from_path(self, context: InputContext, path: UPath) -> pl.LazyFrame:
         try:

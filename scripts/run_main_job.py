@@ -1,29 +1,197 @@
-"""The main job on the embedded default: ingest the demo drops, materialize the whole graph, print where
-the report and the DuckDB file are. Usage: python scripts/run_main_job.py [--landing demo/landing]"""
+"""The main job on the embedded default: ingest the demo drops, materialize the whole graph, then print one
+line per step (asset, partition, seconds, rows) and a short summary: what differs between the compared
+datasets, where the report is, and commands that work as printed. Dagster's events, library warnings and
+progress bars go to a log file, named at the end (`--verbose` leaves them on the console instead).
+
+Usage: python scripts/run_main_job.py [--landing demo/landing] [--data-dir var] [--verbose]"""
+
+from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
+import shlex
 import shutil
 import sys
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TextIO
 
 ROOT = Path(__file__).resolve().parents[1]
+LOG_NAME = "main_job.log"  # under <data_dir>/logs/, rewritten by every run
+TOP_TOKEN, TOP_DOCUMENT, TOP_CRITERIA = 5, 2, 3  # summary rows: keeps the demo's output under 40 lines
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--landing", default=str(ROOT / "demo" / "landing"), help="folder of drops to ingest")
-    parser.add_argument("--comparisons", default=str(ROOT / "demo" / "comparisons.json"))
-    parser.add_argument("--data-dir", default=os.environ.get("INTERP_DATA_DIR", str(ROOT / "var")))
-    args = parser.parse_args()
+@contextlib.contextmanager
+def output_to(log_path: Path | None) -> Iterator[TextIO]:
+    """Send everything written to stdout and stderr (Dagster's console logger, warnings, tqdm bars, C
+    libraries) to `log_path`, and yield a stream to the real stdout for the lines meant for the reader.
+    With `log_path` None nothing is redirected."""
+    if log_path is None:
+        yield sys.stdout
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    console = open(os.dup(1), "w", buffering=1, encoding="utf-8")  # closed below
+    with open(log_path, "wb", buffering=0) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield console
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            console.close()
+
+
+def _rows(metadata: dict[str, Any]) -> int | None:
+    value = metadata.get("dagster/row_count")
+    return None if value is None else int(value.value)
+
+
+class StepTable:
+    """One aligned line per step: asset, partition, seconds, rows (or what went wrong)."""
+
+    def __init__(self, partitions: list[str]) -> None:
+        self.width = max([len("partition"), *(len(p) for p in partitions)])
+
+    def header(self) -> str:
+        return f"{'step':<21} {'partition':<{self.width}} {'seconds':>7} {'rows':>10}"
+
+    def line(
+        self, asset: str, partition: str, seconds: float | None, rows: int | None, note: str = ""
+    ) -> str:
+        secs = "" if seconds is None else f"{seconds:.1f}"
+        count = "" if rows is None else f"{rows:,}"
+        line = f"{asset:<21} {partition:<{self.width}} {secs:>7} {count:>10}"
+        return f"{line}  {note}" if note else line.rstrip()
+
+    def lines(self, result: Any, partition: str) -> list[str]:
+        """The lines of one `execute_in_process` result, in execution order."""
+        seconds = {
+            e.step_key: e.step_success_data.duration_ms / 1000 for e in result.get_step_success_events()
+        }
+        failed_checks: dict[str, list[str]] = {}
+        for check in result.get_asset_check_evaluations():
+            if not check.passed:
+                failed_checks.setdefault(check.asset_key.to_user_string(), []).append(check.check_name)
+        out = []
+        for event in result.get_asset_materialization_events():
+            asset = event.asset_key.to_user_string()
+            metadata = event.materialization.metadata
+            notes = [f"check {name} failed" for name in failed_checks.get(asset, [])]
+            if metadata.get("reused_stored_table") is not None:
+                notes.insert(0, "unchanged")
+            out.append(
+                self.line(
+                    asset,
+                    event.partition or partition,
+                    seconds.get(event.step_key),
+                    _rows(metadata),
+                    ", ".join(notes),
+                )
+            )
+        for event in result.get_step_failure_events():
+            error = event.step_failure_data.error
+            while error is not None and error.cause is not None:  # Dagster's wrapper -> the asset's error
+                error = error.cause
+            message = ((error.message if error else "") or "failed").strip().splitlines()[0]
+            message = re.sub(r"^[\w.]+\.(\w+): ", r"\1: ", message)  # the error's class without its module
+            out.append(self.line(event.step_key, partition, None, None, f"FAILED: {message}"))
+        started = {e.step_key for e in result.all_events if e.is_step_start}
+        for node in result.job_def.graph.nodes_in_topological_order:
+            if node.name not in started:
+                out.append(self.line(node.name, partition, None, None, "not run: an upstream step failed"))
+        return out
+
+
+def summary_lines(db: str, keys: list[str], criteria_of: str | None, query: Callable[..., Any]) -> list[str]:
+    """What differs in each comparison (top features more frequent in B, both families) and the strongest
+    criteria of dataset `criteria_of`; `query` is `interp_assets.warehouse.query`."""
+    out: list[str] = []
+    for key in keys:
+        a, b = key.split("__vs__")
+        report = query(db, "select * from diff_reports where comparison = ?", [key]).row(0, named=True)
+        counts = (
+            f"{report['significant_b']} token features more frequent in B, {report['significant_a']} in A"
+        )
+        if report.get("document_significant_b") is not None:
+            counts += (
+                f"; document features: {report['document_significant_b']} in B, "
+                f"{report['document_significant_a']} in A"
+            )
+        out += ["", f"{a} (A) vs {b} (B): {counts}"]
+        token = query(
+            db,
+            "select f.feature, f.freq_a, f.freq_b, f.q_value, l.label from diff_features f "
+            "left join (select distinct on (feature) feature, label from feature_labels "
+            "where dataset = ?) l using (feature) where comparison = ? and family = 'token' and "
+            f"significant and direction = 'b' order by q_value, abs(freq_diff) desc limit {TOP_TOKEN}",
+            [b, key],
+        )
+        document = query(  # `label` exists only once a report labeled document features
+            db,
+            "select * from diff_features where comparison = ? and family = 'document' and significant "
+            f"and direction = 'b' order by q_value, abs(freq_diff) desc limit {TOP_DOCUMENT}",
+            [key],
+        )
+        for family, frame in (("token", token), ("document", document)):
+            for r in frame.iter_rows(named=True):
+                out.append(
+                    f"  B {family:<8} {r['feature']:>5}  {r['freq_a']:.3f} -> {r['freq_b']:.3f}  "
+                    f"q {r['q_value']:.1e}  {r.get('label') or ''}".rstrip()
+                )
+    if criteria_of:
+        criteria = query(
+            db,
+            "select a.criterion, a.feature, a.statistic, a.effect, a.q_value, l.label "
+            "from feature_associations a left join (select distinct on (feature) feature, label "
+            "from feature_labels where dataset = ?) l using (feature) where a.dataset = ? and "
+            "a.significant qualify row_number() over (partition by a.criterion order by a.q_value) = 1 "
+            f"order by a.q_value limit {TOP_CRITERIA}",
+            [criteria_of, criteria_of],
+        )
+        if criteria.height:
+            out.append(f"Criteria: features that go with metadata columns of {criteria_of} (strongest first)")
+            for r in criteria.iter_rows(named=True):
+                out.append(
+                    f"  {r['criterion']:<22} {r['feature']:>5}  {r['statistic']} {r['effect']:.3f}  "
+                    f"q {r['q_value']:.1e}  {r['label'] or ''}".rstrip()
+                )
+    return out
+
+
+def make_command(target: str, data_dir: Path, cwd: Path) -> str:
+    """`make <target>` as it works from a fresh shell in `cwd` for this data folder."""
+    parts = ["make"]
+    if cwd.resolve() != ROOT:
+        parts += ["-C", shlex.quote(str(ROOT))]
+    parts.append(target)
+    if data_dir.resolve() != (ROOT / "var").resolve():
+        parts.append(f"INTERP_DATA_DIR={shlex.quote(str(data_dir))}")
+    return " ".join(parts)
+
+
+def hint_lines(data_dir: Path, log_path: Path | None, cwd: Path) -> list[str]:
+    """Where the log is and what to run next; every command works verbatim (a test runs them)."""
+    sql = make_command("sql", data_dir, cwd) + ' Q="select count(*) from token_activations"'
+    lines = [f"Log:     {log_path} (Dagster events, warnings, progress)"] if log_path else []
+    return lines + [
+        f"Next:    {make_command('ui', data_dir, cwd)}    # the Dagster UI for these runs: http://127.0.0.1:3000",
+        f"         {sql}    # SQL over the DuckDB views; no Q: every view and its rows",
+    ]
+
+
+def run(args: argparse.Namespace, say: Callable[[str], None], log_path: Path | None) -> int:
     data_dir = Path(args.data_dir).resolve()
-    os.environ["INTERP_DATA_DIR"] = str(data_dir)
-    home = data_dir / "dagster_home"
-    home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
-    os.environ["DAGSTER_HOME"] = str(home)
-    sys.path.insert(0, str(ROOT))
-
     import warnings
 
     from dagster import BetaWarning, DagsterInstance
@@ -39,8 +207,7 @@ def main() -> int:
     (data_dir / "config").mkdir(parents=True, exist_ok=True)
     landing.mkdir(parents=True, exist_ok=True)
     for skipped in copy_drop_files(args.landing, landing):
-        why = "not a regular file (symbolic links are never followed)"
-        print(f"Skipped {printable_path(skipped)}: {why}.", flush=True)
+        say(f"Skipped {printable_path(skipped)}: not a regular file (symbolic links are never followed).")
     shutil.copy(args.comparisons, data_dir / "config" / "comparisons.json")
 
     import definitions
@@ -49,32 +216,18 @@ def main() -> int:
     defs = definitions.defs
     instance = DagsterInstance.get()
     for run_id in recover_dead_local_runs(instance):
-        print(
-            f"A killed earlier run {run_id} held the model pool: marked failed, its slot freed.", flush=True
-        )
+        say(f"A killed earlier run {run_id} held the model pool: marked failed, its slot freed.")
     tags = local_run_tags()
     bad_names: dict = {}
     drops, clashes = scan_drops(landing, bad_names=bad_names)
     for name, paths in clashes.items():
-        print(f"Skipped dataset {name!r}: {clash_error(name, paths)}", flush=True)
+        say(f"Skipped dataset {name!r}: {clash_error(name, paths)}")
     for name, error in bad_names.items():
-        print(f"Skipped dataset {name!r}: {error}", flush=True)
+        say(f"Skipped dataset {name!r}: {error}")
     names = [d.dataset for d in drops]
     instance.add_dynamic_partitions(
         "datasets", [n for n in names if not instance.has_dynamic_partition("datasets", n)]
     )
-    for job_name in ("embed_job", "label_job"):
-        job = defs.resolve_job_def(job_name)
-        for name in names:
-            print(f"== {job_name} [{name}]", flush=True)
-            result = job.execute_in_process(
-                partition_key=name, instance=instance, raise_on_error=False, tags=tags
-            )
-            if not result.success:
-                print(
-                    f"   {job_name} failed for {name}; see the run in the UI. Other datasets go on.",
-                    flush=True,
-                )
     comparisons = [
         c for c in load_comparisons(data_dir / "config" / "comparisons.json") if {c.a, c.b} <= set(names)
     ]
@@ -82,10 +235,19 @@ def main() -> int:
     instance.add_dynamic_partitions(
         "comparisons", [k for k in keys if not instance.has_dynamic_partition("comparisons", k)]
     )
-    diff_job = defs.resolve_job_def("diff_job")
-    for key in keys:
-        print(f"== diff_job [{key}]", flush=True)
-        diff_job.execute_in_process(partition_key=key, instance=instance, raise_on_error=True, tags=tags)
+    steps = StepTable(names + keys)
+    say(steps.header())
+    failed: list[str] = []
+    for job_name, partitions in (("embed_job", names), ("label_job", names), ("diff_job", keys)):
+        job = defs.resolve_job_def(job_name)
+        for partition in partitions:
+            result = job.execute_in_process(
+                partition_key=partition, instance=instance, raise_on_error=False, tags=tags
+            )
+            for line in steps.lines(result, partition):
+                say(line)
+            if not result.success:
+                failed.append(f"{job_name} [{partition}]")
 
     from interp_assets.defs.assets import WAREHOUSE_TABLES
 
@@ -93,50 +255,60 @@ def main() -> int:
     try:
         counts = refresh_views(str(db), definitions.PARQUET_BASE, WAREHOUSE_TABLES)
     except ViewRefreshError as exc:  # the other views are current; say which failed and go on
-        print(f"\n{exc}", flush=True)
+        say(str(exc).splitlines()[0])
         counts = exc.counts
-    print("\nDuckDB tables (rows):")
-    for table, n in counts.items():
-        print(f"  {table:20s} {n}")
-    for key in keys:
-        top = query(str(db), "select * from diff_reports where comparison = ?", [key])
-        print(f"\nReport {key}:\n  {top['report_markdown_path'][0]}\n  {top['report_html_path'][0]}")
-        print(
-            query(
-                str(db),
-                "select f.feature, f.freq_a, f.freq_b, f.q_value, l.label from diff_features f "
-                "left join (select distinct on (feature) feature, label from feature_labels "
-                "where dataset = ?) l using (feature) where comparison = ? and family = 'token' and "
-                "significant and direction = 'b' order by q_value, abs(freq_diff) desc limit 8",
-                [key.split("__vs__")[1], key],
-            )
+    reported = [k for k in keys if f"diff_job [{k}]" not in failed] if "diff_reports" in counts else []
+    criteria_of = names[-1] if names and "feature_associations" in counts else None
+    for line in summary_lines(str(db), reported, criteria_of, query):
+        say(line)
+    say("")
+    for key in reported:
+        say(
+            f"Report:  {data_dir / 'reports' / (key + '.html')} (Markdown beside it; in the UI: diff_reports)"
         )
-        print("Document-level features (the comparison's document SAE) more frequent in B:")
-        print(
-            query(
-                str(db),
-                "select feature, freq_a, freq_b, q_value, label from diff_features where comparison = ? "
-                "and family = 'document' and significant and direction = 'b' "
-                "order by q_value, abs(freq_diff) desc limit 5",
-                [key],
-            )
+    if failed:
+        say(
+            f"Failed:  {', '.join(failed)}; the log and the UI have each run's error. Other datasets went on."
         )
-    if "feature_associations" in counts and names:
-        print(f"\nCriteria: features that go with metadata columns of {names[-1]} (feature_associations):")
-        print(
-            query(
-                str(db),
-                "select a.criterion, a.feature, l.label, round(a.effect, 3) as effect, a.q_value "
-                "from feature_associations a left join (select distinct on (feature) feature, label "
-                "from feature_labels where dataset = ?) l using (feature) where a.dataset = ? and "
-                "a.significant qualify row_number() over (partition by a.criterion order by a.q_value) = 1 "
-                "order by a.q_value limit 8",
-                [names[-1], names[-1]],
-            )
-        )
-    print(f'\nDuckDB file: {db}\n  duckdb {db} "select count(*) from token_activations"')
-    print(f"Dagster UI:  DAGSTER_HOME={home} INTERP_DATA_DIR={data_dir} dagster dev -f definitions.py")
-    return 0
+    for line in hint_lines(data_dir, log_path, Path.cwd()):
+        say(line)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--landing", default=str(ROOT / "demo" / "landing"), help="folder of drops to ingest")
+    parser.add_argument("--comparisons", default=str(ROOT / "demo" / "comparisons.json"))
+    parser.add_argument("--data-dir", default=os.environ.get("INTERP_DATA_DIR", str(ROOT / "var")))
+    parser.add_argument(
+        "--verbose", action="store_true", help="leave Dagster's events and library output on the console"
+    )
+    args = parser.parse_args(argv)
+    data_dir = Path(args.data_dir).resolve()
+    os.environ["INTERP_DATA_DIR"] = str(data_dir)
+    home = data_dir / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(home)
+    sys.path.insert(0, str(ROOT))
+    log_path = None if args.verbose else data_dir / "logs" / LOG_NAME
+    with output_to(log_path) as console:
+
+        def say(line: str) -> None:
+            print(line, file=console, flush=True)
+
+        if log_path is not None:
+            say(f"Running the demo's jobs; Dagster's events, warnings and progress go to {log_path}")
+        try:
+            return run(args, say, log_path)
+        except Exception as exc:  # the traceback is in the log; the console gets what and where
+            traceback.print_exc()
+            say(f"Failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}")
+            if log_path is not None:
+                say(f"Log:     {log_path} (the traceback and Dagster's events)")
+            return 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from interp_assets.defs.partitions import comparisons_partitions, datasets_parti
 from interp_assets.defs.shared import (
     INPUTS_KEY,
     OWNERS,
+    column_schema,
     dataset_settings,
     encoded_doc_count,
     inputs_key,
@@ -59,6 +60,7 @@ class FeatureAssociationsConfig(Config):
     group_name="analysis",
     kinds={"scipy", "parquet"},
     owners=OWNERS,
+    metadata=column_schema("feature_associations"),
     code_version=ASSOCIATIONS_CODE_VERSION,
     deps=[AssetDep("raw_documents"), AssetDep("pooled_embeddings")],
     description="Which features go with each metadata column (criterion): AUC for boolean columns and "
@@ -140,6 +142,7 @@ class DiffReportsConfig(Config):
     group_name="analysis",
     kinds={"polars", "parquet"},
     owners=OWNERS,
+    metadata=column_schema("diff_reports"),
     code_version="1",
     deps=[
         AssetDep("feature_scores", partition_mapping=AllPartitionMapping()),

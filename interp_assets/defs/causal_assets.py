@@ -21,6 +21,7 @@ from interp_assets.defs.shared import (
     INPUTS_KEY,
     MODEL_POOL,
     OWNERS,
+    column_schema,
     inputs_key,
     reuse_stored_output,
     stored_documents,
@@ -72,6 +73,7 @@ def _sample(ids: list[str], n: int, rng: np.random.Generator) -> list[str]:
     group_name="analysis",
     kinds={"pytorch", "parquet"},
     owners=OWNERS,
+    metadata=column_schema("feature_effects"),
     code_version=EFFECTS_CODE_VERSION,
     pool=MODEL_POOL,
     deps=[

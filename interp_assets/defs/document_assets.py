@@ -28,6 +28,7 @@ from interp_assets.defs.shared import (
     MODEL_POOL,
     OWNERS,
     cached_document_embeddings,
+    column_schema,
     inputs_key,
     reuse_stored_output,
 )
@@ -81,6 +82,7 @@ class DocumentEmbeddingsConfig(Config):
     group_name="documents",
     kinds={"pytorch", "parquet"},
     owners=OWNERS,
+    metadata=column_schema("document_embeddings"),
     code_version="1",
     pool=MODEL_POOL,
     description="One embedding per document: the reader's hidden states at one layer, mean-pooled over the "
@@ -191,6 +193,7 @@ def _represent(
     group_name="documents",
     kinds={"pytorch", "parquet"},
     owners=OWNERS,
+    metadata=column_schema("document_sae"),
     code_version=DOCUMENT_SAE_VERSION,
     pool=MODEL_POOL,
     deps=[
@@ -308,6 +311,7 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
     group_name="documents",
     kinds={"pytorch", "parquet"},
     owners=OWNERS,
+    metadata=column_schema("document_features"),
     code_version=DOCUMENT_SAE_VERSION,
     deps=[
         AssetDep("document_embeddings", partition_mapping=AllPartitionMapping()),

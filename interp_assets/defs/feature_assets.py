@@ -16,7 +16,7 @@ from dagster import (
 )
 
 from interp_assets.defs.partitions import datasets_partitions
-from interp_assets.defs.shared import MODEL_POOL, OWNERS
+from interp_assets.defs.shared import MODEL_POOL, OWNERS, column_schema
 from interp_assets.engine.activation_cache import ActivationCache, token_activations_schema
 from interp_assets.engine.activations import encode_texts
 from interp_assets.engine.pooling import (
@@ -48,6 +48,7 @@ from resources.storage import StorageResource
     group_name="features",
     kinds={"pytorch", "parquet"},
     owners=OWNERS,
+    metadata=column_schema("token_activations"),
     code_version=ENGINE_VERSION,
     pool=MODEL_POOL,
     check_specs=[
@@ -185,6 +186,7 @@ def _bad_activations(token_activations: pl.LazyFrame) -> int:
     group_name="features",
     kinds={"polars", "parquet"},
     owners=OWNERS,
+    metadata=column_schema("pooled_embeddings"),
     code_version=POOLING_VERSION,
     deps=[AssetDep("token_activations")],
     check_specs=[AssetCheckSpec("pooled_statistics_consistent", asset="pooled_embeddings")],

@@ -16,7 +16,7 @@ from dagster import (
 
 from interp_assets import ingest
 from interp_assets.defs.partitions import datasets_partitions
-from interp_assets.defs.shared import OWNERS, dataset_settings
+from interp_assets.defs.shared import OWNERS, column_schema, dataset_settings
 from interp_assets.storage.parquet import write_table
 from resources.storage import StorageResource
 
@@ -43,6 +43,7 @@ class RawDocumentsConfig(Config):
     group_name="ingest",
     kinds={"polars", "parquet"},
     owners=OWNERS,
+    metadata=column_schema("raw_documents"),
     code_version="1",
     check_specs=[AssetCheckSpec("documents_have_text", asset="raw_documents")],
     description="Documents of one dataset, read from its drop in the landing folder; bad rows go to "

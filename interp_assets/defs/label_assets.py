@@ -16,6 +16,7 @@ from interp_assets.defs.shared import (
     OWNERS,
     cached_document_embeddings,
     cached_text_embeddings,
+    column_schema,
     data_version,
     encoded_doc_count,
     inputs_key,
@@ -63,6 +64,7 @@ def _document_embeddings(storage: StorageResource, docs: pl.DataFrame, max_docs:
     group_name="labels",
     kinds={"openai", "parquet"},
     owners=OWNERS,
+    metadata=column_schema("feature_labels"),
     code_version=LABELS_CODE_VERSION,
     pool=MODEL_POOL,
     deps=[AssetDep("pooled_embeddings"), AssetDep("feature_associations")],
@@ -241,6 +243,7 @@ def _split_parameters(config: FeatureLabelsConfig) -> dict[str, int]:
     group_name="labels",
     kinds={"pytorch", "parquet"},
     owners=OWNERS,
+    metadata=column_schema("feature_scores"),
     code_version=SCORES_CODE_VERSION,
     pool=MODEL_POOL,
     description="Every label scored on held-out documents never shown to the labeler: precision, recall, F1, "

@@ -13,7 +13,10 @@ from dagster import (
     DagsterInstance,
     DataVersion,
     EventLogRecord,
+    MetadataValue,
     Output,
+    TableColumn,
+    TableSchema,
 )
 
 from interp_assets.comparisons import load_dataset_settings
@@ -21,12 +24,24 @@ from interp_assets.progress import Progress
 from interp_assets.storage.checksums import checksum_problem, file_sha256
 from interp_assets.storage.parquet import read_table, table_exists, table_files, write_table
 from interp_assets.storage.paths import table_path
+from interp_assets.storage.schemas import TABLES
 from resources.storage import StorageResource
 
 DATA_VERSION_TAG = "dagster/data_version"  # the tag Dagster stores a materialization's data version under
 
 MODEL_POOL = "sae_model"  # every step that runs the reader model shares this concurrency pool
 OWNERS = ["team:interp-platform"]  # who answers for every asset (the catalog's owner filter)
+
+
+COLUMN_SCHEMA = "dagster/column_schema"
+
+
+def column_schema(table: str) -> dict:
+    """Definition metadata with `table`'s documented columns (`interp_assets.storage.schemas`): the
+    catalog shows their types and meanings before any run; the IO manager keeps the meanings in the
+    schema it records after each write."""
+    columns = [TableColumn(name, type_, meaning) for name, type_, meaning, _ in TABLES[table].columns]
+    return {COLUMN_SCHEMA: MetadataValue.table_schema(TableSchema(columns=columns))}
 
 
 def dataset_settings(storage: StorageResource, dataset: str) -> dict:

@@ -33,3 +33,23 @@ def test_every_asset_has_its_domain_group_kinds_owners_and_a_description() -> No
 def test_sensors_run_by_default() -> None:
     statuses = {s.name: s.default_status for s in definitions.defs.sensors}
     assert statuses and set(statuses.values()) == {DefaultSensorStatus.RUNNING}, statuses
+
+
+def test_every_asset_describes_its_columns_before_any_run() -> None:
+    """`dagster/column_schema` definition metadata from the one schema source (storage/schemas.py)."""
+    from interp_assets.storage.schemas import TABLES
+
+    for spec in definitions.defs.resolve_all_asset_specs():
+        name = spec.key.to_user_string()
+        columns = spec.metadata["dagster/column_schema"].schema.columns
+        assert [(c.name, c.type, c.description) for c in columns] == [
+            (n, t, meaning) for n, t, meaning, _ in TABLES[name].columns
+        ], name
+        assert all(c.description for c in columns), name
+
+
+def test_every_warehouse_table_is_documented() -> None:
+    from interp_assets.defs.assets import WAREHOUSE_TABLES
+    from interp_assets.storage.schemas import TABLES
+
+    assert set(TABLES) == set(WAREHOUSE_TABLES)

@@ -22,6 +22,7 @@ from interp_assets.comparisons import comparison_key
 from interp_assets.defs.assets import ALL_ASSETS
 from interp_assets.engine.documents import LEXICAL_PROJECTION_FILE, document_sae_size
 from interp_assets.storage.parquet import read_table
+from interp_assets.storage.schemas import schema_mismatches, stored_schemas
 from resources.local import local_resources
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +55,11 @@ def _run(tmp_path: Path, drops: dict[str, pl.DataFrame], run_config: dict | None
         COMPARISON_ASSETS, partition_key=key, instance=instance, resources=resources, run_config=run_config
     )
     assert result.success
+    stored = stored_schemas(str(tmp_path / "parquet"))
+    documents = {"document_embeddings", "document_sae", "document_features", "diff_features"}
+    assert documents <= {t for t, _ in stored}
+    problems = [p for (table, _), schema in stored.items() for p in schema_mismatches(table, schema)]
+    assert not problems, problems  # the documented columns and types (interp_assets/storage/schemas.py)
     return str(tmp_path / "parquet"), key
 
 

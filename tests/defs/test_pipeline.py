@@ -18,6 +18,7 @@ from interp_assets.defs.assets import ALL_ASSETS, WAREHOUSE_TABLES
 from interp_assets.defs.sensors import comparisons_sensor, landing_sensor
 from interp_assets.notebook import Dataset
 from interp_assets.storage.parquet import read_table
+from interp_assets.storage.schemas import schema_mismatches, stored_schemas
 from interp_assets.warehouse import query, refresh_views
 from resources.local import local_resources
 from resources.storage import StorageResource
@@ -144,6 +145,12 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     assert set(effects_table["control_type"]) == {"target", "random_matched", "placebo"}
     kinds = effects_table["control_type"].to_list()
     assert kinds.count("random_matched") == 3 * kinds.count("target") and kinds.count("target") >= 1
+    # Every stored table has the columns and types its documentation (storage/schemas.py) gives.
+    stored = stored_schemas(str(data / "parquet"))
+    documents = {"document_embeddings", "document_sae", "document_features"}  # test_document_family.py
+    assert {t for t, _ in stored} == set(WAREHOUSE_TABLES) - documents
+    problems = [p for (table, _), schema in stored.items() for p in schema_mismatches(table, schema)]
+    assert not problems, problems
     # Criteria: booleans, numbers and each topic level are tested; the id column is not.
     criteria = query(
         str(db),

@@ -16,6 +16,8 @@ from dagster import (
     DagsterInstance,
     DynamicPartitionsDefinition,
     Output,
+    TableColumn,
+    TableSchema,
     asset,
     materialize,
 )
@@ -112,6 +114,18 @@ def nothing(context: AssetExecutionContext) -> None:
     return None
 
 
+@asset(
+    partitions_def=datasets,
+    metadata={
+        "dagster/column_schema": TableSchema(
+            columns=[TableColumn("doc_id", "int32", "document"), TableColumn("dataset", "string", "its set")]
+        )
+    },
+)
+def described_docs(context: AssetExecutionContext) -> pa.Table:
+    return pa.Table.from_batches([_batch(context.partition_key, 0, 3)])
+
+
 @pytest.fixture
 def instance() -> DagsterInstance:
     return DagsterInstance.ephemeral()
@@ -183,6 +197,18 @@ def test_metadata_and_encodings(base, instance):
     assert encodings["activation"].compression == "ZSTD"
     assert "BYTE_STREAM_SPLIT" in encodings["activation"].encodings
     assert "RLE_DICTIONARY" in encodings["dataset"].encodings
+
+
+def test_recorded_column_schema_keeps_the_definitions_descriptions(base, instance):
+    """The written schema (stored types, every column) with the meanings the asset's definition gives."""
+    instance.add_dynamic_partitions("datasets", ["alpha"])
+    md = _metadata(_run([described_docs], base, instance, "alpha"), "described_docs")
+    cols = md["dagster/column_schema"].schema.columns
+    assert [(c.name, c.type, c.description) for c in cols] == [
+        ("dataset", "string", "its set"),
+        ("doc_id", "int32", "document"),
+        ("activation", "float", None),
+    ]
 
 
 def test_unpartitioned_asset_uses_last_key_component(base, instance):

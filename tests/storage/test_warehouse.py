@@ -246,3 +246,20 @@ def test_a_lost_manifest_is_reported_and_never_silently_drops_the_view(tmp_path)
         refresh_views(db, base, ["t"])
     assert str(folder) in str(info.value) and info.value.counts == {"t": 3}
     assert query(db, "select count(*) as n from t")["n"][0] == 3  # the readable partition stays
+
+
+def test_command_line_lists_views_or_runs_one_query(tmp_path, capsys):
+    """`python -m interp_assets.warehouse` is what `make sql` runs."""
+    from interp_assets.warehouse import main
+
+    base, db = str(tmp_path / "parquet"), str(tmp_path / "w.duckdb")
+    write_table(base, "pooled_embeddings", "a", pl.DataFrame({"doc_id": [1, 2, 3]}))
+    refresh_views(db, base, ["pooled_embeddings", "raw_documents"])
+    assert main(["--db", db]) == 0
+    listing = capsys.readouterr().out
+    assert "│ pooled_embeddings ┆ 3 " in listing and "raw_documents" not in listing
+    assert main(["--db", db, "select sum(doc_id) as total from pooled_embeddings"]) == 0
+    assert "total" in capsys.readouterr().out
+    assert main(["--db", db, "select nope from pooled_embeddings"]) == 1
+    assert "nope" in capsys.readouterr().err
+    assert main(["--db", str(tmp_path / "missing.duckdb")]) == 1
