@@ -27,7 +27,11 @@ import polars as pl
 import pyarrow.parquet as pq
 from scipy import sparse
 
-from interp_assets.analysis.associations import associations_for_column
+from interp_assets.analysis.associations import (
+    associations_for_column,
+    criteria_associations,
+    metadata_criteria,
+)
 from interp_assets.analysis.diffing import (
     AGGREGATIONS,
     REPORT_FIRING,
@@ -727,12 +731,41 @@ class Dataset:
         return match_features(a, b)
 
     def associations(self, column: str, **kwargs: Any) -> pl.DataFrame:
-        """Features associated with a metadata column (`associations.associations_for_column`'s table)."""
+        """Features associated with a metadata column (`associations.associations_for_column`'s table).
+
+        A text column with 3 or more values is one criterion per level (`topic=refund`: that level against
+        the rest), as the feature_associations asset tests it; the table then has a `criterion` column and
+        accepts `aggregation`, `alpha` and `max_levels`."""
         agg = kwargs.get("aggregation", "max")
         cols = ["feature", *pooled_value_columns(agg)] if agg in AGGREGATIONS else ["feature"]
         docs = self.documents.unique(subset="doc_id", keep="first", maintain_order=True)
+        if column in docs.columns and docs.schema[column] in (pl.String, pl.Categorical):
+            if docs[column].drop_nulls().n_unique() > 2:
+                return self._level_associations(docs, column, cols, **kwargs)
         kwargs.setdefault("dataset", self.name)
         return associations_for_column(self._pooled_subset(cols), docs, column, **kwargs).table
+
+    def _level_associations(
+        self, docs: pl.DataFrame, column: str, cols: list[str], **kwargs: Any
+    ) -> pl.DataFrame:
+        allowed = {"aggregation", "alpha", "max_levels"}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise ValueError(
+                f"Column {column!r} has several text levels, tested one criterion per level; the options "
+                f"{unknown} do not apply there (use {sorted(allowed)})."
+            )
+        criteria, skipped = metadata_criteria(docs, [column], max_levels=kwargs.get("max_levels", 20))
+        if criteria.width < 2:
+            raise ValueError(f"Column {column!r}: no level can be tested ({skipped}).")
+        table, _ = criteria_associations(
+            self._pooled_subset(cols),
+            criteria,
+            dataset=self.name,
+            aggregation=kwargs.get("aggregation", "max"),
+            alpha=kwargs.get("alpha", 0.05),
+        )
+        return table
 
 
 class DatasetRow:

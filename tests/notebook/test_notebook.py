@@ -343,6 +343,35 @@ def test_associations(ds: Dataset) -> None:
         ds.associations("text")
 
 
+def test_associations_over_a_multi_level_text_column_test_each_level() -> None:
+    topics = ["refund", "shipping", "login"] * 10
+    docs = pl.DataFrame(
+        {
+            "doc_id": pl.Series(range(30), dtype=pl.Int32),
+            "text": [f"ticket {i}" for i in range(30)],
+            "topic": topics,
+        }
+    )
+    rows = [(d, 1, 2.0) for d in range(30) if topics[d] == "refund"]  # feature 1: refund tickets only
+    rows += [(d, 2, 1.0) for d in range(30) if d % 2 == 0]  # feature 2: every other ticket
+    pooled = pl.DataFrame(rows, schema=["doc_id", "feature", "max_activation"], orient="row").with_columns(
+        pl.col("doc_id").cast(pl.Int32),
+        pl.col("feature").cast(pl.Int32),
+        pl.col("max_activation").cast(pl.Float32),
+        pl.col("max_activation").alias("sum_activation"),
+        pl.lit(1, dtype=pl.Int32).alias("active_tokens"),
+        pl.lit(2, dtype=pl.Int32).alias("doc_tokens"),
+    )
+    ds = Dataset.from_frames("tickets3", docs, pooled, d_sae=4)
+    table = ds.associations("topic")
+    assert set(table["criterion"]) == {"topic=refund", "topic=shipping", "topic=login"}
+    significant = table.filter(pl.col("significant")).select("criterion", "feature").rows()
+    assert ("topic=refund", 1) in significant
+    assert all(f != 2 for _, f in significant)  # feature 2 goes with no topic
+    with pytest.raises(ValueError, match="min_docs"):
+        ds.associations("topic", min_docs=3)
+
+
 def test_from_frames_in_memory(ds: Dataset) -> None:
     mem = Dataset.from_frames("mem", ds.documents, ds._store.pooled.collect(), d_sae=9)
     assert mem.latents("binarize").shape == (5, 9)
