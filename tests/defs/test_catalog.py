@@ -16,6 +16,8 @@ GROUPS = {
     "feature_scores": "labels",
     "feature_associations": "analysis",
     "diff_reports": "analysis",
+    "feature_clusters": "analysis",
+    "document_clusters": "analysis",
 }
 
 
