@@ -534,13 +534,18 @@ def _centroids(x: Any, assign: np.ndarray, k: int) -> np.ndarray:
 def spherical_kmeans(
     x: Any, n_clusters: int, *, seed: int = 0, n_init: int = 10, max_iter: int = 100
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Cluster the rows of `x` (dense or scipy sparse, no zero rows) by cosine: rows scaled to unit length,
-    each assigned to the centroid direction it is most similar to, centroids the normalized mean of their
-    rows, until no assignment changes (or `max_iter`). k-means++ seeding; of `n_init` seeded runs the one
-    with the highest total similarity is kept; an emptied cluster is re-seeded with the row least similar
-    to its centroid. Returns (cluster per row, 0 = largest; centroids (k, d); total similarity)."""
+    """Cluster the rows of `x` (dense or scipy sparse; no all-zero rows) by cosine: rows scaled to unit
+    length, each assigned to the centroid direction it is most similar to, centroids the normalized mean of
+    their rows, until no assignment changes (or `max_iter`). k-means++ seeding; of `n_init` seeded runs the
+    one with the highest total similarity is kept; an emptied cluster is re-seeded with the row least
+    similar to its centroid. Returns (cluster per row, 0 = largest; centroids (k, d); total similarity)."""
     x = _unit_rows(x)
     n = x.shape[0]
+    zero = np.flatnonzero(np.asarray(abs(x).sum(axis=1)).ravel() == 0)
+    if zero.size:
+        raise ValueError(
+            f"spherical_kmeans: row(s) {zero[:10].tolist()} are all zeros and have no direction; drop them."
+        )
     if not 2 <= n_clusters <= n:
         raise ValueError(f"n_clusters={n_clusters} is out of range: {n} rows to cluster (2..{n}).")
     if n_init < 1 or max_iter < 1:
@@ -722,8 +727,7 @@ def document_clusters(
             "more features."
         )
     assign, centers, _ = spherical_kmeans(x, n_clusters, seed=seed, n_init=n_init, max_iter=max_iter)
-    unit = _unit_rows(x)
-    similarity = np.asarray((unit.multiply(centers[assign])).sum(axis=1)).ravel()
+    similarity = _dot(_unit_rows(x), centers)[np.arange(n_active), assign]
 
     cluster_col = np.full(docs.size, -1, dtype=np.int64)
     cluster_col[active] = assign

@@ -263,6 +263,8 @@ def test_bad_input_says_what_and_what_to_do() -> None:
         document_clusters(pl.concat([pooled, pooled]), 3)
     with pytest.raises(ValueError, match="missing column"):
         document_clusters(pooled.drop("max_activation"), 3)
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] are all zeros"):
+        spherical_kmeans(np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]), 2)
     with pytest.raises(ValueError, match="pass `decoder`"):
         feature_clusters()
     with pytest.raises(ValueError, match="pass `decoder`"):
