@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import AssetMaterialization, DagsterInstance, materialize
 
 from interp_assets.analysis.associations import criteria_associations, metadata_criteria
 from interp_assets.analysis.clustering import adjusted_rand_index, feature_clusters
@@ -198,3 +198,10 @@ def test_feature_clusters_by_coactivation_and_by_the_readers_decoder(stored) -> 
     expected = feature_clusters(decoder=decoder, features=table["feature"].to_list(), min_similarity=0.3)
     columns = ["by", "cluster", "size", "feature", "centrality"]
     assert table.height == 28 and table.select(columns).equals(expected.select(columns))
+    # a dataset read by another reader: its features are not this decoder's
+    data_dir, instance, _ = stored
+    instance.report_runless_asset_event(
+        AssetMaterialization("token_activations", partition=DATASET, metadata={"reader_fingerprint": "other"})
+    )
+    with pytest.raises(Exception, match="is not the reader that made this dataset's features"):
+        _run(stored, feature_clusters_asset, {"by": ["decoder"]})
