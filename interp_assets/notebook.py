@@ -781,12 +781,14 @@ class Dataset:
         min_similarity: float = 0.5,
         n_clusters: int | None = None,
         min_documents: int = 5,
+        max_doc_frequency: float = 0.5,
         max_features: int = 5000,
     ) -> pl.DataFrame:
         """Groups of features that fire in the same documents of this view (co-activation) and, with
         `decoder` (the SAE's `(d_sae, d_in)` W_dec, e.g. `sae.W_dec.detach().numpy()`), that write the same
         direction: `analysis.clustering.feature_clusters`, each group named by its members' feature_labels.
-        Default features: those firing in at least `min_documents` documents of the view."""
+        Default features: those firing in at least `min_documents` and at most `max_doc_frequency` of the
+        view's documents (as `feature_stats.keep_features`)."""
         if by is None:
             by = ["coactivation"] + (["decoder"] if decoder is not None else [])
         if decoder is not None and hasattr(decoder, "detach"):
@@ -802,6 +804,7 @@ class Dataset:
             min_similarity=min_similarity,
             n_clusters=n_clusters,
             min_documents=min_documents,
+            max_doc_frequency=max_doc_frequency,
             max_features=max_features,
             n_features=self.d_sae if decoder is None else None,
         )
@@ -814,6 +817,7 @@ class Dataset:
         query: str | None = None,
         criterion: str | None = None,
         n_criterion_features: int = 20,
+        significant_only: bool = True,
         aggregation: str = "max",
         top_n: int = 10,
         seed: int = 0,
@@ -824,11 +828,11 @@ class Dataset:
 
         Features: the union of `features` (ids), those whose feature_labels label or description contains
         `query`, and the top `n_criterion_features` of `criterion` (a metadata column, or `column=level`,
-        as `associations` ranks them); none of these: every feature that fires. Returns a
-        `DocumentClusters`: `documents` (doc_id, cluster, similarity) in this view's order, so
-        `ds.filter(result.documents["cluster"] == 0)` is a cluster's view; `clusters` (size, name from the
-        labels of its distinguishing features); `features` (each cluster's distinguishing features with
-        their firing rates inside and outside it).
+        as feature_associations ranks them; only significant ones unless `significant_only` is False); none
+        of these: every feature that fires. Returns a `DocumentClusters`: `documents` (doc_id, cluster,
+        similarity) in this view's order, so `ds.filter(result.documents["cluster"] == 0)` is a cluster's
+        view; `clusters` (size, name from the labels of its distinguishing features); `features` (each
+        cluster's distinguishing features with their firing rates inside and outside it).
         """
         chosen: set[int] = set()
         picked = features is not None or query is not None or criterion is not None
@@ -837,8 +841,11 @@ class Dataset:
         if query is not None:
             chosen.update(features_matching(self.feature_labels(), query))
         if criterion is not None:
+            table = self._criterion_table(criterion)
             chosen.update(
-                criterion_features(self._criterion_table(criterion), criterion, n=n_criterion_features)
+                criterion_features(
+                    table, criterion, n=n_criterion_features, significant_only=significant_only
+                )
             )
         if picked and not chosen:
             raise ValueError(f"Dataset {self.name!r}: the feature selection is empty; pass feature ids.")

@@ -270,6 +270,7 @@ def feature_clusters(
     min_similarity: float = 0.5,
     n_clusters: int | None = None,
     min_documents: int = 5,
+    max_doc_frequency: float = 0.5,
     max_features: int = 5000,
     n_features: int | None = None,
 ) -> pl.DataFrame:
@@ -279,8 +280,10 @@ def feature_clusters(
     co-activation grouping; `decoder`: the SAE's `(d_sae, d_in)` decoder (e.g. `sae.W_dec`) for the
     decoder grouping. `by` picks among "decoder" and "coactivation" (default: each one whose input is
     given); `coactivation`: "jaccard" or "correlation" (phi over `n_docs` documents). `features`: which
-    features (default: those firing in at least `min_documents` documents, or every decoder row without
-    `pooled`); at most `max_features` (the similarity matrix grows with its square). `labels`
+    features (default: those firing in at least `min_documents` documents and in at most
+    `max_doc_frequency` of the `n_docs` documents, as `feature_stats.keep_features` picks them: features
+    that fire nearly everywhere would make one big group; every decoder row without `pooled`); at most
+    `max_features` (the similarity matrix grows with its square). `labels`
     (feature_labels) name each group by its most central labeled members.
 
     Returns one row per (by, feature) (`FEATURE_CLUSTERS_SCHEMA`): cluster (0 = largest), size, name,
@@ -324,11 +327,17 @@ def feature_clusters(
     if features is not None:
         chosen = _check_feature_ids(features, n_features, "feature_clusters")
     elif pooled is not None:
-        chosen = np.array([f for f in seen.tolist() if doc_counts[f] >= min_documents], dtype=np.int64)
+        if not 0 < max_doc_frequency <= 1:
+            raise ValueError(f"max_doc_frequency must be in (0, 1]; got {max_doc_frequency}.")
+        most = max_doc_frequency * (fired.shape[0] if n_docs is None else n_docs)
+        chosen = np.array(
+            [f for f in seen.tolist() if min_documents <= doc_counts[f] <= most], dtype=np.int64
+        )
         if chosen.size == 0:
             raise ValueError(
-                f"feature_clusters: no feature fires in at least min_documents={min_documents} documents "
-                f"({seen.size} features fire at all); lower min_documents or pass features=."
+                f"feature_clusters: no feature fires in at least min_documents={min_documents} documents and "
+                f"at most max_doc_frequency={max_doc_frequency} of them ({seen.size} features fire at all); "
+                "change those limits or pass features=."
             )
     else:
         chosen = np.arange(int(n_features or 0), dtype=np.int64)
@@ -462,7 +471,7 @@ def criterion_features(
         rows = rows.filter(pl.col("significant"))
         if rows.height == 0:
             raise ValueError(
-                f"No feature is significantly associated with {criterion!r}; pass significant_only=False "
+                f"No feature is significantly associated with {criterion!r}; set significant_only to False "
                 "for the strongest ones anyway, or list the features."
             )
     size = (

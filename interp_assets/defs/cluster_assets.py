@@ -53,6 +53,7 @@ def _selection(
     label_query: str | None,
     criterion: str | None = None,
     n_criterion_features: int = 20,
+    significant_only: bool = True,
 ) -> list[int] | None:
     """The union of the configured feature list, label query and criterion; None when none is set."""
     if features is None and not label_query and not criterion:
@@ -64,7 +65,11 @@ def _selection(
     if criterion:
         _require(storage, "feature_associations", dataset, f"criterion {criterion!r}")
         table = read_table(storage.parquet_base, "feature_associations", dataset).collect()
-        chosen.update(clustering.criterion_features(table, criterion, n=n_criterion_features))
+        chosen.update(
+            clustering.criterion_features(
+                table, criterion, n=n_criterion_features, significant_only=significant_only
+            )
+        )
     return sorted(chosen)
 
 
@@ -77,6 +82,7 @@ class FeatureClustersConfig(Config):
     min_similarity: float = 0.5  # groups merge while their mean similarity is at least this
     n_clusters: int | None = None  # or cut into this many groups instead
     min_documents: int = 5  # default features: those firing in at least this many documents
+    max_doc_frequency: float = 0.5  # and in at most this share of them
     max_features: int = 5000
     features: list[int] | None = None  # and/or features whose label contains `label_query`
     label_query: str | None = None
@@ -120,6 +126,7 @@ def feature_clusters(
             min_similarity=config.min_similarity,
             n_clusters=config.n_clusters,
             min_documents=config.min_documents,
+            max_doc_frequency=config.max_doc_frequency,
             max_features=config.max_features,
             n_features=_d_sae(context, storage, dataset) if decoder is None else None,
         )
@@ -141,7 +148,8 @@ def feature_clusters(
                 markdown_preview(
                     groups.head(20)
                     .with_columns(pl.col("features").cast(pl.List(pl.String)).list.join(", "))
-                    .to_arrow()
+                    .to_arrow(),
+                    max_rows=20,
                 )
             ),
             "seconds": round(time.perf_counter() - started, 2),
@@ -182,6 +190,7 @@ class DocumentClustersConfig(Config):
     label_query: str | None = None
     criterion: str | None = None
     n_criterion_features: int = 20
+    significant_only: bool = True  # criterion: only features significantly associated with it
     family: str = "token"
     comparison: str | None = None  # family "document": the comparison whose document SAE to use
     aggregation: str = "max"
@@ -251,6 +260,7 @@ def document_clusters(
             config.label_query,
             config.criterion,
             config.n_criterion_features,
+            config.significant_only,
         )
     else:
         pooled, doc_ids, n_features = _document_family_input(storage, dataset, config)
