@@ -198,20 +198,46 @@ class DocumentClustersConfig(Config):
     seed: int = 0
 
 
+def _token_family_input(
+    context: AssetExecutionContext, storage: StorageResource, dataset: str, config: DocumentClustersConfig
+):
+    """(pooled_embeddings, encoded doc_ids, SAE width, feature_labels, chosen features) of `dataset`."""
+    for table in ("pooled_embeddings", "activation_status"):
+        _require(storage, table, dataset, "document_clusters")
+    base = storage.parquet_base
+    status = read_table(base, "activation_status", dataset).filter(pl.col("status") == "encoded")
+    features = _selection(
+        storage,
+        dataset,
+        config.features,
+        config.label_query,
+        config.criterion,
+        config.n_criterion_features,
+        config.significant_only,
+    )
+    return (
+        read_table(base, "pooled_embeddings", dataset),
+        status.select("doc_id").collect()["doc_id"].to_numpy(),
+        _d_sae(context, storage, dataset),
+        _labels(storage, dataset),
+        features,
+    )
+
+
 def _document_family_input(storage: StorageResource, dataset: str, config: DocumentClustersConfig):
     """(document features of `dataset` as pooled rows, doc_ids, SAE width) from the comparison's tables."""
     key = config.comparison
     if not key:
         raise ValueError(
-            f"document_clusters for {dataset!r}: family 'document' needs `comparison` (a comparison "
-            "A__vs__B with this dataset, whose document_features are materialized)."
+            "family 'document' needs `comparison` (a comparison A__vs__B with this dataset, whose "
+            "document_features are materialized)."
         )
     if dataset not in parse_comparison_key(key):
-        raise ValueError(f"document_clusters for {dataset!r}: comparison {key!r} does not include it.")
+        raise ValueError(f"comparison {key!r} does not include this dataset.")
     if config.label_query or config.criterion:
         raise ValueError(
-            f"document_clusters for {dataset!r}: label_query and criterion pick token-level features; with "
-            "family 'document' list the document features in `features`."
+            "label_query and criterion pick token-level features; with family 'document' list the "
+            "document features in `features`."
         )
     _require(storage, "document_features", key, "document_clusters")
     base = storage.parquet_base
@@ -244,28 +270,14 @@ def document_clusters(
     base = storage.parquet_base
     if config.family not in FAMILIES:
         raise ValueError(f"document_clusters: family must be one of {list(FAMILIES)}; got {config.family!r}.")
-    labels = None
-    if config.family == "token":
-        for table in ("pooled_embeddings", "activation_status"):
-            _require(storage, table, dataset, "document_clusters")
-        pooled = read_table(base, "pooled_embeddings", dataset)
-        status = read_table(base, "activation_status", dataset).filter(pl.col("status") == "encoded")
-        doc_ids = status.select("doc_id").collect()["doc_id"].to_numpy()
-        n_features = _d_sae(context, storage, dataset)
-        labels = _labels(storage, dataset)
-        features = _selection(
-            storage,
-            dataset,
-            config.features,
-            config.label_query,
-            config.criterion,
-            config.n_criterion_features,
-            config.significant_only,
-        )
-    else:
-        pooled, doc_ids, n_features = _document_family_input(storage, dataset, config)
-        features = config.features
     try:
+        if config.family == "token":
+            pooled, doc_ids, n_features, labels, features = _token_family_input(
+                context, storage, dataset, config
+            )
+        else:
+            pooled, doc_ids, n_features = _document_family_input(storage, dataset, config)
+            labels, features = None, config.features
         result = clustering.document_clusters(
             pooled,
             config.n_clusters,
@@ -279,7 +291,7 @@ def document_clusters(
             what=f"{config.family}-level features of {dataset!r}",
         )
     except ValueError as exc:
-        raise ValueError(f"document_clusters: {exc} (asset config, launchpad)") from exc
+        raise ValueError(f"document_clusters for {dataset!r}: {exc} (asset config, launchpad)") from exc
     identity = [pl.lit(dataset).alias("dataset"), pl.lit(config.family).alias("family")]
     names = result.clusters.select("cluster", "size", pl.col("name").alias("cluster_name"))
     write_table(
