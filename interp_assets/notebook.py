@@ -8,6 +8,7 @@
     long = ds.filter(pl.col("text").str.len_chars() > 500).sort_by_features([123, 456])
     ds.diff(Dataset.load("other"))                 # interp_assets.analysis.diffing.diff_features
     ds.associations("resolved")                    # interp_assets.analysis.associations
+    ds.cluster_documents(8, query="refund")        # interp_assets.analysis.clustering
 
 A Dataset is a view: a shared store (documents sorted by doc_id, lazy pooled_embeddings and
 token_activations) plus the ordered positions of its rows. `filter`, `sort_by_features`, slicing and
@@ -31,6 +32,13 @@ from interp_assets.analysis.associations import (
     associations_for_column,
     criteria_associations,
     metadata_criteria,
+)
+from interp_assets.analysis.clustering import (
+    DocumentClusters,
+    criterion_features,
+    document_clusters,
+    feature_clusters,
+    features_matching,
 )
 from interp_assets.analysis.diffing import (
     AGGREGATIONS,
@@ -766,6 +774,137 @@ class Dataset:
             alpha=kwargs.get("alpha", 0.05),
         )
         return table
+
+    # ------------------------------------------------------------------ clustering
+
+    def _criterion_table(self, criterion: str) -> pl.DataFrame:
+        """feature_associations rows of one criterion (`column`, or `column=level` of a text column) over
+        this view, as the feature_associations asset computes them."""
+        column = criterion.split("=", 1)[0]
+        docs = self.documents.unique(subset="doc_id", keep="first", maintain_order=True)
+        criteria, skipped = metadata_criteria(docs, [column])
+        if criterion not in criteria.columns:
+            made = [c for c in criteria.columns if c != "doc_id"]
+            raise ValueError(
+                f"Dataset {self.name!r}: no criterion {criterion!r} from column {column!r} "
+                f"({skipped.get(column) or 'its criteria are ' + str(made)}); pick one of those."
+            )
+        table, failed = criteria_associations(
+            self._pooled_subset(["feature", "max_activation"]),
+            criteria.select("doc_id", criterion),
+            dataset=self.name,
+        )
+        if criterion in failed:
+            raise ValueError(
+                f"Dataset {self.name!r}: criterion {criterion!r} cannot be tested: {failed[criterion]}"
+            )
+        return table
+
+    def feature_clusters(
+        self,
+        features: Sequence[int] | None = None,
+        *,
+        decoder: Any = None,
+        by: str | Sequence[str] | None = None,
+        coactivation: str = "jaccard",
+        min_similarity: float = 0.5,
+        n_clusters: int | None = None,
+        min_documents: int = 5,
+        max_doc_frequency: float = 0.5,
+        max_features: int = 5000,
+    ) -> pl.DataFrame:
+        """Groups of features that fire in the same documents of this view (co-activation) and, with
+        `decoder` (the SAE's `(d_sae, d_in)` W_dec, e.g. `sae.W_dec.detach().numpy()`), that write the same
+        direction: `analysis.clustering.feature_clusters`, each group named by its members' feature_labels.
+        Default features: those firing in at least `min_documents` and at most `max_doc_frequency` of the
+        view's documents (as `feature_stats.keep_features`)."""
+        if by is None:
+            by = ["coactivation"] + (["decoder"] if decoder is not None else [])
+        if decoder is not None and hasattr(decoder, "detach"):
+            decoder = decoder.detach().float().cpu().numpy()
+        return feature_clusters(
+            self._pooled_subset(["feature", "max_activation"]),
+            decoder=decoder,
+            features=None if features is None else [self._feature(f) for f in features],
+            labels=self.feature_labels(),
+            by=by,
+            coactivation=coactivation,
+            n_docs=int(np.unique(self.doc_ids).size),
+            min_similarity=min_similarity,
+            n_clusters=n_clusters,
+            min_documents=min_documents,
+            max_doc_frequency=max_doc_frequency,
+            max_features=max_features,
+            n_features=self.d_sae if decoder is None else None,
+        )
+
+    def cluster_documents(
+        self,
+        n_clusters: int,
+        features: Sequence[int] | None = None,
+        *,
+        query: str | None = None,
+        criterion: str | None = None,
+        n_criterion_features: int = 20,
+        significant_only: bool = True,
+        aggregation: str = "max",
+        top_n: int = 10,
+        seed: int = 0,
+        n_init: int = 10,
+    ) -> DocumentClusters:
+        """Cluster this view's documents on a chosen set of features (`analysis.clustering.document_clusters`:
+        log1p values, TF-IDF weighted, unit length, spherical k-means with a fixed seed).
+
+        Features: the union of `features` (ids), those whose feature_labels label or description contains
+        `query`, and the top `n_criterion_features` of `criterion` (a metadata column, or `column=level`,
+        as feature_associations ranks them; only significant ones unless `significant_only` is False); none
+        of these: every feature that fires. Returns a `DocumentClusters`: `documents` (doc_id, cluster,
+        similarity) in this view's order, so `ds.filter(result.documents["cluster"] == 0)` is a cluster's
+        view; `clusters` (size, name from the labels of its distinguishing features); `features` (each
+        cluster's distinguishing features with their firing rates inside and outside it).
+        """
+        chosen: set[int] = set()
+        picked = features is not None or query is not None or criterion is not None
+        if features is not None:
+            chosen.update(self._feature(f) for f in features)
+        if query is not None:
+            chosen.update(features_matching(self.feature_labels(), query))
+        if criterion is not None:
+            table = self._criterion_table(criterion)
+            chosen.update(
+                criterion_features(
+                    table, criterion, n=n_criterion_features, significant_only=significant_only
+                )
+            )
+        if picked and not chosen:
+            raise ValueError(f"Dataset {self.name!r}: the feature selection is empty; pass feature ids.")
+        ids = np.unique(self.doc_ids)
+        if ids.size == 0:
+            raise ValueError(f"Dataset {self.name!r}: this view has no documents to cluster.")
+        cols = ["feature", *pooled_value_columns(aggregation)] if aggregation in AGGREGATIONS else ["feature"]
+        result = document_clusters(
+            self._pooled_subset(cols),
+            n_clusters,
+            features=sorted(chosen) if picked else None,
+            doc_ids=ids,
+            n_features=self.d_sae,
+            aggregation=aggregation,
+            labels=self.feature_labels(),
+            top_n=top_n,
+            seed=seed,
+            n_init=n_init,
+            what=f"pooled_embeddings of {self.name!r}",
+        )
+        in_view = pl.DataFrame({"doc_id": self.doc_ids.astype(np.int32)}).join(
+            result.documents, on="doc_id", how="left", maintain_order="left"
+        )
+        return DocumentClusters(
+            documents=in_view,
+            clusters=result.clusters,
+            features=result.features,
+            features_used=result.features_used,
+            features_silent=result.features_silent,
+        )
 
 
 class DatasetRow:

@@ -448,6 +448,77 @@ _TABLES = (
         ),
     ),
     Table(
+        "feature_clusters",
+        "dataset",
+        "One row per (grouping, feature); `interp_assets/analysis/clustering.py`.",
+        (
+            col("dataset", "string", "dataset"),
+            col("by", "string", "`coactivation` or `decoder`: which similarity grouped them"),
+            col("cluster", "int32", "group (0 = largest); a feature alone is a group of one"),
+            col("size", "int32", "features in the group"),
+            col(
+                "name",
+                "string",
+                "labels of its most central labeled members (up to 3, ` / `-joined); null without labels",
+            ),
+            col("feature, label", "int32, string", "the feature and its label"),
+            col("centrality", "float64", "its mean similarity to the other members (null in a group of one)"),
+            col("documents", "int64", "documents where it fires"),
+        ),
+    ),
+    Table(
+        "document_clusters",
+        "dataset",
+        "",
+        (
+            col(
+                "dataset, family",
+                "string",
+                "dataset; `token` or `document` (which features were clustered)",
+            ),
+            col(
+                "doc_id",
+                "int32",
+                "document (every encoded document; family `document`: every document in the comparison's "
+                "document_features)",
+            ),
+            col(
+                "cluster", "int32", "its cluster (0 = largest); null where none of the chosen features fires"
+            ),
+            col(
+                "similarity", "float64", "cosine of its (weighted) feature profile to its cluster's centroid"
+            ),
+            col(
+                "cluster_name",
+                "string",
+                "labels of the cluster's top distinguishing features (null without labels)",
+            ),
+        ),
+    ),
+    Table(
+        "document_cluster_features",
+        "dataset",
+        "Each cluster's distinguishing features: those firing in a larger share of its documents than of "
+        "the other clustered documents, by rate_diff, then log2_ratio (top `top_n` per cluster).",
+        (
+            col("dataset, family", "string", "as in document_clusters"),
+            col("cluster, size, cluster_name", "int32, int64, string", "the cluster"),
+            col("rank", "int32", "0 = most distinguishing"),
+            col("feature, label", "int32, string", "the feature and its label"),
+            col("docs_in", "int64", "the cluster's documents where it fires"),
+            col(
+                "rate_in, rate_out, rate_diff",
+                "float64",
+                "share of the cluster's / the other clustered documents where it fires; their difference",
+            ),
+            col(
+                "log2_ratio",
+                "float64",
+                "log2 of rate_in / rate_out, 0.5 added to each count and 1 to each total",
+            ),
+        ),
+    ),
+    Table(
         "document_features",
         "comparison",
         "",

@@ -17,6 +17,8 @@ GROUPS = {
     "feature_associations": "analysis",
     "diff_reports": "analysis",
     "feature_effects": "analysis",
+    "feature_clusters": "analysis",
+    "document_clusters": "analysis",
 }
 
 
