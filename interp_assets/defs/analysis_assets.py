@@ -145,7 +145,18 @@ class DiffReportsConfig(Config):
     metadata=column_schema("diff_reports"),
     code_version="1",
     deps=[
-        AssetDep("feature_scores", partition_mapping=AllPartitionMapping()),
+        # everything it reads: both datasets' tables (AllPartitionMapping: a comparison names its datasets
+        # only at run time) and its own comparison's document features
+        *(
+            AssetDep(table, partition_mapping=AllPartitionMapping())
+            for table in (
+                "raw_documents",
+                "token_activations",
+                "pooled_embeddings",
+                "feature_labels",
+                "feature_scores",
+            )
+        ),
         AssetDep("document_features"),
     ],
     check_specs=[AssetCheckSpec("report_features_labeled", asset="diff_reports")],

@@ -55,3 +55,20 @@ def test_every_warehouse_table_is_documented() -> None:
     from interp_assets.storage.schemas import TABLES
 
     assert set(TABLES) == set(WAREHOUSE_TABLES)
+
+
+def test_lineage_shows_every_table_a_comparison_reads() -> None:
+    from dagster import AssetKey
+
+    graph = definitions.defs.resolve_asset_graph()
+    parents = {k.to_user_string() for k in graph.get(AssetKey("diff_reports")).parent_keys}
+    assert parents == {
+        "raw_documents",
+        "token_activations",
+        "pooled_embeddings",
+        "feature_labels",
+        "feature_scores",
+        "document_features",
+    }
+    effects = {k.to_user_string() for k in graph.get(AssetKey("feature_effects")).parent_keys}
+    assert effects == {"diff_reports", "token_activations", "raw_documents"}
