@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -99,14 +100,11 @@ def postgres() -> Iterator[dict]:
         with conn.cursor() as cur:
             cur.execute("CREATE DATABASE dagster")
         conn.close()
-        yield {
-            "username": "dagster",
-            "password": "",
-            "hostname": "127.0.0.1",
-            "db_name": "dagster",
-            "port": port,
-        }
+        os.environ["DAGSTER_PG_USER"], os.environ["DAGSTER_PG_PASSWORD"] = "dagster", "unused-with-trust"
+        yield {"hostname": "127.0.0.1", "db_name": "dagster", "port": port}
     finally:
+        for name in ("DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD"):
+            os.environ.pop(name, None)
         run(pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop")
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -119,13 +117,25 @@ def _has_user(name: str) -> bool:
         return False
 
 
+def _readme_storage_block() -> dict:
+    """The `storage:` block the README's "Scaling out" section shows."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("**Instance storage in PostgreSQL**") :]
+    block = section[
+        section.index("```yaml") + len("```yaml") : section.index("```", section.index("```yaml") + 7)
+    ]
+    return yaml.safe_load(textwrap.dedent(block))
+
+
 def _instance_config(pg: dict) -> dict:
-    """The repository's dagster.yaml plus the `storage: postgres:` block the README shows."""
+    """The repository's dagster.yaml plus the README's `storage: postgres:` block, pointed at our server
+    (user and password through the environment, as the README has them)."""
     config = yaml.safe_load((ROOT / "dagster.yaml").read_text())
-    # SQLAlchemy 2.1 maps plain `postgresql://` to psycopg 3; dagster-postgres installs psycopg2
-    db = {k: v for k, v in pg.items() if v != ""} | {"scheme": "postgresql+psycopg2"}
-    config["storage"] = {"postgres": {"postgres_db": db}}
-    return config
+    storage = _readme_storage_block()
+    db = storage["storage"]["postgres"]["postgres_db"]
+    assert db["username"] == {"env": "DAGSTER_PG_USER"} and db["password"] == {"env": "DAGSTER_PG_PASSWORD"}
+    db.update(hostname=pg["hostname"], port=pg["port"], db_name=pg["db_name"])
+    return config | storage
 
 
 def _small_demo(landing: Path) -> None:
