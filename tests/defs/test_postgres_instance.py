@@ -1,15 +1,19 @@
 """Instance storage in PostgreSQL (dagster-postgres): a throwaway server started by the test in a temporary
 folder on 127.0.0.1, the repository's dagster.yaml plus a `storage: postgres:` block, the demo's chain for
 two small datasets (tables equal to a run on the repository's SQLite default), and the
-`sae_model` concurrency pool held and freed there. Skips only when the PostgreSQL binaries are missing."""
+`sae_model` concurrency pool held and freed there, and the daemon with a queued run coordinator launching
+the landing sensor's run. Skips only when the PostgreSQL binaries are missing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
 import threading
@@ -246,3 +250,109 @@ def test_sae_model_pool_holds_and_frees_slots_on_postgres(postgres, tmp_path):
         worker.join(timeout=240)  # generous: a loaded 2-core machine
         assert done and done[0].success, "the model step stayed blocked after the slot was freed"
         assert instance.event_log_storage.get_concurrency_info(MODEL_POOL).active_slot_count == 0
+
+
+def _create_database(pg: dict, name: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=pg["port"], user="dagster", dbname="postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    conn.close()
+
+
+def test_daemon_and_queued_runs_on_postgres(postgres, tmp_path):
+    """The deployment path: a drop lands, `dagster-daemon run` (sensors + the queued run coordinator) on a
+    PostgreSQL instance sees it, queues dataset_job for the new partition, dequeues and launches it in its
+    own process; the run succeeds and the dataset's tables are written."""
+    _create_database(postgres, "daemon")
+    home, data = tmp_path / "home", tmp_path / "data"
+    home.mkdir()
+    config = _instance_config(postgres | {"db_name": "daemon"})
+    config["run_coordinator"] = {
+        "module": "dagster._core.run_coordinator",
+        "class": "QueuedRunCoordinator",
+    }
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    workspace = tmp_path / "workspace.yaml"
+    workspace.write_text(
+        yaml.safe_dump(
+            {
+                "load_from": [
+                    {
+                        "python_file": {
+                            "relative_path": str(ROOT / "definitions.py"),
+                            "working_directory": str(ROOT),
+                        }
+                    }
+                ]
+            }
+        )
+    )
+    (data / "landing").mkdir(parents=True)
+    lines = (ROOT / "demo/landing/support_assistant_a.jsonl").read_text().splitlines()[:N_DOCS]
+    (data / "landing" / "support_assistant_a.jsonl").write_text("\n".join(lines) + "\n")
+    env = dict(os.environ, DAGSTER_HOME=str(home), INTERP_DATA_DIR=str(data), HF_HUB_OFFLINE="1")
+    daemon_bin = shutil.which("dagster-daemon", path=str(Path(sys.executable).parent))
+    log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115 (closed below)
+    daemon = subprocess.Popen(
+        [daemon_bin, "run", "-w", str(workspace)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its code server and run processes share its group: stopped together
+    )
+    started = time.monotonic()
+    try:
+        instance = DagsterInstance.from_config(str(home))
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        deadline = time.monotonic() + 400  # generous: three processes import Dagster on a loaded 2-core box
+        runs = []
+        while time.monotonic() < deadline:
+            runs = instance.get_runs()
+            if runs and all(r.is_finished for r in runs) and any(r.job_name == "dataset_job" for r in runs):
+                break
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+            time.sleep(2)
+        dataset_runs = [r for r in runs if r.job_name == "dataset_job"]
+        assert dataset_runs, (
+            f"no dataset_job run after 400 s: {(tmp_path / 'daemon.log').read_text()[-3000:]}"
+        )
+        run = dataset_runs[0]
+        assert run.tags.get("dagster/partition") == "support_assistant_a"
+        assert run.status == DagsterRunStatus.SUCCESS, (tmp_path / "daemon.log").read_text()[-3000:]
+        kinds = {e.dagster_event.event_type_value for e in instance.all_logs(run.run_id) if e.dagster_event}
+        assert {"PIPELINE_ENQUEUED", "PIPELINE_STARTING", "PIPELINE_SUCCESS"} <= kinds, kinds
+        status = read_table(str(data / "parquet"), "activation_status", "support_assistant_a").collect()
+        assert status.height == N_DOCS and (status["status"] == "encoded").all()
+        assert instance.event_log_storage.get_concurrency_info(MODEL_POOL).active_slot_count == 0
+        instance.dispose()
+        print(f"daemon, queued run on PostgreSQL: {time.monotonic() - started:.1f} s")
+    finally:
+        _stop_group(daemon)
+        log.close()
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group the test started (the daemon, its code server, run workers), then
+    SIGKILL to what is left after 60 s: the daemon alone would leave its gRPC code server running."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
