@@ -3,10 +3,11 @@ a fleet, from the rates our benchmarks measured (`benchmarks/results/*.json`, re
 
 Measured (read from the JSON files, never copied here): the engine's FLOP count per token and its share of
 the machine's FLOP floor (activations.json), bytes per stored nonzero by SAE width and k (activations.json),
-pooling, label+score, diff and association rates (incremental.json, score_scale.json, diff.json,
-associations.json), distinct (document, feature) pairs per nonzero (incremental.json) and the reader's load
-time (incremental.json). Assumed (parameters of `Assumptions`, each documented there): a GPU's sustained
-matmul rate, prices, raw text bytes per token and pooled bytes per row. `scripts/plan_scale.py` prints it.
+and pooled_rows.json (the default SAE, k 16), pooling, label+score, diff and association rates
+(incremental.json, score_scale.json, diff.json, associations.json), distinct (document, feature) pairs per
+document by its nonzeros and pooled bytes per row (pooled_rows.json) and the reader's load time
+(incremental.json). Assumed (parameters of `Assumptions`, each documented there): a GPU's sustained matmul
+rate, prices and raw text bytes per token. `scripts/plan_scale.py` prints it.
 
 Pure: the standard library only; no Dagster, no torch.
 """
@@ -68,11 +69,11 @@ class Assumptions:
     raw_bytes_per_token: float = (
         4.0  # UTF-8 bytes of text per token (English, BPE), Parquet compression ignored
     )
-    # pooled_embeddings bytes per row: the six fixed-width columns uncompressed (4 x int32 + 2 x float32);
-    # not measured (no benchmark records pooled bytes), so an upper bound for Parquet with zstd.
-    pooled_bytes_per_row: float = 24.0
-    # Distinct (document, feature) pairs per nonzero; None: measured (incremental.json, SST-2 sentences of
-    # ~11 tokens). Long documents repeat features more, so the measured figure overestimates them.
+    # pooled_embeddings bytes per row; None: measured (pooled_rows.json, mean over document lengths)
+    pooled_bytes_per_row: float | None = None
+    # Distinct (document, feature) pairs per nonzero; None: measured for the default SAE by nonzeros per
+    # document (pooled_rows.json, log-log interpolation, the last segment's slope beyond): another SAE's
+    # features may repeat more or less within a document.
     distinct_fraction: float | None = None
     labeled_features: int = 200  # features labeled + scored per dataset
     criteria: int = 1  # metadata criteria tested by feature_associations
@@ -88,7 +89,8 @@ class Rates:
     cache_bytes_per_nonzero: list[tuple[int, float, float]]  # (width, k, activation-cache bytes per nonzero)
     cache_docs_bytes_per_doc: float
     pool_nonzeros_per_s: float
-    distinct_fraction: float
+    distinct_per_doc: list[tuple[float, float]]  # (nonzeros per document, distinct features per document)
+    pooled_bytes_per_row: float
     label_score_s_per_feature: float
     diff_rows_per_s: float
     association_rows_per_s: float
@@ -125,6 +127,7 @@ def load_rates(results_dir: Path | str = RESULTS_DIR) -> Rates:
     """Rates from the committed benchmark JSON files (KeyError names the missing field's file)."""
     results_dir = Path(results_dir)
     acts = _read(results_dir, "activations.json")
+    pooled = _read(results_dir, "pooled_rows.json")
     inc = _read(results_dir, "incremental.json")
     score = _read(results_dir, "score_scale.json")
     diff = _read(results_dir, "diff.json")
@@ -134,12 +137,17 @@ def load_rates(results_dir: Path | str = RESULTS_DIR) -> Rates:
     default = next(c for c in cases if c["case"] == "default")
     cpu_flops = default["floor"]["total_flops"] / default["ours"]["encode_s"]
     bpn = [(c["d_sae"], float(c["k"]), c["bytes_per_nz_token_activations"]) for c in cases]
+    lengths = pooled["lengths"]
+    bpn += [(pooled["d_sae"], round(x["k"], 6), x["bytes_per_nonzero"]) for x in lengths]
+    distinct = sorted(
+        (x["nonzeros_per_doc"], x["nonzeros_per_doc"] * x["distinct_fraction"]) for x in lengths
+    )
+    pooled_bytes = sum(x["pooled_embeddings_bytes"] for x in lengths) / sum(x["pooled_rows"] for x in lengths)
     cache_bpn = [(c["d_sae"], float(c["k"]), c["bytes_per_nz_cache"]) for c in cases]
     docs_bytes = default["ours"]["cache_docs_bytes"] / acts["docs"]
     fulls = [s for s in inc["steps"] if s["step"] == "full" and s["success"]]
     best = min(fulls, key=lambda s: s["step_s"]["pooled_embeddings"])
     pool_rate = best["rows"]["token_activations"] / best["step_s"]["pooled_embeddings"]
-    distinct = best["rows"]["pooled_embeddings"] / best["rows"]["token_activations"]
     res = score["result"]
     per_feature = res["label_score_s"] / res["features"]
     d = next(r for r in diff["results"] if r["case"] == "diff_parquet")
@@ -153,15 +161,18 @@ def load_rates(results_dir: Path | str = RESULTS_DIR) -> Rates:
         cache_bytes_per_nonzero=cache_bpn,
         cache_docs_bytes_per_doc=docs_bytes,
         pool_nonzeros_per_s=pool_rate,
-        distinct_fraction=distinct,
+        distinct_per_doc=distinct,
+        pooled_bytes_per_row=pooled_bytes,
         label_score_s_per_feature=per_feature,
         diff_rows_per_s=diff_rate,
         association_rows_per_s=assoc_rate,
         reader_load_s=inc["reader_load_s"],
         sources={
             "cpu_flops_per_s, engine_efficiency": "activations.json case 'default' (total_flops / encode_s)",
-            "bytes_per_nonzero": "activations.json cases (bytes_per_nz_token_activations, _cache)",
-            "pool_nonzeros_per_s, distinct_fraction": "incremental.json fastest 'full' step",
+            "bytes_per_nonzero": "activations.json cases (bytes_per_nz_token_activations, _cache), "
+            "pooled_rows.json lengths (bytes_per_nonzero)",
+            "distinct_per_doc, pooled_bytes_per_row": "pooled_rows.json lengths",
+            "pool_nonzeros_per_s": "incremental.json fastest 'full' step",
             "label_score_s_per_feature": "score_scale.json result (label_score_s / features, 10,000 docs)",
             "diff_rows_per_s": "diff.json case diff_parquet (both sides' pooled rows / seconds)",
             "association_rows_per_s": f"associations.json case {a['case']} (rows / seconds, one criterion)",
@@ -234,6 +245,20 @@ def _interpolate(points: list[tuple[int, float, float]], width: int, k: float) -
     raise AssertionError("unreachable")
 
 
+def distinct_per_doc(rates: Rates, nonzeros_per_doc: float) -> tuple[float, bool]:
+    """Distinct features of a document with `nonzeros_per_doc` nonzeros (never more than its nonzeros):
+    log-log interpolation between the measured lengths, their end segments' slopes beyond (flagged)."""
+    points = [(math.log(n), math.log(d)) for n, d in rates.distinct_per_doc]
+    x = math.log(nonzeros_per_doc)
+    if len(points) == 1:
+        return min(nonzeros_per_doc, math.exp(points[0][1])), True
+    outside = x < points[0][0] or x > points[-1][0]
+    pairs = list(zip(points, points[1:], strict=False))
+    (x0, y0), (x1, y1) = next(((p0, p1) for p0, p1 in pairs if x <= p1[0]), pairs[-1])
+    y = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return min(nonzeros_per_doc, math.exp(y)), outside
+
+
 def bytes_per_nonzero(rates: Rates, width: int, k: float) -> tuple[float, bool]:
     """token_activations bytes per stored nonzero at (width, k), and whether that is outside the measured
     widths."""
@@ -252,7 +277,10 @@ def plan(
     a = assumptions or Assumptions()
     validate(corpus, reader, sae, fleet)
     _positive(gpu_matmul_flops=a.gpu_matmul_flops, raw_bytes_per_token=a.raw_bytes_per_token)
-    _positive(pooled_bytes_per_row=a.pooled_bytes_per_row)
+    pooled_bytes = (
+        a.pooled_bytes_per_row if a.pooled_bytes_per_row is not None else rates.pooled_bytes_per_row
+    )
+    _positive(pooled_bytes_per_row=pooled_bytes)
     if a.gpu_price_per_hour < 0 or a.cpu_price_per_hour < 0:
         raise ValueError("prices cannot be negative")
     read_per_doc = min(corpus.tokens_per_doc, reader.max_length)
@@ -270,10 +298,14 @@ def plan(
     encode_s = flops / (rate * parallel) + rates.reader_load_s
     cpu_parallel = min(fleet.cpu_workers, fleet.shards if fleet.shards is not None else fleet.cpu_workers)
     pool_s = nonzeros / (rates.pool_nonzeros_per_s * cpu_parallel)
-    distinct = a.distinct_fraction if a.distinct_fraction is not None else rates.distinct_fraction
-    if not 0 < distinct <= 1:
-        raise ValueError(f"distinct_fraction must be in (0, 1]; got {distinct}")
-    pooled_rows = corpus.documents * min(sae.width, distinct * pooled_per_doc * sae.k)
+    nz_per_doc = pooled_per_doc * sae.k
+    if a.distinct_fraction is not None:
+        if not 0 < a.distinct_fraction <= 1:
+            raise ValueError(f"distinct_fraction must be in (0, 1]; got {a.distinct_fraction}")
+        per_doc, distinct_extrapolated = a.distinct_fraction * nz_per_doc, False
+    else:
+        per_doc, distinct_extrapolated = distinct_per_doc(rates, nz_per_doc)
+    pooled_rows = corpus.documents * min(sae.width, per_doc)
     label_s = a.labeled_features * rates.label_score_s_per_feature
     diff_s = 2 * pooled_rows / rates.diff_rows_per_s  # against a corpus as large: both sides' pooled rows
     assoc_s = a.criteria * pooled_rows / rates.association_rows_per_s
@@ -294,7 +326,7 @@ def plan(
             "rows": nonzeros,
             "bytes": nonzeros * cache_bpn + corpus.documents * rates.cache_docs_bytes_per_doc,
         },
-        "pooled_embeddings": {"rows": pooled_rows, "bytes": pooled_rows * a.pooled_bytes_per_row},
+        "pooled_embeddings": {"rows": pooled_rows, "bytes": pooled_rows * pooled_bytes},
     }
     total_bytes = sum(t["bytes"] for t in storage.values())
     gpu_hours = fleet.gpus * encode_s / 3600 if on_gpu else 0.0
@@ -305,6 +337,11 @@ def plan(
         notes.append(f"documents are truncated to max_length {reader.max_length} tokens")
     if extrapolated:
         notes.append(f"bytes per nonzero at width {sae.width} is outside the measured widths (nearest used)")
+    if distinct_extrapolated:
+        notes.append(
+            f"{nz_per_doc:,.0f} nonzeros per document is outside the measured range: distinct features per "
+            "document extrapolated (pooled_rows.json)"
+        )
     if parallel < devices:
         notes.append(f"only {parallel} of {devices} encode devices busy: {parallel} shard(s)")
     return {
