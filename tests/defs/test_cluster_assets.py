@@ -205,3 +205,15 @@ def test_feature_clusters_by_coactivation_and_by_the_readers_decoder(stored) -> 
     )
     with pytest.raises(Exception, match="is not the reader that made this dataset's features"):
         _run(stored, feature_clusters_asset, {"by": ["decoder"]})
+
+
+def test_stored_cluster_tables_have_their_documented_columns_and_types(stored) -> None:
+    from interp_assets.storage.schemas import schema_mismatches, stored_schemas
+
+    _run(stored, document_clusters, {"n_clusters": 3})
+    _run(stored, feature_clusters_asset, {"coactivation": "correlation", "min_similarity": 0.3})
+    schemas = stored_schemas(str(stored[0] / "parquet"))
+    tables = {"feature_clusters", "document_clusters", "document_cluster_features"}
+    assert tables <= {t for t, _ in schemas}
+    problems = [p for (t, _), schema in schemas.items() if t in tables for p in schema_mismatches(t, schema)]
+    assert not problems, problems
