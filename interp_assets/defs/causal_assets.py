@@ -37,10 +37,12 @@ class FeatureEffectsConfig(Config):
     """Which features to ablate and how much evidence to gather for each."""
 
     features: list[int] = []  # empty: the diff's top significant token-level features per direction
-    top_n: int = 3  # per direction, when `features` is empty
-    documents_per_feature: int = 24  # documents where the feature fires (its side's dataset)
-    unaffected_documents: int = 8  # documents where it does not fire (side effects)
-    reference_documents: int = 150  # per dataset, never edited: they fix the scores' directions
+    # Defaults sized for the main job on a CPU (one traced forward pass per feature and control, over
+    # documents_per_feature + unaffected_documents documents); raise them on a GPU.
+    top_n: int = 2  # per direction, when `features` is empty
+    documents_per_feature: int = 16  # documents where the feature fires (its side's dataset)
+    unaffected_documents: int = 4  # documents where it does not fire (side effects)
+    reference_documents: int = 100  # per dataset, never edited: they fix the scores' directions
     n_controls: int = 10
     n_boot: int = 1000
     seed: int = 0
