@@ -123,7 +123,7 @@ def document_embeddings(reader: Any, texts: Sequence[str], batch_size: int = 32)
         ids, mask, _ = document_batch(reader, batch)
         ids, mask = ids.to(reader.device), mask.to(reader.device)
         (hidden,) = run_with_intervention(
-            reader.model, layer, reader.sae, None, ids, mask, _read_hidden, forward_kwargs=FORWARD_KWARGS
+            reader.model, layer, reader.sae, None, ids, mask, read_hidden, forward_kwargs=FORWARD_KWARGS
         )
         parts.append(pooled_embedding(hidden.cpu(), mask.cpu()))
     return np.vstack(parts) if parts else np.zeros((0, 0))
@@ -142,11 +142,13 @@ def _logprob_score(read: Any, input_ids: Any, attention_mask: Any) -> np.ndarray
     return next_token_logprob(read[1].cpu(), input_ids.cpu(), attention_mask.cpu())
 
 
-def _read_hidden(output: Any) -> tuple[Any]:
+def read_hidden(output: Any) -> tuple[Any]:
+    """What the projection scores read from a forward pass run with FORWARD_KWARGS: the last hidden state."""
     return (output.hidden_states[-1],)
 
 
-def _read_hidden_and_logits(output: Any) -> tuple[Any, Any]:
+def read_hidden_and_logits(output: Any) -> tuple[Any, Any]:
+    """The last hidden state and the logits (causal LMs)."""
     return (output.hidden_states[-1], output.logits)
 
 
@@ -202,12 +204,13 @@ def feature_effects(
             int(target.feature),
             kind="ablate",
             score=scores,
-            read=_read_hidden_and_logits if causal else _read_hidden,
+            read=read_hidden_and_logits if causal else read_hidden,
             n_controls=n_controls,
             n_boot=n_boot,
             seed=seed,
             edit_mask=keep,
             forward_kwargs=FORWARD_KWARGS,
+            token_budget=getattr(reader, "token_budget", None),
         )
         frames.append(
             records.with_columns(

@@ -195,12 +195,14 @@ def intervention_records(
     seed: int = 0,
     edit_mask: Any | None = None,
     forward_kwargs: dict[str, Any] | None = None,
+    token_budget: int | None = None,
 ) -> pl.DataFrame:
     """Effects of editing `feature` and, as controls, `n_controls` frequency-matched random features and
-    a placebo (strength 0), on the documents of one batch.
+    a placebo (strength 0), on the given documents (right-padded rows).
 
     `edit_mask` [batch, tokens] marks the tokens the SAE reads (edited, and counted for firing); default:
-    every real token. `forward_kwargs` go to every forward pass.
+    every real token. `forward_kwargs` go to every forward pass. `token_budget` splits the rows into
+    forward passes of at most that many padded tokens (the reader's budget; None: one pass).
 
     `score(read(output), input_ids, attention_mask)` gives one number per document (default: mean
     log-probability of the observed next tokens); a mapping of named scores reads them all from the same
@@ -213,38 +215,49 @@ def intervention_records(
     import torch
 
     real = (attention_mask if edit_mask is None else edit_mask).bool()
-    base_out, hidden = _traced_forward(
-        model, layer_name, sae, None, input_ids, attention_mask, read, real, forward_kwargs
-    )
-    with torch.no_grad():
-        acts = sae.encode(hidden)
+    batches = token_budget_batches(attention_mask, token_budget)
+
+    def forward(intervention: Intervention | None, rows: slice) -> tuple[Any, Any, Any, Any]:
+        width = int(attention_mask[rows].sum(dim=1).max())  # trim the padding this batch does not need
+        ids, mask, edit = input_ids[rows, :width], attention_mask[rows, :width], real[rows, :width]
+        args = (model, layer_name, sae, intervention, ids, mask, read, edit, forward_kwargs)
+        out, hidden = _traced_forward(*args)
+        return out, hidden, ids, mask
+
     scores = dict(score) if isinstance(score, Mapping) else {"score": score}
-    baseline = {name: fn(base_out, input_ids, attention_mask) for name, fn in scores.items()}
-    fires_in_doc = ((acts > 0) & real[..., None]).any(dim=1).numpy()  # [batch, d_sae]
-    controls = matched_controls(firing_rates(acts, real), feature, n_controls, seed)
+    baseline: dict[str, list[np.ndarray]] = {name: [] for name in scores}
+    fired, counts = [], None
+    for rows in batches:
+        out, hidden, ids, mask = forward(None, rows)
+        with torch.no_grad():
+            acts = sae.encode(hidden)
+        edit = real[rows, : ids.shape[1]]
+        fired.append(((acts > 0) & edit[..., None]).any(dim=1).numpy())  # [batch, d_sae]
+        part = firing_rates(acts, edit) * float(edit.sum())  # firing tokens per feature
+        counts = part if counts is None else counts + part
+        for name, fn in scores.items():
+            baseline[name].append(fn(out, ids, mask))
+    base = {name: np.concatenate(parts) for name, parts in baseline.items()}
+    fires_in_doc = np.vstack(fired)
+    rates = counts / max(float(real.sum()), 1.0)
+    controls = matched_controls(rates, feature, n_controls, seed)
     plan = [(feature, s, "target") for s in strengths]
     plan += [(c, s, "random_matched") for c in controls for s in strengths]
     plan.append((feature, 0.0, "placebo"))
-    rows = []
+    rows_out = []
     for f, strength, control in plan:
-        edited = run_with_intervention(
-            model,
-            layer_name,
-            sae,
-            Intervention(f, kind, strength),
-            input_ids,
-            attention_mask,
-            read,
-            real,
-            forward_kwargs,
-        )
+        edited: dict[str, list[np.ndarray]] = {name: [] for name in scores}
+        for rows in batches:
+            out, _, ids, mask = forward(Intervention(f, kind, strength), rows)
+            for name, fn in scores.items():
+                edited[name].append(fn(out, ids, mask))
         on = fires_in_doc[:, f] if kind != "steer" else np.ones(input_ids.shape[0], dtype=bool)
         off = ~fires_in_doc[:, f]
-        for name, fn in scores.items():
-            after = fn(edited, input_ids, attention_mask)
-            diff = after - baseline[name]
+        for name in scores:
+            after = np.concatenate(edited[name])
+            diff = after - base[name]
             low, high = _bootstrap(diff[on], n_boot, seed)
-            rows.append(
+            rows_out.append(
                 {
                     "feature": int(f),
                     "intervention": kind,
@@ -252,7 +265,7 @@ def intervention_records(
                     "control_type": control,
                     "score_name": name,
                     "documents": int(on.sum()),
-                    "baseline_score": float(baseline[name][on].mean()) if on.any() else None,
+                    "baseline_score": float(base[name][on].mean()) if on.any() else None,
                     "intervention_score": float(after[on].mean()) if on.any() else None,
                     "effect": float(diff[on].mean()) if on.any() else None,
                     "effect_ci_low": low if on.any() else None,
@@ -260,7 +273,27 @@ def intervention_records(
                     "side_effect_score": float(np.abs(diff[off]).mean()) if off.any() else None,
                 }
             )
-    return pl.DataFrame(rows)
+    return pl.DataFrame(rows_out)
+
+
+def token_budget_batches(attention_mask: Any, token_budget: int | None) -> list[slice]:
+    """Consecutive row ranges whose padded size (rows x longest row) stays within `token_budget` tokens
+    (one row per batch at least); None: one batch of every row."""
+    n = int(attention_mask.shape[0])
+    if token_budget is None:
+        return [slice(0, n)]
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be at least 1 token, got {token_budget}.")
+    lengths = attention_mask.sum(dim=1).tolist()
+    batches, start, longest = [], 0, 0
+    for i, length in enumerate(lengths):
+        longest_with = max(longest, int(length))
+        if i > start and longest_with * (i - start + 1) > token_budget:
+            batches.append(slice(start, i))
+            start, longest_with = i, int(length)
+        longest = longest_with
+    batches.append(slice(start, n))
+    return batches
 
 
 def document_embedding_shift(

@@ -178,3 +178,24 @@ def test_input_optimization_beats_the_best_dataset_example(setup: dict) -> None:
     assert found["activation"][0] == pytest.approx(feature_activation(model, sae, 0, "post", PLANTED, ids))
     with pytest.raises(ValueError, match="outside the SAE"):
         optimize_inputs(model, sae, 0, "post", D_SAE)
+
+
+def test_token_budget_batches_give_the_same_records_as_one_pass(setup: dict) -> None:
+    from interp_assets.causal.interventions import token_budget_batches
+
+    batches = token_budget_batches(setup["mask"], 50)
+    assert len(batches) > 1 and batches[0].start == 0 and batches[-1].stop == setup["ids"].shape[0]
+    for rows in batches:
+        lengths = setup["mask"][rows].sum(dim=1)
+        assert int(lengths.max()) * (rows.stop - rows.start) <= 50 or rows.stop - rows.start == 1
+    common = dict(score=token_logprob(TARGET), read=_read_logits, n_controls=5, n_boot=200)
+    args = (setup["model"], setup["layer"], setup["sae"], setup["ids"], setup["mask"], PLANTED)
+    whole = intervention_records(*args, **common)
+    split = intervention_records(*args, **common, token_budget=50)
+    assert whole["feature"].to_list() == split["feature"].to_list()
+    for column in ("baseline_score", "intervention_score", "effect", "side_effect_score"):
+        np.testing.assert_allclose(
+            whole[column].to_numpy().astype(float), split[column].to_numpy().astype(float), atol=1e-5
+        )
+    with pytest.raises(ValueError, match="token_budget"):
+        token_budget_batches(setup["mask"], 0)
