@@ -120,8 +120,15 @@ def _dry_run(command: str) -> str:
     args = shlex.split(command.split("  #")[0])
     assert args[0] == "make", command
     setup = ["-o", ".venv/.installed", "-o", ".venv/bin/python"]
+    # Under `make test` (.ci/run) the parent make's variables would make this one print "Entering directory".
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     out = subprocess.run(
-        ["make", "-n", *setup, *args[1:]], cwd=ROOT, capture_output=True, text=True, check=True
+        ["make", "--no-print-directory", "-n", *setup, *args[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     )
     return out.stdout
 

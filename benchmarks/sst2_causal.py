@@ -1,0 +1,162 @@
+"""Causal check on SST-2: does ablating the diff's top sentiment features move a held-out sentiment probe
+more than ablating frequency-matched random features does?
+
+1. Diff: SST-2 train positive vs negative sentences through the embedded reader and default SAE (the
+   report's adaptive firing); the top `--top` features per direction.
+2. Probe: a sentiment direction from held-out dev sentences never edited (mean document embedding of the
+   positive ones minus the negative ones, the reader's last hidden state mean-pooled; its cross-fitted AUC
+   is reported).
+3. For each top feature: ablate it (`interp_assets.causal.interventions.intervention_records`, through
+   nnsight) on up to `--docs` train sentences of its side where it fires, and on the same sentences ablate
+   each of `--controls` random features with the closest firing rate. The score is the probe's projection
+   toward the feature's side; a feature passes when its drop exceeds the 95th percentile of the controls'
+   drops.
+
+Prints a table and writes `benchmarks/results/sst2_causal.json`.
+
+    python benchmarks/sst2_causal.py                  # 5 features per direction, 20 controls
+    python benchmarks/sst2_causal.py --top 2 --controls 5 --n-per-side 300    # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+from benchmarks._common import git_state, load_average, print_table, write_results  # noqa: E402
+from benchmarks.sst2_sentiment import SST2_DEV, SST2_TRAIN, encode_sides, load_sides, overlap_filter  # noqa: E402
+from interp_assets.analysis.diffing import REPORT_FIRING, diff_features  # noqa: E402
+from interp_assets.analysis.reports import top_features  # noqa: E402
+from interp_assets.causal import effects  # noqa: E402
+from interp_assets.causal.interventions import intervention_records, module_name  # noqa: E402
+from interp_assets.engine.activations import document_batch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "sst2_causal.json"
+SIDES = {"a": "positive", "b": "negative"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-per-side", type=int, default=1500, help="train sentences per side for the diff")
+    ap.add_argument("--n-dev-per-side", type=int, default=400, help="held-out sentences per side (probe)")
+    ap.add_argument("--top", type=int, default=5, help="top features per direction")
+    ap.add_argument("--docs", type=int, default=24, help="edited sentences where the feature fires")
+    ap.add_argument("--controls", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    started = time.perf_counter()
+    from interp_assets.engine.reader import load_reader
+
+    reader = load_reader(device="cpu")
+    train_docs = load_sides(SST2_TRAIN, args.n_per_side, args.seed)
+    exclude = overlap_filter([t for d in train_docs.values() for t in d["text"].to_list()])
+    dev_docs = load_sides(SST2_DEV, args.n_dev_per_side, args.seed, exclude=exclude, prefix="sst2_dev")
+    train = encode_sides(train_docs, reader)
+    pos, neg = train["positive"], train["negative"]
+    diff = diff_features(
+        pos["pooled"], pos["n"], neg["pooled"], neg["n"], n_features=reader.d_sae, firing=REPORT_FIRING
+    )
+    tops = top_features(diff, args.top)
+
+    emb = {
+        side: effects.document_embeddings(reader, dev_docs[side]["text"].to_list()) for side in SIDES.values()
+    }
+    probe = effects.mean_difference_direction(emb["positive"], emb["negative"], seed=args.seed)
+    toward = {
+        "positive": effects.Direction(probe.vector, probe.held_out_auc, probe.n_positive, probe.n_negative),
+        "negative": effects.Direction(-probe.vector, probe.held_out_auc, probe.n_negative, probe.n_positive),
+    }
+
+    layer = module_name(reader.model, reader.layer_module)
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for direction, side in SIDES.items():
+        docs = train[side]["docs"]
+        for feature in tops[direction]["feature"].to_list():
+            fires = set(train[side]["pooled"].filter(pl.col("feature") == feature)["doc_id"].to_list())
+            on = [d for d in docs["doc_id"].to_list() if d in fires]
+            chosen = sorted(rng.choice(on, size=min(args.docs, len(on)), replace=False).tolist())
+            text_of = dict(zip(docs["doc_id"].to_list(), docs["text"].to_list(), strict=True))
+            ids, mask, keep = document_batch(reader, [text_of[d] for d in chosen])
+            records = intervention_records(
+                reader.model,
+                layer,
+                reader.sae,
+                ids,
+                mask,
+                int(feature),
+                score={"sentiment_probe": effects.projection_score(toward[side])},
+                read=effects.read_hidden,
+                n_controls=args.controls,
+                seed=args.seed,
+                edit_mask=keep,
+                forward_kwargs=effects.FORWARD_KWARGS,
+                token_budget=reader.token_budget,
+            )
+            target = records.filter(pl.col("control_type") == "target").row(0, named=True)
+            drops = (
+                -records.filter(pl.col("control_type") == "random_matched")["effect"].drop_nulls().to_numpy()
+            )
+            p95 = float(np.percentile(drops, 95)) if drops.size else float("nan")
+            rows.append(
+                {
+                    "feature": int(feature),
+                    "more_in": side,
+                    "documents": target["documents"],
+                    "drop": -target["effect"],
+                    "drop_ci_low": -target["effect_ci_high"],
+                    "drop_ci_high": -target["effect_ci_low"],
+                    "controls": int(drops.size),
+                    "control_drop_median": float(np.median(drops)) if drops.size else None,
+                    "control_drop_p95": p95,
+                    "passes": bool(-target["effect"] > p95),
+                }
+            )
+    print_table(
+        rows,
+        [
+            ("feature", "feature", "d"),
+            ("more in", "more_in", "s"),
+            ("docs", "documents", "d"),
+            ("probe drop", "drop", ".5f"),
+            ("CI low", "drop_ci_low", ".5f"),
+            ("CI high", "drop_ci_high", ".5f"),
+            ("controls p95", "control_drop_p95", ".5f"),
+            ("passes", "passes", ""),
+        ],
+        title=f"\nAblating SST-2's top sentiment features vs {args.controls} matched random features "
+        f"(held-out probe AUC {probe.held_out_auc:.3f})",
+    )
+    passed = sum(r["passes"] for r in rows)
+    print(f"{passed}/{len(rows)} features move the held-out probe more than the controls' 95th percentile")
+    write_results(
+        {
+            "params": {k: v for k, v in vars(args).items() if k != "out"},
+            "probe": {
+                "held_out_auc": probe.held_out_auc,
+                "n_positive": probe.n_positive,
+                "n_negative": probe.n_negative,
+            },
+            "features": rows,
+            "summary": {"features": len(rows), "pass": passed},
+            "seconds": round(time.perf_counter() - started, 1),
+            "load_avg": load_average(),
+            "cpus": os.cpu_count(),
+            "git": git_state(),
+        },
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()
