@@ -664,8 +664,9 @@ def _causal_intro(n_controls: int) -> str:
     return (
         "Each top feature is ablated (its decoder contribution removed where it fires) on documents where "
         f"it fires; the effect is the mean change of a score, beside {n_controls} random features with the "
-        f"closest firing rate and a placebo. Scores: {scores}. Directions come from documents that are "
-        "never edited. Causal evidence: the interval is below 0 and no control lowered the score as much."
+        f"closest firing rate and a placebo. Scores: {scores}. Directions come from the documents' "
+        "unedited embeddings. Causal evidence: the interval is below 0 and no control lowered the score as "
+        "much."
     )
 
 

@@ -2,8 +2,8 @@
 the documents where it fires, more than removing a frequency-matched random feature does?
 
 Each score is read from the reader's document embedding (the last hidden state mean-pooled over real
-tokens, L2-normalized) after the edit, projected on a direction fixed before any edit, from documents that
-are never intervened on:
+tokens, L2-normalized) after the edit, projected on a direction fixed before any edit, from the unedited
+embeddings of a sample of documents:
 
 - `feature_signature`: the mean embedding of documents where the feature fires minus that of documents
   where it does not (what the reader's output says about the feature's content). Ablating a feature that
@@ -177,10 +177,12 @@ def feature_effects(
     n_controls: int = 10,
     n_boot: int = 1000,
     seed: int = 0,
+    direction_name: str = "comparison_direction",
 ) -> pl.DataFrame:
     """Ablation effects of each target feature beside frequency-matched controls and a placebo, one record
     per (feature, score, control) in interp-lab's shape (`EFFECT_COLUMNS`): scores `feature_signature`,
-    `comparison_direction` and, for causal LMs, `next_token_logprob`."""
+    `direction_name` (the target's `comparison` direction: a comparison's, or a criterion's) and, for
+    causal LMs, `next_token_logprob`."""
     layer = module_name(reader.model, reader.layer_module)
     causal = is_causal_lm(reader.model)
     frames = []
@@ -191,7 +193,7 @@ def feature_effects(
         ids, mask, keep = ids.to(reader.device), mask.to(reader.device), keep.to(reader.device)
         scores = {
             "feature_signature": projection_score(target.signature),
-            "comparison_direction": projection_score(target.comparison),
+            direction_name: projection_score(target.comparison),
         }
         if causal:
             scores["next_token_logprob"] = _logprob_score
@@ -231,6 +233,8 @@ def effect_summary(records: pl.DataFrame) -> pl.DataFrame:
     down as much (ablating the feature moves its documents against the score's direction).
     """
     rows = []
+    if records.is_empty():
+        return pl.DataFrame(schema=SUMMARY_SCHEMA)
     for (target, score_name), part in records.group_by(["target_feature", "score_name"], maintain_order=True):
         tgt = part.filter(pl.col("control_type") == "target")
         if tgt.is_empty() or tgt["effect"][0] is None:
@@ -256,4 +260,21 @@ def effect_summary(records: pl.DataFrame) -> pl.DataFrame:
                 "evidence": bool(high < 0 and controls.size > 0 and below == 0.0),
             }
         )
-    return pl.DataFrame(rows)
+    return pl.DataFrame(rows, schema=SUMMARY_SCHEMA)
+
+
+SUMMARY_SCHEMA = {
+    "feature": pl.Int64,
+    "direction": pl.String,
+    "score_name": pl.String,
+    "documents": pl.Int64,
+    "effect": pl.Float64,
+    "effect_ci_low": pl.Float64,
+    "effect_ci_high": pl.Float64,
+    "control_effect_median": pl.Float64,
+    "controls": pl.Int64,
+    "controls_below": pl.Float64,
+    "placebo_effect": pl.Float64,
+    "side_effect_score": pl.Float64,
+    "evidence": pl.Boolean,
+}

@@ -8,7 +8,7 @@ diff_features) are written next to the asset tables with the same atomic Parquet
 """
 
 from interp_assets.defs.analysis_assets import diff_reports, feature_associations
-from interp_assets.defs.causal_assets import feature_effects
+from interp_assets.defs.causal_assets import criterion_effects, feature_effects
 from interp_assets.defs.cluster_assets import document_clusters, feature_clusters
 from interp_assets.defs.document_assets import document_embeddings, document_features, document_sae
 from interp_assets.defs.feature_assets import pooled_embeddings, token_activations
@@ -27,6 +27,7 @@ ALL_ASSETS = [
     document_features,
     diff_reports,
     feature_effects,
+    criterion_effects,
     feature_clusters,
     document_clusters,
 ]
@@ -46,6 +47,7 @@ WAREHOUSE_TABLES = [
     "diff_features",
     "diff_reports",
     "feature_effects",
+    "criterion_effects",
     "feature_clusters",
     "document_clusters",
     "document_cluster_features",

@@ -1,4 +1,5 @@
-"""Causal evidence: feature_effects (ablate the diff's top features in the reader, beside controls)."""
+"""Causal evidence: feature_effects (a comparison's top features ablated in the reader, beside controls)
+and criterion_effects (the same for the features that go with one metadata criterion of a dataset)."""
 
 import numpy as np
 import polars as pl
@@ -14,9 +15,10 @@ from dagster import (
 )
 
 from interp_assets.analysis import reports
+from interp_assets.analysis.associations import metadata_criteria
 from interp_assets.causal import effects
 from interp_assets.comparisons import parse_comparison_key
-from interp_assets.defs.partitions import comparisons_partitions
+from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
 from interp_assets.defs.shared import (
     INPUTS_KEY,
     MODEL_POOL,
@@ -42,7 +44,8 @@ class FeatureEffectsConfig(Config):
     top_n: int = 2  # per direction, when `features` is empty
     documents_per_feature: int = 16  # documents where the feature fires (its side's dataset)
     unaffected_documents: int = 4  # documents where it does not fire (side effects)
-    reference_documents: int = 100  # per dataset, never edited: they fix the scores' directions
+    reference_documents: int = 100  # per dataset, besides the edited ones: their unedited embeddings fix
+    # the scores' directions
     n_controls: int = 10
     n_boot: int = 1000
     seed: int = 0
@@ -142,11 +145,9 @@ def feature_effects(
             off, config.unaffected_documents, rng
         )
         used[ds] |= set(edited[feature])
-    # Directions come from documents that are never edited.
+    # Directions come from unedited embeddings: a sample of each dataset plus every document edited.
     reference = {
-        ds: _sample(
-            [d for d in docs[ds]["doc_id"].to_list() if d not in used[ds]], config.reference_documents, rng
-        )
+        ds: sorted(set(_sample(docs[ds]["doc_id"].to_list(), config.reference_documents, rng)) | used[ds])
         for ds in (a, b)
     }
     reader = sae_reader.get_reader()
@@ -217,6 +218,152 @@ def feature_effects(
             INPUTS_KEY: inputs,
             "features_measured": summary["feature"].n_unique() if summary.height else 0,
             "features_with_evidence": int(summary["evidence"].sum()) if summary.height else 0,
+            "effects": MetadataValue.md(markdown_preview(shown.to_arrow(), max_rows=shown.height)),
+        },
+    )
+
+
+class CriterionEffectsConfig(Config):
+    """Which criterion's features to ablate (a binary criterion of feature_associations) and how much."""
+
+    criterion: str  # e.g. "escalated" or "topic=billing" (feature_associations' `criterion`)
+    top_n: int = 3  # the criterion's significant features with the highest AUC
+    documents_per_feature: int = 16
+    unaffected_documents: int = 4
+    reference_documents: int = 200  # besides the edited ones: their unedited embeddings fix the directions
+    n_controls: int = 10
+    n_boot: int = 1000
+    seed: int = 0
+
+
+@asset(
+    partitions_def=datasets_partitions,
+    io_manager_key="parquet_io_manager",
+    group_name="analysis",
+    kinds={"pytorch", "parquet"},
+    owners=OWNERS,
+    metadata=column_schema("criterion_effects"),
+    code_version=EFFECTS_CODE_VERSION,
+    pool=MODEL_POOL,
+    deps=[AssetDep("feature_associations"), AssetDep("token_activations"), AssetDep("raw_documents")],
+    description="Causal evidence for the features that go with one metadata criterion (launchpad: "
+    "`criterion`, e.g. escalated or topic=billing): each is ablated inside the reader on documents where it "
+    "fires, and the document embedding's shift along the criterion (mean embedding of documents where it "
+    "holds minus where it does not, from unedited embeddings) and along the feature's signature is "
+    "compared with frequency-matched random features and a placebo. On demand (in no job).",
+)
+def criterion_effects(
+    context: AssetExecutionContext,
+    config: CriterionEffectsConfig,
+    sae_reader: SAEReaderResource,
+    storage: StorageResource,
+):
+    dataset = context.partition_key
+    base = storage.parquet_base
+    if not table_exists(base, "feature_associations", dataset):
+        raise FileNotFoundError(
+            f"criterion_effects [{dataset}]: no feature_associations yet; materialize it for {dataset} first."
+        )
+    assoc = read_table(base, "feature_associations", dataset)
+    rows = assoc.filter(pl.col("criterion") == config.criterion).collect()
+    if rows.is_empty():
+        known = sorted(assoc.select("criterion").unique().collect()["criterion"].to_list())
+        raise ValueError(
+            f"criterion_effects [{dataset}]: no criterion {config.criterion!r} in feature_associations; "
+            f"choose one of {known} in the launchpad config."
+        )
+    if rows["statistic"][0] != "auc":
+        raise ValueError(
+            f"criterion_effects [{dataset}]: {config.criterion!r} is numeric ({rows['statistic'][0]}); "
+            "choose a binary criterion (a boolean column or a `column=level` of a text column)."
+        )
+    top = (
+        rows.filter(pl.col("significant") & (pl.col("effect") > 0.5))
+        .sort(["q_value", "effect"], descending=[False, True])
+        .head(config.top_n)
+    )
+    docs = stored_documents(storage, dataset)
+    criteria, _ = metadata_criteria(docs, [rows["column"][0]])
+    positive = str(rows["positive_class"][0]).lower()
+    holds = dict(
+        zip(
+            criteria["doc_id"].to_list(),
+            (criteria[config.criterion].cast(pl.String).str.to_lowercase() == positive).to_list(),
+            strict=True,
+        )
+    )
+    text_of = dict(docs.select("doc_id", "text").iter_rows())
+    rng = np.random.default_rng(config.seed)
+    targets = [int(f) for f in top["feature"].to_list()]
+    fires = {
+        f: set(
+            read_table(base, "token_activations", dataset)
+            .filter(pl.col("feature") == f)
+            .select("doc_id")
+            .unique()
+            .collect()["doc_id"]
+            .to_list()
+        )
+        for f in targets
+    }
+    ids = docs["doc_id"].to_list()
+    edited, used = {}, set()
+    for f in targets:
+        on = [d for d in ids if d in fires[f]]
+        off = [d for d in ids if d not in fires[f]]
+        edited[f] = _sample(on, config.documents_per_feature, rng) + _sample(
+            off, config.unaffected_documents, rng
+        )
+        used |= set(edited[f])
+    # Directions come from unedited embeddings: a sample of the documents plus every document edited.
+    known = [d for d in ids if holds.get(d) is not None]
+    reference = sorted(set(_sample(known, config.reference_documents, rng)) | used)
+    reader = sae_reader.get_reader()
+    with reader.forward_lock:
+        emb = effects.document_embeddings(reader, [text_of[d] for d in reference])
+        labelled = np.array([holds.get(d) is not None for d in reference])
+        held = np.array([bool(holds.get(d)) for d in reference])
+        try:
+            along = effects.mean_difference_direction(
+                emb[labelled & held], emb[labelled & ~held], seed=config.seed
+            )
+        except ValueError as exc:
+            raise ValueError(
+                f"criterion_effects [{dataset}]: {config.criterion!r} needs documents where it holds and "
+                f"where it does not among the reference documents: {exc} Raise reference_documents."
+            ) from exc
+        plan = []
+        for f in targets:
+            fired = np.array([d in fires[f] for d in reference])
+            try:
+                signature = effects.mean_difference_direction(emb[fired], emb[~fired], seed=config.seed)
+            except ValueError as exc:
+                context.log.warning(f"criterion_effects [{dataset}]: feature {f} not measured: {exc}")
+                continue
+            texts = [text_of[d] for d in edited[f]]
+            plan.append(effects.EffectTarget(f, "criterion", texts, signature, along))
+        records = effects.feature_effects(
+            reader,
+            plan,
+            n_controls=config.n_controls,
+            n_boot=config.n_boot,
+            seed=config.seed,
+            direction_name="criterion_direction",
+        )
+    summary = effects.effect_summary(records)
+    table = records.drop("direction").with_columns(
+        pl.lit(dataset).alias("dataset"),
+        pl.lit(config.criterion).alias("criterion"),
+        pl.lit(along.held_out_auc).alias("criterion_auc"),
+    )
+    shown = summary.select("feature", "score_name", "documents", "effect", "controls_below", "evidence")
+    return Output(
+        table,
+        metadata={
+            "criterion": config.criterion,
+            "features_measured": summary["feature"].n_unique() if summary.height else 0,
+            "features_with_evidence": int(summary["evidence"].sum()) if summary.height else 0,
+            "criterion_direction_auc": along.held_out_auc,
             "effects": MetadataValue.md(markdown_preview(shown.to_arrow(), max_rows=shown.height)),
         },
     )

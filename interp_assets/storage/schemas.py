@@ -393,8 +393,55 @@ _TABLES = (
             col(
                 "signature_auc, comparison_auc",
                 "float64",
-                "how well each score's direction separates its two groups of never-edited documents "
+                "how well each score's direction separates its two groups of documents (unedited embeddings) "
                 "(cross-fitted AUC)",
+            ),
+        ),
+    ),
+    Table(
+        "criterion_effects",
+        "dataset",
+        "feature_effects' records for the features that go with one binary metadata criterion (on demand).",
+        (
+            col("target_feature", "int64", "the criterion's feature these records test"),
+            col(
+                "feature",
+                "int64",
+                "the feature ablated: the target, a frequency-matched random control, or the target at "
+                "strength 0 (placebo)",
+            ),
+            col(
+                "score_name",
+                "string",
+                "`feature_signature`, `criterion_direction` (mean embedding where the criterion holds minus "
+                "where it does not) or `next_token_logprob` (causal LMs)",
+            ),
+            col(
+                "intervention, strength, control_type",
+                "string, float64, string",
+                "`ablate`, 1.0 (0 for the placebo), `target` / `random_matched` / `placebo`",
+            ),
+            col("documents", "int64", "edited documents where the ablated feature fires"),
+            col(
+                "baseline_score, intervention_score",
+                "float64",
+                "mean score on those documents before and after the edit",
+            ),
+            col(
+                "effect, effect_ci_low, effect_ci_high",
+                "float64",
+                "mean paired change and its 95% bootstrap interval",
+            ),
+            col(
+                "side_effect_score",
+                "float64",
+                "mean absolute change on edited documents where it never fires (0 for an ablation)",
+            ),
+            col("dataset, criterion", "string", "the dataset and the criterion (e.g. `topic=billing`)"),
+            col(
+                "criterion_auc",
+                "float64",
+                "how well the criterion direction separates documents, unedited (cross-fitted AUC)",
             ),
         ),
     ),

@@ -17,6 +17,7 @@ GROUPS = {
     "feature_associations": "analysis",
     "diff_reports": "analysis",
     "feature_effects": "analysis",
+    "criterion_effects": "analysis",
     "feature_clusters": "analysis",
     "document_clusters": "analysis",
 }

@@ -125,6 +125,24 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
         run_config={"ops": {"feature_effects": {"config": small}}},
     )
     assert effects_run.success
+    tiny = {"top_n": 1, "documents_per_feature": 6, "reference_documents": 40, "n_controls": 3, "n_boot": 100}
+
+    def criterion_run(criterion: str):
+        return materialize(
+            [by_name["criterion_effects"]],
+            partition_key="support_assistant_b",
+            instance=instance,
+            resources=resources,
+            run_config={"ops": {"criterion_effects": {"config": tiny | {"criterion": criterion}}}},
+            raise_on_error=False,
+        )
+
+    assert criterion_run("escalated").success
+    for criterion, expected in (("topic=volcanoes", "choose one of"), ("csat", "is numeric")):
+        failed = criterion_run(criterion)
+        assert not failed.success
+        error = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"][0]
+        assert expected in error.step_failure_data.error.to_string()
 
     db = data / "warehouse.duckdb"
     counts = refresh_views(str(db), str(data / "parquet"), WAREHOUSE_TABLES)
@@ -139,10 +157,14 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
         "activation_status",
         "feature_associations",
         "feature_effects",
+        "criterion_effects",
     ):
         assert counts.get(table, 0) > 0, table
     effects_table = query(str(db), "select * from feature_effects where score_name = 'feature_signature'")
     assert set(effects_table["control_type"]) == {"target", "random_matched", "placebo"}
+    by_criterion = query(str(db), "select distinct criterion, score_name from criterion_effects")
+    assert set(by_criterion["criterion"]) == {"escalated"}
+    assert set(by_criterion["score_name"]) == {"feature_signature", "criterion_direction"}
     kinds = effects_table["control_type"].to_list()
     assert kinds.count("random_matched") == 3 * kinds.count("target") and kinds.count("target") >= 1
     # Every stored table has the columns and types its documentation (storage/schemas.py) gives.
