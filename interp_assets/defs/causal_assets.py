@@ -66,6 +66,21 @@ def _targets(diff: pl.DataFrame, config: FeatureEffectsConfig, key: str) -> list
     return [(int(f), known[f]) for f in config.features]
 
 
+def _firing_documents(base: str, dataset: str, feature: int) -> set[int]:
+    """The documents of `dataset` where `feature` fires (token_activations)."""
+    frame = read_table(base, "token_activations", dataset).filter(pl.col("feature") == feature)
+    return set(frame.select("doc_id").unique().collect()["doc_id"].to_list())
+
+
+def _edited_documents(
+    ids: list, fires: set, config: "FeatureEffectsConfig | CriterionEffectsConfig", rng: np.random.Generator
+) -> list:
+    """Documents to edit for one feature: some where it fires, a few where it does not (side effects)."""
+    on = [d for d in ids if d in fires]
+    off = [d for d in ids if d not in fires]
+    return _sample(on, config.documents_per_feature, rng) + _sample(off, config.unaffected_documents, rng)
+
+
 def _sample(ids: list[str], n: int, rng: np.random.Generator) -> list[str]:
     if len(ids) <= n:
         return ids
@@ -121,29 +136,13 @@ def feature_effects(
     side = {"a": a, "b": b}
     docs = {ds: stored_documents(storage, ds).select("doc_id", "text") for ds in (a, b)}
     text_of = {ds: dict(docs[ds].iter_rows()) for ds in (a, b)}
-    fires = {
-        (feature, ds): set(
-            read_table(base, "token_activations", ds)
-            .filter(pl.col("feature") == feature)
-            .select("doc_id")
-            .unique()
-            .collect()["doc_id"]
-            .to_list()
-        )
-        for feature, _ in targets
-        for ds in (a, b)
-    }
+    fires = {(feature, ds): _firing_documents(base, ds, feature) for feature, _ in targets for ds in (a, b)}
     rng = np.random.default_rng(config.seed)
     edited: dict[int, list[str]] = {}
     used: dict[str, set[str]] = {a: set(), b: set()}
     for feature, direction in targets:
         ds = side[direction]
-        ids = docs[ds]["doc_id"].to_list()
-        on = [d for d in ids if d in fires[(feature, ds)]]
-        off = [d for d in ids if d not in fires[(feature, ds)]]
-        edited[feature] = _sample(on, config.documents_per_feature, rng) + _sample(
-            off, config.unaffected_documents, rng
-        )
+        edited[feature] = _edited_documents(docs[ds]["doc_id"].to_list(), fires[(feature, ds)], config, rng)
         used[ds] |= set(edited[feature])
     # Directions come from unedited embeddings: a sample of each dataset plus every document edited.
     reference = {
@@ -295,25 +294,11 @@ def criterion_effects(
     text_of = dict(docs.select("doc_id", "text").iter_rows())
     rng = np.random.default_rng(config.seed)
     targets = [int(f) for f in top["feature"].to_list()]
-    fires = {
-        f: set(
-            read_table(base, "token_activations", dataset)
-            .filter(pl.col("feature") == f)
-            .select("doc_id")
-            .unique()
-            .collect()["doc_id"]
-            .to_list()
-        )
-        for f in targets
-    }
+    fires = {f: _firing_documents(base, dataset, f) for f in targets}
     ids = docs["doc_id"].to_list()
     edited, used = {}, set()
     for f in targets:
-        on = [d for d in ids if d in fires[f]]
-        off = [d for d in ids if d not in fires[f]]
-        edited[f] = _sample(on, config.documents_per_feature, rng) + _sample(
-            off, config.unaffected_documents, rng
-        )
+        edited[f] = _edited_documents(ids, fires[f], config, rng)
         used |= set(edited[f])
     # Directions come from unedited embeddings: a sample of the documents plus every document edited.
     known = [d for d in ids if holds.get(d) is not None]

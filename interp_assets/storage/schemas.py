@@ -71,6 +71,31 @@ _FLOAT16_NOTE = (
     "float16's range rejects its document with that advice"
 )
 
+# The columns of an intervention record (interp-lab's shape), shared by feature_effects and criterion_effects.
+_INTERVENTION_RECORD_COLUMNS = (
+    col(
+        "intervention, strength, control_type",
+        "string, float64, string",
+        "`ablate`, 1.0 (0 for the placebo), `target` / `random_matched` / `placebo`",
+    ),
+    col("documents", "int64", "edited documents where the ablated feature fires"),
+    col(
+        "baseline_score, intervention_score",
+        "float64",
+        "mean score on those documents before and after the edit",
+    ),
+    col(
+        "effect, effect_ci_low, effect_ci_high",
+        "float64",
+        "mean paired change and its 95% bootstrap interval",
+    ),
+    col(
+        "side_effect_score",
+        "float64",
+        "mean absolute change on edited documents where it never fires (0 for an ablation)",
+    ),
+)
+
 _TABLES = (
     Table(
         "raw_documents",
@@ -368,27 +393,7 @@ _TABLES = (
                 "string",
                 "`feature_signature`, `comparison_direction` or `next_token_logprob` (causal LMs)",
             ),
-            col(
-                "intervention, strength, control_type",
-                "string, float64, string",
-                "`ablate`, 1.0 (0 for the placebo), `target` / `random_matched` / `placebo`",
-            ),
-            col("documents", "int64", "edited documents where the ablated feature fires"),
-            col(
-                "baseline_score, intervention_score",
-                "float64",
-                "mean score on those documents before and after the edit",
-            ),
-            col(
-                "effect, effect_ci_low, effect_ci_high",
-                "float64",
-                "mean paired change and its 95% bootstrap interval",
-            ),
-            col(
-                "side_effect_score",
-                "float64",
-                "mean absolute change on edited documents where it never fires (0 for an ablation)",
-            ),
+            *_INTERVENTION_RECORD_COLUMNS,
             col("comparison, dataset_a, dataset_b", "string", "the comparison"),
             col(
                 "signature_auc, comparison_auc",
@@ -416,27 +421,7 @@ _TABLES = (
                 "`feature_signature`, `criterion_direction` (mean embedding where the criterion holds minus "
                 "where it does not) or `next_token_logprob` (causal LMs)",
             ),
-            col(
-                "intervention, strength, control_type",
-                "string, float64, string",
-                "`ablate`, 1.0 (0 for the placebo), `target` / `random_matched` / `placebo`",
-            ),
-            col("documents", "int64", "edited documents where the ablated feature fires"),
-            col(
-                "baseline_score, intervention_score",
-                "float64",
-                "mean score on those documents before and after the edit",
-            ),
-            col(
-                "effect, effect_ci_low, effect_ci_high",
-                "float64",
-                "mean paired change and its 95% bootstrap interval",
-            ),
-            col(
-                "side_effect_score",
-                "float64",
-                "mean absolute change on edited documents where it never fires (0 for an ablation)",
-            ),
+            *_INTERVENTION_RECORD_COLUMNS,
             col("dataset, criterion", "string", "the dataset and the criterion (e.g. `topic=billing`)"),
             col(
                 "criterion_auc",
