@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from interp_assets.engine.activations import plan_batches
+
 INTERVENTIONS = ("ablate", "clamp", "steer")
 
 
@@ -151,12 +153,6 @@ def token_logprob(token_id: int) -> Callable[[Any, Any, Any], np.ndarray]:
     return score
 
 
-def firing_rates(acts: Any, real: Any) -> np.ndarray:
-    """Share of real tokens on which each SAE feature fires (from activations [batch, tokens, d_sae])."""
-    fires = (acts > 0) & real.bool()[..., None]
-    return (fires.sum(dim=(0, 1)).float() / real.sum().clamp(min=1)).numpy()
-
-
 def matched_controls(rates: np.ndarray, feature: int, n: int, seed: int = 0) -> list[int]:
     """`n` features whose firing rates are closest to `feature`'s (never-firing ones excluded), ties
     broken at random (seeded)."""
@@ -215,46 +211,51 @@ def intervention_records(
     import torch
 
     real = (attention_mask if edit_mask is None else edit_mask).bool()
-    batches = token_budget_batches(attention_mask, token_budget)
-
-    def forward(intervention: Intervention | None, rows: slice) -> tuple[Any, Any, Any, Any]:
-        width = int(attention_mask[rows].sum(dim=1).max())  # trim the padding this batch does not need
-        ids, mask, edit = input_ids[rows, :width], attention_mask[rows, :width], real[rows, :width]
-        args = (model, layer_name, sae, intervention, ids, mask, read, edit, forward_kwargs)
-        out, hidden = _traced_forward(*args)
-        return out, hidden, ids, mask
+    n_docs = int(input_ids.shape[0])
+    if token_budget is None:
+        batches = [list(range(n_docs))]
+    elif token_budget < 1:
+        raise ValueError(f"token_budget must be at least 1 token, got {token_budget}.")
+    else:  # the engine's own batching: length-sorted documents, at most token_budget padded tokens
+        batches = plan_batches(attention_mask.sum(dim=1).tolist(), token_budget)
 
     scores = dict(score) if isinstance(score, Mapping) else {"score": score}
-    baseline: dict[str, list[np.ndarray]] = {name: [] for name in scores}
-    fired, counts = [], None
-    for rows in batches:
-        out, hidden, ids, mask = forward(None, rows)
-        with torch.no_grad():
-            acts = sae.encode(hidden)
-        edit = real[rows, : ids.shape[1]]
-        fired.append(((acts > 0) & edit[..., None]).any(dim=1).numpy())  # [batch, d_sae]
-        part = firing_rates(acts, edit) * float(edit.sum())  # firing tokens per feature
-        counts = part if counts is None else counts + part
-        for name, fn in scores.items():
-            baseline[name].append(fn(out, ids, mask))
-    base = {name: np.concatenate(parts) for name, parts in baseline.items()}
-    fires_in_doc = np.vstack(fired)
-    rates = counts / max(float(real.sum()), 1.0)
+    d_sae = int(sae.cfg.d_sae)
+
+    def scored(intervention: Intervention | None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Every score per document (input order); for the unedited pass also the features that fire in
+        each document and the number of read tokens each fires on."""
+        values = {name: np.zeros(n_docs) for name in scores}
+        fires_in_doc = np.zeros((n_docs, d_sae), dtype=bool)
+        firing_tokens = np.zeros(d_sae)
+        for docs in batches:
+            rows = torch.as_tensor(docs)
+            width = int(attention_mask[rows].sum(dim=1).max())  # trim the padding this batch does not need
+            ids, mask, edit = input_ids[rows, :width], attention_mask[rows, :width], real[rows, :width]
+            args = (model, layer_name, sae, intervention, ids, mask, read, edit, forward_kwargs)
+            out, hidden = _traced_forward(*args)
+            for name, fn in scores.items():
+                values[name][docs] = fn(out, ids, mask)
+            if intervention is None:
+                with torch.no_grad():
+                    fires = (sae.encode(hidden) > 0) & edit[..., None]
+                fires_in_doc[docs] = fires.any(dim=1).numpy()
+                firing_tokens += fires.sum(dim=(0, 1)).numpy()
+        return values, fires_in_doc, firing_tokens
+
+    base, fires_in_doc, firing_tokens = scored(None)
+    rates = firing_tokens / max(float(real.sum()), 1.0)  # share of read tokens where each feature fires
     controls = matched_controls(rates, feature, n_controls, seed)
     plan = [(feature, s, "target") for s in strengths]
     plan += [(c, s, "random_matched") for c in controls for s in strengths]
     plan.append((feature, 0.0, "placebo"))
     rows_out = []
     for f, strength, control in plan:
-        edited: dict[str, list[np.ndarray]] = {name: [] for name in scores}
-        for rows in batches:
-            out, _, ids, mask = forward(Intervention(f, kind, strength), rows)
-            for name, fn in scores.items():
-                edited[name].append(fn(out, ids, mask))
-        on = fires_in_doc[:, f] if kind != "steer" else np.ones(input_ids.shape[0], dtype=bool)
+        edited, _, _ = scored(Intervention(f, kind, strength))
+        on = fires_in_doc[:, f] if kind != "steer" else np.ones(n_docs, dtype=bool)
         off = ~fires_in_doc[:, f]
         for name in scores:
-            after = np.concatenate(edited[name])
+            after = edited[name]
             diff = after - base[name]
             low, high = _bootstrap(diff[on], n_boot, seed)
             rows_out.append(
@@ -274,26 +275,6 @@ def intervention_records(
                 }
             )
     return pl.DataFrame(rows_out)
-
-
-def token_budget_batches(attention_mask: Any, token_budget: int | None) -> list[slice]:
-    """Consecutive row ranges whose padded size (rows x longest row) stays within `token_budget` tokens
-    (one row per batch at least); None: one batch of every row."""
-    n = int(attention_mask.shape[0])
-    if token_budget is None:
-        return [slice(0, n)]
-    if token_budget < 1:
-        raise ValueError(f"token_budget must be at least 1 token, got {token_budget}.")
-    lengths = attention_mask.sum(dim=1).tolist()
-    batches, start, longest = [], 0, 0
-    for i, length in enumerate(lengths):
-        longest_with = max(longest, int(length))
-        if i > start and longest_with * (i - start + 1) > token_budget:
-            batches.append(slice(start, i))
-            start, longest_with = i, int(length)
-        longest = longest_with
-    batches.append(slice(start, n))
-    return batches
 
 
 def document_embedding_shift(

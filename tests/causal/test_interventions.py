@@ -181,13 +181,14 @@ def test_input_optimization_beats_the_best_dataset_example(setup: dict) -> None:
 
 
 def test_token_budget_batches_give_the_same_records_as_one_pass(setup: dict) -> None:
-    from interp_assets.causal.interventions import token_budget_batches
+    from interp_assets.engine.activations import plan_batches
 
-    batches = token_budget_batches(setup["mask"], 50)
-    assert len(batches) > 1 and batches[0].start == 0 and batches[-1].stop == setup["ids"].shape[0]
-    for rows in batches:
-        lengths = setup["mask"][rows].sum(dim=1)
-        assert int(lengths.max()) * (rows.stop - rows.start) <= 50 or rows.stop - rows.start == 1
+    # the batches intervention_records runs at a budget of 50 tokens: the engine's own plan
+    lengths = setup["mask"].sum(dim=1).tolist()
+    batches = plan_batches(lengths, 50)
+    assert len(batches) > 1 and sorted(i for b in batches for i in b) == list(range(setup["ids"].shape[0]))
+    for docs in batches:
+        assert max(lengths[i] for i in docs) * len(docs) <= 50 or len(docs) == 1
     common = dict(score=token_logprob(TARGET), read=_read_logits, n_controls=5, n_boot=200)
     args = (setup["model"], setup["layer"], setup["sae"], setup["ids"], setup["mask"], PLANTED)
     whole = intervention_records(*args, **common)
@@ -198,4 +199,4 @@ def test_token_budget_batches_give_the_same_records_as_one_pass(setup: dict) -> 
             whole[column].to_numpy().astype(float), split[column].to_numpy().astype(float), atol=1e-5
         )
     with pytest.raises(ValueError, match="token_budget"):
-        token_budget_batches(setup["mask"], 0)
+        intervention_records(*args, **common, token_budget=0)
