@@ -154,11 +154,11 @@ def feature_effects(
         emb = {
             ds: effects.document_embeddings(reader, [text_of[ds][d] for d in reference[ds]]) for ds in (a, b)
         }
+        both = np.vstack([emb[a], emb[b]])
         plan = []
         for feature, direction in targets:
             ds, other = side[direction], side["b" if direction == "a" else "a"]
             fired = np.array([d in fires[(feature, x)] for x in (a, b) for d in reference[x]], dtype=bool)
-            both = np.vstack([emb[a], emb[b]])
             try:
                 signature = effects.mean_difference_direction(both[fired], both[~fired], seed=config.seed)
                 comparison = effects.mean_difference_direction(emb[ds], emb[other], seed=config.seed)
@@ -215,8 +215,8 @@ def feature_effects(
         data_version=DataVersion(inputs) if inputs else None,
         metadata={
             INPUTS_KEY: inputs,
-            "features_measured": summary["feature"].n_unique() if summary.height else 0,
-            "features_with_evidence": int(summary["evidence"].sum()) if summary.height else 0,
+            "features_measured": summary["feature"].n_unique(),
+            "features_with_evidence": int(summary["evidence"].sum()),
             "effects": MetadataValue.md(markdown_preview(shown.to_arrow(), max_rows=shown.height)),
         },
     )
@@ -346,8 +346,8 @@ def criterion_effects(
         table,
         metadata={
             "criterion": config.criterion,
-            "features_measured": summary["feature"].n_unique() if summary.height else 0,
-            "features_with_evidence": int(summary["evidence"].sum()) if summary.height else 0,
+            "features_measured": summary["feature"].n_unique(),
+            "features_with_evidence": int(summary["evidence"].sum()),
             "criterion_direction_auc": along.held_out_auc,
             "effects": MetadataValue.md(markdown_preview(shown.to_arrow(), max_rows=shown.height)),
         },
