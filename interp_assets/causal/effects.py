@@ -35,21 +35,22 @@ from interp_assets.causal.interventions import (
 from interp_assets.engine.activations import document_batch
 
 FORWARD_KWARGS = {"output_hidden_states": True}
-EFFECT_COLUMNS = [
-    "feature",
-    "direction",
-    "score_name",
-    "intervention",
-    "strength",
-    "control_type",
-    "documents",
-    "baseline_score",
-    "intervention_score",
-    "effect",
-    "effect_ci_low",
-    "effect_ci_high",
-    "side_effect_score",
-]
+EFFECT_SCHEMA = {
+    "target_feature": pl.Int64,
+    "feature": pl.Int64,
+    "direction": pl.String,
+    "score_name": pl.String,
+    "intervention": pl.String,
+    "strength": pl.Float64,
+    "control_type": pl.String,
+    "documents": pl.Int64,
+    "baseline_score": pl.Float64,
+    "intervention_score": pl.Float64,
+    "effect": pl.Float64,
+    "effect_ci_low": pl.Float64,
+    "effect_ci_high": pl.Float64,
+    "side_effect_score": pl.Float64,
+}
 
 
 def pooled_embedding(hidden: Any, attention_mask: Any) -> np.ndarray:
@@ -180,7 +181,7 @@ def feature_effects(
     direction_name: str = "comparison_direction",
 ) -> pl.DataFrame:
     """Ablation effects of each target feature beside frequency-matched controls and a placebo, one record
-    per (feature, score, control) in interp-lab's shape (`EFFECT_COLUMNS`): scores `feature_signature`,
+    per (feature, score, control) in interp-lab's shape (`EFFECT_SCHEMA`): scores `feature_signature`,
     `direction_name` (the target's `comparison` direction: a comparison's, or a criterion's) and, for
     causal LMs, `next_token_logprob`."""
     layer = module_name(reader.model, reader.layer_module)
@@ -221,8 +222,8 @@ def feature_effects(
             )
         )
     if not frames:
-        return pl.DataFrame(schema={"target_feature": pl.Int64, **{c: pl.Float64 for c in EFFECT_COLUMNS}})
-    return pl.concat(frames, how="diagonal_relaxed").select("target_feature", *EFFECT_COLUMNS)
+        return pl.DataFrame(schema=EFFECT_SCHEMA)
+    return pl.concat(frames, how="diagonal_relaxed").select(list(EFFECT_SCHEMA))
 
 
 def effect_summary(records: pl.DataFrame) -> pl.DataFrame:
