@@ -32,7 +32,7 @@ from interp_assets.causal.interventions import (
     next_token_logprob,
     run_with_intervention,
 )
-from interp_assets.engine.activations import document_batch
+from interp_assets.engine.activations import document_batch, plan_batches
 
 FORWARD_KWARGS = {"output_hidden_states": True}
 EFFECT_SCHEMA = {
@@ -112,22 +112,27 @@ def _both(y: np.ndarray) -> bool:
     return bool((y == 1).any() and (y == 0).any())
 
 
-def _batches(items: Sequence[str], size: int) -> list[Sequence[str]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def document_embeddings(reader: Any, texts: Sequence[str]) -> np.ndarray:
+    """Document embeddings of `texts` as the scores read them, from the unedited reader, in forward passes
+    planned as the engine plans them (length-sorted, at most the reader's token budget)."""
+    import torch
 
-
-def document_embeddings(reader: Any, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-    """Document embeddings of `texts` as the scores read them, from the unedited reader."""
+    if not texts:
+        return np.zeros((0, 0))
     layer = module_name(reader.model, reader.layer_module)
-    parts = []
-    for batch in _batches(list(texts), batch_size):
-        ids, mask, _ = document_batch(reader, batch)
-        ids, mask = ids.to(reader.device), mask.to(reader.device)
-        (hidden,) = run_with_intervention(
-            reader.model, layer, reader.sae, None, ids, mask, read_hidden, forward_kwargs=FORWARD_KWARGS
-        )
-        parts.append(pooled_embedding(hidden.cpu(), mask.cpu()))
-    return np.vstack(parts) if parts else np.zeros((0, 0))
+    ids, mask, _ = document_batch(reader, texts)
+    out = None
+    for docs in plan_batches(mask.sum(dim=1).tolist(), reader.token_budget):
+        rows = torch.as_tensor(docs)
+        width = int(mask[rows].sum(dim=1).max())
+        part_ids, part_mask = ids[rows, :width].to(reader.device), mask[rows, :width].to(reader.device)
+        args = (reader.model, layer, reader.sae, None, part_ids, part_mask, read_hidden)
+        (hidden,) = run_with_intervention(*args, forward_kwargs=FORWARD_KWARGS)
+        pooled = pooled_embedding(hidden.cpu(), part_mask.cpu())
+        if out is None:
+            out = np.zeros((len(texts), pooled.shape[1]))
+        out[docs] = pooled
+    return out
 
 
 def projection_score(direction: Direction) -> Callable[[Any, Any, Any], np.ndarray]:

@@ -105,6 +105,8 @@ def test_ablation_effects_with_controls_on_the_embedded_reader(reader) -> None:
     emb = effects.document_embeddings(reader, texts)
     assert emb.shape == (len(texts), 384)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # rows follow the input order, whatever order the length-planned forward passes ran in
+    np.testing.assert_allclose(effects.document_embeddings(reader, texts[::-1])[::-1], emb, atol=1e-5)
     signature = effects.mean_difference_direction(emb[: len(VILLAGE)], emb[len(VILLAGE) :])
     target = effects.EffectTarget(feature, "b", VILLAGE[:4] + FILMS[:3], signature, signature)
     records = effects.feature_effects(reader, [target], n_controls=4, n_boot=200)
