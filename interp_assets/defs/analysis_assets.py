@@ -248,7 +248,7 @@ def diff_reports(
             "labels": document["labels"],
             "scores": None,
             "examples": document["examples"],
-            "n_features": document["d_sae"],
+            "n_features": document["n_features"],
             "title": f"{a} vs {b}: document-level features (document SAE trained on both, label-blind)",
         }
         markdown += "\n" + reports.render_markdown(document["diff"], **doc_common)
@@ -362,7 +362,7 @@ def _document_family(
             side[b],
             diffing.pairs_from_key(docs_a, docs_b, paired_on),
             alpha=config.alpha,
-            n_features=sae["d_sae"],
+            n_features=sae["n_features"],
         )
     else:
         diff = diffing.diff_features(
@@ -371,7 +371,7 @@ def _document_family(
             side[b],
             docs_b.height,
             alpha=config.alpha,
-            n_features=sae["d_sae"],
+            n_features=sae["n_features"],
             firing=config.firing,
         )
     top = reports.top_features(diff, config.top_n)
@@ -401,7 +401,7 @@ def _document_family(
     significant = diff.filter(pl.col("significant"))
     return {
         "diff": diff,
-        "d_sae": int(sae["d_sae"]),
+        "n_features": int(sae["n_features"]),
         "labels": labels_frame,
         "examples": reports.report_examples(
             diff, spans[a], docs_a, spans[b], docs_b, top_n=config.top_n, n=config.examples_per_feature

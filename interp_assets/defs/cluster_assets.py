@@ -247,8 +247,8 @@ def _document_family_input(storage: StorageResource, dataset: str, config: Docum
         .filter(pl.col("dataset") == dataset)
         .select("doc_id", "feature", pl.col("activation").alias("max_activation"))
     )
-    d_sae = read_table(base, "document_sae", key).select("d_sae").collect().item()
-    return pooled, None, int(d_sae)
+    n_features = read_table(base, "document_sae", key).select("n_features").collect().item()
+    return pooled, None, int(n_features)
 
 
 @asset(

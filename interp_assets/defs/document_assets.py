@@ -33,6 +33,7 @@ from interp_assets.defs.shared import (
     reuse_stored_output,
 )
 from interp_assets.engine.documents import (
+    DEFAULT_MEMBERS,
     DOCUMENT_SAE_VERSION,
     DocumentSAEConfig,
     LexicalProjection,
@@ -44,7 +45,7 @@ from interp_assets.engine.documents import (
     load_lexical_projection,
     save_document_sae,
     save_lexical_projection,
-    train_document_sae,
+    train_document_saes,
 )
 from interp_assets.storage.parquet import read_table, table_exists
 from resources.sae_reader import SAEReaderResource
@@ -130,13 +131,18 @@ def document_embeddings(
 
 
 class DocumentSAETrainingConfig(Config):
-    """How the comparison's document SAE is trained. 0 for `d_sae`/`k`: chosen by corpus size."""
+    """How the comparison's document SAE is trained. 0 for `d_sae`/`k`: chosen by corpus size (per member).
+
+    `members` SAEs are trained with seeds `seed`, `seed + 1`, ...; their features together are the
+    document family (more members: more chances that a topic of a few percent gets a feature of its own).
+    """
 
     d_sae: int = 0
     k: int = 0
     steps: int = 3000
     lr: float = 1e-3
     seed: int = 0
+    members: int = DEFAULT_MEMBERS
     lexical_dims: int = 0  # lexical profile directions beside the embedding (e.g. 128); 0: embedding alone
 
 
@@ -201,11 +207,12 @@ def _represent(
         AssetDep("pooled_embeddings", partition_mapping=AllPartitionMapping()),
     ],
     check_specs=[AssetCheckSpec("document_sae_quality", asset="document_sae")],
-    description="A TopK SAE (SAELens) trained label-blind on the document embeddings of both datasets of a "
+    description="TopK SAEs (SAELens) trained label-blind on the document embeddings of both datasets of a "
     "comparison (with `lexical_dims`, each beside its lexical profile: which token-level SAE features "
-    "fire in it, TF-IDF weighted and SVD-reduced), width and k by corpus size (HypotheSAEs); saved in "
-    "SAELens format under <data_dir>/models/document_sae/. One row: size, variance explained, dead "
-    "features, path.",
+    "fire in it, TF-IDF weighted and SVD-reduced), width and k by corpus size (HypotheSAEs): `members` "
+    "independently seeded SAEs whose features together are the document family; saved in SAELens format "
+    "under <data_dir>/models/document_sae/. One row: size, members, variance explained, dead features, "
+    "path.",
 )
 def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConfig, storage: StorageResource):
     key = context.partition_key
@@ -219,6 +226,7 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
         steps=config.steps,
         lr=config.lr,
         seed=config.seed,
+        members=config.members,
     )
     # what was trained and on what: the SAE's settings and how its input was built
     settings = vars(train_config) | {"lexical_dims": config.lexical_dims}
@@ -255,7 +263,7 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
             profiles = lexical_profiles(lexical[:, 0], lexical[:, 1], pooled.height, projection)
             embeddings = document_representation(embeddings, profiles)
             save_lexical_projection(projection, str(folder))
-        sae, report = train_document_sae(embeddings, train_config)
+        sae, report = train_document_saes(embeddings, train_config)
         report = report | {
             "comparison": key,
             "config": settings,
@@ -271,6 +279,8 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
             "d_in": [int(report["d_in"])],
             "d_sae": [int(report["d_sae"])],
             "k": [int(report["k"])],
+            "members": [int(report.get("members", 1))],
+            "n_features": [int(report.get("n_features", report["d_sae"]))],
             "n_documents": [int(report["n_documents"])],
             "fraction_variance_explained": [float(report["fraction_variance_explained"])],
             "dead_feature_fraction": [float(report["dead_feature_fraction"])],
@@ -284,6 +294,8 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
         metadata={
             "d_sae": int(report["d_sae"]),
             "k": int(report["k"]),
+            "members": int(report.get("members", 1)),
+            "n_features": int(report.get("n_features", report["d_sae"])),
             "documents": int(report["n_documents"]),
             "fraction_variance_explained": round(fve, 4),
             "dead_feature_fraction": round(dead, 4),
@@ -318,7 +330,7 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
         AssetDep("pooled_embeddings", partition_mapping=AllPartitionMapping()),
     ],
     description="Every nonzero feature of the comparison's document SAE for every document of both datasets "
-    "(comparison, dataset, doc_id, feature, activation): exactly k per document.",
+    "(comparison, dataset, doc_id, feature, activation): exactly k per member SAE per document.",
 )
 def document_features(context: AssetExecutionContext, document_sae: pl.LazyFrame, storage: StorageResource):
     key = context.partition_key
@@ -361,7 +373,7 @@ def document_features(context: AssetExecutionContext, document_sae: pl.LazyFrame
         metadata={
             INPUTS_KEY: inputs,
             "rows": table.height,
-            "d_sae": int(info["d_sae"]),
+            "n_features": int(info["n_features"]),
             "features_alive": int(table["feature"].n_unique()),
             "per_dataset": MetadataValue.json(per_dataset.sort("dataset").to_dicts()),
         },

@@ -16,6 +16,10 @@ gets a feature that fires in its documents and few others.
   fire in the document, reduced by a truncated SVD fit on the same corpus). Sentence embeddings blur a
   rare topic into its neighbours; the concepts its documents name (a species, a village) keep it apart.
 - `train_document_sae` / `encode_documents`: SAELens training (`sae_training`) and sparse encoding.
+- `train_document_saes`: an ensemble of independently seeded document SAEs whose features together form
+  the document family. One SAE trained on a few thousand documents gives a topic that makes up 1-3% of
+  them a feature of its own only some of the time (which topics win depends on the seed); several
+  members give it several chances. Member i's feature f is family feature i * d_sae + f.
 """
 
 from __future__ import annotations
@@ -23,15 +27,17 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model
 
-# bumped when training or encoding changes what document features hold (2: the optional lexical profile)
-DOCUMENT_SAE_VERSION = "2"
+# bumped when training or encoding changes what document features hold (2: the optional lexical profile;
+# 3: an ensemble of seeded members)
+DOCUMENT_SAE_VERSION = "3"
+DEFAULT_MEMBERS = 3
 
 _MODELS: dict[str, tuple[Any, Any]] = {}
 _LOCK = threading.Lock()
@@ -139,7 +145,11 @@ def document_sae_size(n_docs: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class DocumentSAEConfig:
-    """How a document SAE is trained (saved beside it). `d_sae`/`k` of 0 mean `document_sae_size`."""
+    """How a document SAE is trained (saved beside it). `d_sae`/`k` of 0 mean `document_sae_size`.
+
+    `members`: how many SAEs `train_document_saes` trains (seeds `seed`, `seed + 1`, ...);
+    `train_document_sae` trains one, with `seed`.
+    """
 
     d_sae: int = 0
     k: int = 0
@@ -147,6 +157,7 @@ class DocumentSAEConfig:
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
+    members: int = DEFAULT_MEMBERS
 
 
 def train_document_sae(embeddings: np.ndarray, config: DocumentSAEConfig) -> tuple[Any, dict[str, Any]]:
@@ -196,14 +207,61 @@ def train_document_sae(embeddings: np.ndarray, config: DocumentSAEConfig) -> tup
     return sae, report
 
 
+def train_document_saes(
+    embeddings: np.ndarray, config: DocumentSAEConfig
+) -> tuple[list[Any], dict[str, Any]]:
+    """`config.members` document SAEs on the same embeddings, seeds `config.seed + i`; `(saes, report)`.
+
+    The report holds the members' shared size (`d_sae` per member, `k`), `members`, `n_features` (all
+    members' features), each member's report under "member_reports", and the family's quality: mean
+    fraction of variance explained and the dead share of all features.
+    """
+    if config.members < 1:
+        raise ValueError(f"A document SAE ensemble needs members >= 1; got members={config.members}.")
+    saes, reports = [], []
+    for i in range(config.members):
+        sae, report = train_document_sae(embeddings, replace(config, seed=config.seed + i))
+        saes.append(sae)
+        reports.append(report | {"seed": config.seed + i})
+    first = reports[0]
+    report = {
+        "d_in": first["d_in"],
+        "d_sae": first["d_sae"],
+        "k": first["k"],
+        "members": config.members,
+        "n_features": first["d_sae"] * config.members,
+        "n_documents": first["n_documents"],
+        "samples_seen": int(sum(r["samples_seen"] for r in reports)),
+        "fraction_variance_explained": float(np.mean([r["fraction_variance_explained"] for r in reports])),
+        "mean_l0": float(np.mean([r["mean_l0"] for r in reports])),
+        "dead_feature_fraction": float(np.mean([r["dead_feature_fraction"] for r in reports])),
+        "member_reports": reports,
+    }
+    return saes, report
+
+
 def encode_documents(sae: Any, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sparse document features: `(row, feature, activation)` of every nonzero, row = embeddings row."""
+    """Sparse document features: `(row, feature, activation)` of every nonzero, row = embeddings row.
+
+    `sae` is one SAE or a list of ensemble members; member i's feature f comes out as i * d_sae + f.
+    """
     import torch
 
+    members = list(sae) if isinstance(sae, list | tuple) else [sae]
+    x = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
+    rows_out, cols_out, vals_out = [], [], []
+    offset = 0
     with torch.inference_mode():
-        feats = sae.encode(torch.from_numpy(np.asarray(embeddings, dtype=np.float32))).float().numpy()
-    rows, cols = np.nonzero(feats > 0)
-    return rows.astype(np.int64), cols.astype(np.int32), feats[rows, cols].astype(np.float32)
+        for member in members:
+            feats = member.encode(x).float().numpy()
+            rows, cols = np.nonzero(feats > 0)
+            rows_out.append(rows.astype(np.int64))
+            cols_out.append((cols + offset).astype(np.int32))
+            vals_out.append(feats[rows, cols].astype(np.float32))
+            offset += int(member.cfg.d_sae)
+    rows, cols, vals = np.concatenate(rows_out), np.concatenate(cols_out), np.concatenate(vals_out)
+    order = np.lexsort((cols, rows))  # by document, then feature, as one SAE gives them
+    return rows[order], cols[order], vals[order]
 
 
 # --------------------------------------------------------------------------- lexical profiles
@@ -335,22 +393,36 @@ def load_lexical_projection(folder: str) -> LexicalProjection | None:
         return LexicalProjection(idf=data["idf"], components=data["components"])
 
 
+MEMBER_FOLDER = "member_{:02d}"
+
+
 def save_document_sae(sae: Any, folder: str, report: dict[str, Any]) -> None:
-    """Save a trained document SAE in SAELens's on-disk format with its training report beside it."""
+    """Save a document SAE (or an ensemble's members, in `member_00/`, `member_01/`, ...) in SAELens's
+    on-disk format, with the training report beside it, written last: its presence marks the save done."""
     import json
     from pathlib import Path
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    sae.save_inference_model(out)
+    if isinstance(sae, list | tuple):
+        for i, member in enumerate(sae):
+            member.save_inference_model(out / MEMBER_FOLDER.format(i))
+    else:
+        sae.save_inference_model(out)
     (out / "training_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def load_document_sae(folder: str) -> Any:
-    """A document SAE saved by `save_document_sae` (SAELens `SAE.load_from_disk`), on the CPU."""
+    """What `save_document_sae` saved (SAELens `SAE.load_from_disk`, on the CPU): the list of an
+    ensemble's members, or the one SAE of a folder without members."""
+    from pathlib import Path
+
     from sae_lens import SAE
 
-    return SAE.load_from_disk(folder, device="cpu")
+    members = sorted(p for p in Path(folder).glob("member_*") if p.is_dir())
+    if not members:
+        return SAE.load_from_disk(folder, device="cpu")
+    return [SAE.load_from_disk(str(p), device="cpu") for p in members]
 
 
 def document_feature_spans(document_features: Any, documents: Any) -> Any:

@@ -463,19 +463,26 @@ _TABLES = (
                 "what the SAE reads: the embedding width (384 on the embedded default), plus "
                 "`lexical_dims` with a lexical profile",
             ),
-            col("d_sae, k", "int64", "SAE width, active features per document"),
+            col("d_sae, k", "int64", "width of each member SAE, active features per document in each"),
+            col(
+                "members, n_features",
+                "int64",
+                "independently seeded member SAEs (seeds `seed`, `seed + 1`, ...) and their features in all "
+                "(members x d_sae): member i's feature f is document feature i * d_sae + f",
+            ),
             col("n_documents", "int64", "training documents"),
             col(
                 "fraction_variance_explained, dead_feature_fraction",
                 "float64",
-                "quality on the training documents (the `document_sae_quality` check warns below 0.3 / "
-                "above 0.25)",
+                "quality on the training documents, mean over members (the `document_sae_quality` check "
+                "warns below 0.3 / above 0.25)",
             ),
             col(
                 "model_path",
                 "string",
-                "`<data_dir>/models/document_sae/<training_hash>/`: the SAE (SAELens format), "
-                "`training_report.json`, and `lexical_projection.npz` with a lexical profile",
+                "`<data_dir>/models/document_sae/<training_hash>/`: the member SAEs (SAELens format, "
+                "`member_00/`, ...), `training_report.json`, and `lexical_projection.npz` with a lexical "
+                "profile",
             ),
         ),
     ),

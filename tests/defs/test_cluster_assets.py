@@ -105,7 +105,11 @@ def stored(tmp_path: Path) -> tuple[Path, DagsterInstance, dict]:
         ("feature_labels", DATASET, labels),
         ("feature_associations", DATASET, associations),
         ("document_features", COMPARISON, doc_features),
-        ("document_sae", COMPARISON, pl.DataFrame({"comparison": [COMPARISON], "d_sae": [16]})),
+        (
+            "document_sae",
+            COMPARISON,
+            pl.DataFrame({"comparison": [COMPARISON], "d_sae": [16], "members": [1], "n_features": [16]}),
+        ),
     ):
         write_table(base, table, partition, frame)
     instance = DagsterInstance.ephemeral()

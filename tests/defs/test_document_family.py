@@ -20,7 +20,7 @@ from benchmarks.planted import load_dbpedia
 from interp_assets.analysis.reports import top_features
 from interp_assets.comparisons import comparison_key
 from interp_assets.defs.assets import ALL_ASSETS
-from interp_assets.engine.documents import LEXICAL_PROJECTION_FILE, document_sae_size
+from interp_assets.engine.documents import DEFAULT_MEMBERS, LEXICAL_PROJECTION_FILE, document_sae_size
 from interp_assets.storage.parquet import read_table
 from interp_assets.storage.schemas import schema_mismatches, stored_schemas
 from resources.local import local_resources
@@ -76,12 +76,15 @@ def test_planted_topic_is_found_by_the_document_family(tmp_path: Path) -> None:
 
     sae = read_table(base, "document_sae", key).collect().row(0, named=True)
     assert (sae["d_sae"], sae["k"]) == document_sae_size(600)
+    assert sae["members"] == DEFAULT_MEMBERS and sae["n_features"] == DEFAULT_MEMBERS * sae["d_sae"]
     assert sae["fraction_variance_explained"] > 0.3
     # by default it reads each document's sentence embedding alone
     assert sae["d_in"] == 384 and not (Path(sae["model_path"]) / LEXICAL_PROJECTION_FILE).exists()
     features = read_table(base, "document_features", key).collect()
-    per_doc = features.group_by("dataset", "doc_id").len()
-    assert per_doc.height == 600 and per_doc["len"].max() <= sae["k"]  # TopK: at most k per document
+    assert features["feature"].max() < sae["n_features"]
+    per_member = features.group_by("dataset", "doc_id", pl.col("feature") // sae["d_sae"]).len()
+    assert per_member["len"].max() <= sae["k"]  # TopK: at most k per document in each member
+    assert features.select("dataset", "doc_id").n_unique() == 600
 
     diff = read_table(base, "diff_features", key).collect()
     assert set(diff["family"].unique()) == {"token", "document"}
