@@ -33,8 +33,8 @@ from interp_assets.storage.parquet import markdown_preview, read_table, table_ex
 from resources.llm import LLMResource
 from resources.storage import StorageResource
 
-LABELS_CODE_VERSION = "2"  # 2: offline labels cached, short documents shown whole
-SCORES_CODE_VERSION = "2"  # 2: scores cached, short documents scored whole
+LABELS_CODE_VERSION = "3"  # 2: offline labels cached, short documents shown whole; 3: split by content
+SCORES_CODE_VERSION = "3"  # 2: scores cached, short documents scored whole; 3: split by content
 
 
 class FeatureLabelsConfig(Config):

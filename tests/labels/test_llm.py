@@ -203,18 +203,24 @@ FAMILIES = {
     1: ("refund", "reimbursement", "chargeback"),
     2: ("rain", "snow", "storm"),
 }
+# every sentence carries the document's number {i} near its middle, so no two documents share a sentence
+# or an 8-word shingle: a content-grouped split treats them as independent documents
 FILLERS = [
-    "the order number is {i}",
-    "my account was opened last year",
-    "the courier came on Tuesday",
-    "please check the attached form",
-    "the office is on the second floor",
-    "thanks for the quick reply",
+    "the order {i} is late",
+    "my account {i} was opened",
+    "the courier {i} came Tuesday",
+    "please check form {i} attached",
+    "the office {i} is upstairs",
+    "thanks for reply {i}",
 ]
 PHRASES = {
-    0: ["we are sorry for the wait", "I apologize for the confusion", "our apologies for the mix-up"],
-    1: ["I would like a refund", "the reimbursement is pending", "the bank opened a chargeback"],
-    2: ["the rain delayed the truck", "snow closed the road", "a storm hit the depot"],
+    0: [
+        "we are sorry, case {i}, for the wait",
+        "I apologize for case {i} confusion",
+        "our apologies, case {i}, for this",
+    ],
+    1: ["I would like refund {i} now", "the reimbursement {i} is pending", "the bank opened chargeback {i}"],
+    2: ["the rain {i} delayed the truck", "snow closed road {i}", "a storm hit depot {i}"],
 }
 
 
@@ -223,7 +229,7 @@ def corpus(n: int = 360) -> pl.DataFrame:
     for i in range(n):
         parts = [FILLERS[i % 6].format(i=i)]
         if i % 4 in (0, 1):
-            parts.append(PHRASES[i % 3][i // 3 % 3])
+            parts.append(PHRASES[i % 3][i // 3 % 3].format(i=i))
         parts.append(FILLERS[(i * 7 + 1) % 6].format(i=i))
         texts.append(". ".join(parts).capitalize() + ".")
     return pl.DataFrame(
@@ -301,7 +307,7 @@ def test_label_and_score_end_to_end(server: FakeLLMServer, bench: ModuleType, tm
     assert len(errors) == 1 and errors[0].startswith("feature 2: LLM label failed") and "no JSON" in errors[0]
     assert len(server.requests) == 3 and len(cache) == 3  # 2 LLM labels + feature 2's offline label
     # the labeler saw only evidence documents
-    label_prompt = next(r for r in server.requests if "sorry" in r.messages[-1]["content"]).messages[-1][
+    label_prompt = next(r for r in server.requests if "<<sorry>>" in r.messages[-1]["content"]).messages[-1][
         "content"
     ]
     heldout = split_evidence(acts, docs, 0, **params).heldout_doc_ids
