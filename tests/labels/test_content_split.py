@@ -16,6 +16,7 @@ from interp_assets.labels.content_split import (
     ContentIndex,
     boilerplate_limit,
     content_index,
+    max_group_size,
     normalize_text,
 )
 from interp_assets.labels.evidence import split_features, text_hash
@@ -87,6 +88,16 @@ def test_boilerplate_does_not_group_but_is_seen_by_shares() -> None:
     assert shared[:30].all() and not shared[30:].any()
     below = content_index(texts[:15] + texts[30:])  # 15 documents hold it: they are one group
     assert len(set(below.group[:15].tolist())) == 1 and len(set(below.group.tolist())) == n - 30 + 1
+
+
+def test_stock_sentences_that_chain_a_templated_corpus_become_boilerplate() -> None:
+    stock = [f"Our agent number {k} has looked into your request today." for k in range(30)]
+    texts = [f"{stock[i % 30]} {stock[(i % 30 + 1 + i // 30) % 30]}" for i in range(300)]  # each in 20 docs
+    texts += ["The zebra painted a blue fence. Ticket one.", "The zebra painted a blue fence. Ticket two."]
+    index = content_index(texts)
+    assert np.bincount(index.group).max() <= max_group_size(len(texts)) == 50
+    assert index.n_boilerplate_keys >= 30
+    assert same_group(index, 300, 301)  # a sentence shared by two documents still groups them
 
 
 def test_empty_and_punctuation_only_documents_stand_alone() -> None:
@@ -205,3 +216,26 @@ def test_no_heldout_document_shares_a_sentence_or_shingle_with_its_evidence(sst2
         assert overlaps(split) == 0, feature
     assert sum(overlaps(s) for s in before.values()) > 10  # the document-level split did leak
     assert all(s.heldout_dropped == 0 for s in before.values())
+    # groups that are too coarse (one per document) but the real keys: the drop still removes every overlap
+    index = content_index(texts)
+    guarded = split_features(
+        acts, docs, list(rules), content=ContentIndex(np.arange(len(texts)), index.keys, index.boilerplate)
+    )
+    assert all(overlaps(s) == 0 for s in guarded.values())
+    assert sum(s.heldout_dropped for s in guarded.values()) > 10
+
+
+def test_positives_in_several_groups_reach_both_sides() -> None:
+    """A feature firing in 3 groups of identical documents: without moving a group, a third of the
+    features would have all their positives on one side."""
+    texts = [f"Shared text of group {g} with some words." for g in range(3) for _ in range(4)]
+    texts += [f"Unrelated filler document number {i} here." for i in range(120)]
+    docs = pl.DataFrame({"doc_id": pl.Series(range(len(texts)), dtype=pl.Int32), "text": texts}).with_columns(
+        pl.col("text").map_elements(text_hash, return_dtype=pl.String).alias("doc_hash")
+    )
+    rules = {f: r"\bShared\b" for f in range(30)}
+    splits = split_features(word_activations(texts, rules), docs, list(rules), n_evidence=4, n_holdout=8)
+    for split in splits.values():
+        assert split.evidence_positive and split.heldout_positive
+        groups = {texts[d] for d in split.evidence_positive} & {texts[d] for d in split.heldout_positive}
+        assert not groups  # still whole groups on each side
