@@ -162,6 +162,8 @@ def feature_labels(
             INPUTS_KEY: None if errors else key,  # a run with failures is recomputed next time
             "labeled_features": labels.height,
             "labels_recomputed": counts.get("computed", 0),  # the rest: published or from the label cache
+            # held-out documents left out for sharing content with their feature's evidence
+            "heldout_dropped": counts.get("heldout_dropped", 0),
             "sources": MetadataValue.json(labels.group_by("source").len().to_dicts()),
             # what happened to each LLM answer (ok, parsed_from_prose, refused, truncated, ...)
             "label_status": MetadataValue.json(dict(Counter(labels["status"].to_list()))),

@@ -658,7 +658,8 @@ def label_features(
     `interp_assets.labels.answers`) and a message appended to `errors`; the other features' answers are
     kept and cached. Offline labels are cached too, keyed by everything they
     read (evidence and background documents). `counts` (if given) receives `published`, `from_cache`
-    and `computed` (labels written now: LLM answers and offline labels).
+    and `computed` (labels written now: LLM answers and offline labels), and `heldout_dropped` (held-out
+    documents left out for sharing content with the evidence, all features).
     """
     splits = split_features(
         token_activations,
@@ -679,6 +680,7 @@ def label_features(
     status: dict[int, str] = {}  # of the LLM answer, for features the LLM was asked (or cached) for
     pending: dict[int, Messages] = {}
     tally = {"published": 0, "from_cache": 0, "computed": 0}
+    tally["heldout_dropped"] = sum(s.heldout_dropped for s in splits.values())
     for f, split in splits.items():
         if f in published_by_feature:
             labels[f] = published_by_feature[f]
