@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -337,6 +338,25 @@ def _hard_negatives(
     return pool[np.argsort(-sims, kind="stable")[:n]]
 
 
+_INDEX_CACHE: dict[str, ContentIndex] = {}
+_INDEX_CACHE_LOCK = threading.Lock()
+
+
+def _content_index(docs: pl.DataFrame) -> ContentIndex:
+    """`content_index` of the prepared documents, reused while the same texts (by doc_hash, in order)
+    are split again in this process (labeling then scoring, a notebook's per-feature calls)."""
+    key = hashlib.blake2b("\n".join(docs["doc_hash"].to_list()).encode(), digest_size=16).hexdigest()
+    with _INDEX_CACHE_LOCK:
+        if key in _INDEX_CACHE:
+            return _INDEX_CACHE[key]
+    index = content_index(docs["text"])
+    with _INDEX_CACHE_LOCK:
+        if len(_INDEX_CACHE) >= 2:
+            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
+        _INDEX_CACHE[key] = index
+    return index
+
+
 def split_features(
     token_activations: pl.DataFrame,
     documents: pl.DataFrame,
@@ -355,7 +375,7 @@ def split_features(
     activations once. `content` (`content_index(documents["text"])`) saves recomputing the groups."""
     _check_activations(token_activations)
     docs = prepare_documents(documents)
-    index = content if content is not None else content_index(docs["text"])
+    index = content if content is not None else _content_index(docs)
     if index.n_docs != docs.height:
         raise ValueError(
             f"content index has {index.n_docs} documents but documents has {docs.height}; build it with "
