@@ -31,20 +31,29 @@ NO_KEY_PLACEHOLDER = "EMPTY"  # sent when no key is configured (local servers su
 
 
 class LLMError(RuntimeError):
-    """A chat request that failed for good (after retries, or not retryable)."""
+    """A chat request that failed for good (after retries, or not retryable). `status` names the failure
+    in the labels' and scores' `status` column."""
+
+    status = "failed"
 
 
 class LLMBudgetExhausted(LLMError):
     """The resource's `max_calls` budget is spent; the request was not sent."""
 
+    status = "budget_exhausted"
+
 
 class LLMRefusal(LLMError):
     """The model refused (the API's `refusal` field, or finish_reason "content_filter"); not retried."""
+
+    status = "refused"
 
 
 class LLMTruncated(LLMError):
     """The answer was cut off at max_tokens even after one retry with twice the tokens; `partial` is
     what came back."""
+
+    status = "truncated"
 
     def __init__(self, message: str, partial: str = ""):
         super().__init__(message)

@@ -76,20 +76,10 @@ def looks_like_refusal(text: str) -> bool:
 
 
 def failure_status(exc: BaseException) -> str:
-    """The status of a failed request or answer."""
-    from resources.llm import LLMBudgetExhausted, LLMError, LLMRefusal, LLMTruncated
-
-    if isinstance(exc, AnswerError):
-        return exc.status
-    if isinstance(exc, LLMBudgetExhausted):
-        return "budget_exhausted"
-    if isinstance(exc, LLMRefusal):
-        return "refused"
-    if isinstance(exc, LLMTruncated):
-        return "truncated"
-    if isinstance(exc, LLMError):
-        return "failed"
-    return "invalid"
+    """The status of a failed request or answer: the exception's `status` (`AnswerError`, and the LLM
+    client's errors: `budget_exhausted`, `refused`, `truncated`, `failed`), else `failed`."""
+    status = getattr(exc, "status", None)
+    return status if status in STATUSES else "failed"
 
 
 def _words(text: str) -> list[str]:

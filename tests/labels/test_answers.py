@@ -114,4 +114,4 @@ def test_failure_status_of_client_errors() -> None:
     assert failure_status(LLMTruncated("cut", "par")) == "truncated"
     assert failure_status(LLMError("HTTP 500")) == "failed"
     assert failure_status(AnswerError("x", "out_of_range")) == "out_of_range"
-    assert failure_status(ValueError("?")) == "invalid"
+    assert failure_status(ConnectionError("another client's error")) == "failed"
