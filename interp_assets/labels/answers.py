@@ -92,13 +92,15 @@ def _ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
 
 def restates_prompt(label: str, messages: list[dict[str, Any]]) -> bool:
     """The label repeats the prompt instead of naming a concept: it holds the `<< >>` markers or a
-    placeholder (`<2-6 words>`), `_ECHO_WORDS` consecutive words of the instructions (system message and
-    the user message's unnumbered lines), or is a whole excerpt (a numbered line) of the prompt."""
-    if any(m in label for m in _MARKERS) or re.search(r"<[^<>]*>", label):
+    placeholder of the system prompt (`<2-6 words>`, `...`), `_ECHO_WORDS` consecutive words of the
+    instructions (system message, the user message's unnumbered lines), or is a whole excerpt."""
+    system = [str(m.get("content") or "") for m in messages if m.get("role") == "system"]
+    placeholders = {p for text in system for p in re.findall(r"<[^<>]+>", text) if "<<" not in p}
+    if any(m in label for m in (*_MARKERS, *placeholders)):
         return True
     words = _words(label)
     if not words:
-        return False
+        return True  # "...", as in the prompt's {"label": ...}
     instructions: list[str] = []
     excerpts: set[str] = set()
     for message in messages:

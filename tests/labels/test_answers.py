@@ -64,6 +64,8 @@ def test_looks_like_refusal(text: str, refusal: bool) -> None:
         ("we are sorry for the long wait today", True),  # a whole excerpt
         ("<<sorry>>", True),
         ("<2-6 words>", True),
+        ("...", True),
+        ("<b>sorry</b>", False),  # markup in a label is escaped where shown, not a restatement
         ("texts where the feature fires", True),  # the instructions
         ("the concept that the marked tokens share", True),
     ],
