@@ -31,11 +31,33 @@ NO_KEY_PLACEHOLDER = "EMPTY"  # sent when no key is configured (local servers su
 
 
 class LLMError(RuntimeError):
-    """A chat request that failed for good (after retries, or not retryable)."""
+    """A chat request that failed for good (after retries, or not retryable). `status` names the failure
+    in the labels' and scores' `status` column."""
+
+    status = "failed"
 
 
 class LLMBudgetExhausted(LLMError):
     """The resource's `max_calls` budget is spent; the request was not sent."""
+
+    status = "budget_exhausted"
+
+
+class LLMRefusal(LLMError):
+    """The model refused (the API's `refusal` field, or finish_reason "content_filter"); not retried."""
+
+    status = "refused"
+
+
+class LLMTruncated(LLMError):
+    """The answer was cut off at max_tokens even after one retry with twice the tokens; `partial` is
+    what came back."""
+
+    status = "truncated"
+
+    def __init__(self, message: str, partial: str = ""):
+        super().__init__(message)
+        self.partial = partial
 
 
 class _Budget:
@@ -133,14 +155,17 @@ class LLMResource(dg.ConfigurableResource):
         """Send one chat request and return the assistant's text (the caller parses the JSON in it).
 
         Retries 429 (waiting at least its Retry-After), 5xx, timeouts, connection errors and malformed
-        response bodies with exponential backoff and jitter; 400/401/403/404 fail at once. Every HTTP
-        attempt takes one call from the budget; `LLMBudgetExhausted` when none is left.
+        response bodies with exponential backoff and jitter; 400/401/403/404 fail at once. An answer cut
+        off at max_tokens (finish_reason "length") is asked again once with twice the tokens, then raises
+        `LLMTruncated`; a refusal raises `LLMRefusal` at once. Every HTTP attempt takes one call from the
+        budget; `LLMBudgetExhausted` when none is left.
         """
         import openai
 
         client = self._get_client()
         budget = self._get_budget()
         attempts = self.max_retries + 1
+        max_tokens = self.max_tokens
         last = ""
         for attempt in range(attempts):
             budget.take()
@@ -150,9 +175,25 @@ class LLMResource(dg.ConfigurableResource):
                     model=self.model,
                     messages=messages,
                     temperature=self.temperature,
-                    max_tokens=self.max_tokens,
+                    max_tokens=max_tokens,
                 )
-                content = response.choices[0].message.content
+                choice = response.choices[0]
+                refusal = getattr(choice.message, "refusal", None)
+                if refusal or choice.finish_reason == "content_filter":
+                    raise LLMRefusal(
+                        f"the model refused ({_short(refusal or 'finish_reason content_filter', 120)})"
+                    )
+                content = choice.message.content
+                if choice.finish_reason == "length":
+                    if max_tokens > self.max_tokens or attempt + 1 == attempts:
+                        raise LLMTruncated(
+                            f"the answer was cut off at max_tokens={max_tokens} (finish_reason length)",
+                            content or "",
+                        )
+                    max_tokens *= 2
+                    last = f"answer cut off at max_tokens={self.max_tokens}"
+                    log.warning("LLM answer %s; asking again with max_tokens=%d.", last, max_tokens)
+                    continue
                 if content is None:
                     raise ValueError("the response has no message content")
                 return content

@@ -4,6 +4,11 @@ It speaks the real wire protocol, so the real `openai` client runs against it. B
 (`server.enqueue(RateLimited(1.0), ServerError(500))`) and consumed one per request, in arrival order;
 when the queue is empty every request gets `Answer(server.answer)`. Every request is recorded.
 
+Besides transport failures it answers the way real models go wrong: `Refusal` (the API's `refusal`
+field, or `as_text` a refusal in prose), `Truncated` (cut off at max_tokens, finish_reason "length"),
+and, as content for `Answer`, `in_prose(...)`, `fenced(...)`, `REFUSAL_TEXT`, a label that restates the
+prompt or scores out of range (any string).
+
     with FakeLLMServer(answer=lambda messages: '{"label": "x"}') as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="k")
 """
@@ -27,6 +32,37 @@ class Answer:
     """Reply 200 with a chat completion of `content` (a string, or a function of the messages)."""
 
     content: str | Callable[[Messages], str]
+    finish_reason: str = "stop"
+
+
+REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Reply 200 with a refusal: the `refusal` field and no content (`as_text`: the refusal as content)."""
+
+    message: str = REFUSAL_TEXT
+    as_text: bool = False
+
+
+@dataclass(frozen=True)
+class Truncated:
+    """Reply 200 with the first `keep` characters of the answer (default: half) and finish_reason
+    "length", as a model that hit max_tokens."""
+
+    content: str | Callable[[Messages], str] | None = None  # None: the server's answer
+    keep: int | None = None
+
+
+def in_prose(answer: str) -> str:
+    """The answer wrapped in chatty prose, as models often reply."""
+    return f"Sure! Having looked at the examples, here is my answer:\n{answer}\nLet me know if you need more."
+
+
+def fenced(answer: str) -> str:
+    """The answer in a Markdown code fence."""
+    return f"```json\n{answer}\n```"
 
 
 @dataclass(frozen=True)
@@ -59,7 +95,7 @@ class Malformed:
     body: bytes = b'{"id": "chatcmpl-broken", "choices": [ this is not json'
 
 
-Behaviour = Answer | RateLimited | ServerError | Delay | Malformed
+Behaviour = Answer | RateLimited | ServerError | Delay | Malformed | Refusal | Truncated
 
 
 @dataclass
@@ -77,7 +113,9 @@ class RecordedRequest:
         return list(self.body.get("messages", [])) if isinstance(self.body, dict) else []
 
 
-def _completion(content: str, model: str) -> dict[str, Any]:
+def _completion(
+    content: str | None, model: str, finish_reason: str = "stop", refusal: str | None = None
+) -> dict[str, Any]:
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
@@ -86,8 +124,8 @@ def _completion(content: str, model: str) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content, "refusal": refusal},
+                "finish_reason": finish_reason,
             }
         ],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
@@ -202,9 +240,23 @@ class FakeLLMServer:
                 elif isinstance(behaviour, Malformed):
                     self._send(200, behaviour.body)
                 else:
-                    content = behaviour.content
-                    text = content(record.messages) if callable(content) else content
                     model = record.body.get("model", "fake") if isinstance(record.body, dict) else "fake"
-                    self._send(200, json.dumps(_completion(text, model)).encode())
+                    self._send(200, json.dumps(self._completion(behaviour, record.messages, model)).encode())
+
+            def _completion(self, behaviour: Behaviour, messages: Messages, model: str) -> dict[str, Any]:
+                def text_of(content: str | Callable[[Messages], str] | None) -> str:
+                    content = server.answer if content is None else content
+                    return content(messages) if callable(content) else content
+
+                if isinstance(behaviour, Refusal):
+                    if behaviour.as_text:
+                        return _completion(behaviour.message, model)
+                    return _completion(None, model, refusal=behaviour.message)
+                if isinstance(behaviour, Truncated):
+                    text = text_of(behaviour.content)
+                    keep = len(text) // 2 if behaviour.keep is None else behaviour.keep
+                    return _completion(text[:keep], model, finish_reason="length")
+                assert isinstance(behaviour, Answer)
+                return _completion(text_of(behaviour.content), model, finish_reason=behaviour.finish_reason)
 
         return Handler

@@ -1,6 +1,7 @@
 """Labels: feature_labels (which features to name, and their names) and feature_scores (held-out scores)."""
 
 import hashlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,10 @@ from interp_assets.storage.parquet import markdown_preview, read_table, table_ex
 from resources.llm import LLMResource
 from resources.storage import StorageResource
 
-LABELS_CODE_VERSION = "2"  # 2: offline labels cached, short documents shown whole
-SCORES_CODE_VERSION = "2"  # 2: scores cached, short documents scored whole
+LABELS_CODE_VERSION = (
+    "4"  # 2: offline labels cached, short documents shown whole; 3: split by content; 4: status
+)
+SCORES_CODE_VERSION = "4"  # 2: scores cached, short documents scored whole; 3: split by content; 4: status
 
 
 class FeatureLabelsConfig(Config):
@@ -159,7 +162,11 @@ def feature_labels(
             INPUTS_KEY: None if errors else key,  # a run with failures is recomputed next time
             "labeled_features": labels.height,
             "labels_recomputed": counts.get("computed", 0),  # the rest: published or from the label cache
+            # held-out documents left out for sharing content with their feature's evidence
+            "heldout_dropped": counts.get("heldout_dropped", 0),
             "sources": MetadataValue.json(labels.group_by("source").len().to_dicts()),
+            # what happened to each LLM answer (ok, parsed_from_prose, refused, truncated, ...)
+            "label_status": MetadataValue.json(dict(Counter(labels["status"].to_list()))),
             "labeling_errors": len(errors),
             "llm_calls_made": llm.calls_made if llm.enabled else 0,
             # the comparisons_sensor re-labels when a partner's activations change after this
@@ -321,6 +328,10 @@ def feature_scores(
             "scores_recomputed": counts.get("computed", 0),  # the rest came from the score cache
             "texts_embedded_now": embedded_now[0],  # the rest came from the embeddings cache
             "scoring_errors": len(errors),
+            "score_status": MetadataValue.json(dict(Counter(scores["status"].to_list()))),
+            "llm_answers": MetadataValue.json(
+                {k.removeprefix("answers_"): v for k, v in counts.items() if k.startswith("answers_")}
+            ),
             "summary": MetadataValue.md(markdown_preview(summary.to_arrow(), max_rows=summary.height)),
         },
     )

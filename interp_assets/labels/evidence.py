@@ -1,8 +1,14 @@
 """Evidence and held-out documents of a feature, and the marked excerpts shown from them.
 
 The labeler only ever sees the *evidence* half of a feature's documents; the scorer only the *held-out*
-half. Which half a document is in depends only on `(doc_hash, feature, seed)`, so the split is stable
-when a dataset grows, and `evidence_hash` (with `sae_id`, `feature` and the labeler) keys the label cache.
+half. The split is by content, not by document: documents that share content (identical normalized text,
+one contained in another, a shared sentence or 8-word shingle; `content_split`) form a group, and a
+group lies wholly in one half, chosen by `(group's smallest doc_hash, feature, seed)`. A held-out
+document that still shares a (non-boilerplate) sentence, shingle or contained text with the feature's
+shown evidence is dropped and counted (`heldout_dropped`; none with the default index, whose groups are
+closed under shared keys, some when a caller passes coarser groups). Boilerplate (a phrase in more than
+max(20, 1%) of the documents) is not content: it neither groups nor drops. `evidence_hash` (with
+`sae_id`, `feature` and the labeler) keys the label cache.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +25,9 @@ import numpy as np
 import polars as pl
 
 from interp_assets.analysis.reports import ELLIPSIS, highlight_text, merge_spans
+from interp_assets.labels.content_split import ContentIndex, content_index
 
-SPLIT_VERSION = 1
+SPLIT_VERSION = 2  # 2: evidence and held-out split by content group, not by document
 HARD_NEGATIVES_MAX_DOCS = 20_000  # above this, documents are not embedded for hard negatives
 CORE_DOC_COLUMNS = frozenset({"dataset", "doc_id", "doc_hash", "text", "source_file", "source_row"})
 
@@ -66,6 +74,7 @@ class EvidenceSplit:
     background: tuple[int, ...]
     evidence_hash: str
     background_hash: str = ""  # content of `background`: with evidence_hash, all the offline labeler reads
+    heldout_dropped: int = 0  # held-out pool documents left out for sharing content with the evidence
 
     @property
     def evidence_doc_ids(self) -> list[int]:
@@ -164,8 +173,13 @@ def split_evidence(
 ) -> EvidenceSplit:
     """Split `feature`'s documents into evidence (for the labeler) and held-out (for the scorer).
 
-    A document is in the evidence pool when `unit_hash(doc_hash, feature, seed) < n_evidence /
-    (n_evidence + n_holdout)`, else in the held-out pool; this holds for positives and negatives alike.
+    A document is in the evidence pool when `unit_hash(group_hash, feature, seed) < n_evidence /
+    (n_evidence + n_holdout)`, else in the held-out pool, where `group_hash` is the smallest doc_hash of
+    its content group (`content_split.content_index`); this holds for positives and negatives alike.
+    When the feature's positives span two or more groups that all fall on one side, the group nearest
+    the threshold moves across, so that both sides get positives.
+    Held-out documents that share a sentence, shingle or contained text with the chosen evidence are
+    then left out (`heldout_dropped`).
     Evidence: the `n_evidence` top-activating positives of the evidence pool and `n_evidence` negatives.
     Held-out: `n_holdout` positives spread over `n_quantiles` activation quantiles and `n_holdout`
     negatives. With `embeddings` (row i = document at row i of `documents`, computed once per dataset)
@@ -188,6 +202,7 @@ def split_evidence(
 
 def _split(
     docs: pl.DataFrame,
+    index: ContentIndex,
     acts: pl.DataFrame,
     feature: int,
     n_evidence: int,
@@ -209,28 +224,38 @@ def _split(
         .with_columns(pl.col("doc_id").cast(pl.Int32))
     )
     frame = (
-        docs.select("doc_id", "doc_hash", "text", "_row", "_h64")
-        .with_columns(pl.Series("u", unit_hash(docs["_h64"].to_numpy(), feature, seed)))
+        docs.select("doc_id", "doc_hash", "text", "_row", "_h64", "_g64")
+        .with_columns(
+            pl.Series("u", unit_hash(docs["_h64"].to_numpy(), feature, seed)),
+            pl.Series("ug", unit_hash(docs["_g64"].to_numpy(), feature, seed)),
+        )
+        .with_columns((pl.col("ug") < threshold).alias("evidence_pool"))
         .join(per_doc, on="doc_id", how="left")
-        .with_columns((pl.col("u") < threshold).alias("evidence_pool"))
     )
+    frame = _both_sides(frame)
     pos = frame.filter(pl.col("max_activation").is_not_null())
     neg = frame.filter(pl.col("max_activation").is_null() & (pl.col("text").str.strip_chars() != ""))
 
     ev_pos = (
         pos.filter("evidence_pool").sort(["max_activation", "u"], descending=[True, False]).head(n_evidence)
     )
-    ho_pool = pos.filter(~pl.col("evidence_pool"))
-    ho_pos = _quantile_sample(ho_pool, n_holdout, n_quantiles)
-
     use_hard = embeddings is not None
     ev_neg_pool = neg.filter("evidence_pool").sort("u")
-    ho_neg_pool = neg.filter(~pl.col("evidence_pool")).sort("u")
     n_hard_ev = round(n_evidence * hard_negative_fraction) if use_hard else 0
     n_hard_ho = round(n_holdout * hard_negative_fraction) if use_hard else 0
     ev_hard = _hard_negatives(ev_neg_pool, ev_pos, embeddings, n_hard_ev)
-    ho_hard = _hard_negatives(ho_neg_pool, ho_pos, embeddings, n_hard_ho)
     ev_rand = ev_neg_pool.join(ev_hard, on="doc_id", how="anti").head(n_evidence - ev_hard.height)
+
+    # held-out: the other groups, less any document that shares content with the shown evidence anyway
+    shown_rows = pl.concat([ev_pos["_row"], ev_rand["_row"], ev_hard["_row"]]).to_numpy()
+    overlap = pl.Series("overlap", index.shares(shown_rows, boilerplate=False))
+    ho_pool = pos.filter(~pl.col("evidence_pool"))
+    ho_neg_pool = neg.filter(~pl.col("evidence_pool")).sort("u")
+    ho_overlap = [overlap.gather(p["_row"]) for p in (ho_pool, ho_neg_pool)]
+    dropped = sum(int(o.sum()) for o in ho_overlap)
+    ho_pool, ho_neg_pool = (p.filter(~o) for p, o in zip((ho_pool, ho_neg_pool), ho_overlap, strict=True))
+    ho_pos = _quantile_sample(ho_pool, n_holdout, n_quantiles)
+    ho_hard = _hard_negatives(ho_neg_pool, ho_pos, embeddings, n_hard_ho)
     ho_rand = ho_neg_pool.join(ho_hard, on="doc_id", how="anti").head(n_holdout - ho_hard.height)
     background = ev_neg_pool.join(pl.concat([ev_hard, ev_rand]), on="doc_id", how="anti").head(n_background)
 
@@ -263,6 +288,27 @@ def _split(
         background=ids(background),
         evidence_hash=evidence_hash,
         background_hash=background_hash,
+        heldout_dropped=dropped,
+    )
+
+
+def _both_sides(frame: pl.DataFrame) -> pl.DataFrame:
+    """When a feature's positives lie in two or more groups, all on one side, move the group nearest the
+    other side's hash range across (whole), so that both sides get positives."""
+    groups = (
+        frame.filter(pl.col("max_activation").is_not_null())
+        .group_by("_g64")
+        .agg(pl.col("ug").first(), pl.col("evidence_pool").first())
+    )
+    if groups.height < 2 or groups["evidence_pool"].n_unique() == 2:
+        return frame
+    all_evidence = bool(groups["evidence_pool"][0])
+    moved = groups.sort("ug", descending=all_evidence)["_g64"][0]
+    return frame.with_columns(
+        pl.when(pl.col("_g64") == moved)
+        .then(not all_evidence)
+        .otherwise("evidence_pool")
+        .alias("evidence_pool")
     )
 
 
@@ -292,6 +338,25 @@ def _hard_negatives(
     return pool[np.argsort(-sims, kind="stable")[:n]]
 
 
+_INDEX_CACHE: dict[str, ContentIndex] = {}
+_INDEX_CACHE_LOCK = threading.Lock()
+
+
+def _content_index(docs: pl.DataFrame) -> ContentIndex:
+    """`content_index` of the prepared documents, reused while the same texts (by doc_hash, in order)
+    are split again in this process (labeling then scoring, a notebook's per-feature calls)."""
+    key = hashlib.blake2b("\n".join(docs["doc_hash"].to_list()).encode(), digest_size=16).hexdigest()
+    with _INDEX_CACHE_LOCK:
+        if key in _INDEX_CACHE:
+            return _INDEX_CACHE[key]
+    index = content_index(docs["text"])
+    with _INDEX_CACHE_LOCK:
+        if len(_INDEX_CACHE) >= 2:
+            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
+        _INDEX_CACHE[key] = index
+    return index
+
+
 def split_features(
     token_activations: pl.DataFrame,
     documents: pl.DataFrame,
@@ -304,10 +369,21 @@ def split_features(
     hard_negative_fraction: float = 0.5,
     n_background: int = 2000,
     n_quantiles: int = 10,
+    content: ContentIndex | None = None,
 ) -> dict[int, EvidenceSplit]:
-    """`split_evidence` for many features, preparing documents and partitioning activations once."""
+    """`split_evidence` for many features, preparing documents, grouping them by content and partitioning
+    activations once. `content` (`content_index(documents["text"])`) saves recomputing the groups."""
     _check_activations(token_activations)
     docs = prepare_documents(documents)
+    index = content if content is not None else _content_index(docs)
+    if index.n_docs != docs.height:
+        raise ValueError(
+            f"content index has {index.n_docs} documents but documents has {docs.height}; build it with "
+            "content_index(documents['text'])."
+        )
+    docs = docs.with_columns(pl.Series("_group", index.group)).with_columns(
+        pl.col("_h64").min().over("_group").alias("_g64")
+    )
     if embeddings is not None and embeddings.shape[0] != docs.height:
         raise ValueError(
             f"embeddings has {embeddings.shape[0]} rows but documents has {docs.height}; row i of the "
@@ -320,6 +396,7 @@ def split_features(
     return {
         f: _split(
             docs,
+            index,
             parts.get(f, empty),
             f,
             n_evidence,

@@ -21,6 +21,13 @@ from typing import Any, Protocol
 import numpy as np
 import polars as pl
 
+from interp_assets.labels.answers import (
+    AnswerError,
+    failure_status,
+    json_status,
+    looks_like_refusal,
+    restates_prompt,
+)
 from interp_assets.labels.evidence import (
     CORE_DOC_COLUMNS,
     EvidenceSplit,
@@ -47,6 +54,7 @@ FEATURE_LABELS_SCHEMA: dict[str, pl.DataType] = {
     "evidence_doc_ids": pl.List(pl.Int32()),
     "evidence_hash": pl.String(),
     "sae_id": pl.String(),
+    "status": pl.String(),
 }
 PUBLISHED_SCHEMA: dict[str, pl.DataType] = {
     "feature": pl.Int32(),
@@ -74,6 +82,7 @@ class Label:
     label: str
     description: str
     source: str
+    status: str = "ok"  # of the LLM answer it came from (`interp_assets.labels.answers`)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -344,7 +353,7 @@ def build_label_prompt(
     return [{"role": "system", "content": LABEL_SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
 
 
-class LabelResponseError(ValueError):
+class LabelResponseError(AnswerError):
     """An LLM answer that does not contain the JSON the prompt asked for."""
 
 
@@ -401,6 +410,25 @@ def parse_label_response(text: str) -> tuple[str, str]:
             f"the answer's label is {len(label)} characters, not a short name: {_snippet(text)}"
         )
     return label, description
+
+
+def read_label_answer(text: str, messages: Messages) -> tuple[str, str, str]:
+    """`(label, description, status)` from an LLM answer to `messages`; status `ok` (bare JSON) or
+    `parsed_from_prose`. Raises `LabelResponseError` with status `refused`, `restated_prompt` or
+    `invalid`."""
+    try:
+        label, description = parse_label_response(text)
+    except LabelResponseError:
+        if isinstance(text, str) and looks_like_refusal(text):
+            raise LabelResponseError(f"the model refused: {_snippet(text)}", "refused") from None
+        raise
+    if looks_like_refusal(label):
+        raise LabelResponseError(f"the model refused in its label: {_snippet(text)}", "refused")
+    if restates_prompt(label, messages):
+        raise LabelResponseError(
+            f"the label {label!r} restates the prompt instead of naming a concept", "restated_prompt"
+        )
+    return label, description, json_status(text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -521,7 +549,7 @@ class LabelCache:
     Writes go to a temporary file in the same folder, then replace the cache file atomically.
     """
 
-    COLUMNS = ("sae_id", "feature", "evidence_hash", "labeler", "label", "description", "source")
+    COLUMNS = ("sae_id", "feature", "evidence_hash", "labeler", "label", "description", "source", "status")
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -539,7 +567,9 @@ class LabelCache:
                 rows = pl.read_parquet(self.path).to_dicts()
             for r in rows:
                 key = (str(r["sae_id"]), int(r["feature"]), str(r["evidence_hash"]), str(r["labeler"]))
-                self._entries[key] = Label(str(r["label"]), str(r["description"]), str(r["source"]))
+                self._entries[key] = Label(
+                    str(r["label"]), str(r["description"]), str(r["source"]), str(r.get("status") or "ok")
+                )
         except Exception as exc:  # noqa: BLE001 - any unreadable cache gets the same advice
             raise ValueError(
                 f"label cache {str(self.path)!r} is unreadable ({type(exc).__name__}: {exc}); delete it to "
@@ -574,6 +604,7 @@ class LabelCache:
                 "label": v.label,
                 "description": v.description,
                 "source": v.source,
+                "status": v.status,
             }
             for k, v in sorted(self._entries.items())
         ]
@@ -623,10 +654,12 @@ def label_features(
     """Label `features`: published labels first, then the cache, then the LLM (if enabled), else offline.
 
     Returns the feature_labels table. A feature whose LLM request fails (bad answer, HTTP error, budget
-    spent) gets its offline label instead (source says so) and a message appended to `errors`; the
-    other features' answers are kept and cached. Offline labels are cached too, keyed by everything they
+    spent) gets its offline label instead (source says so; `status` says what happened, see
+    `interp_assets.labels.answers`) and a message appended to `errors`; the other features' answers are
+    kept and cached. Offline labels are cached too, keyed by everything they
     read (evidence and background documents). `counts` (if given) receives `published`, `from_cache`
-    and `computed` (labels written now: LLM answers and offline labels).
+    and `computed` (labels written now: LLM answers and offline labels), and `heldout_dropped` (held-out
+    documents left out for sharing content with the evidence, all features).
     """
     splits = split_features(
         token_activations,
@@ -644,8 +677,10 @@ def label_features(
     use_llm = llm is not None and llm.enabled
     labeler = llm_labeler_id(llm.model) if use_llm else OFFLINE_SOURCE
     labels: dict[int, Label] = {}
+    status: dict[int, str] = {}  # of the LLM answer, for features the LLM was asked (or cached) for
     pending: dict[int, Messages] = {}
     tally = {"published": 0, "from_cache": 0, "computed": 0}
+    tally["heldout_dropped"] = sum(s.heldout_dropped for s in splits.values())
     for f, split in splits.items():
         if f in published_by_feature:
             labels[f] = published_by_feature[f]
@@ -654,6 +689,7 @@ def label_features(
             cached = cache.get(sae_id, f, split.evidence_hash, labeler) if cache is not None else None
             if cached is not None:
                 labels[f] = cached
+                status[f] = cached.status
                 tally["from_cache"] += 1
             else:
                 pos, neg = split_excerpts(
@@ -667,12 +703,15 @@ def label_features(
             try:
                 if isinstance(answer, Exception):
                     raise answer
-                label, description = parse_label_response(answer)
+                label, description, status[f] = read_label_answer(answer, pending[f])
             except Exception as exc:  # noqa: BLE001 - recorded per feature, others kept
+                status[f] = failure_status(exc)
                 if errors is not None:
-                    errors.append(f"feature {f}: LLM label failed, offline label used instead: {exc}")
+                    errors.append(
+                        f"feature {f}: LLM label failed ({status[f]}), offline label used instead: {exc}"
+                    )
                 continue
-            labels[f] = Label(label, description, f"llm:{llm.model}")
+            labels[f] = Label(label, description, f"llm:{llm.model}", status[f])
             fresh.append((sae_id, f, splits[f].evidence_hash, labeler, labels[f]))
             tally["computed"] += 1
         if cache is not None and fresh:
@@ -706,6 +745,7 @@ def label_features(
             "evidence_doc_ids": [s.evidence_doc_ids for s in splits.values()],
             "evidence_hash": [s.evidence_hash for s in splits.values()],
             "sae_id": [sae_id] * len(splits),
+            "status": [status.get(f, "ok") for f in splits],
         },
         schema=FEATURE_LABELS_SCHEMA,
     )

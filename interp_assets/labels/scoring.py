@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from interp_assets.labels.answers import echoes_prompt, failure_status, json_status, looks_like_refusal, worst
 from interp_assets.labels.embedding import DEFAULT_EMBEDDING_MODEL, sentence_embeddings
 from interp_assets.labels.evidence import Excerpt, split_excerpts, split_features
 from interp_assets.labels.labeling import WORD_RE, ChatClient, LabelResponseError, Messages, extract_json
@@ -39,8 +40,9 @@ FEATURE_SCORES_SCHEMA: dict[str, pl.DataType] = {
     "f1_ci_high": pl.Float64(),
     "length_baseline_auc": pl.Float64(),
     "beats_length_baseline": pl.Boolean(),
+    "status": pl.String(),
 }
-METRIC_COLUMNS = tuple(FEATURE_SCORES_SCHEMA)[4:]
+METRIC_COLUMNS = tuple(c for c in tuple(FEATURE_SCORES_SCHEMA)[4:] if c != "status")
 SCORER_VERSION = "2"  # bumped when a scorer's metrics change for the same inputs (2: length baseline)
 
 
@@ -110,7 +112,7 @@ class ScoreCache:
 
         with self._lock:
             for key, metrics in entries.items():
-                self._entries[key] = json.dumps({k: metrics.get(k) for k in METRIC_COLUMNS})
+                self._entries[key] = json.dumps({k: metrics.get(k) for k in (*METRIC_COLUMNS, "status")})
             self.path.parent.mkdir(parents=True, exist_ok=True)
             frame = pl.DataFrame(
                 {"key": list(self._entries), "metrics": list(self._entries.values())},
@@ -400,11 +402,40 @@ def parse_binary_answers(text: str, n: int) -> list[int]:
             answers.append(int(v))
         elif isinstance(v, str) and v.strip() in ("0", "1"):
             answers.append(int(v.strip()))
+        elif _is_number(v):
+            raise LabelResponseError(
+                f"answer {v!r} is out of range (not 0 or 1) in {str(text)[:200]!r}", "out_of_range"
+            )
         else:
             raise LabelResponseError(f"answer {v!r} is not 0 or 1 in {str(text)[:200]!r}")
     if len(answers) != n:
         raise LabelResponseError(f"expected {n} answers, got {len(answers)} in {str(text)[:200]!r}")
     return answers
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def read_score_answer(text: str, n: int, messages: Messages) -> tuple[list[int], str]:
+    """`(answers, status)` from a detection/fuzz reply: status `ok` (bare JSON) or `parsed_from_prose`.
+    Raises `LabelResponseError` with status `refused`, `restated_prompt`, `out_of_range` or `invalid`."""
+    try:
+        answers = parse_binary_answers(text, n)
+    except LabelResponseError as exc:
+        if exc.status == "invalid" and isinstance(text, str):
+            if echoes_prompt(text, messages):
+                raise LabelResponseError(
+                    f"the reply repeats the prompt: {text[:200]!r}", "restated_prompt"
+                ) from None
+            if looks_like_refusal(text):
+                raise LabelResponseError(f"the model refused: {text[:200]!r}", "refused") from None
+        raise
+    return answers, json_status(text)
 
 
 def _collect(
@@ -414,21 +445,29 @@ def _collect(
     n_boot: int,
     seed: int,
     errors: list[str],
+    statuses: list[str] | None = None,
 ) -> dict[str, Any] | None:
+    """Metrics over the batches answered (with `status`: the worst batch's); each batch's status is
+    appended to `statuses`. None when no batch was usable."""
     y_true, y_pred = [], []
-    for (_, idx), reply in zip(prompts, replies, strict=True):
+    batch_status: list[str] = []
+    for (messages, idx), reply in zip(prompts, replies, strict=True):
         try:
             if isinstance(reply, Exception):
                 raise reply
-            answers = parse_binary_answers(reply, len(idx))
+            answers, status = read_score_answer(reply, len(idx), messages)
         except Exception as exc:  # noqa: BLE001 - a failed batch drops its excerpts, others are kept
-            errors.append(f"{len(idx)} excerpts not scored: {exc}")
+            batch_status.append(failure_status(exc))
+            errors.append(f"{len(idx)} excerpts not scored ({batch_status[-1]}): {exc}")
             continue
+        batch_status.append(status)
         y_true += [int(heldout[i].is_positive) for i in idx]
         y_pred += answers
+    if statuses is not None:
+        statuses += batch_status
     if not y_true:
         return None
-    return binary_metrics(y_true, y_pred, None, n_boot=n_boot, seed=seed)
+    return binary_metrics(y_true, y_pred, None, n_boot=n_boot, seed=seed) | {"status": worst(batch_status)}
 
 
 def _llm_score(
@@ -520,7 +559,9 @@ def score_features(
     batches are left out and described in `errors`; features without held-out positives are skipped.
     `embed` (texts -> unit vectors) replaces `sentence_embeddings(texts, embedding_model)`, e.g. to reuse
     vectors across calls. With `cache`, a score whose inputs (label, excerpts, scorer settings) were scored
-    before is read back, not recomputed; `counts` (if given) receives `from_cache` and `computed`.
+    before is read back, not recomputed; `counts` (if given) receives `from_cache` and `computed`, and
+    `answers_<status>` per LLM reply (`interp_assets.labels.answers`). A score row's `status` is its worst
+    reply's; the metrics leave out the excerpts of unusable replies.
     """
     llm_on = llm is not None and llm.enabled
     methods = (
@@ -659,10 +700,12 @@ def score_features(
                     jobs.append((i, method, prompts, key))
         replies = llm.map_chat([m for *_, prompts, _ in jobs for m, _ in prompts]) if jobs else []
         offset = 0
+        answer_statuses: list[str] = []
         for i, method, prompts, key in jobs:
             row, ho, _ = work[i]
             job_errors: list[str] = []
-            metrics = _collect(ho, prompts, replies[offset : offset + len(prompts)], n_boot, seed, job_errors)
+            replies_now = replies[offset : offset + len(prompts)]
+            metrics = _collect(ho, prompts, replies_now, n_boot, seed, job_errors, answer_statuses)
             offset += len(prompts)
             errors += [f"feature {row['feature']} ({method}): {e}" for e in job_errors]
             if metrics is not None:
@@ -671,6 +714,8 @@ def score_features(
                 tally["computed"] += 1
                 if not job_errors:  # a score with failed batches is not kept: a later run may complete it
                     fresh[key] = metrics
+        for status in answer_statuses:  # one per LLM reply: answers_ok, answers_refused, ...
+            tally[f"answers_{status}"] = tally.get(f"answers_{status}", 0) + 1
     if cache is not None:
         cache.put_many(fresh)
     if counts is not None:
@@ -683,6 +728,7 @@ def score_features(
             "label": row["label"],
             "method": method,
             **{k: results[(i, method)][k] for k in METRIC_COLUMNS},
+            "status": results[(i, method)].get("status") or "ok",
         }
         for method in methods
         for i, (row, _, _) in enumerate(work)

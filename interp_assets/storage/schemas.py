@@ -204,6 +204,13 @@ _TABLES = (
                 "evidence_hash", "string", "hash of the evidence; with sae_id and feature it is the cache key"
             ),
             col("sae_id", "string", "identity of the SAE (and reader model) that produced the features"),
+            col(
+                "status",
+                "string",
+                "what happened to the LLM answer: `ok`, `parsed_from_prose` (JSON inside prose or a code "
+                "fence), or why it was not used and the offline label stands in: `refused`, `truncated`, "
+                "`restated_prompt`, `invalid`, `failed`, `budget_exhausted` (`ok` without an LLM)",
+            ),
         ),
     ),
     Table(
@@ -229,6 +236,14 @@ _TABLES = (
                 "bool",
                 "the label's AUC (balanced accuracy for LLM scorers) is above that: the report calls a "
                 'label that does not "unclear"',
+            ),
+            col(
+                "status",
+                "string",
+                "the worst of the LLM replies behind the score (`ok` for embedding): `ok`, "
+                "`parsed_from_prose`, or a reason the excerpts of some replies were left out: `refused`, "
+                "`truncated`, `restated_prompt`, `out_of_range` (answers other than 0/1), `invalid`, "
+                "`failed`, `budget_exhausted`",
             ),
         ),
     ),

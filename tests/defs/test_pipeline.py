@@ -275,6 +275,9 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     labels_meta = changed.asset_materializations_for_node("feature_labels")[0].metadata
     scores_meta = changed.asset_materializations_for_node("feature_scores")[0].metadata
     assert "reused_stored_table" not in labels_meta and "reused_stored_table" not in scores_meta
+    assert labels_meta["label_status"].value == {"ok": labels_meta["labeled_features"].value}  # offline
+    assert labels_meta["heldout_dropped"].value == 0  # content groups already keep the sides apart
+    assert scores_meta["score_status"].value == {"ok": scores_meta["scored_labels"].value}
     n_labeled = read_table(str(data / "parquet"), "feature_labels", "support_assistant_a").collect().height
     assert n_labeled == labels_meta["labeled_features"].value < labeled_before
     # a stored table that went missing is computed again, not "reused"

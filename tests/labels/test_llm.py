@@ -20,10 +20,21 @@ import pytest
 from interp_assets.labels.evidence import split_evidence, text_hash
 from interp_assets.labels.labeling import LABEL_SYSTEM_PROMPT, LabelCache, label_features
 from interp_assets.labels.scoring import DETECTION_SYSTEM_PROMPT, FUZZ_SYSTEM_PROMPT, score_features
-from resources.llm import LLMBudgetExhausted, LLMError, LLMResource
+from resources.llm import LLMBudgetExhausted, LLMError, LLMRefusal, LLMResource, LLMTruncated
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llm_server import Answer, Delay, FakeLLMServer, Malformed, RateLimited, ServerError  # noqa: E402
+from llm_server import (  # noqa: E402
+    Answer,
+    Delay,
+    FakeLLMServer,
+    Malformed,
+    RateLimited,
+    Refusal,
+    ServerError,
+    Truncated,
+    fenced,
+    in_prose,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-test-SECRET-0123456789abcdef"
@@ -203,18 +214,24 @@ FAMILIES = {
     1: ("refund", "reimbursement", "chargeback"),
     2: ("rain", "snow", "storm"),
 }
+# every sentence carries the document's number {i} near its middle, so no two documents share a sentence
+# or an 8-word shingle: a content-grouped split treats them as independent documents
 FILLERS = [
-    "the order number is {i}",
-    "my account was opened last year",
-    "the courier came on Tuesday",
-    "please check the attached form",
-    "the office is on the second floor",
-    "thanks for the quick reply",
+    "the order {i} is late",
+    "my account {i} was opened",
+    "the courier {i} came Tuesday",
+    "please check form {i} attached",
+    "the office {i} is upstairs",
+    "thanks for reply {i}",
 ]
 PHRASES = {
-    0: ["we are sorry for the wait", "I apologize for the confusion", "our apologies for the mix-up"],
-    1: ["I would like a refund", "the reimbursement is pending", "the bank opened a chargeback"],
-    2: ["the rain delayed the truck", "snow closed the road", "a storm hit the depot"],
+    0: [
+        "we are sorry, case {i}, for the wait",
+        "I apologize for case {i} confusion",
+        "our apologies, case {i}, for this",
+    ],
+    1: ["I would like refund {i} now", "the reimbursement {i} is pending", "the bank opened chargeback {i}"],
+    2: ["the rain {i} delayed the truck", "snow closed road {i}", "a storm hit depot {i}"],
 }
 
 
@@ -223,7 +240,7 @@ def corpus(n: int = 360) -> pl.DataFrame:
     for i in range(n):
         parts = [FILLERS[i % 6].format(i=i)]
         if i % 4 in (0, 1):
-            parts.append(PHRASES[i % 3][i // 3 % 3])
+            parts.append(PHRASES[i % 3][i // 3 % 3].format(i=i))
         parts.append(FILLERS[(i * 7 + 1) % 6].format(i=i))
         texts.append(". ".join(parts).capitalize() + ".")
     return pl.DataFrame(
@@ -298,10 +315,11 @@ def test_label_and_score_end_to_end(server: FakeLLMServer, bench: ModuleType, tm
     assert by_feature[0]["source"] == "llm:fake-model" and "sorry" in by_feature[0]["label"]
     assert by_feature[1]["source"] == "llm:fake-model" and "refund" in by_feature[1]["label"]
     assert by_feature[2]["source"] == "offline:log-odds"  # malformed answer: offline label kept instead
+    assert [by_feature[f]["status"] for f in (0, 1, 2)] == ["parsed_from_prose"] * 2 + ["invalid"]
     assert len(errors) == 1 and errors[0].startswith("feature 2: LLM label failed") and "no JSON" in errors[0]
     assert len(server.requests) == 3 and len(cache) == 3  # 2 LLM labels + feature 2's offline label
     # the labeler saw only evidence documents
-    label_prompt = next(r for r in server.requests if "sorry" in r.messages[-1]["content"]).messages[-1][
+    label_prompt = next(r for r in server.requests if "<<sorry>>" in r.messages[-1]["content"]).messages[-1][
         "content"
     ]
     heldout = split_evidence(acts, docs, 0, **params).heldout_doc_ids
@@ -347,6 +365,7 @@ def test_budget_exhaustion_keeps_partial_labels_and_scores(server: FakeLLMServer
     )
     assert len(server.requests) == 1
     assert sorted(labels["source"].to_list()) == ["llm:fake-model", "offline:log-odds"]
+    assert sorted(labels["status"].to_list()) == ["budget_exhausted", "parsed_from_prose"]
     assert len(errors) == 1 and "budget exhausted" in errors[0]
     score_errors: list[str] = []
     scores = score_features(
@@ -355,3 +374,189 @@ def test_budget_exhaustion_keeps_partial_labels_and_scores(server: FakeLLMServer
     assert len(server.requests) == 1  # nothing left to spend
     assert scores["method"].to_list() == ["embedding", "embedding"]  # offline scores still computed
     assert score_errors and all("budget exhausted" in e for e in score_errors)
+
+
+# ------------------------------------------------------------------ answers the way real models go wrong
+
+GOOD_LABEL = '{"label": "apologies", "description": "Apologies to customers."}'
+
+
+def test_a_refusal_is_not_retried(server: FakeLLMServer) -> None:
+    server.enqueue(Refusal())
+    llm = resource(server)
+    with pytest.raises(LLMRefusal, match="refused"):
+        llm.chat_json(HELLO)
+    server.enqueue(Answer("", finish_reason="content_filter"))
+    with pytest.raises(LLMRefusal, match="content_filter"):
+        llm.chat_json(HELLO)
+    assert len(server.requests) == 2 and llm.calls_made == 2
+
+
+def test_a_truncated_answer_is_asked_again_once_with_twice_the_tokens(server: FakeLLMServer) -> None:
+    server.answer = GOOD_LABEL
+    server.enqueue(Truncated())
+    llm = resource(server, max_tokens=100)
+    assert llm.chat_json(HELLO) == GOOD_LABEL
+    assert [r.body["max_tokens"] for r in server.requests] == [100, 200] and llm.calls_made == 2
+    server.enqueue(Truncated(), Truncated())
+    with pytest.raises(LLMTruncated, match="cut off at max_tokens=200") as info:
+        llm.chat_json(HELLO)
+    assert info.value.partial == GOOD_LABEL[: len(GOOD_LABEL) // 2]
+    assert llm.calls_made == 4  # the retry is paid from the budget
+    server.enqueue(Truncated())
+    with pytest.raises(LLMTruncated):  # no attempt left for the retry
+        resource(server, max_retries=0).chat_json(HELLO)
+
+
+def restated(text: str) -> Answer:
+    return Answer(json.dumps({"label": text, "description": "x"}))
+
+
+LABEL_MODES = {
+    "prose": ([Answer(in_prose(GOOD_LABEL))], "parsed_from_prose", True, 1),
+    "fence": ([Answer(fenced(GOOD_LABEL))], "parsed_from_prose", True, 1),
+    "refusal": ([Refusal()], "refused", False, 1),
+    "refusal_in_prose": ([Refusal(as_text=True)], "refused", False, 1),
+    "refusal_in_label": ([restated("I cannot determine this")], "refused", False, 1),
+    "truncated_once": ([Truncated()], "ok", True, 2),
+    "truncated": ([Truncated(), Truncated()], "truncated", False, 2),
+    "restates_markers": ([restated("<<sorry>> for the wait")], "restated_prompt", False, 1),
+    "restates_instructions": ([restated("texts where the feature fires")], "restated_prompt", False, 1),
+    "restates_placeholder": ([restated("<2-6 words>")], "restated_prompt", False, 1),
+    "no_json": ([Answer("This feature is about customers and their orders.")], "invalid", False, 1),
+    "empty_label": ([Answer('{"label": "", "description": "x"}')], "invalid", False, 1),
+    "http_400": ([ServerError(400, "bad request")], "failed", False, 1),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(LABEL_MODES))
+def test_label_status_for_each_way_an_answer_goes_wrong(
+    server: FakeLLMServer, bench: ModuleType, mode: str
+) -> None:
+    behaviours, status, from_llm, requests = LABEL_MODES[mode]
+    server.answer = GOOD_LABEL
+    server.enqueue(*behaviours)  # feature 0's request comes first (one request at a time)
+    docs = corpus()
+    acts = bench.rule_based_activations(docs, FAMILIES)
+    errors: list[str] = []
+    labels = label_features(
+        acts,
+        docs,
+        [0, 1],
+        dataset="support",
+        sae_id="rules",
+        llm=resource(server, max_concurrency=1),
+        errors=errors,
+        n_evidence=10,
+        n_holdout=20,
+    )
+    first, second = labels.sort("feature").iter_rows(named=True)
+    assert first["status"] == status
+    assert first["source"] == ("llm:fake-model" if from_llm else "offline:log-odds")
+    assert (first["label"] == "apologies") == from_llm
+    assert second["status"] == "ok" and second["label"] == "apologies"  # the other feature is untouched
+    assert len(server.requests) == requests + 1
+    if from_llm:
+        assert not errors
+    else:
+        assert len(errors) == 1 and errors[0].startswith(f"feature 0: LLM label failed ({status})")
+
+
+def detection_answer(messages: list[dict]) -> str:
+    n = int(re.search(r"exactly (\d+) integers", messages[-1]["content"]).group(1))
+    return json.dumps([1] * n)
+
+
+def out_of_range(values: list) -> Answer:
+    return Answer(
+        lambda m: json.dumps((values * 10)[: int(re.search(r"exactly (\d+)", m[-1]["content"])[1])])
+    )
+
+
+SCORE_MODES = {
+    "prose": (Answer(lambda m: in_prose(detection_answer(m))), "parsed_from_prose", 40),
+    "fence": (Answer(lambda m: fenced(detection_answer(m))), "parsed_from_prose", 40),
+    "refusal": (Refusal(), "refused", 30),
+    "refusal_in_prose": (Refusal(as_text=True), "refused", 30),
+    "truncated": (Truncated(), "truncated", 30),  # and again with twice the tokens: still cut off
+    "scale_answers": (out_of_range([0, 2, 1]), "out_of_range", 30),
+    "probabilities": (out_of_range([0.9, 0.1]), "out_of_range", 30),
+    "negative": (out_of_range(["-1", 1]), "out_of_range", 30),
+    "echoes_the_texts": (Answer(lambda m: m[-1]["content"]), "restated_prompt", 30),
+    "too_few_answers": (Answer("[1, 0]"), "invalid", 30),
+    "words": (Answer('["yes", "no"]'), "invalid", 30),
+    "server_error": (ServerError(503), "failed", 30),  # with max_retries=0
+}
+
+
+@pytest.mark.parametrize("mode", sorted(SCORE_MODES))
+def test_score_status_for_each_way_a_reply_goes_wrong(
+    server: FakeLLMServer, bench: ModuleType, mode: str
+) -> None:
+    behaviour, status, n_examples = SCORE_MODES[mode]
+    docs = corpus()
+    acts = bench.rule_based_activations(docs, FAMILIES)
+    labels = label_features(
+        acts, docs, [0, 1], dataset="support", sae_id="rules", n_evidence=10, n_holdout=20
+    )
+    server.answer = detection_answer
+    server.enqueue(behaviour, *([behaviour] if mode == "truncated" else []))  # feature 0's first batch
+    errors: list[str] = []
+    counts: dict[str, int] = {}
+    scores = score_features(
+        labels,
+        acts,
+        docs,
+        methods=["detection"],
+        llm=resource(server, max_concurrency=1, max_retries=0 if mode == "server_error" else 3),
+        n_evidence=10,
+        n_holdout=20,
+        n_boot=20,
+        errors=errors,
+        counts=counts,
+    )
+    first, second = scores.sort("feature").iter_rows(named=True)
+    assert (first["status"], first["n_examples"]) == (status, n_examples)
+    assert (second["status"], second["n_examples"]) == ("ok", 40)  # the other feature is untouched
+    assert counts[f"answers_{status}"] == 1 and counts.get("answers_ok", 0) == 3 + 4 - (status == "ok")
+    if n_examples == 40:
+        assert not errors
+    else:
+        assert len(errors) == 1 and errors[0].startswith(
+            f"feature 0 (detection): 10 excerpts not scored ({status})"
+        )
+
+
+def test_a_feature_whose_every_reply_fails_does_not_drop_the_others(
+    server: FakeLLMServer, bench: ModuleType
+) -> None:
+    docs = corpus()
+    acts = bench.rule_based_activations(docs, FAMILIES)
+    labels = label_features(
+        acts, docs, [0, 1], dataset="support", sae_id="rules", n_evidence=10, n_holdout=20
+    )
+    server.answer = detection_answer
+    server.enqueue(Refusal(), Answer("no idea"), Truncated(), Truncated(), out_of_range([3]))
+    errors: list[str] = []
+    counts: dict[str, int] = {}
+    scores = score_features(
+        labels,
+        acts,
+        docs,
+        methods=["detection"],
+        llm=resource(server, max_concurrency=1),
+        n_evidence=10,
+        n_holdout=20,
+        n_boot=20,
+        errors=errors,
+        counts=counts,
+    )
+    assert scores["feature"].to_list() == [1] and scores["status"].to_list() == ["ok"]
+    assert [e.split(": ")[1].split(" (")[0] for e in errors] == ["10 excerpts not scored"] * 4
+    assert {k: v for k, v in counts.items() if k.startswith("answers_")} == {
+        "answers_refused": 1,
+        "answers_invalid": 1,
+        "answers_truncated": 1,
+        "answers_out_of_range": 1,
+        "answers_ok": 4,
+    }
