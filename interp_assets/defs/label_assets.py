@@ -33,7 +33,7 @@ from interp_assets.storage.parquet import markdown_preview, read_table, table_ex
 from resources.llm import LLMResource
 from resources.storage import StorageResource
 
-LABELS_CODE_VERSION = "2"  # 2: offline labels cached, short documents shown whole
+LABELS_CODE_VERSION = "3"  # 2: offline labels cached, short documents whole; 3: phrase/topic/syntax labels
 SCORES_CODE_VERSION = "2"  # 2: scores cached, short documents scored whole
 
 
