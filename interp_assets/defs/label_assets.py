@@ -34,7 +34,7 @@ from resources.llm import LLMResource
 from resources.storage import StorageResource
 
 LABELS_CODE_VERSION = "3"  # 2: offline labels cached, short documents whole; 3: phrase/topic/syntax labels
-SCORES_CODE_VERSION = "2"  # 2: scores cached, short documents scored whole
+SCORES_CODE_VERSION = "3"  # 2: scores cached, short documents whole; 3: length baseline direction
 
 
 class FeatureLabelsConfig(Config):
