@@ -170,7 +170,8 @@ def split_evidence(
     Held-out: `n_holdout` positives spread over `n_quantiles` activation quantiles and `n_holdout`
     negatives. With `embeddings` (row i = document at row i of `documents`, computed once per dataset)
     a `hard_negative_fraction` of each negative set are the non-activating documents of that pool most
-    similar to that side's positives; the rest are random.
+    similar to that side's positives; the rest are random, the held-out ones drawn to the held-out
+    positives' text lengths (`_length_matched`), so length alone tells them apart no better than chance.
     """
     return split_features(
         token_activations,
@@ -231,7 +232,9 @@ def _split(
     ev_hard = _hard_negatives(ev_neg_pool, ev_pos, embeddings, n_hard_ev)
     ho_hard = _hard_negatives(ho_neg_pool, ho_pos, embeddings, n_hard_ho)
     ev_rand = ev_neg_pool.join(ev_hard, on="doc_id", how="anti").head(n_evidence - ev_hard.height)
-    ho_rand = ho_neg_pool.join(ho_hard, on="doc_id", how="anti").head(n_holdout - ho_hard.height)
+    ho_rand = _length_matched(
+        ho_neg_pool.join(ho_hard, on="doc_id", how="anti"), ho_pos, n_holdout - ho_hard.height
+    )
     background = ev_neg_pool.join(pl.concat([ev_hard, ev_rand]), on="doc_id", how="anti").head(n_background)
 
     shown = {
@@ -276,6 +279,24 @@ def _quantile_sample(pool: pl.DataFrame, n: int, n_quantiles: int) -> pl.DataFra
     ranked = ranked.with_columns(pl.col("u").rank("ordinal").over("bin").alias("within"))
     picked = ranked.sort(["within", "bin"], descending=[False, True]).head(n)
     return picked.drop("rank", "bin", "within").sort(["max_activation", "u"], descending=[True, False])
+
+
+def _length_matched(pool: pl.DataFrame, positives: pl.DataFrame, n: int) -> pl.DataFrame:
+    """`n` rows of `pool` whose text lengths follow the `positives`' (their length quantiles): for each
+    target length, the unused row of nearest length, the first in pool order on ties. Held-out negatives
+    so chosen leave length no cue for telling them from the positives."""
+    if n <= 0 or pool.height == 0 or positives.height == 0:
+        return pool.head(max(n, 0))
+    lengths = pool["text"].str.len_chars().to_numpy().astype(np.float64)
+    targets = np.quantile(positives["text"].str.len_chars().to_numpy(), (np.arange(n) + 0.5) / n)
+    free = np.ones(lengths.size, dtype=bool)
+    picked = []
+    for target in targets[: lengths.size]:
+        gap = np.where(free, np.abs(lengths - target), np.inf)
+        i = int(np.argmin(gap))
+        free[i] = False
+        picked.append(i)
+    return pool[sorted(picked)]
 
 
 def _hard_negatives(

@@ -160,6 +160,29 @@ def test_hard_negatives_are_the_most_similar_non_activating_documents() -> None:
     assert set(split.heldout_hard_negative) <= set(pool.heldout_random_negative)
 
 
+def test_heldout_random_negatives_match_the_positives_in_length() -> None:
+    """Positives are long, most non-firing texts short: held-out negatives are drawn to the positives'
+    lengths, so excerpt length alone cannot tell them apart (the length-only baseline stays near 0.5)."""
+    from interp_assets.labels.scoring import length_baseline
+
+    texts, rows = [], []
+    for i in range(900):
+        if i % 3 == 0:  # fires; long
+            texts.append(f"sorry {i} " + "the delivery was late again " * (2 + i % 5))
+            rows.append((i, 0, 5, 1.0 + i / 900))
+        else:  # silent; mostly short, a few long
+            texts.append(f"note {i} " + ("all fine here " * (8 if i % 10 == 1 else 1)))
+    docs, acts = documents(texts), activations(rows, texts)
+    split = split_evidence(acts, docs, 0, n_evidence=20, n_holdout=40)
+    length = {d: len(t) for d, t in enumerate(texts)}
+    pos = [length[d] for d in split.heldout_positive]
+    neg = [length[d] for d in split.heldout_random_negative]
+    assert len(neg) == 40 and abs(np.median(neg) - np.median(pos)) < 0.15 * np.median(pos)
+    assert np.mean([length[d] for d in split.evidence_random_negative]) < 0.5 * np.mean(pos)  # unmatched
+    ho_pos, ho_neg = split_excerpts(split, acts, docs, "heldout")
+    assert abs(length_baseline(ho_pos + ho_neg) - 0.5) < 0.15
+
+
 def test_split_errors_are_clear() -> None:
     docs, acts = graded_corpus(50, 20)
     with pytest.raises(ValueError, match="embeddings has 3 rows but documents has 50"):
