@@ -170,8 +170,9 @@ def split_evidence(
     Held-out: `n_holdout` positives spread over `n_quantiles` activation quantiles and `n_holdout`
     negatives. With `embeddings` (row i = document at row i of `documents`, computed once per dataset)
     a `hard_negative_fraction` of each negative set are the non-activating documents of that pool most
-    similar to that side's positives; the rest are random, the held-out ones drawn to the held-out
-    positives' text lengths (`_length_matched`), so length alone tells them apart no better than chance.
+    similar to that side's positives; the rest are random. Held-out negatives follow the held-out
+    positives' text lengths (`_length_matched`; hard ones are the most similar of 5x as many length-matched
+    candidates), so length alone tells them apart little better than chance.
     """
     return split_features(
         token_activations,
@@ -230,7 +231,10 @@ def _split(
     n_hard_ev = round(n_evidence * hard_negative_fraction) if use_hard else 0
     n_hard_ho = round(n_holdout * hard_negative_fraction) if use_hard else 0
     ev_hard = _hard_negatives(ev_neg_pool, ev_pos, embeddings, n_hard_ev)
-    ho_hard = _hard_negatives(ho_neg_pool, ho_pos, embeddings, n_hard_ho)
+    # held-out hard negatives: the most similar of length-matched candidates (length tells nothing)
+    ho_hard = _hard_negatives(
+        _length_matched(ho_neg_pool, ho_pos, 5 * n_hard_ho), ho_pos, embeddings, n_hard_ho
+    )
     ev_rand = ev_neg_pool.join(ev_hard, on="doc_id", how="anti").head(n_evidence - ev_hard.height)
     ho_rand = _length_matched(
         ho_neg_pool.join(ho_hard, on="doc_id", how="anti"), ho_pos, n_holdout - ho_hard.height
