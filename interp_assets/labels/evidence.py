@@ -21,6 +21,7 @@ from interp_assets.analysis.reports import ELLIPSIS, highlight_text, merge_spans
 
 SPLIT_VERSION = 1
 HARD_NEGATIVES_MAX_DOCS = 20_000  # above this, documents are not embedded for hard negatives
+WINDOW_CHARS = 2 * 150 + 20  # an excerpt's size at make_excerpt's default context_chars
 CORE_DOC_COLUMNS = frozenset({"dataset", "doc_id", "doc_hash", "text", "source_file", "source_row"})
 
 
@@ -291,8 +292,10 @@ def _length_matched(pool: pl.DataFrame, positives: pl.DataFrame, n: int) -> pl.D
     so chosen leave length no cue for telling them from the positives."""
     if n <= 0 or pool.height == 0 or positives.height == 0:
         return pool.head(max(n, 0))
-    lengths = pool["text"].str.len_chars().to_numpy().astype(np.float64)
-    targets = np.quantile(positives["text"].str.len_chars().to_numpy(), (np.arange(n) + 0.5) / n)
+    # lengths as excerpts show them: a text longer than a window is cut to one (make_excerpt's default)
+    lengths = np.minimum(pool["text"].str.len_chars().to_numpy(), WINDOW_CHARS).astype(np.float64)
+    positive_lengths = np.minimum(positives["text"].str.len_chars().to_numpy(), WINDOW_CHARS)
+    targets = np.quantile(positive_lengths, (np.arange(n) + 0.5) / n)
     free = np.ones(lengths.size, dtype=bool)
     picked = []
     for target in targets[: lengths.size]:
@@ -403,7 +406,8 @@ def make_excerpt(
 
     A text no longer than a window (`2 * context_chars + 20` characters) is kept whole, whether the feature
     fires in it or not: positives and negatives of short documents then differ in content, not in length,
-    and an excerpt that is a whole document shares its embedding (cached by content hash).
+    and an excerpt that is a whole document shares its embedding (cached by content hash). A longer text's
+    window has that size wherever the activation is (shifted inward at either end of the text).
     `token_spans` are `(char_start, char_end, activation)` of the active tokens in the whole text; the
     excerpt keeps those inside the window, merged. `…` marks where the text was trimmed.
     """
@@ -413,7 +417,11 @@ def make_excerpt(
         start, end = 0, len(text)
     elif spans:
         a_start, a_end, _ = max(spans, key=lambda t: (t[2], -t[0]))
-        start, end = max(0, a_start - context_chars), min(len(text), a_end + context_chars)
+        width = max(size, a_end - a_start + 2 * context_chars)
+        # a window that meets an end of the text is shifted, not shrunk: every window of a long text has
+        # the same size, positive or negative, so excerpt length tells nothing about firing
+        start = max(0, min(a_start - context_chars, len(text) - width))
+        end = min(len(text), start + width)
         start, end = _window(text, start, end, a_start, a_end)
     else:
         digest = hashlib.blake2b(f"{doc_id}:{seed}".encode(), digest_size=8).digest()

@@ -228,6 +228,20 @@ def test_excerpt_is_trimmed_around_the_strongest_activation() -> None:
     assert neg == make_excerpt(8, text, [], "random_negative", context_chars=30)
 
 
+def test_windows_of_long_texts_have_one_size_wherever_the_activation_is() -> None:
+    """An activation near either end of a long text shifts its window inward instead of shrinking it, so
+    positive and negative excerpts of long texts are as long (length is no cue for the scorer)."""
+    text = "sorry for the delay " + ("and then more words follow here " * 30) + "goodbye"
+    size = 2 * 30 + 20
+    first = make_excerpt(1, text, [(0, 5, 2.0)], "positive", context_chars=30)
+    last = make_excerpt(2, text, [(len(text) - 7, len(text), 2.0)], "positive", context_chars=30)
+    middle = make_excerpt(3, text, [(300, 303, 2.0)], "positive", context_chars=30)
+    negative = make_excerpt(4, text, [], "random_negative", context_chars=30)
+    assert first.marked.startswith("<<sorry>>") and last.marked.endswith("<<goodbye>>")
+    lengths = [len(e.text.strip("… ")) for e in (first, last, middle, negative)]
+    assert all(size - 12 <= n <= size for n in lengths), lengths
+
+
 def test_a_document_no_longer_than_a_window_is_kept_whole_positive_or_negative() -> None:
     text = "The parcel arrived broken and I am so sorry for that, truly, it will not happen again." * 2
     s = text.index("sorry")
