@@ -309,8 +309,13 @@ def feature_scores(
     )
     for message in errors[:20]:
         context.log.warning(message)
-    summary = scores.group_by("method").agg(
-        pl.len().alias("labels"), pl.col("f1").mean().alias("mean_f1"), pl.col("auc").mean().alias("mean_auc")
+    summary = scores.group_by("method").agg(  # headline metrics first (scoring.HEADLINE_METRIC), then F1
+        pl.len().alias("labels"),
+        pl.col("auc").mean().alias("mean_auc"),
+        pl.col("balanced_accuracy").mean().alias("mean_balanced_accuracy"),
+        pl.col("length_baseline_auc").mean().alias("mean_length_baseline_auc"),
+        pl.col("beats_length_baseline").mean().alias("share_beating_length"),
+        pl.col("f1").mean().alias("mean_f1"),
     )
     return Output(
         scores,
