@@ -401,3 +401,22 @@ def test_length_baseline_takes_its_direction_from_the_evidence() -> None:
         0.6,
     )
     assert headline_score({"auc": None, "balanced_accuracy": 0.55}) == ("balanced_accuracy", 0.55)
+
+
+def test_the_report_reads_each_method_by_its_headline_metric() -> None:
+    from interp_assets.analysis.reports import _score_text
+    from interp_assets.labels.scoring import HEADLINE_METRIC, headline_score
+
+    for method, metric in HEADLINE_METRIC.items():
+        row = {
+            "method": method,
+            "auc": 0.71 if metric == "auc" else None,  # the LLM scorers give no continuous score
+            "balanced_accuracy": 0.64,
+            "f1": 0.33,
+            "length_baseline_auc": 0.52,
+            "beats_length_baseline": True,
+        }
+        name, value = headline_score(row)
+        assert name == metric and value is not None
+        text = _score_text(row)
+        assert f"{value:.2f}" in text and "length alone: 0.52" in text and "0.33" not in text
