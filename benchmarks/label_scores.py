@@ -4,26 +4,30 @@ For each feature: label it from its evidence split (offline, or an LLM when conf
 its held-out split (a) its own label and (b) labels of other features (derangements of the features).
 A score that means something gives (a) clearly above (b). Prints tables, writes JSON.
 
-Default: REAL SAE features. The first `--n-docs` SST-2 train sentences (>= 6 words) are encoded by the
-embedded reader + SAE (`resources.sae_reader.load_reader()` defaults, `interp_assets.engine.activations.
-encode_texts` in chunks) and pooled with `interp_assets.engine.pooling.pool_token_activations`. Two feature
-selections run over the same activations: `frequent` = the `--n-features` most frequent features, by
-`interp_assets.labels.feature_selection.select_features` (what the feature_labels asset labels), and
-`spread` =
-features evenly spaced over the frequency ranks of those active in 100 documents to 90% of them. Labels
-come from `interp_assets.labels.labeling.label_features` (offline log-odds labeler) and scores from
-`interp_assets.labels.scoring.score_features` (embedding scorer) with the asset's split: 20 evidence / 40
-held-out documents, hard negatives from document embeddings. Each feature's real-label score is compared
-with the mean score of the labels it gets under `--swaps` seeded random derangements: mean/median, share
-of features where real > swapped, one-sided paired Wilcoxon signed-rank p-value. `auc_length` is the AUC
-of held-out excerpt length alone (no label at all), reported because longer documents fire more features.
+Default: REAL SAE features on two corpora: the first `--n-docs` SST-2 train sentences (>= 6 words) and a
+seeded sample of `--dbpedia-docs` DBpedia val documents, encoded by the embedded reader + SAE
+(`resources.sae_reader.load_reader()` defaults, `interp_assets.engine.activations.encode_texts` in chunks)
+and pooled with `interp_assets.engine.pooling.pool_token_activations`. Three feature selections per
+corpus: `frequent` = the `--n-features` most frequent features, by
+`interp_assets.labels.feature_selection.select_features` (what the feature_labels asset labels),
+`spread` = features evenly spaced over the frequency ranks of those active in 100 documents to 90% of
+them, and `report_top10` = the 10 features a diff report of the corpus's two largest classes (SST-2
+label, DBpedia category) lists first. Labels come from `label_features` (offline labeler) and scores from
+`score_features` (embedding scorer) with the asset's split: 20 evidence / 40 held-out documents, hard
+negatives from document embeddings. Each feature's real-label score is compared with the mean score of
+the labels it gets under `--swaps` seeded random derangements: mean, share of features where real >
+swapped, one-sided paired Wilcoxon signed-rank p-value, per metric (AUC, balanced accuracy, F1). Also:
+the share of features whose label beats the length-only baseline (`length_baseline_auc`: excerpt length
+alone, direction fitted on the evidence), the number of stopword labels (`is_stopword_label`), and on
+DBpedia, for features whose top documents are >= 80% one category, the share whose label names a word of
+that category's vocabulary (`CATEGORY_VOCABULARY`, held only here).
 
     python benchmarks/label_scores.py                          # -> results/label_scores.json
-    python benchmarks/label_scores.py --no-hard-negatives \
+    python benchmarks/label_scores.py --corpus sst2 --no-hard-negatives \
         --out benchmarks/results/label_scores_no_hard_negatives.json
     python benchmarks/label_scores.py --features rule-based    # -> results/label_scores_rule_based.json
 
-`--features rule-based` keeps the transparent word-family stand-in features (a known right answer).
+`--features rule-based` keeps the transparent word-family stand-in features on SST-2 (a known right answer).
 """
 
 from __future__ import annotations
@@ -47,10 +51,10 @@ from interp_assets.engine.activations import encode_texts, iter_chunks  # noqa: 
 from interp_assets.engine.pooling import pool_token_activations  # noqa: E402
 from interp_assets.engine.reader_model import EMBEDDED_READER, load_tokenizer  # noqa: E402
 from interp_assets.labels.embedding import sentence_embeddings  # noqa: E402
-from interp_assets.labels.evidence import split_excerpts, split_features, text_hash  # noqa: E402
+from interp_assets.labels.evidence import text_hash  # noqa: E402
 from interp_assets.labels.feature_selection import select_features  # noqa: E402
-from interp_assets.labels.labeling import ChatClient, label_features  # noqa: E402
-from interp_assets.labels.scoring import auc_score, score_features  # noqa: E402
+from interp_assets.labels.labeling import ChatClient, is_stopword_label, label_features  # noqa: E402
+from interp_assets.labels.scoring import HEADLINE_METRIC, score_features  # noqa: E402
 
 SST2_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
 
@@ -111,6 +115,175 @@ def load_sst2(
         pl.col("source_row").cast(pl.Int64),
         pl.col("label").cast(pl.Int64),
     )
+
+
+DBPEDIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dbpedia" / "dbpedia.tsv"
+
+# Words of each DBpedia category's vocabulary or description, held only here: an offline label of a
+# feature whose top documents are mostly one category "names the category" when one of its words equals
+# one of these or starts with one of 4+ letters (album -> albums). Written before looking at any label;
+# generic biography and place words (born, located, found) are left out.
+CATEGORY_VOCABULARY: dict[str, tuple[str, ...]] = {
+    "Company": tuple(
+        "company companies corporation firm business headquarter subsidiary brand product manufactur "
+        "industry industrial services inc ltd acquired retail bank airline software operates employees "
+        "founded owned store chain".split()
+    ),
+    "EducationalInstitution": tuple(
+        "school university college academy student education campus institute faculty secondary pupils "
+        "grade teaching degree founded".split()
+    ),
+    "Artist": tuple(
+        "artist singer musician songwriter band album music painter rapper guitar vocalist composer song "
+        "recording producer performer actor actress records painting art".split()
+    ),
+    "Athlete": tuple(
+        "player football league team season club played cup olympic champion professional baseball "
+        "basketball hockey soccer goal match race athlete midfielder defender forward national sport "
+        "coach games tournament nfl nhl mlb medal swimmer cyclist runner wrestler boxer tennis".split()
+    ),
+    "OfficeHolder": tuple(
+        "politician minister member elected party served president parliament senate senator governor "
+        "election office government council political democrat republican assembly mayor judge "
+        "representative legislat politics ambassador secretary house congress".split()
+    ),
+    "MeanOfTransportation": tuple(
+        "ship aircraft car vehicle navy naval launched built engine locomotive vessel boat automobile "
+        "railway motor produced fleet flight hms uss submarine destroyer cruiser airplane plane "
+        "manufactur sedan truck".split()
+    ),
+    "Building": tuple(
+        "building built house church hotel historic tower architect constructed construction temple "
+        "castle museum hospital station register places street floor structure mansion style listed "
+        "storey story cathedral mosque".split()
+    ),
+    "NaturalPlace": tuple(
+        "river mountain lake mount island peak range valley creek tributary elevation park glacier bay "
+        "forest hill flows sea volcano canyon waterfall summit metres feet coast reserve".split()
+    ),
+    "Village": tuple(
+        "village population district county municipality province census gmina town region administrative "
+        "commune kilometres km rural voivodeship poland iran east west north south lies".split()
+    ),
+    "Animal": tuple(
+        "species genus family moth snail beetle bird fish marine gastropod mollus insect endemic habitat "
+        "spider frog wingspan larva animal lizard subfamily sea".split()
+    ),
+    "Plant": tuple(
+        "species plant genus flowering family native tree shrub leaves flower grows endemic herb orchid "
+        "fern habitat perennial grass cultivat seed threatened forest".split()
+    ),
+    "Album": tuple(
+        "album released records song single studio band track label recorded music ep chart debut live "
+        "compilation release billboard singer rock hop rapper".split()
+    ),
+    "Film": tuple(
+        "film directed starring movie stars comedy drama released produced director written cast "
+        "screenplay documentary horror thriller box animated actor actress".split()
+    ),
+    "WrittenWork": tuple(
+        "novel book written published author magazine newspaper series story stories fiction edition "
+        "publisher comic journal writer poem poetry literary isbn volume issue daily weekly".split()
+    ),
+}
+
+
+def load_dbpedia(
+    path: str | Path = DBPEDIA, n_docs: int | None = 2500, *, split: str = "val", seed: int = 0
+) -> pl.DataFrame:
+    """raw_documents-shaped frame of DBpedia's `split` rows (columns text, category): a seeded sample of
+    `n_docs` distinct texts in file order (all with `n_docs=None`), with their `category`."""
+    path = Path(path)
+    frame = (
+        pl.read_csv(path, separator="\t", quote_char=None, schema_overrides={"text": pl.String})
+        .with_row_index("source_row", offset=2)
+        .filter(pl.col("split") == split)
+        .with_columns(pl.col("text").str.strip_chars())
+        .filter(pl.col("text") != "")
+        .unique("text", keep="first", maintain_order=True)
+    )
+    if n_docs is not None and frame.height > n_docs:
+        frame = frame.sample(n_docs, seed=seed).sort("source_row")
+    return frame.select(
+        pl.lit("dbpedia").alias("dataset"),
+        pl.int_range(pl.len(), dtype=pl.Int32).alias("doc_id"),
+        pl.col("text").map_elements(text_hash, return_dtype=pl.String).alias("doc_hash"),
+        "text",
+        pl.lit(path.name).alias("source_file"),
+        pl.col("source_row").cast(pl.Int64),
+        pl.col("category").cast(pl.String),
+    )
+
+
+def names_category(label: str, category: str) -> bool:
+    """Whether `label` names a word of `category`'s vocabulary (`CATEGORY_VOCABULARY`)."""
+    vocabulary = CATEGORY_VOCABULARY[category]
+    words = re.findall(r"[a-z]+", label.lower())
+    return any(w == v or (len(v) >= 4 and w.startswith(v)) for w in words for v in vocabulary)
+
+
+def category_labels(
+    labels: pl.DataFrame,
+    documents: pl.DataFrame,
+    token_activations: pl.DataFrame,
+    *,
+    min_share: float = 0.8,
+    column: str = "category",
+) -> pl.DataFrame:
+    """Per labeled feature: the majority `column` value of its top documents (the evidence positives the
+    labeler saw), its share, and for features with share >= `min_share` whether the label names it."""
+    value = dict(zip(documents["doc_id"].to_list(), documents[column].to_list(), strict=True))
+    fired = token_activations.select("feature", "doc_id").unique()
+    fired_by_feature: dict[int, set[int]] = {}
+    for f, d in fired.iter_rows():
+        fired_by_feature.setdefault(int(f), set()).add(int(d))
+    rows = []
+    for r in labels.iter_rows(named=True):
+        fired_docs = fired_by_feature.get(int(r["feature"]), set())
+        tops = [value[d] for d in r["evidence_doc_ids"] if d in fired_docs and d in value]
+        counts = {v: tops.count(v) for v in sorted(set(tops))}
+        best = max(counts, key=lambda k: counts[k]) if counts else None
+        share = counts[best] / len(tops) if best is not None else 0.0
+        named = names_category(r["label"], best) if best is not None and share >= min_share else None
+        rows.append(
+            {
+                "feature": r["feature"],
+                "label": r["label"],
+                "top_category": best,
+                "top_category_share": share,
+                "names_category": named,
+            }
+        )
+    schema = {
+        "feature": pl.Int32,
+        "label": pl.String,
+        "top_category": pl.String,
+        "top_category_share": pl.Float64,
+        "names_category": pl.Boolean,
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+def report_features(pooled: pl.DataFrame, documents: pl.DataFrame, column: str, n: int = 10) -> list[int]:
+    """The `n` features a diff report of the two largest `column` classes lists first: the largest
+    absolute difference in document frequency (what the report's top-features tables show)."""
+    classes = documents.group_by(column).len().sort(["len", column], descending=[True, False])[column]
+    a, b = classes[0], classes[1]
+    sizes = {v: documents.filter(pl.col(column) == v).height for v in (a, b)}
+    by_doc = documents.select("doc_id", column).filter(pl.col(column).is_in([a, b]))
+    freq = (
+        pooled.select("doc_id", "feature")
+        .unique()
+        .join(by_doc, on="doc_id")
+        .group_by("feature")
+        .agg(
+            ((pl.col(column) == a).sum() / sizes[a]).alias("fa"),
+            ((pl.col(column) == b).sum() / sizes[b]).alias("fb"),
+        )
+        .with_columns((pl.col("fa") - pl.col("fb")).abs().alias("diff"))
+        .sort(["diff", "feature"], descending=[True, False])
+    )
+    return freq["feature"].head(n).to_list()
 
 
 def rule_based_activations(
@@ -386,8 +559,17 @@ def run_benchmark(
         .group_by("feature", "method")
         .agg(*(pl.col(c).mean().alias(f"{c}_swapped") for c in SCORE_COLUMNS), pl.len().alias("n_swaps"))
     )
-    keep = ["feature", "method", *SCORE_COLUMNS, "f1_ci_high", "n_examples"]
+    keep = [
+        "feature",
+        "method",
+        *SCORE_COLUMNS,
+        "f1_ci_high",
+        "n_examples",
+        "length_baseline_auc",
+        "beats_length_baseline",
+    ]
     joined = real.select(keep).join(wrong, on=["feature", "method"], how="inner")
+    names = names.join(labels.select("feature", "evidence_doc_ids"), on="feature")
     return names.join(joined, on="feature").sort(["method", "feature"])
 
 
@@ -421,57 +603,21 @@ def summarize(result: pl.DataFrame) -> pl.DataFrame:
             }
         ci = r.select("f1_ci_low", "f1_swapped").drop_nulls()
         row["real_f1_ci_above_swapped"] = float((ci["f1_ci_low"] > ci["f1_swapped"]).mean())
+        pvalues = {m: row[f"{m}_wilcoxon_p"] for m in ("auc", "bacc", "f1") if row[f"{m}_real"] is not None}
+        row["best_separating_metric"] = min(
+            pvalues, key=lambda m: pvalues[m] if pvalues[m] is not None else 1
+        )
+        beats = r["beats_length_baseline"].drop_nulls() if "beats_length_baseline" in r.columns else None
+        row["beats_length_share"] = float(beats.mean()) if beats is not None and beats.len() else None
+        if "length_baseline_auc" in r.columns:
+            row["length_baseline_auc_mean"] = r["length_baseline_auc"].mean()
+        row["stopword_labels"] = sum(is_stopword_label(lab) for lab in r["label"].to_list())
         rows.append(row)
     return pl.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------------------------------
 # Command line
-
-
-def length_confound(
-    token_activations: pl.DataFrame,
-    documents: pl.DataFrame,
-    features: Sequence[int],
-    *,
-    embeddings: np.ndarray | None = None,
-    n_evidence: int = 20,
-    n_holdout: int = 40,
-    seed: int = 0,
-) -> pl.DataFrame:
-    """Per feature: mean characters of the held-out positive / negative excerpts the scorer sees, and the
-    AUC of excerpt length alone (a label-free "score": how far length by itself separates them)."""
-    splits = split_features(
-        token_activations,
-        documents,
-        features,
-        n_evidence=n_evidence,
-        n_holdout=n_holdout,
-        seed=seed,
-        embeddings=embeddings,
-    )
-    rows = []
-    for f, split in splits.items():
-        pos, neg = split_excerpts(split, token_activations, documents, "heldout")
-        lengths = np.array([len(e.text) for e in pos + neg], dtype=np.float64)
-        y = np.array([1] * len(pos) + [0] * len(neg))
-        rows.append(
-            {
-                "feature": f,
-                "heldout_pos_chars": float(lengths[y == 1].mean()) if pos else None,
-                "heldout_neg_chars": float(lengths[y == 0].mean()) if neg else None,
-                "auc_length": auc_score(y, lengths),
-            }
-        )
-    return pl.DataFrame(
-        rows,
-        schema={
-            "feature": pl.Int32,
-            "heldout_pos_chars": pl.Float64,
-            "heldout_neg_chars": pl.Float64,
-            "auc_length": pl.Float64,
-        },
-    )
 
 
 PRINT_COLUMNS = (
@@ -482,35 +628,123 @@ PRINT_COLUMNS = (
     "f1",
     "f1_swapped",
     "balanced_accuracy",
-    "balanced_accuracy_swapped",
     "auc",
     "auc_swapped",
-    "auc_length",
+    "length_baseline_auc",
 )
 SUMMARY_COLUMNS = (
+    "corpus",
     "selection",
     "features",
     "auc_real",
     "auc_swapped",
-    "auc_real_median",
-    "auc_swapped_median",
     "real_auc_wins",
     "auc_wilcoxon_p",
     "bacc_real",
     "bacc_swapped",
-    "real_bacc_wins",
     "bacc_wilcoxon_p",
     "f1_real",
     "f1_swapped",
-    "real_f1_wins",
     "f1_wilcoxon_p",
-    "auc_length_mean",
+    "best_separating_metric",
+    "length_baseline_auc_mean",
+    "beats_length_share",
+    "stopword_labels",
+    "category_pure_features",
+    "category_named_share",
 )
+
+
+def corpus_documents(corpus: str, args: argparse.Namespace) -> tuple[pl.DataFrame, str]:
+    """The benchmark's documents of `corpus` and the column its report features are chosen by."""
+    if corpus == "sst2":
+        return load_sst2(args.data, args.n_docs), "label"
+    return load_dbpedia(args.dbpedia, args.dbpedia_docs), "category"
+
+
+def run_corpus(
+    corpus: str, args: argparse.Namespace, hard: bool, reader: Any, embed: Callable[[list[str]], np.ndarray]
+) -> tuple[dict[str, Any], list[pl.DataFrame]]:
+    """Label and score the feature selections of one corpus; its JSON record and summary rows."""
+    t0 = time.perf_counter()
+    documents, class_column = corpus_documents(corpus, args)
+    info: dict[str, Any] = {"documents": documents.height}
+    if args.features == "sae":
+        acts, status = sae_token_activations(
+            documents, reader, progress=lambda d, n: print(f"encoded {d}/{n}", end="\r", flush=True)
+        )
+        pooled, n_encoded = pooled_from_activations(acts, status)
+        selections = {
+            name: choose_features(pooled, n_encoded, args.n_features, name) for name in args.selection
+        }
+        selections["report_top10"] = report_features(pooled, documents, class_column, 10)
+        doc_freq = pooled.group_by("feature").agg((pl.len() / n_encoded).alias("doc_freq"))
+        sae_id = reader.fingerprint
+        info |= {
+            "encoded_documents": n_encoded,
+            "tokens_pooled": int(status["pooled_tokens"].sum()),
+            "activations": acts.height,
+            "report_features_by": f"largest |document frequency difference| between the two largest "
+            f"{class_column} classes",
+        }
+    else:
+        acts = rule_based_activations(documents)
+        selections = {"word_families": sorted(WORD_FAMILIES)}
+        doc_freq = acts.group_by("feature").agg(
+            (pl.col("doc_id").n_unique() / documents.height).alias("doc_freq")
+        )
+        sae_id = "rule-based"
+    embeddings = sentence_embeddings(documents["text"].to_list()) if hard else None
+    info["seconds_setup"] = round(time.perf_counter() - t0, 2)
+    runs: dict[str, Any] = {}
+    summaries = []
+    for name, features in selections.items():
+        ts = time.perf_counter()
+        result = run_benchmark(
+            acts,
+            documents,
+            features,
+            dataset=corpus,
+            sae_id=sae_id,
+            embeddings=embeddings,
+            swaps=args.swaps if args.swaps > 0 else None,
+            swap_seed=args.seed,
+            embed=embed,
+        )
+        result = result.join(doc_freq, on="feature", how="left")
+        summary = summarize(result).with_columns(
+            pl.lit(corpus).alias("corpus"), pl.lit(name).alias("selection")
+        )
+        record: dict[str, Any] = {}
+        if "category" in documents.columns:
+            cats = category_labels(result.filter(pl.col("method") == "embedding"), documents, acts)
+            pure = cats.filter(pl.col("names_category").is_not_null())
+            summary = summary.with_columns(
+                pl.lit(pure.height).alias("category_pure_features"),
+                pl.lit(pure["names_category"].mean() if pure.height else None, dtype=pl.Float64).alias(
+                    "category_named_share"
+                ),
+            )
+            record["category_pure"] = pure.to_dicts()
+        summaries.append(summary)
+        runs[name] = record | {
+            "features": result.drop("evidence_doc_ids").to_dicts(),
+            "summary": summary.to_dicts(),
+            "first_swap_label_equal_to_real": int((result["label"] == result["swapped_label"]).sum()),
+            "seconds_label_and_score": round(time.perf_counter() - ts, 2),
+        }
+        with pl.Config(tbl_rows=200, tbl_cols=20, fmt_str_lengths=40, tbl_width_chars=230, float_precision=3):
+            print(f"\n== {corpus} {name}: {len(features)} features ==")
+            print(result.select(PRINT_COLUMNS))
+    info["seconds_total"] = round(time.perf_counter() - t0, 2)
+    return info | {"runs": runs}, summaries
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", nargs="+", choices=("sst2", "dbpedia"), default=["sst2", "dbpedia"])
     parser.add_argument("--data", default=str(SST2_TRAIN), help="SST-2 train.tsv")
+    parser.add_argument("--dbpedia", default=str(DBPEDIA), help="DBpedia tsv (text, category, split)")
     parser.add_argument("--features", choices=("sae", "rule-based"), default="sae")
     parser.add_argument(
         "--selection",
@@ -520,7 +754,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="which SAE features (each selection is one benchmark run over the same encoded documents)",
     )
     parser.add_argument("--n-features", type=int, default=60)
-    parser.add_argument("--n-docs", type=int, default=5000)
+    parser.add_argument("--n-docs", type=int, default=5000, help="SST-2 sentences")
+    parser.add_argument("--dbpedia-docs", type=int, default=2500, help="DBpedia val documents")
     parser.add_argument(
         "--swaps", type=int, default=5, help="random derangements per feature (0: one cyclic)"
     )
@@ -535,101 +770,56 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     hard = args.hard_negatives if args.hard_negatives is not None else args.features == "sae"
+    corpora = args.corpus if args.features == "sae" else ["sst2"]
     default_out = "label_scores.json" if args.features == "sae" else "label_scores_rule_based.json"
     out = Path(args.out or Path(__file__).resolve().parent / "results" / default_out)
 
     t0 = time.perf_counter()
-    documents = load_sst2(args.data, args.n_docs)
+    reader = load_default_reader(args.device) if args.features == "sae" else None
     info: dict[str, Any] = {}
-    if args.features == "sae":
-        reader = load_default_reader(args.device)
-        t_load = time.perf_counter()
-        acts, status = sae_token_activations(
-            documents, reader, progress=lambda d, n: print(f"encoded {d}/{n}", end="\r", flush=True)
-        )
-        t_enc = time.perf_counter()
-        pooled, n_encoded = pooled_from_activations(acts, status)
-        selections = {
-            name: choose_features(pooled, n_encoded, args.n_features, name) for name in args.selection
-        }
-        doc_freq = pooled.group_by("feature").agg((pl.len() / n_encoded).alias("doc_freq"))
-        sae_id = reader.fingerprint
+    if reader is not None:
         info = {
             "reader_fingerprint": reader.fingerprint,
             "d_sae": reader.d_sae,
             "device": reader.device,
-            "encoded_documents": n_encoded,
-            "tokens_pooled": int(status["pooled_tokens"].sum()),
-            "activations": acts.height,
-            "seconds_load_reader": round(t_load - t0, 2),
-            "seconds_encode": round(t_enc - t_load, 2),
+            "seconds_load_reader": round(time.perf_counter() - t0, 2),
         }
-    else:
-        acts = rule_based_activations(documents)
-        selections = {"word_families": sorted(WORD_FAMILIES)}
-        doc_freq = acts.group_by("feature").agg(
-            (pl.col("doc_id").n_unique() / documents.height).alias("doc_freq")
-        )
-        sae_id = "rule-based"
-    embeddings = sentence_embeddings(documents["text"].to_list()) if hard else None
-    t1 = time.perf_counter()
     embed = memoized_embeddings()
-    runs: dict[str, dict[str, Any]] = {}
-    summaries = []
-    for name, features in selections.items():
-        ts = time.perf_counter()
-        result = run_benchmark(
-            acts,
-            documents,
-            features,
-            sae_id=sae_id,
-            embeddings=embeddings,
-            swaps=args.swaps if args.swaps > 0 else None,
-            swap_seed=args.seed,
-            embed=embed,
-        )
-        result = result.join(doc_freq, on="feature", how="left").join(
-            length_confound(acts, documents, features, embeddings=embeddings), on="feature", how="left"
-        )
-        summary = summarize(result).with_columns(
-            pl.lit(name).alias("selection"), pl.lit(result["auc_length"].mean()).alias("auc_length_mean")
-        )
-        summaries.append(summary)
-        runs[name] = {
-            "features": result.to_dicts(),
-            "summary": summary.to_dicts(),
-            "first_swap_label_equal_to_real": int((result["label"] == result["swapped_label"]).sum()),
-            "seconds_label_and_score": round(time.perf_counter() - ts, 2),
-        }
-        with pl.Config(tbl_rows=200, tbl_cols=20, fmt_str_lengths=28, tbl_width_chars=230, float_precision=3):
-            print(f"\n== {name}: {len(features)} features ==")
-            print(result.select(PRINT_COLUMNS))
-    t2 = time.perf_counter()
-    table = pl.concat(summaries, how="diagonal_relaxed").select(SUMMARY_COLUMNS)
+    results: dict[str, Any] = {}
+    summaries: list[pl.DataFrame] = []
+    for corpus in corpora:
+        results[corpus], parts = run_corpus(corpus, args, hard, reader, embed)
+        summaries += parts
+    table = pl.concat(summaries, how="diagonal_relaxed")
+    table = table.select([c for c in SUMMARY_COLUMNS if c in table.columns])
     shown = table.select(
-        pl.col(c).map_elements(lambda v: f"{v:.3g}", return_dtype=pl.String) if c != "selection" else c
+        pl.col(c).map_elements(lambda v: f"{v:.3g}", return_dtype=pl.String)
+        if table.schema[c].is_numeric()
+        else c
         for c in table.columns
     )
-    with pl.Config(tbl_rows=40, tbl_cols=40, tbl_width_chars=230):
+    with pl.Config(tbl_rows=40, tbl_cols=40, tbl_width_chars=230, fmt_str_lengths=40):
         print("\n== real vs swapped labels (mean over features; Wilcoxon one-sided, real > swapped) ==")
-        print(shown.transpose(include_header=True, column_names="selection"))
-    print(
-        f"features: {args.features}, documents {documents.height}, swaps {args.swaps}, "
-        f"hard negatives {hard}; "
-        f"setup {t1 - t0:.1f} s, label+score {t2 - t1:.1f} s"
-    )
+        print(
+            shown.transpose(
+                include_header=True,
+                column_names=[f"{c}/{s}" for c, s in zip(table["corpus"], table["selection"], strict=True)],
+            )
+        )
+    seconds = time.perf_counter() - t0
+    print(f"features: {args.features}, swaps {args.swaps}, hard negatives {hard}; {seconds:.1f} s")
     write_results(
         {
             "features_kind": args.features,
-            "documents": documents.height,
             "n_features": args.n_features,
             "hard_negatives": bool(hard),
             "swaps": args.swaps,
             "seed": args.seed,
+            "headline_metric": dict(HEADLINE_METRIC),
             **info,
             "summary": table.to_dicts(),
-            "runs": runs,
-            "seconds": {"setup": round(t1 - t0, 2), "label_and_score": round(t2 - t1, 2)},
+            "corpora": results,
+            "seconds": round(seconds, 2),
         },
         out,
     )

@@ -235,6 +235,7 @@ def _score_map(scores: pl.DataFrame | None) -> dict[int, dict[str, Any]]:
         "f1",
         "f1_ci_low",
         "f1_ci_high",
+        "balanced_accuracy",
         "auc",
         "length_baseline_auc",
         "beats_length_baseline",
@@ -275,21 +276,22 @@ def _top_three(rows: pl.DataFrame, lab: Mapping[int, Mapping[str, Any]], esc: An
 
 
 def _score_text(s: Mapping[str, Any] | None) -> str:
-    """The label's held-out score that carries evidence: AUC where the scorer gives one (on SST-2 it
-    separates real from swapped labels; F1 does not), else F1 with its interval; "unclear" when excerpt
-    length alone does as well."""
+    """The label's held-out score by the metric that separates real from swapped labels (as
+    `labels.scoring.HEADLINE_METRIC`: AUC, or balanced accuracy for scorers that answer only yes/no; F1 does
+    not separate them), beside what excerpt length alone achieves; "unclear" when the label does not
+    beat length alone."""
     if not s:
         return "–"
     if s.get("auc") is not None:
         text = f"AUC {s['auc']:.2f}"
-    elif s.get("f1") is not None:
-        text = f"F1 {s['f1']:.2f}"
-        if s.get("f1_ci_low") is not None and s.get("f1_ci_high") is not None:
-            text += f" [{s['f1_ci_low']:.2f}, {s['f1_ci_high']:.2f}]"
+    elif s.get("balanced_accuracy") is not None:
+        text = f"balanced accuracy {s['balanced_accuracy']:.2f}"
     else:
         return "–"
+    if s.get("length_baseline_auc") is not None:
+        text += f" (length alone: {s['length_baseline_auc']:.2f})"
     if s.get("beats_length_baseline") is False:
-        text += f", unclear (length alone: {s['length_baseline_auc']:.2f})"
+        text = "unclear: " + text
     return text
 
 
@@ -358,7 +360,8 @@ def render_markdown(
     """Markdown report of one comparison (a `diff_features` / `paired_diff_features` frame).
 
     Summary, then per direction a table of the top significant features (feature, label, its held-out
-    score: AUC, or F1 with CI for LLM scorers, "unclear" when excerpt length alone does as well; freq_a,
+    score: AUC, or balanced accuracy for LLM scorers, beside length alone, "unclear" when length alone does
+    as well; freq_a,
     freq_b, diff with 95% CI, q-value) and up to 3 excerpts per feature with activating
     tokens marked `<< >>`. All text from documents and labels is escaped (`escape_markdown`).
     """

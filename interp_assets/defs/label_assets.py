@@ -34,10 +34,8 @@ from interp_assets.storage.parquet import markdown_preview, read_table, table_ex
 from resources.llm import LLMResource
 from resources.storage import StorageResource
 
-LABELS_CODE_VERSION = (
-    "4"  # 2: offline labels cached, short documents shown whole; 3: split by content; 4: status
-)
-SCORES_CODE_VERSION = "4"  # 2: scores cached, short documents scored whole; 3: split by content; 4: status
+LABELS_CODE_VERSION = "5"  # 3: split by content; 4: LLM answer status; 5: phrase/topic/syntax labels
+SCORES_CODE_VERSION = "5"  # 3: split by content; 4: LLM answer status; 5: length baseline from evidence
 
 
 class FeatureLabelsConfig(Config):
@@ -316,8 +314,13 @@ def feature_scores(
     )
     for message in errors[:20]:
         context.log.warning(message)
-    summary = scores.group_by("method").agg(
-        pl.len().alias("labels"), pl.col("f1").mean().alias("mean_f1"), pl.col("auc").mean().alias("mean_auc")
+    summary = scores.group_by("method").agg(  # headline metrics first (scoring.HEADLINE_METRIC), then F1
+        pl.len().alias("labels"),
+        pl.col("auc").mean().alias("mean_auc"),
+        pl.col("balanced_accuracy").mean().alias("mean_balanced_accuracy"),
+        pl.col("length_baseline_auc").mean().alias("mean_length_baseline_auc"),
+        pl.col("beats_length_baseline").mean().alias("share_beating_length"),
+        pl.col("f1").mean().alias("mean_f1"),
     )
     return Output(
         scores,

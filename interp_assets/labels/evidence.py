@@ -29,6 +29,7 @@ from interp_assets.labels.content_split import ContentIndex, content_index
 
 SPLIT_VERSION = 2  # 2: evidence and held-out split by content group, not by document
 HARD_NEGATIVES_MAX_DOCS = 20_000  # above this, documents are not embedded for hard negatives
+WINDOW_CHARS = 2 * 150 + 20  # an excerpt's size at make_excerpt's default context_chars
 CORE_DOC_COLUMNS = frozenset({"dataset", "doc_id", "doc_hash", "text", "source_file", "source_row"})
 
 
@@ -184,7 +185,9 @@ def split_evidence(
     Held-out: `n_holdout` positives spread over `n_quantiles` activation quantiles and `n_holdout`
     negatives. With `embeddings` (row i = document at row i of `documents`, computed once per dataset)
     a `hard_negative_fraction` of each negative set are the non-activating documents of that pool most
-    similar to that side's positives; the rest are random.
+    similar to that side's positives; the rest are random. Held-out negatives follow the held-out
+    positives' text lengths (`_length_matched`; hard ones are the most similar of 5x as many length-matched
+    candidates), so length alone tells them apart little better than chance.
     """
     return split_features(
         token_activations,
@@ -255,8 +258,13 @@ def _split(
     dropped = sum(int(o.sum()) for o in ho_overlap)
     ho_pool, ho_neg_pool = (p.filter(~o) for p, o in zip((ho_pool, ho_neg_pool), ho_overlap, strict=True))
     ho_pos = _quantile_sample(ho_pool, n_holdout, n_quantiles)
-    ho_hard = _hard_negatives(ho_neg_pool, ho_pos, embeddings, n_hard_ho)
-    ho_rand = ho_neg_pool.join(ho_hard, on="doc_id", how="anti").head(n_holdout - ho_hard.height)
+    # held-out hard negatives: the most similar of length-matched candidates (length tells nothing)
+    ho_hard = _hard_negatives(
+        _length_matched(ho_neg_pool, ho_pos, 5 * n_hard_ho), ho_pos, embeddings, n_hard_ho
+    )
+    ho_rand = _length_matched(
+        ho_neg_pool.join(ho_hard, on="doc_id", how="anti"), ho_pos, n_holdout - ho_hard.height
+    )
     background = ev_neg_pool.join(pl.concat([ev_hard, ev_rand]), on="doc_id", how="anti").head(n_background)
 
     shown = {
@@ -322,6 +330,26 @@ def _quantile_sample(pool: pl.DataFrame, n: int, n_quantiles: int) -> pl.DataFra
     ranked = ranked.with_columns(pl.col("u").rank("ordinal").over("bin").alias("within"))
     picked = ranked.sort(["within", "bin"], descending=[False, True]).head(n)
     return picked.drop("rank", "bin", "within").sort(["max_activation", "u"], descending=[True, False])
+
+
+def _length_matched(pool: pl.DataFrame, positives: pl.DataFrame, n: int) -> pl.DataFrame:
+    """`n` rows of `pool` whose text lengths follow the `positives`' (their length quantiles): for each
+    target length, the unused row of nearest length, the first in pool order on ties. Held-out negatives
+    so chosen leave length no cue for telling them from the positives."""
+    if n <= 0 or pool.height == 0 or positives.height == 0:
+        return pool.head(max(n, 0))
+    # lengths as excerpts show them: a text longer than a window is cut to one (make_excerpt's default)
+    lengths = np.minimum(pool["text"].str.len_chars().to_numpy(), WINDOW_CHARS).astype(np.float64)
+    positive_lengths = np.minimum(positives["text"].str.len_chars().to_numpy(), WINDOW_CHARS)
+    targets = np.quantile(positive_lengths, (np.arange(n) + 0.5) / n)
+    free = np.ones(lengths.size, dtype=bool)
+    picked = []
+    for target in targets[: lengths.size]:
+        gap = np.where(free, np.abs(lengths - target), np.inf)
+        i = int(np.argmin(gap))
+        free[i] = False
+        picked.append(i)
+    return pool[sorted(picked)]
 
 
 def _hard_negatives(
@@ -455,7 +483,8 @@ def make_excerpt(
 
     A text no longer than a window (`2 * context_chars + 20` characters) is kept whole, whether the feature
     fires in it or not: positives and negatives of short documents then differ in content, not in length,
-    and an excerpt that is a whole document shares its embedding (cached by content hash).
+    and an excerpt that is a whole document shares its embedding (cached by content hash). A longer text's
+    window has that size wherever the activation is (shifted inward at either end of the text).
     `token_spans` are `(char_start, char_end, activation)` of the active tokens in the whole text; the
     excerpt keeps those inside the window, merged. `…` marks where the text was trimmed.
     """
@@ -465,7 +494,11 @@ def make_excerpt(
         start, end = 0, len(text)
     elif spans:
         a_start, a_end, _ = max(spans, key=lambda t: (t[2], -t[0]))
-        start, end = max(0, a_start - context_chars), min(len(text), a_end + context_chars)
+        width = max(size, a_end - a_start + 2 * context_chars)
+        # a window that meets an end of the text is shifted, not shrunk: every window of a long text has
+        # the same size, positive or negative, so excerpt length tells nothing about firing
+        start = max(0, min(a_start - context_chars, len(text) - width))
+        end = min(len(text), start + width)
         start, end = _window(text, start, end, a_start, a_end)
     else:
         digest = hashlib.blake2b(f"{doc_id}:{seed}".encode(), digest_size=8).digest()

@@ -15,6 +15,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,7 +42,7 @@ from interp_assets.labels.evidence import (
 Messages = list[dict[str, Any]]
 
 OFFLINE_SOURCE = "offline:log-odds"
-OFFLINE_VERSION = "2"  # bumped when offline_label's output changes for the same inputs
+OFFLINE_VERSION = "3"  # bumped when offline_label's output changes for the same inputs
 PROMPT_VERSION = "label-prompt-v1"
 
 FEATURE_LABELS_SCHEMA: dict[str, pl.DataType] = {
@@ -133,8 +134,10 @@ FUNCTION_WORDS = frozenset(
     down out off over under again further once here there when where why how all any both each few more
     most other some such no not only own same too very can will just should would could may might must
     shall do does did doing done be is am are was were been being have has had having s t n't 's 're 've
-    'll 'd""".split()
+    'll 'd also even""".split()
 )
+SYNTAX_LABEL = "syntax: function words"
+POSITION_LABEL = "position: first token"
 
 
 def _is_function_term(term: str) -> bool:
@@ -147,23 +150,65 @@ def _is_word(term: str) -> bool:
     return any(ch.isalnum() for ch in term)
 
 
-def _context_terms(words: list[tuple[int, int, str]], window: set[int], active: set[int]) -> set[str]:
-    terms = {words[j][2] for j in window if _is_word(words[j][2])}
-    terms |= {
-        f"{words[j][2]} {words[j + 1][2]}"
-        for j in window
-        if j + 1 in window and j + 1 not in active and _is_word(words[j][2]) and _is_word(words[j + 1][2])
-    }
-    return terms
+def _is_topic_word(term: str) -> bool:
+    """A content word that can name a theme: not a function word, not a number, at least 3 letters."""
+    return len(term) >= 3 and term.isalpha() and term not in FUNCTION_WORDS
 
 
-def _all_terms(words: list[tuple[int, int, str]]) -> tuple[set[str], set[str]]:
-    unigrams = {w for _, _, w in words}
-    grams = {w for w in unigrams if _is_word(w)}
-    grams |= {
-        f"{a[2]} {b[2]}" for a, b in zip(words, words[1:], strict=False) if _is_word(a[2]) and _is_word(b[2])
-    }
-    return unigrams, grams
+def is_stopword_label(label: str) -> bool:
+    """True for a label that is only function words and punctuation ("i, the, and"): it names no meaning.
+
+    Explicit `syntax: ...` and `position: ...` labels say what they are and are not stopword labels.
+    """
+    text = label.strip().lower()
+    if text.startswith(("syntax:", "position:")):
+        return False
+    words = WORD_RE.findall(text)
+    return bool(words) and all(_is_function_term(w) for w in words)
+
+
+def _active_indices(words: list[tuple[int, int, str]], spans: Sequence[tuple[int, int, float]]) -> set[int]:
+    """Indices of the words that overlap an active token span (word pieces merge into their word)."""
+    starts = [w[0] for w in words]
+    active: set[int] = set()
+    for s, e, _ in spans:
+        i = max(0, int(np.searchsorted(starts, s, side="right")) - 1)
+        while i < len(words) and words[i][0] < e:
+            if words[i][1] > s:
+                active.add(i)
+            i += 1
+    return active
+
+
+def _ngrams(words: list[tuple[int, int, str]], sizes: Sequence[int] = (2, 3)) -> set[str]:
+    """Every n-gram of whole words (no punctuation inside) of the given sizes."""
+    out: set[str] = set()
+    for n in sizes:
+        for i in range(len(words) - n + 1):
+            grams = [w for _, _, w in words[i : i + n]]
+            if all(_is_word(g) for g in grams):
+                out.add(" ".join(grams))
+    return out
+
+
+def _phrases_around(words: list[tuple[int, int, str]], active: set[int]) -> set[str]:
+    """The 2- and 3-word n-grams (of whole words) that contain an active word."""
+    out: set[str] = set()
+    for i in active:
+        for n in (2, 3):
+            for start in range(max(0, i - n + 1), min(i, len(words) - n) + 1):
+                grams = [w for _, _, w in words[start : start + n]]
+                if all(_is_word(g) for g in grams):
+                    out.add(" ".join(grams))
+    return out
+
+
+@lru_cache(maxsize=65_536)
+def _document_terms(text: str) -> tuple[frozenset[str], frozenset[str]]:
+    """A document's distinct words (and punctuation) and its 2-3-word n-grams (cached: background
+    documents recur across features)."""
+    words = _words(text)
+    return frozenset(w for _, _, w in words), frozenset(_ngrams(words))
 
 
 def _metadata_phrase(documents: pl.DataFrame, positives: Sequence[int], background: Sequence[int]) -> str:
@@ -205,21 +250,27 @@ def offline_label(
     documents: pl.DataFrame,
     split: EvidenceSplit,
     *,
-    context_words: int = 2,
     max_terms: int = 3,
     prior_strength: float = 100.0,
     min_z: float = 1.0,
-    context_min_z: float = 3.0,
-    context_min_share: float = 0.25,
+    phrase_min_z: float = 3.0,
+    phrase_min_share: float = 0.25,
+    topic_min_z: float = 3.0,
+    topic_min_share: float = 0.3,
+    position_share: float = 0.8,
 ) -> Label:
     """Deterministic contrastive label from the evidence split only.
 
-    Ranks (a) the words the feature fires on (word pieces merged into whole words by character
-    offsets) and (b) unigrams/bigrams within `context_words` words of them, each against the same
-    terms in non-activating evidence-pool documents, by weighted log-odds with an informative Dirichlet
-    prior; the label is the top 1-`max_terms` firing words with z >= `min_z` (context terms if none
-    stands out). Context terms are named when z >= `context_min_z` and they occur near the activation
-    in >= `context_min_share` of the evidence documents.
+    Every term is ranked by weighted log-odds with an informative Dirichlet prior, the evidence positives
+    against the non-activating evidence documents (hard negatives and background), counted once per
+    document. The label has up to two parts, joined by "; ":
+    - what it fires on: the top firing words with z >= `min_z` (word pieces merged into whole words), a
+      quoted phrase (2-3 words around an active word, z >= `phrase_min_z`, in >= `phrase_min_share` of the
+      positives) when it adds a content word (a feature on "for" in "sorry for"); function words alone
+      are not listed as a meaning but named `syntax: function words (the, of)`; a feature that fires on
+      the first word of >= `position_share` of its texts, whatever the word, is `position: first token`;
+    - `topic: ...`: content words of the whole documents (z >= `topic_min_z`, in >= `topic_min_share` of
+      the positives) when the documents share a theme.
     """
     positives = list(split.evidence_positive)
     if not positives:
@@ -235,72 +286,92 @@ def offline_label(
     spans = active_token_spans(token_activations, split.feature, positives)
 
     fg_active: Counter[str] = Counter()
-    fg_context: Counter[str] = Counter()
+    fg_phrases: Counter[str] = Counter()
+    fg_doc: Counter[str] = Counter()
     active_by_doc: dict[int, set[str]] = {}
+    first_only = 0
     for d in positives:
         words = _words(texts.get(d, ""))
-        starts = [w[0] for w in words]
-        active: set[int] = set()
-        for s, e, _ in spans.get(d, []):
-            i = max(0, np.searchsorted(starts, s, side="right") - 1)
-            while i < len(words) and words[i][0] < e:
-                if words[i][1] > s:
-                    active.add(i)
-                i += 1
-        window = {
-            j
-            for i in active
-            for j in range(i - context_words, i + context_words + 1)
-            if 0 <= j < len(words) and j not in active
-        }
+        active = _active_indices(words, spans.get(d, []))
+        first_only += bool(active) and active == {0}
         active_by_doc[d] = {words[i][2] for i in active}
         fg_active.update(active_by_doc[d])
-        fg_context.update(_context_terms(words, window, active))
-    bg_unigrams: Counter[str] = Counter()
+        fg_phrases.update(_phrases_around(words, active))
+        fg_doc.update(_document_terms(texts.get(d, ""))[0])
+    bg_words: Counter[str] = Counter()
     bg_grams: Counter[str] = Counter()
     for d in background:
-        unigrams, grams = _all_terms(_words(texts.get(d, "")))
-        bg_unigrams.update(unigrams)
+        unigrams, grams = _document_terms(texts.get(d, ""))
+        bg_words.update(unigrams)
         bg_grams.update(grams)
 
     n_pos = len(positives)
-    active_ranked = _ranked_terms(fg_active, bg_unigrams, prior_strength, 1 if n_pos < 10 else 2)
-    context_ranked = _ranked_terms(
-        fg_context, bg_grams, prior_strength, max(2, math.ceil(context_min_share * n_pos))
-    )
-    top = _top_terms(active_ranked, max_terms, min_z)
-    near = [t for t in _top_terms(context_ranked, 2, context_min_z) if t not in top]
     meta = _metadata_phrase(documents, positives, background)
+    common = [w for w, _ in fg_active.most_common(max_terms)]
+    varied_first = len(fg_active) >= 3 and fg_active[common[0]] <= 0.5 * n_pos
+    if first_only >= position_share * n_pos and varied_first:
+        sentence = (
+            f"Fires on the first word of the text in {first_only} of {n_pos} top examples, whatever the "
+            f"word ({_quoted(common)} most often): a position feature"
+        )
+        return Label(POSITION_LABEL, sentence + (f", {meta}" if meta else "") + ".", OFFLINE_SOURCE)
 
-    if top and all(_is_function_term(t) for t in top):
-        # syntax, not a topic: say so instead of presenting stopwords as the feature's meaning
-        label = "function words: " + ", ".join(top)
-        covered = sum(1 for d in positives if active_by_doc.get(d, set()) & set(top))
-        sentence = (
-            f"Fires on function words ({_quoted(top)}), a grammatical rather than topical feature; "
-            f"{covered} of {len(positives)} top examples"
-        )
-    elif top:
-        label = ", ".join(top)
-        covered = sum(1 for d in positives if active_by_doc.get(d, set()) & set(top))
-        sentence = f"Fires on {_quoted(top)}"
-        if near:
-            sentence += f" (and nearby {_quoted(near)})"
-        sentence += f"; {covered} of {len(positives)} top examples"
-    elif near:
-        label = "near " + ", ".join(near)
-        sentence = f"Fires on varied words next to {_quoted(near)}"
-    else:
-        words = [w for w, _ in active_ranked[:max_terms]]
-        label = ", ".join(words) if words else "(no distinctive words)"
-        sentence = (
-            (
-                f"Fires on varied words ({_quoted(words)} most often) with no term that stands out "
-                "against non-activating text"
+    active_ranked = _ranked_terms(fg_active, bg_words, prior_strength, 1 if n_pos < 10 else 2)
+    top = _top_terms(active_ranked, max_terms, min_z)
+    content = [t for t in top if not _is_function_term(t)]
+    min_docs = max(2, math.ceil(min(phrase_min_share, topic_min_share) * n_pos))
+    doc_z = dict(_ranked_terms(fg_doc, bg_words, prior_strength, min_docs))
+    phrase_ranked = _ranked_terms(
+        fg_phrases, bg_grams, prior_strength, max(2, math.ceil(phrase_min_share * n_pos))
+    )
+    phrase = next(  # named when it adds a distinctive content word to the firing words
+        (
+            t
+            for t, z in phrase_ranked
+            if z >= phrase_min_z
+            and any(
+                not _is_function_term(w) and w not in content and doc_z.get(w, 0.0) >= phrase_min_z
+                for w in t.split()
             )
-            if words
-            else "Fires on no distinctive words"
-        )
+        ),
+        "",
+    )
+    fires: list[str] = [f'"{phrase}"'] if phrase else []
+    fires += [t for t in content if t not in phrase.split()][: max_terms - len(fires)]
+    named = {w for item in fires for w in item.strip('"').split()}
+    topic = [
+        t
+        for t, z in sorted(doc_z.items(), key=lambda tz: (-tz[1], tz[0]))
+        if z >= topic_min_z and _is_topic_word(t) and t not in named and fg_doc[t] >= topic_min_share * n_pos
+    ][:max_terms]
+
+    parts: list[str] = []
+    if fires:
+        parts.append(", ".join(fires))
+        covered = sum(1 for d in positives if active_by_doc[d] & (set(content) | set(phrase.split())))
+        sentence = f"Fires on {_quoted([t.strip(chr(34)) for t in fires])}; {covered} of {n_pos} top examples"
+    else:
+        syntax = top or [t for t, _ in fg_active.most_common(max_terms)]
+        if syntax and all(_is_function_term(t) for t in syntax):
+            parts.append(f"{SYNTAX_LABEL} ({', '.join(syntax)})")
+            covered = sum(1 for d in positives if active_by_doc[d] & set(syntax))
+            sentence = (
+                f"Fires on function words ({_quoted(syntax)}), a grammatical rather than topical feature; "
+                f"{covered} of {n_pos} top examples"
+            )
+        else:
+            varied = [t for t in syntax if not _is_function_term(t)]
+            sentence = (
+                f"Fires on varied words ({_quoted(varied)} most often) with no term that stands out "
+                "against non-activating text"
+                if varied
+                else "Fires on no distinctive words"
+            )
+    if topic:
+        parts.append("topic: " + ", ".join(topic))
+        share = sum(1 for d in positives if set(topic) & _document_terms(texts.get(d, ""))[0])
+        sentence += f"; the texts share a theme ({_quoted(topic)}; {share} of {n_pos} name one)"
+    label = "; ".join(parts) or "(no distinctive words)"
     if meta:
         sentence += f", {meta}"
     return Label(label, sentence + ".", OFFLINE_SOURCE)

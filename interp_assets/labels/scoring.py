@@ -43,24 +43,59 @@ FEATURE_SCORES_SCHEMA: dict[str, pl.DataType] = {
     "status": pl.String(),
 }
 METRIC_COLUMNS = tuple(c for c in tuple(FEATURE_SCORES_SCHEMA)[4:] if c != "status")
-SCORER_VERSION = "2"  # bumped when a scorer's metrics change for the same inputs (2: length baseline)
+SCORER_VERSION = (
+    "3"  # bumped when a scorer's metrics change (2: length baseline; 3: its direction from evidence)
+)
+
+# The metric a score is read by, per method: the one that separates real labels from labels swapped
+# between features (benchmarks/label_scores.py, SST-2 and DBpedia): AUC for the embedding scorer, whose
+# similarity ranks the excerpts; F1 at the fitted threshold does not. The LLM scorers answer only yes/no,
+# so they are read by balanced accuracy.
+HEADLINE_METRIC: dict[str, str] = {
+    "embedding": "auc",
+    "detection": "balanced_accuracy",
+    "fuzz": "balanced_accuracy",
+}
 
 
-def length_baseline(heldout: Sequence[Excerpt]) -> float | None:
-    """AUC of excerpt length alone for telling the held-out positives from the negatives, in its better
-    direction (>= 0.5): what a label must beat to carry evidence beyond "positives are longer"."""
-    auc = auc_score(
-        np.array([e.is_positive for e in heldout], dtype=bool),
-        np.array([len(e.text) for e in heldout], dtype=float),
+def headline_score(row: Mapping[str, Any]) -> tuple[str, float | None]:
+    """`(metric, value)` a score row is read by: `HEADLINE_METRIC` of its `method` (AUC when the row has no
+    method), balanced accuracy when that metric is missing (a scorer without a continuous score)."""
+    metric = HEADLINE_METRIC.get(str(row.get("method") or "embedding"), "auc")
+    if row.get(metric) is None:
+        metric = "balanced_accuracy"
+    return metric, row.get(metric)
+
+
+def length_baseline(heldout: Sequence[Excerpt], evidence: Sequence[Excerpt] = ()) -> float | None:
+    """AUC of excerpt length alone for telling the held-out positives from the negatives: what a label
+    must beat to carry evidence beyond "positives are longer".
+
+    The direction (longer = positive, or shorter) is fitted on the `evidence` excerpts, as the embedding
+    scorer's threshold is, not chosen on the held-out ones (which would inflate the baseline); without
+    evidence, or when evidence lengths do not tell, longer counts as positive.
+    """
+    auc = _length_auc(heldout)
+    if auc is None:
+        return None
+    evidence_auc = _length_auc(evidence)
+    return 1.0 - auc if evidence_auc is not None and evidence_auc < 0.5 else auc
+
+
+def _length_auc(excerpts: Sequence[Excerpt]) -> float | None:
+    return auc_score(
+        np.array([e.is_positive for e in excerpts], dtype=bool),
+        np.array([len(e.text) for e in excerpts], dtype=float),
     )
-    return None if auc is None else max(auc, 1.0 - auc)
 
 
-def with_length_baseline(metrics: dict[str, Any], heldout: Sequence[Excerpt]) -> dict[str, Any]:
-    """`metrics` plus `length_baseline_auc` and `beats_length_baseline`: the label's AUC (balanced accuracy
-    for scorers without a continuous score) above the length-only AUC."""
-    baseline = length_baseline(heldout)
-    ours = metrics.get("auc") if metrics.get("auc") is not None else metrics.get("balanced_accuracy")
+def with_length_baseline(
+    metrics: dict[str, Any], heldout: Sequence[Excerpt], evidence: Sequence[Excerpt] = ()
+) -> dict[str, Any]:
+    """`metrics` plus `length_baseline_auc` and `beats_length_baseline`: the label's headline metric
+    (`headline_score`) above the length-only AUC."""
+    baseline = length_baseline(heldout, evidence)
+    _, ours = headline_score(metrics)
     beats = None if baseline is None or ours is None else bool(ours > baseline)
     return metrics | {"length_baseline_auc": baseline, "beats_length_baseline": beats}
 
@@ -678,7 +713,7 @@ def score_features(
                     seed=seed,
                     reference=reference,
                 )
-                results[(i, "embedding")] = fresh[key] = with_length_baseline(metrics, ho)
+                results[(i, "embedding")] = fresh[key] = with_length_baseline(metrics, ho, ev)
                 tally["computed"] += 1
     llm_methods = [m for m in methods if m in ("detection", "fuzz")]
     if llm_methods and work:
@@ -702,14 +737,14 @@ def score_features(
         offset = 0
         answer_statuses: list[str] = []
         for i, method, prompts, key in jobs:
-            row, ho, _ = work[i]
+            row, ho, ev = work[i]
             job_errors: list[str] = []
             replies_now = replies[offset : offset + len(prompts)]
             metrics = _collect(ho, prompts, replies_now, n_boot, seed, job_errors, answer_statuses)
             offset += len(prompts)
             errors += [f"feature {row['feature']} ({method}): {e}" for e in job_errors]
             if metrics is not None:
-                metrics = with_length_baseline(metrics, ho)
+                metrics = with_length_baseline(metrics, ho, ev)
                 results[(i, method)] = metrics
                 tally["computed"] += 1
                 if not job_errors:  # a score with failed batches is not kept: a later run may complete it

@@ -229,13 +229,13 @@ _TABLES = (
             col(
                 "length_baseline_auc",
                 "float64",
-                "AUC of excerpt length alone on the same held-out examples, in its better direction (>= 0.5)",
+                "AUC of excerpt length alone on the same held-out examples, direction fitted on the evidence",
             ),
             col(
                 "beats_length_baseline",
                 "bool",
-                "the label's AUC (balanced accuracy for LLM scorers) is above that: the report calls a "
-                'label that does not "unclear"',
+                "the label's headline metric (`HEADLINE_METRIC`: AUC, balanced accuracy for LLM scorers) is "
+                'above that: the report shows both and calls a label that does not "unclear"',
             ),
             col(
                 "status",

@@ -117,7 +117,13 @@ def _render_inputs() -> dict:
         }
     )
     scores = pl.DataFrame(
-        {"feature": pl.Series([5], dtype=pl.Int32), "f1": [0.8], "f1_ci_low": [0.7], "f1_ci_high": [0.9]}
+        {
+            "feature": pl.Series([5], dtype=pl.Int32),
+            "f1": [0.4],
+            "auc": [0.8],
+            "length_baseline_auc": [0.55],
+            "beats_length_baseline": [True],
+        }
     )
     examples = report_examples(diff, ta_a, docs_a, ta_b, docs_b, top_n=5)
     return {
@@ -147,10 +153,12 @@ def test_render_markdown_content_and_escaping() -> None:
     assert "- Documents: **A\\|&lt;i&gt;** 40 · **B** 40" in md
     assert "Features tested: 64 (2 active in either dataset)" in md
     assert "Significant at FDR 0.05: **2**" in md
-    # table row of feature 5: label escaped, score with CI, freqs and diff with CI
+    # table row of feature 5: label escaped, AUC beside length alone, freqs and diff with CI
     row = next(line for line in md.splitlines() if line.startswith("| 5 |"))
     assert "&lt;img src=x onerror=alert\\(2\\)&gt; \\| cats" in row
-    assert "0.80 [0.70, 0.90]" in row and "75.00%" in row and "0.00%" in row and "+75.00% [" in row
+    assert (
+        "AUC 0.80 (length alone: 0.55)" in row and "75.00%" in row and "0.00%" in row and "+75.00% [" in row
+    )
     # each table row has exactly 8 unescaped pipes (7 cells)
     for line in md.splitlines():
         if line.startswith("| 5 |") or line.startswith("| 9 |"):
@@ -270,11 +278,12 @@ def test_report_shows_the_score_that_carries_evidence_and_flags_unclear_labels()
     from interp_assets.analysis.reports import _score_text
 
     clear = {"auc": 0.81, "f1": 0.5, "length_baseline_auc": 0.6, "beats_length_baseline": True}
-    assert _score_text(clear) == "AUC 0.81"
+    assert _score_text(clear) == "AUC 0.81 (length alone: 0.60)"
     unclear = {"auc": 0.58, "length_baseline_auc": 0.71, "beats_length_baseline": False}
-    assert _score_text(unclear) == "AUC 0.58, unclear (length alone: 0.71)"
-    llm = {"auc": None, "f1": 0.7, "f1_ci_low": 0.6, "f1_ci_high": 0.8, "beats_length_baseline": True}
-    assert _score_text(llm) == "F1 0.70 [0.60, 0.80]"
+    assert _score_text(unclear) == "unclear: AUC 0.58 (length alone: 0.71)"
+    llm = {"auc": None, "f1": 0.7, "balanced_accuracy": 0.66, "length_baseline_auc": 0.55}
+    assert _score_text(llm | {"beats_length_baseline": True}) == "balanced accuracy 0.66 (length alone: 0.55)"
+    assert _score_text({"auc": None, "f1": 0.7}) == "–"  # F1 alone does not tell real from wrong labels
     assert _score_text(None) == "–"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +32,7 @@ from interp_assets.labels.labeling import (
     LabelCache,
     LabelResponseError,
     build_label_prompt,
+    is_stopword_label,
     label_features,
     load_published_labels,
     log_odds_z,
@@ -158,6 +160,29 @@ def test_hard_negatives_are_the_most_similar_non_activating_documents() -> None:
     assert set(split.heldout_hard_negative) <= set(pool.heldout_random_negative)
 
 
+def test_heldout_random_negatives_match_the_positives_in_length() -> None:
+    """Positives are long, most non-firing texts short: held-out negatives are drawn to the positives'
+    lengths, so excerpt length alone cannot tell them apart (the length-only baseline stays near 0.5)."""
+    from interp_assets.labels.scoring import length_baseline
+
+    texts, rows = [], []
+    for i in range(900):
+        if i % 3 == 0:  # fires; long
+            texts.append(f"sorry {i} " + "the delivery was late again " * (2 + i % 5))
+            rows.append((i, 0, 5, 1.0 + i / 900))
+        else:  # silent; mostly short, a few long
+            texts.append(f"note {i} " + ("all fine here " * (8 if i % 10 == 1 else 1)))
+    docs, acts = documents(texts), activations(rows, texts)
+    split = split_evidence(acts, docs, 0, n_evidence=20, n_holdout=40)
+    length = {d: len(t) for d, t in enumerate(texts)}
+    pos = [length[d] for d in split.heldout_positive]
+    neg = [length[d] for d in split.heldout_random_negative]
+    assert len(neg) == 40 and abs(np.median(neg) - np.median(pos)) < 0.15 * np.median(pos)
+    assert np.mean([length[d] for d in split.evidence_random_negative]) < 0.5 * np.mean(pos)  # unmatched
+    ho_pos, ho_neg = split_excerpts(split, acts, docs, "heldout")
+    assert abs(length_baseline(ho_pos + ho_neg) - 0.5) < 0.15
+
+
 def test_split_errors_are_clear() -> None:
     docs, acts = graded_corpus(50, 20)
     with pytest.raises(ValueError, match="embeddings has 3 rows but documents has 50"):
@@ -201,6 +226,20 @@ def test_excerpt_is_trimmed_around_the_strongest_activation() -> None:
     neg = make_excerpt(8, text, [], "random_negative", context_chars=30)
     assert neg.spans == () and neg.activation == 0.0 and len(neg.text) <= 2 * 30 + 20 + 4
     assert neg == make_excerpt(8, text, [], "random_negative", context_chars=30)
+
+
+def test_windows_of_long_texts_have_one_size_wherever_the_activation_is() -> None:
+    """An activation near either end of a long text shifts its window inward instead of shrinking it, so
+    positive and negative excerpts of long texts are as long (length is no cue for the scorer)."""
+    text = "sorry for the delay " + ("and then more words follow here " * 30) + "goodbye"
+    size = 2 * 30 + 20
+    first = make_excerpt(1, text, [(0, 5, 2.0)], "positive", context_chars=30)
+    last = make_excerpt(2, text, [(len(text) - 7, len(text), 2.0)], "positive", context_chars=30)
+    middle = make_excerpt(3, text, [(300, 303, 2.0)], "positive", context_chars=30)
+    negative = make_excerpt(4, text, [], "random_negative", context_chars=30)
+    assert first.marked.startswith("<<sorry>>") and last.marked.endswith("<<goodbye>>")
+    lengths = [len(e.text.strip("… ")) for e in (first, last, middle, negative)]
+    assert all(size - 12 <= n <= size for n in lengths), lengths
 
 
 def test_a_document_no_longer_than_a_window_is_kept_whole_positive_or_negative() -> None:
@@ -285,8 +324,11 @@ def test_offline_labels_name_the_rule_based_features_on_sst2(bench: ModuleType) 
     labels = label_features(acts, docs, sorted(bench.WORD_FAMILIES), dataset="sst2", sae_id="rules")
     for row in labels.iter_rows(named=True):
         family = set(bench.WORD_FAMILIES[row["feature"]])
-        terms = row["label"].split(", ")
-        assert terms and set(terms) <= family, (row["feature"], row["label"])
+        fires = row["label"].split("; ")[0].split(", ")  # what it fires on, before any "topic: ..."
+        words = [t for t in fires if not t.startswith('"')]
+        assert words and set(words) <= family, (row["feature"], row["label"])
+        assert all(set(t.strip('"').split()) & family for t in fires if t.startswith('"'))
+        assert not is_stopword_label(row["label"])
 
 
 # ---------------------------------------------------------------------------------- LLM prompt/parse
@@ -445,17 +487,85 @@ def test_a_feature_on_function_words_is_labeled_as_such() -> None:
     texts, rows = [], []
     for i in range(120):
         content = ["refund", "screen", "ticket", "delivery"][i % 4]
-        text = f"my {content} is late and the {content} is broken"
+        text = f"my {content} {i} is late and the {content} is broken"
         if i % 3 == 0:  # fires on "the" and "and" only, whatever the topic
             for word in ("and", "the"):
                 start = text.index(f" {word} ") + 1
                 rows.append((i, start, start + len(word), 2.0))
         else:
-            text = f"my {content} is late, {content} broken"
+            text = f"my {content} {i} is late, {content} broken"
         texts.append(text)
     docs, acts = documents(texts), activations(rows, texts)
     split = split_evidence(acts, docs, 0, n_evidence=20, n_holdout=10)
     lab = offline_label(acts, docs, split)
-    assert lab.label.startswith("function words: "), lab
-    assert set(lab.label.removeprefix("function words: ").split(", ")) <= {"the", "and"}
+    assert lab.label.startswith("syntax: function words ("), lab
+    named = lab.label.removeprefix("syntax: function words (").split(")")[0].split(", ")
+    assert set(named) <= {"the", "and"}
     assert "grammatical rather than topical" in lab.description
+    assert not is_stopword_label(lab.label)
+
+
+def test_a_function_word_in_a_fixed_phrase_is_labeled_by_the_phrase() -> None:
+    """A feature on "for" right after "sorry" is the phrase "sorry for", not the stopword "for"."""
+    texts, rows = [], []
+    for i in range(150):
+        item = ["refund", "screen", "ticket", "delivery", "parcel"][i % 5]
+        if i % 3 == 0:
+            text = f"we are sorry for the {item} and will call you"
+            start = text.index(" for ") + 1
+            rows.append((i, start, start + 3, 2.0))
+        else:
+            text = f"thanks for the {item} and we will call you"
+        texts.append(text)
+    docs, acts = documents(texts), activations(rows, texts)
+    lab = offline_label(acts, docs, split_evidence(acts, docs, 0, n_evidence=20, n_holdout=10))
+    assert lab.label.startswith('"') and "sorry for" in lab.label, lab
+    assert not is_stopword_label(lab.label)
+
+
+def test_documents_that_share_a_theme_get_a_topic() -> None:
+    """Fires on "the" but only in football texts: the label names the theme, not the stopword."""
+    sport = ["the striker scored for the club", "the club won the league match", "the goalkeeper saved it"]
+    other = ["the recipe needs the flour", "the train left the station", "the bank raised the rate"]
+    texts, rows = [], []
+    for i in range(240):
+        text = f"{sport[i % 3]} in season {i}" if i % 2 == 0 else f"{other[i % 3]} on day {i}"
+        if i % 2 == 0:  # every "the" of a football text
+            rows += [(i, m.start(), m.end(), 1.0 + i / 240) for m in re.finditer(r"\bthe\b", text)]
+        texts.append(text)
+    docs, acts = documents(texts), activations(rows, texts)
+    lab = offline_label(acts, docs, split_evidence(acts, docs, 0, n_evidence=20, n_holdout=10))
+    assert "topic: " in lab.label, lab
+    topic = lab.label.split("topic: ")[1].split(", ")
+    football = {"club", "striker", "scored", "league", "match", "won", "goalkeeper", "saved", "season"}
+    assert set(topic) <= football
+    assert "share a theme" in lab.description
+    assert not is_stopword_label(lab.label)
+
+
+def test_a_feature_on_the_first_word_is_a_position_feature() -> None:
+    words = ["apples", "rivers", "engines", "letters", "gardens", "clouds", "markets", "songs"]
+    texts = [f"{words[i % 8]} are described in note {i} of the list" for i in range(100)]
+    rows = [(i, 0, len(words[i % 8]), 1.0 + i / 100) for i in range(0, 100, 2)]
+    docs, acts = documents(texts), activations(rows, texts)
+    lab = offline_label(acts, docs, split_evidence(acts, docs, 0, n_evidence=20, n_holdout=10))
+    assert lab.label == "position: first token", lab
+    assert "first word of the text" in lab.description
+
+
+@pytest.mark.parametrize(
+    ("label", "stopwords"),
+    [
+        ("i, the, and", True),
+        ("-, to, after", True),
+        ("of the, in", True),
+        ("syntax: function words (the, of)", False),
+        ("position: first token", False),
+        ("sorry, apologize", False),
+        ('"sorry for"; topic: refund', False),
+        ("(no distinctive words)", False),
+        ("", False),
+    ],
+)
+def test_is_stopword_label(label: str, stopwords: bool) -> None:
+    assert is_stopword_label(label) is stopwords

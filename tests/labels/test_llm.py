@@ -238,10 +238,10 @@ PHRASES = {
 def corpus(n: int = 360) -> pl.DataFrame:
     texts = []
     for i in range(n):
-        parts = [FILLERS[i % 6].format(i=i)]
+        parts = [FILLERS[i // 3 % 6].format(i=i)]  # fillers independent of the feature (i % 3)
         if i % 4 in (0, 1):
             parts.append(PHRASES[i % 3][i // 3 % 3].format(i=i))
-        parts.append(FILLERS[(i * 7 + 1) % 6].format(i=i))
+        parts.append(FILLERS[(i // 18 + 1) % 6].format(i=i))
         texts.append(". ".join(parts).capitalize() + ".")
     return pl.DataFrame(
         {
@@ -279,7 +279,7 @@ def oracle(messages: list[dict]) -> str:
         top = [w for w, _ in words.most_common(3)]
         return f'Sure:\n```json\n{{"label": "{", ".join(top)}", "description": "Mentions of {top[0]}."}}\n```'
     label = user.splitlines()[0].removeprefix("Explanation: ").split(". ")[0]
-    terms = set(label.split(", "))
+    terms = set(re.findall(r"\w+", label.lower())) - {"topic", "syntax", "position"}  # words of any label
     texts = [t for _, t in LINE.findall(user.split("Texts:", 1)[1])]
     if system == DETECTION_SYSTEM_PROMPT:
         answers = [int(bool(terms & set(re.findall(r"\w+", t.lower())))) for t in texts]

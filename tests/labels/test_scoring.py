@@ -376,20 +376,47 @@ def test_offline_labels_come_from_the_cache_when_evidence_and_background_are_unc
     assert counts["computed"] == 1
 
 
-def test_length_baseline_is_the_better_direction_of_excerpt_length_alone() -> None:
-    from interp_assets.labels.scoring import length_baseline, with_length_baseline
+def test_length_baseline_takes_its_direction_from_the_evidence() -> None:
+    from interp_assets.labels.scoring import headline_score, length_baseline, with_length_baseline
 
     def ex(text: str, positive: bool) -> Excerpt:
         return Excerpt(0, text, (), 1.0 if positive else 0.0, "positive" if positive else "random_negative")
 
     longer = [ex("a long positive excerpt", True)] * 3 + [ex("short", False)] * 3
-    assert length_baseline(longer) == 1.0
     shorter = [ex("pos", True)] * 3 + [ex("a much longer negative", False)] * 3
-    assert length_baseline(shorter) == 1.0  # negatives longer: as telling, the other way round
+    assert length_baseline(longer) == 1.0 and length_baseline(longer, longer) == 1.0
+    assert length_baseline(shorter) == 0.0  # without evidence: longer counts as positive
+    assert length_baseline(shorter, shorter) == 1.0  # evidence says shorter: as telling, the other way
+    assert length_baseline(longer, shorter) == 0.0  # a direction fitted on evidence can be wrong held out
     mixed = [ex("abc", True), ex("abcdef", True), ex("abc", False), ex("abcdef", False)]
-    assert length_baseline(mixed) == 0.5
-    assert with_length_baseline({"auc": 0.9}, longer)["beats_length_baseline"] is False
+    assert length_baseline(mixed, longer) == 0.5
+    assert with_length_baseline({"auc": 0.9}, longer, longer)["beats_length_baseline"] is False
     assert with_length_baseline({"auc": 0.7}, mixed)["beats_length_baseline"] is True
     assert (
         with_length_baseline({"auc": None, "balanced_accuracy": 0.4}, mixed)["beats_length_baseline"] is False
     )
+    assert headline_score({"method": "embedding", "auc": 0.7, "balanced_accuracy": 0.6}) == ("auc", 0.7)
+    assert headline_score({"method": "detection", "auc": None, "balanced_accuracy": 0.6}) == (
+        "balanced_accuracy",
+        0.6,
+    )
+    assert headline_score({"auc": None, "balanced_accuracy": 0.55}) == ("balanced_accuracy", 0.55)
+
+
+def test_the_report_reads_each_method_by_its_headline_metric() -> None:
+    from interp_assets.analysis.reports import _score_text
+    from interp_assets.labels.scoring import HEADLINE_METRIC, headline_score
+
+    for method, metric in HEADLINE_METRIC.items():
+        row = {
+            "method": method,
+            "auc": 0.71 if metric == "auc" else None,  # the LLM scorers give no continuous score
+            "balanced_accuracy": 0.64,
+            "f1": 0.33,
+            "length_baseline_auc": 0.52,
+            "beats_length_baseline": True,
+        }
+        name, value = headline_score(row)
+        assert name == metric and value is not None
+        text = _score_text(row)
+        assert f"{value:.2f}" in text and "length alone: 0.52" in text and "0.33" not in text
