@@ -139,7 +139,8 @@ class DocumentSAETrainingConfig(Config):
 
     d_sae: int = 0
     k: int = 0
-    steps: int = 3000
+    steps: int = 3000  # at most; fewer when max_epochs passes over the documents take fewer
+    max_epochs: int = 200
     lr: float = 1e-3
     seed: int = 0
     members: int = DEFAULT_MEMBERS
@@ -224,6 +225,7 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
         d_sae=config.d_sae,
         k=config.k,
         steps=config.steps,
+        max_epochs=config.max_epochs,
         lr=config.lr,
         seed=config.seed,
         members=config.members,

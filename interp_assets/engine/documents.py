@@ -148,12 +148,14 @@ class DocumentSAEConfig:
     """How a document SAE is trained (saved beside it). `d_sae`/`k` of 0 mean `document_sae_size`.
 
     `members`: how many SAEs `train_document_saes` trains (seeds `seed`, `seed + 1`, ...);
-    `train_document_sae` trains one, with `seed`.
+    `train_document_sae` trains one, with `seed`. Training runs `max_epochs` passes over the documents,
+    at most `steps` batches: a small corpus needs fewer steps than a large one.
     """
 
     d_sae: int = 0
     k: int = 0
     steps: int = 3000
+    max_epochs: int = 200
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
@@ -181,7 +183,7 @@ def train_document_sae(embeddings: np.ndarray, config: DocumentSAEConfig) -> tup
         raise ValueError(f"Document SAE needs 0 < k < d_sae; got k={k}, d_sae={d_sae}.")
     batch = min(config.batch_size, n)
     acts = torch.from_numpy(x)
-    epochs = config.steps / max(1, n // batch)
+    epochs = min(float(config.max_epochs), config.steps / max(1, n // batch))
     sae, seen = train_topk_sae(
         acts,
         d_sae=d_sae,

@@ -68,3 +68,12 @@ def test_a_single_saved_sae_still_loads_as_one(tmp_path: Path) -> None:
 def test_an_ensemble_needs_a_member() -> None:
     with pytest.raises(ValueError, match="members >= 1"):
         train_document_saes(_clustered_embeddings(), DocumentSAEConfig(d_sae=16, k=2, steps=10, members=0))
+
+
+def test_a_small_corpus_trains_for_max_epochs_not_all_steps() -> None:
+    x = _clustered_embeddings()  # 240 documents: 7 batches of 32 per pass
+    capped = DocumentSAEConfig(d_sae=16, k=2, steps=60, batch_size=32, max_epochs=2, members=1)
+    _, report = train_document_saes(x, capped)
+    assert report["samples_seen"] <= 2 * 240
+    _, full = train_document_saes(x, DocumentSAEConfig(d_sae=16, k=2, steps=60, batch_size=32, members=1))
+    assert full["samples_seen"] == 60 * 32  # 60 steps are under 200 passes: the step budget binds
