@@ -51,7 +51,7 @@ def max_group_size(n_docs: int) -> int:
     return max(50, n_docs // 100)
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 finalizer on uint64 arrays (wrapping arithmetic)."""
     with np.errstate(over="ignore"):
         x = x + np.uint64(0x9E3779B97F4A7C15)
@@ -72,7 +72,7 @@ def _powers(n: int) -> np.ndarray:
 def _key(poly: np.ndarray, length: np.ndarray | int) -> np.ndarray:
     """The key of word sequences from their polynomial hash and length (the same for a whole text, a
     sentence or an n-gram of the same words)."""
-    return _mix64(poly ^ _mix64(np.asarray(length, dtype=np.uint64)))
+    return mix64(poly ^ mix64(np.asarray(length, dtype=np.uint64)))
 
 
 def _segment_keys(
@@ -159,7 +159,7 @@ def content_index(texts: Sequence[str] | pl.Series) -> ContentIndex:
         .filter(~pl.col("end"))
     )
     doc = tokens["doc"].to_numpy()
-    words = _mix64(tokens["tok"].hash(seed=0).to_numpy().astype(np.uint64))
+    words = mix64(tokens["tok"].hash(seed=0).to_numpy().astype(np.uint64))
     sentence = tokens["sentence"].to_numpy()
 
     # documents and sentences as (start, length) runs over the word array
@@ -170,7 +170,7 @@ def content_index(texts: Sequence[str] | pl.Series) -> ContentIndex:
 
     # identical normalized text (any length): its own key space, never boilerplate
     full = _segment_keys(words, doc_start, doc_len, powers)
-    identity = _mix64(full ^ _IDENTITY_SALT)
+    identity = mix64(full ^ _IDENTITY_SALT)
     # containment of a short text (MIN_WORDS..SHINGLE-1 words): its key among other documents' n-grams
     # (a longer contained text shares all its shingles with the container)
     short = (doc_len >= MIN_WORDS) & (doc_len < SHINGLE)

@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 
 from interp_assets.analysis.reports import ELLIPSIS, highlight_text, merge_spans
-from interp_assets.labels.content_split import ContentIndex, content_index
+from interp_assets.labels.content_split import ContentIndex, content_index, mix64
 
 SPLIT_VERSION = 2  # 2: evidence and held-out split by content group, not by document
 HARD_NEGATIVES_MAX_DOCS = 20_000  # above this, documents are not embedded for hard negatives
@@ -97,19 +97,10 @@ def text_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer on uint64 arrays (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
 def unit_hash(doc_hash64: np.ndarray, feature: int, seed: int) -> np.ndarray:
     """Deterministic uniform [0, 1) value per document from (doc_hash, feature, seed)."""
-    key = _mix64(np.array([(int(feature) & 0xFFFFFFFF) << 32 | (int(seed) & 0xFFFFFFFF)], dtype=np.uint64))
-    mixed = _mix64(doc_hash64.astype(np.uint64) ^ key)
+    key = mix64(np.array([(int(feature) & 0xFFFFFFFF) << 32 | (int(seed) & 0xFFFFFFFF)], dtype=np.uint64))
+    mixed = mix64(doc_hash64.astype(np.uint64) ^ key)
     return (mixed >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
