@@ -137,7 +137,7 @@ def test_real_labels_score_above_swapped_labels_on_real_sae_features(
     features = label_bench.choose_features(pooled, n_docs, 16, "spread", min_docs=45)
     assert len(features) == 16
     result = label_bench.run_benchmark(
-        acts, docs, features, n_evidence=10, n_holdout=20, swaps=3, swap_seed=0, n_boot=100
+        acts, docs, features, n_evidence=10, n_holdout=40, swaps=3, swap_seed=0, n_boot=100
     )
     assert result.height == 16 and (result["n_swaps"] == 3).all()
     assert (result["label"] != result["swapped_label"]).any()
