@@ -6,6 +6,8 @@ of both Parquet files), then `<id>.docs.parquet` (one row per document: tokens, 
 The `.docs` file is the commit marker: a chunk without it (a crash between the renames, or mid-write) is
 ignored and redone. A run killed midway therefore redoes at most the chunk in flight, and an unchanged
 drop encodes nothing. Chunks committed before sums were recorded have none until they are first read.
+What a crash left uncommitted (`.acts` / `.sums.json` without `.docs`, temp files of interrupted
+writes) is deleted by the next `encode_missing` once it is an hour old (`sweep_orphans`).
 
 The token_activations table of a dataset is stored in segments, one per cache chunk holding some of its
 documents (`activation_segments`); a segment's name is a key of its content, so a re-run rewrites only
@@ -119,6 +121,7 @@ class EncodeStats:
 
 QUARANTINE = "quarantine"  # sub-folder where unreadable chunks are moved aside
 CHUNK_FILES = (".docs.parquet", ".sums.json", ".acts.parquet")  # docs first: without it, no commit
+ORPHAN_AGE_S = 3600.0  # an uncommitted file older than this is no chunk in flight: a crash left it
 
 
 class ActivationCache:
@@ -211,6 +214,38 @@ class ActivationCache:
         with contextlib.suppress(OSError):
             write_bytes_atomic(str(self.dir / f"{chunk_id}.sums.json"), json.dumps(record).encode())
 
+    def sweep_orphans(self, min_age_s: float = ORPHAN_AGE_S) -> list[str]:
+        """Delete what crashes left behind: `.acts` / `.sums.json` files of chunks that never got their
+        `.docs` commit marker, and temp files of interrupted atomic writes; returns the names deleted.
+
+        Only files older than `min_age_s` go: another process may be committing a chunk right now (its
+        files appear within seconds of one another). Committed chunks are never touched.
+        """
+        now = time.time()
+        committed = {p.name[: -len(".docs.parquet")] for p in self.dir.glob("*.docs.parquet")}
+        removed = []
+        for path in self.dir.iterdir():
+            name = path.name
+            chunk_id = next(
+                (name[: -len(s)] for s in (".acts.parquet", ".sums.json") if name.endswith(s)), None
+            )
+            orphan = (chunk_id is not None and chunk_id not in committed) or (
+                name.startswith(".") and name.endswith(".tmp")
+            )
+            if not orphan or not path.is_file():
+                continue
+            with contextlib.suppress(OSError):  # gone already, or a read-only cache: nothing to do
+                if now - path.stat().st_mtime >= min_age_s:
+                    path.unlink()
+                    removed.append(name)
+        if removed:
+            self._warn(
+                f"Activation cache {self.dir}: deleted {len(removed)} file(s) of chunks that were never "
+                f"committed (a run ended mid-write): {', '.join(sorted(removed)[:5])}"
+                f"{' ...' if len(removed) > 5 else ''}. Their documents are encoded again when needed."
+            )
+        return removed
+
     def _docs(self, chunk_id: str) -> Path:
         return self.dir / f"{chunk_id}.docs.parquet"
 
@@ -275,6 +310,7 @@ class ActivationCache:
         `on_start(n)` hears how many documents need encoding before the first chunk; `on_chunk(done, n)`
         after each committed chunk."""
         unique = documents.select("doc_hash", "text").unique("doc_hash", keep="first", maintain_order=True)
+        self.sweep_orphans()
         index = self.document_index()
         done = index if not retry_rejected else index.filter(pl.col("status") == "encoded")
         missing = unique.join(done.select("doc_hash"), on="doc_hash", how="anti", maintain_order="left")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +202,26 @@ def test_a_disk_that_fills_up_mid_commit_leaves_committed_chunks_whole_and_a_ret
         stats = retry.encode_missing(fake_encode, docs, max_docs=20)
         assert (stats.reused, stats.encoded) == (20 * len(committed), 60 - 20 * len(committed)), budget
         assert table(retry, docs).equals(expected), budget
+
+
+def test_files_of_chunks_a_crash_left_uncommitted_are_swept_once_old(cache_with_two_chunks):
+    folder, docs, warnings = cache_with_two_chunks
+    committed = sorted(p.name for p in folder.iterdir())
+    # a crash after the activations (and sums) were written but before the .docs commit marker, and one
+    # mid-write (an atomic write's temp file); a third chunk is "in flight" in another process right now
+    crashed = [folder / "00000000000000000001-deadbeef0000.acts.parquet", folder / ".x.docs.parquet.ab12.tmp"]
+    crashed.append(folder / "00000000000000000001-deadbeef0000.sums.json")
+    in_flight = folder / f"{time.time_ns():020d}-cafe00000000.acts.parquet"
+    for path in [*crashed, in_flight]:
+        path.write_bytes(b"partial")
+    hour_ago = time.time() - 2 * 3600
+    for path in crashed:
+        os.utime(path, (hour_ago, hour_ago))
+    cache = ActivationCache(folder.parent, "fp", on_warning=warnings.append)
+    stats = cache.encode_missing(fake_encode, docs, max_docs=20)
+    assert stats.reused == 40 and stats.chunks_written == 0  # committed chunks untouched and used
+    assert not any(p.exists() for p in crashed) and in_flight.exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*committed, in_flight.name])
+    assert any("never committed" in w and "deadbeef" in w for w in warnings)
+    assert cache.sweep_orphans() == []  # nothing old is left; the fresh file waits for its owner
+    assert cache.sweep_orphans(min_age_s=0) == [in_flight.name]
