@@ -43,7 +43,7 @@ Messages = list[dict[str, Any]]
 
 OFFLINE_SOURCE = "offline:log-odds"
 OFFLINE_VERSION = "3"  # bumped when offline_label's output changes for the same inputs
-PROMPT_VERSION = "label-prompt-v1"
+PROMPT_VERSION = "label-prompt-v2"  # 2: excerpt windows of one size, length-matched held-out negatives
 
 FEATURE_LABELS_SCHEMA: dict[str, pl.DataType] = {
     "dataset": pl.String(),
