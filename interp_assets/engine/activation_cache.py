@@ -42,7 +42,7 @@ from interp_assets.storage.checksums import (
     file_record,
     is_sha256,
 )
-from interp_assets.storage.parquet import parquet_bytes, write_bytes_atomic, write_parquet_atomic
+from interp_assets.storage.parquet import is_tmp_name, parquet_bytes, write_bytes_atomic, write_parquet_atomic
 
 DOC_STATUS_SCHEMA = pa.schema(
     [
@@ -226,12 +226,8 @@ class ActivationCache:
         removed = []
         for path in self.dir.iterdir():
             name = path.name
-            chunk_id = next(
-                (name[: -len(s)] for s in (".acts.parquet", ".sums.json") if name.endswith(s)), None
-            )
-            orphan = (chunk_id is not None and chunk_id not in committed) or (
-                name.startswith(".") and name.endswith(".tmp")
-            )
+            chunk_id = next((name[: -len(s)] for s in CHUNK_FILES[1:] if name.endswith(s)), None)
+            orphan = (chunk_id is not None and chunk_id not in committed) or is_tmp_name(name)
             if not orphan or not path.is_file():
                 continue
             with contextlib.suppress(OSError):  # gone already, or a read-only cache: nothing to do

@@ -214,6 +214,12 @@ def _tmp_name(final: str) -> str:
     return f"{head}/.{name}.{uuid.uuid4().hex}.tmp"
 
 
+def is_tmp_name(name: str) -> bool:
+    """Whether a file name is the temp file of an atomic write (`_tmp_name`): what an interrupted write
+    leaves behind."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
 def _fsync_local(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
