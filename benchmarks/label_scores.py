@@ -74,6 +74,19 @@ WORD_FAMILIES: dict[int, tuple[str, ...]] = {
 }
 
 
+def _raw_documents(frame: pl.DataFrame, dataset: str, path: Path, metadata: pl.Expr) -> pl.DataFrame:
+    """`frame` (text, source_row) in raw_documents' shape, doc_id in row order, plus one `metadata` column."""
+    return frame.select(
+        pl.lit(dataset).alias("dataset"),
+        pl.int_range(pl.len(), dtype=pl.Int32).alias("doc_id"),
+        pl.col("text").map_elements(text_hash, return_dtype=pl.String).alias("doc_hash"),
+        "text",
+        pl.lit(path.name).alias("source_file"),
+        pl.col("source_row").cast(pl.Int64),
+        metadata,
+    )
+
+
 def load_sst2(
     path: str | Path = SST2_TRAIN,
     n_docs: int | None = 2000,
@@ -106,15 +119,7 @@ def load_sst2(
         frame = frame.sample(n_docs, seed=seed).sort("source_row")
     elif n_docs is not None:
         frame = frame.head(n_docs)
-    return frame.select(
-        pl.lit(dataset).alias("dataset"),
-        pl.int_range(pl.len(), dtype=pl.Int32).alias("doc_id"),
-        pl.col("text").map_elements(text_hash, return_dtype=pl.String).alias("doc_hash"),
-        "text",
-        pl.lit(path.name).alias("source_file"),
-        pl.col("source_row").cast(pl.Int64),
-        pl.col("label").cast(pl.Int64),
-    )
+    return _raw_documents(frame, dataset, path, pl.col("label").cast(pl.Int64))
 
 
 DBPEDIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dbpedia" / "dbpedia.tsv"
@@ -204,15 +209,7 @@ def load_dbpedia(
     )
     if n_docs is not None and frame.height > n_docs:
         frame = frame.sample(n_docs, seed=seed).sort("source_row")
-    return frame.select(
-        pl.lit("dbpedia").alias("dataset"),
-        pl.int_range(pl.len(), dtype=pl.Int32).alias("doc_id"),
-        pl.col("text").map_elements(text_hash, return_dtype=pl.String).alias("doc_hash"),
-        "text",
-        pl.lit(path.name).alias("source_file"),
-        pl.col("source_row").cast(pl.Int64),
-        pl.col("category").cast(pl.String),
-    )
+    return _raw_documents(frame, "dbpedia", path, pl.col("category").cast(pl.String))
 
 
 def names_category(label: str, category: str) -> bool:
