@@ -267,6 +267,13 @@ MARK = re.compile(r"<<(.*?)>>")
 LINE = re.compile(r"^(\d+)\. (.*)$", re.MULTILINE)
 
 
+@pytest.fixture(scope="module")
+def support(bench: ModuleType) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The support corpus and its rule-based activations (FAMILIES), built once for the module."""
+    docs = corpus()
+    return docs, bench.rule_based_activations(docs, FAMILIES)
+
+
 def oracle(messages: list[dict]) -> str:
     """A stand-in LLM that reads the prompts the way a model would: label = the most marked words;
     detection = does the text contain a label word; fuzz = is a highlighted word a label word."""
@@ -292,10 +299,11 @@ def oracle(messages: list[dict]) -> str:
     return json.dumps(answers)
 
 
-def test_label_and_score_end_to_end(server: FakeLLMServer, bench: ModuleType, tmp_path: Path) -> None:
+def test_label_and_score_end_to_end(
+    server: FakeLLMServer, bench: ModuleType, support: tuple[pl.DataFrame, pl.DataFrame], tmp_path: Path
+) -> None:
     server.answer = oracle
-    docs = corpus()
-    acts = bench.rule_based_activations(docs, FAMILIES)
+    docs, acts = support
     llm = resource(server, max_calls=1000)
     cache = LabelCache(tmp_path / "labels.parquet")
     params = dict(n_evidence=10, n_holdout=20)
@@ -346,10 +354,11 @@ def test_label_and_score_end_to_end(server: FakeLLMServer, bench: ModuleType, tm
     assert KEY not in str(scores.to_dicts()) + str(labels.to_dicts())
 
 
-def test_budget_exhaustion_keeps_partial_labels_and_scores(server: FakeLLMServer, bench: ModuleType) -> None:
+def test_budget_exhaustion_keeps_partial_labels_and_scores(
+    server: FakeLLMServer, support: tuple[pl.DataFrame, pl.DataFrame]
+) -> None:
     server.answer = oracle
-    docs = corpus()
-    acts = bench.rule_based_activations(docs, FAMILIES)
+    docs, acts = support
     llm = resource(server, max_calls=1, max_concurrency=1)
     errors: list[str] = []
     labels = label_features(
@@ -431,13 +440,12 @@ LABEL_MODES = {
 
 @pytest.mark.parametrize("mode", sorted(LABEL_MODES))
 def test_label_status_for_each_way_an_answer_goes_wrong(
-    server: FakeLLMServer, bench: ModuleType, mode: str
+    server: FakeLLMServer, support: tuple[pl.DataFrame, pl.DataFrame], mode: str
 ) -> None:
     behaviours, status, from_llm, requests = LABEL_MODES[mode]
     server.answer = GOOD_LABEL
     server.enqueue(*behaviours)  # feature 0's request comes first (one request at a time)
-    docs = corpus()
-    acts = bench.rule_based_activations(docs, FAMILIES)
+    docs, acts = support
     errors: list[str] = []
     labels = label_features(
         acts,
@@ -491,11 +499,10 @@ SCORE_MODES = {
 
 @pytest.mark.parametrize("mode", sorted(SCORE_MODES))
 def test_score_status_for_each_way_a_reply_goes_wrong(
-    server: FakeLLMServer, bench: ModuleType, mode: str
+    server: FakeLLMServer, support: tuple[pl.DataFrame, pl.DataFrame], mode: str
 ) -> None:
     behaviour, status, n_examples = SCORE_MODES[mode]
-    docs = corpus()
-    acts = bench.rule_based_activations(docs, FAMILIES)
+    docs, acts = support
     labels = label_features(
         acts, docs, [0, 1], dataset="support", sae_id="rules", n_evidence=10, n_holdout=20
     )
@@ -528,10 +535,9 @@ def test_score_status_for_each_way_a_reply_goes_wrong(
 
 
 def test_a_feature_whose_every_reply_fails_does_not_drop_the_others(
-    server: FakeLLMServer, bench: ModuleType
+    server: FakeLLMServer, support: tuple[pl.DataFrame, pl.DataFrame]
 ) -> None:
-    docs = corpus()
-    acts = bench.rule_based_activations(docs, FAMILIES)
+    docs, acts = support
     labels = label_features(
         acts, docs, [0, 1], dataset="support", sae_id="rules", n_evidence=10, n_holdout=20
     )
