@@ -307,7 +307,8 @@ def _method_text(diff: pl.DataFrame, n_tests: int, alpha: float) -> str:
         return (
             "document frequency at label-blind firing thresholds (fires at all, or in the top "
             "50/20/10/5/2/1% "
-            "of the pooled A+B documents; each feature's best threshold, Bonferroni within the feature); "
+            "of the pooled A+B documents; each feature's best threshold, with an exact min-p adjustment "
+            "over its nested thresholds); "
             "two-sided Fisher exact test where an expected cell < 5, else two-proportion z test; "
             + fdr.replace("features", "features that could reach significance (independent filtering)")
             + "; 95% Newcombe hybrid score intervals at the reported threshold"

@@ -133,6 +133,7 @@ class DiffReportsConfig(Config):
     top_n: int = 10
     examples_per_feature: int = 3
     firing: str = diffing.REPORT_FIRING  # "adaptive" (label-blind thresholds per feature) or "fixed"
+    within_feature: str = "exact"  # adaptive: exact min-p over a feature's thresholds, or "bonferroni"
     document_family: bool = True  # also compare the comparison's document_features, when materialized
 
 
@@ -143,7 +144,7 @@ class DiffReportsConfig(Config):
     kinds={"polars", "parquet"},
     owners=OWNERS,
     metadata=column_schema("diff_reports"),
-    code_version="1",
+    code_version="2",  # 2: exact min-p within a feature (adaptive firing)
     deps=[
         # everything it reads: both datasets' tables (AllPartitionMapping: a comparison names its datasets
         # only at run time) and its own comparison's document features
@@ -198,6 +199,7 @@ def diff_reports(
             alpha=config.alpha,
             n_features=d_sae,
             firing=config.firing,
+            within_feature=config.within_feature,
         )
     document = (
         _document_family(storage, key, a, b, docs_a, docs_b, comparison.paired_on, config)
@@ -373,6 +375,7 @@ def _document_family(
             alpha=config.alpha,
             n_features=sae["n_features"],
             firing=config.firing,
+            within_feature=config.within_feature,
         )
     top = reports.top_features(diff, config.top_n)
     spans = {

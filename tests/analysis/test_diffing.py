@@ -14,6 +14,7 @@ from interp_assets.analysis.diffing import (
     fisher_exact_pvalue,
     log2_ratio_interval,
     mcnemar_exact_pvalue,
+    nested_min_pvalue,
     newcombe_interval,
     newcombe_paired_interval,
     paired_diff_features,
@@ -412,6 +413,7 @@ def test_adaptive_thresholds_equal_a_brute_force_computation() -> None:
 
     a, b = _pooled_with_subpopulation(300, 500, 25, seed=1, width=12)
     out = diff_features(a, 300, b, 500, firing="adaptive")
+    bonferroni_out = diff_features(a, 300, b, 500, firing="adaptive", within_feature="bonferroni")
     quantiles = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
     for f in range(12):
         va = a.filter(pl.col("feature") == f)["max_activation"].to_numpy()
@@ -435,7 +437,13 @@ def test_adaptive_thresholds_equal_a_brute_force_computation() -> None:
             )
         row = out.filter(pl.col("feature") == f).row(0, named=True)
         assert row["n_thresholds"] == len(cuts)
-        assert row["p_value"] == pytest.approx(min(1.0, min(p) * len(cuts)), rel=1e-9)
+        sizes = [int((va >= t).sum() + (vb >= t).sum()) for t in cuts]
+        bonferroni = min(1.0, min(p) * len(cuts))
+        exact = nested_min_pvalue(sizes, 300, 500, min(p)) if len(cuts) > 1 and min(p) <= 0.05 else bonferroni
+        assert row["p_value"] == pytest.approx(min(exact, bonferroni), rel=1e-6)
+        assert min(p) <= row["p_value"] <= bonferroni * (1 + 1e-9)
+        by_bonferroni = bonferroni_out.filter(pl.col("feature") == f).row(0, named=True)
+        assert by_bonferroni["p_value"] == pytest.approx(bonferroni, rel=1e-9)
         chosen = [i for i, cut in enumerate(cuts) if cut == pytest.approx(row["threshold"])]
         assert chosen and p[chosen[0]] == pytest.approx(min(p), rel=1e-9)  # the best candidate is reported
         assert (
@@ -483,6 +491,73 @@ def test_adaptive_null_split_halves_stays_clean(sizes: tuple[int, int]) -> None:
         out = diff_features(a, sizes[0], b, sizes[1], firing="adaptive", n_features=512)
         hits += int(out["significant"].sum() > 0)
     assert hits <= 1, hits
+
+
+def _min_p_by_enumeration(sizes: list[int], n_a: int, n_b: int, p_obs: float) -> float:
+    """P(min candidate p <= p_obs) over every equally likely placement of the B documents (brute force).
+
+    Documents are ranked by value; candidate j keeps the top sizes[j] ranks, so a placement of the B
+    documents is a subset of ranks."""
+    from itertools import combinations
+
+    ranks = np.array(list(combinations(range(n_a + n_b), n_b)))
+    best = np.ones(len(ranks))
+    for t in sizes:
+        in_b = (ranks < t).sum(axis=1)
+        best = np.minimum(best, two_by_two_pvalue(t - in_b, n_a, in_b, n_b)[0])
+    return float((best <= p_obs * (1 + 1e-9)).mean())
+
+
+@pytest.mark.parametrize(
+    ("sizes", "n_a", "n_b"),
+    [([10, 6, 3], 8, 6), ([12, 9, 7, 4, 2], 9, 7), ([5], 7, 7), ([13, 13, 8, 4], 10, 5)],
+)
+def test_nested_min_pvalue_equals_enumeration_of_every_placement(
+    sizes: list[int], n_a: int, n_b: int
+) -> None:
+    n = n_a + n_b
+    attained = set()
+    for t in sizes:
+        x = np.arange(max(0, t - n_a), min(t, n_b) + 1)
+        attained.update(two_by_two_pvalue(t - x, n_a, x, n_b)[0].tolist())
+    attained = sorted(attained)
+    for p_obs in attained[:: max(1, len(attained) // 6)]:
+        exact = nested_min_pvalue(sizes, n_a, n_b, p_obs)
+        assert exact == pytest.approx(_min_p_by_enumeration(sizes, n_a, n_b, p_obs), abs=1e-12), (p_obs, n)
+        assert exact <= min(1.0, len(set(sizes)) * p_obs) * (1 + 1e-9)
+
+
+def test_nested_min_pvalue_matches_simulation_at_realistic_sizes() -> None:
+    """2,000 documents, the adaptive quantiles' nesting: exact within the Monte Carlo interval, below
+    Bonferroni, and a single candidate is the test's own p-value (Fisher: exact by construction)."""
+    rng = np.random.default_rng(5)
+    n_a, n_b, sizes, p_obs = 1000, 1000, [1400, 1000, 400, 200, 100, 40, 20], 0.002
+    runs = 20_000
+    b_before = np.zeros((runs, len(sizes)), dtype=np.int64)
+    for r in range(runs):
+        ranks = rng.choice(n_a + n_b, n_b, replace=False)
+        b_before[r] = [(ranks < t).sum() for t in sizes]
+    t = np.asarray(sizes)
+    p = two_by_two_pvalue(t - b_before, n_a, b_before, n_b)[0]
+    simulated = (p.min(axis=1) <= p_obs * (1 + 1e-9)).mean()
+    exact = nested_min_pvalue(sizes, n_a, n_b, p_obs)
+    assert abs(exact - simulated) < 4 * np.sqrt(simulated * (1 - simulated) / runs) + 1e-4, (exact, simulated)
+    assert exact < len(sizes) * p_obs
+    fisher = two_by_two_pvalue(np.array([6]), 1000, np.array([0]), 1000)
+    assert fisher[1][0] == "fisher_exact"
+    assert nested_min_pvalue([6], 1000, 1000, fisher[0][0]) == pytest.approx(fisher[0][0], rel=1e-7)
+
+
+def test_exact_within_feature_adjustment_is_never_above_bonferroni() -> None:
+    """(The null stays clean with it: test_adaptive_null_split_halves_stays_clean runs the default, exact.)"""
+    a, b = _pooled_with_subpopulation(1000, 1000, 60, seed=2)
+    exact = diff_features(a, 1000, b, 1000, firing="adaptive")
+    bonferroni = diff_features(a, 1000, b, 1000, firing="adaptive", within_feature="bonferroni")
+    joined = exact.join(bonferroni, on="feature", suffix="_bonferroni")
+    assert (joined["p_value"] <= joined["p_value_bonferroni"] * (1 + 1e-9)).all()
+    assert (joined["p_value"] >= 0).all()
+    with pytest.raises(ValueError, match="within_feature='sidak'"):
+        diff_features(a, 1000, b, 1000, firing="adaptive", within_feature="sidak")
 
 
 @pytest.mark.parametrize("firing", ["fixed", "adaptive"])
