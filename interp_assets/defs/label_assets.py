@@ -34,8 +34,8 @@ from interp_assets.storage.parquet import markdown_preview, read_table, table_ex
 from resources.llm import LLMResource
 from resources.storage import StorageResource
 
-LABELS_CODE_VERSION = "5"  # 3: split by content; 4: LLM answer status; 5: phrase/topic/syntax labels
-SCORES_CODE_VERSION = "5"  # 3: split by content; 4: LLM answer status; 5: length baseline from evidence
+LABELS_CODE_VERSION = "6"  # 3: split by content; 4: LLM answers; 5: phrase/topic/syntax; 6: dense by strength
+SCORES_CODE_VERSION = "6"  # 3: split by content; 4: LLM answers; 5: length from evidence; 6: dense
 
 
 class FeatureLabelsConfig(Config):

@@ -27,7 +27,9 @@ import polars as pl
 from interp_assets.analysis.reports import ELLIPSIS, highlight_text, merge_spans
 from interp_assets.labels.content_split import ContentIndex, content_index, mix64
 
-SPLIT_VERSION = 2  # 2: evidence and held-out split by content group, not by document
+SPLIT_VERSION = 3  # 2: split by content group, not by document; 3: dense features read by strength
+DENSE_FRACTION = 0.5  # a feature firing in more of the documents is "positive" in its top half only
+DENSE_NEGATIVE_FRACTION = 0.25  # ... and "negative" in its bottom quarter (absent or weakest)
 HARD_NEGATIVES_MAX_DOCS = 20_000  # above this, documents are not embedded for hard negatives
 WINDOW_CHARS = 2 * 150 + 20  # an excerpt's size at make_excerpt's default context_chars
 CORE_DOC_COLUMNS = frozenset({"dataset", "doc_id", "doc_hash", "text", "source_file", "source_row"})
@@ -172,6 +174,8 @@ def split_evidence(
     the threshold moves across, so that both sides get positives.
     Held-out documents that share a sentence, shingle or contained text with the chosen evidence are
     then left out (`heldout_dropped`).
+    Positives and negatives are `positives_and_negatives` (a feature in most documents: its strongest
+    half against its weakest quarter).
     Evidence: the `n_evidence` top-activating positives of the evidence pool and `n_evidence` negatives.
     Held-out: `n_holdout` positives spread over `n_quantiles` activation quantiles and `n_holdout`
     negatives. With `embeddings` (row i = document at row i of `documents`, computed once per dataset)
@@ -214,7 +218,10 @@ def _split(
     threshold = n_evidence / (n_evidence + n_holdout)
     per_doc = (
         acts.group_by("doc_id")
-        .agg(pl.col("activation").max().alias("max_activation"))
+        .agg(
+            pl.col("activation").max().alias("max_activation"),
+            pl.col("activation").sum().alias("activation_sum"),
+        )
         .with_columns(pl.col("doc_id").cast(pl.Int32))
     )
     frame = (
@@ -227,11 +234,10 @@ def _split(
         .join(per_doc, on="doc_id", how="left")
     )
     frame = _both_sides(frame)
-    pos = frame.filter(pl.col("max_activation").is_not_null())
-    neg = frame.filter(pl.col("max_activation").is_null() & (pl.col("text").str.strip_chars() != ""))
+    pos, neg = positives_and_negatives(frame)
 
     ev_pos = (
-        pos.filter("evidence_pool").sort(["max_activation", "u"], descending=[True, False]).head(n_evidence)
+        pos.filter("evidence_pool").sort(["strength", "u"], descending=[True, False]).head(n_evidence)
     )
     use_hard = embeddings is not None
     ev_neg_pool = neg.filter("evidence_pool").sort("u")
@@ -311,16 +317,47 @@ def _both_sides(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def positives_and_negatives(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A feature's positive and negative documents, each with a `strength` column that orders positives.
+
+    `frame`: one row per document, with `text`, `u` (a per-feature hash for tie order), and
+    `max_activation` / `activation_sum` over the document's tokens (null where the feature is absent).
+    A feature that fires in at most `DENSE_FRACTION` of the documents: where it fires (strength = max
+    activation), against documents without it. A denser feature (one on function words fires in nearly
+    every document) is read at the scale it works at, by its activation per character of text (a max or
+    a sum grows with length alone): positives are the top `DENSE_FRACTION` of the documents by that
+    strength, negatives the bottom `DENSE_NEGATIVE_FRACTION`. Otherwise its few documents without it,
+    mostly the shortest, would be the only negatives, and length alone would tell them apart.
+    """
+    usable = frame.filter(pl.col("text").str.strip_chars() != "")
+    firing = usable.filter(pl.col("max_activation").is_not_null())
+    if firing.height <= DENSE_FRACTION * usable.height:
+        negatives = usable.filter(pl.col("max_activation").is_null())
+        return frame.filter(pl.col("max_activation").is_not_null()).with_columns(
+            pl.col("max_activation").alias("strength")
+        ), negatives.with_columns(pl.lit(0.0).alias("strength"))
+    n = usable.height
+    per_char = pl.col("activation_sum").fill_null(0.0) / pl.col("text").str.len_chars()
+    ranked = (
+        usable.with_columns(per_char.alias("strength"))
+        .sort(["strength", "u"], descending=[True, False])
+        .with_row_index("_rank")
+    )
+    pos = ranked.filter(pl.col("_rank") < int(DENSE_FRACTION * n)).drop("_rank")
+    neg = ranked.filter(pl.col("_rank") >= n - int(DENSE_NEGATIVE_FRACTION * n)).drop("_rank")
+    return pos, neg
+
+
 def _quantile_sample(pool: pl.DataFrame, n: int, n_quantiles: int) -> pl.DataFrame:
-    """Take `n` documents round-robin from `n_quantiles` activation bins (hash order within a bin)."""
+    """Take `n` documents round-robin from `n_quantiles` strength bins (hash order within a bin)."""
     if pool.height <= n:
-        return pool.sort(["max_activation", "u"], descending=[True, False])
+        return pool.sort(["strength", "u"], descending=[True, False])
     bins = max(1, min(n_quantiles, n))
-    ranked = pool.sort(["max_activation", "u"]).with_row_index("rank")
+    ranked = pool.sort(["strength", "u"]).with_row_index("rank")
     ranked = ranked.with_columns((pl.col("rank") * bins // pool.height).alias("bin"))
     ranked = ranked.with_columns(pl.col("u").rank("ordinal").over("bin").alias("within"))
     picked = ranked.sort(["within", "bin"], descending=[False, True]).head(n)
-    return picked.drop("rank", "bin", "within").sort(["max_activation", "u"], descending=[True, False])
+    return picked.drop("rank", "bin", "within").sort(["strength", "u"], descending=[True, False])
 
 
 def _length_matched(pool: pl.DataFrame, positives: pl.DataFrame, n: int) -> pl.DataFrame:

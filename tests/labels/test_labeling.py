@@ -132,6 +132,30 @@ def test_evidence_is_top_of_its_pool_and_heldout_spans_quantiles() -> None:
     assert set(split.heldout_positive) <= heldout_pool
 
 
+def test_a_dense_feature_is_read_by_strength_and_a_sparse_one_by_firing() -> None:
+    """Fires in 540 of 600 documents (90%): positives come from its strongest half, negatives from its
+    weakest quarter, which holds the 60 documents without it and its weakest 90; strength is activation
+    per character, so a long document does not outrank a short one by length alone. At 300 of 600 (50%)
+    the feature is still where it fires against where it does not."""
+    texts = [f"alpha{i:03d} sentence of the corpus" for i in range(600)]
+    rows = [(i, 0, 8, 1.0 + i / 540) for i in range(540)]
+    # doc 539 (the strongest per token) made 20 times longer: its max is the highest, its rate the lowest
+    texts[539] = texts[539] + " and more words" * 60
+    docs, dense = documents(texts), activations(rows, texts)
+    split = split_evidence(dense, docs, 0, n_evidence=20, n_holdout=40, seed=0)
+    positives = split.evidence_positive + split.heldout_positive
+    negatives = split.evidence_random_negative + split.heldout_random_negative + split.background
+    assert len(positives) == 60 and len(negatives) > 60
+    assert all(240 <= d < 539 for d in positives)  # activation grows with doc_id: the top half
+    assert all(d < 89 or d >= 539 for d in negatives)  # none, the weakest 89, and the long one
+    assert 539 in negatives and {d for d in negatives if d < 89} and {d for d in negatives if d >= 540}
+    assert split.n_positive_docs == 300
+    docs, sparse = graded_corpus(600, 300)
+    split = split_evidence(sparse, docs, 0, n_evidence=20, n_holdout=40, seed=0)
+    assert split.n_positive_docs == 300
+    assert all(d >= 300 for d in split.evidence_random_negative + split.heldout_random_negative)
+
+
 def test_pool_membership_is_stable_when_the_dataset_grows() -> None:
     docs, acts = graded_corpus(600)
     big_docs, big_acts = graded_corpus(1200)
