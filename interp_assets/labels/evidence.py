@@ -236,9 +236,7 @@ def _split(
     frame = _both_sides(frame)
     pos, neg = positives_and_negatives(frame)
 
-    ev_pos = (
-        pos.filter("evidence_pool").sort(["strength", "u"], descending=[True, False]).head(n_evidence)
-    )
+    ev_pos = pos.filter("evidence_pool").sort(["strength", "u"], descending=[True, False]).head(n_evidence)
     use_hard = embeddings is not None
     ev_neg_pool = neg.filter("evidence_pool").sort("u")
     n_hard_ev = round(n_evidence * hard_negative_fraction) if use_hard else 0
