@@ -67,13 +67,19 @@ def match_features(
     (`match_b`, `match_correlation`), its best feature in B (`best_b`, `best_correlation`, many-to-one),
     and with both decoders given (`(d_sae, d_in)` each, one residual space) the pair's `decoder_cosine`.
 
-    Matches with correlation <= 0 or with a feature without signature are left null.
+    Matches with correlation <= 0 or with a feature without signature are left null. With decoders, equal
+    correlations (features that fire on the same few documents) are told apart by decoder cosine, so an SAE
+    matched with a copy of itself gets the identity.
     """
     from scipy.optimize import linear_sum_assignment
 
     corr = signature_correlations(a, b)
     d_a, d_b = corr.shape
     score = np.nan_to_num(corr, nan=-1.0)
+    cosines = None
+    if decoder_a is not None and decoder_b is not None:
+        cosines = _decoder_cosines(decoder_a, decoder_b, d_a, d_b)
+        score = score + _TIE_BREAK * cosines
     rows, cols = linear_sum_assignment(score, maximize=True)
     match = np.full(d_a, -1, dtype=np.int64)
     match[rows] = cols
@@ -93,15 +99,42 @@ def match_features(
             "best_correlation": _nullable(best_corr, best_keep, pl.Float64),
         }
     )
-    if decoder_a is not None and decoder_b is not None:
-        da, db = np.asarray(decoder_a, dtype=np.float64), np.asarray(decoder_b, dtype=np.float64)
-        if da.shape != (d_a, da.shape[1]) or db.shape != (d_b, da.shape[1]):
-            raise ValueError(
-                f"decoders must be (d_sae, d_in) of one residual space: got {da.shape} for A ({d_a} "
-                f"features) and {db.shape} for B ({d_b} features)."
-            )
-        da = da / np.maximum(np.linalg.norm(da, axis=1, keepdims=True), 1e-12)
-        db = db / np.maximum(np.linalg.norm(db, axis=1, keepdims=True), 1e-12)
-        cosine = np.where(keep, np.einsum("ij,ij->i", da, db[np.where(keep, match, 0)]), np.nan)
+    if cosines is not None:
+        cosine = np.where(keep, cosines[np.arange(d_a), np.where(keep, match, 0)], np.nan)
         out = out.with_columns(pl.Series("decoder_cosine", cosine).fill_nan(None))
     return out
+
+
+_TIE_BREAK = 1e-6  # weight of decoder cosine in the assignment: decides only between equal correlations
+
+
+def _decoder_cosines(decoder_a: np.ndarray, decoder_b: np.ndarray, d_a: int, d_b: int) -> np.ndarray:
+    """(d_a, d_b) cosine of every decoder row of A with every decoder row of B (one residual space)."""
+    da, db = np.asarray(decoder_a, dtype=np.float64), np.asarray(decoder_b, dtype=np.float64)
+    if da.ndim != 2 or db.ndim != 2 or da.shape[0] != d_a or db.shape != (d_b, da.shape[1]):
+        raise ValueError(
+            f"decoders must be (d_sae, d_in) of one residual space: got {da.shape} for A ({d_a} "
+            f"features) and {db.shape} for B ({d_b} features)."
+        )
+    da = da / np.maximum(np.linalg.norm(da, axis=1, keepdims=True), 1e-12)
+    db = db / np.maximum(np.linalg.norm(db, axis=1, keepdims=True), 1e-12)
+    return da @ db.T
+
+
+def document_signatures(pooled: pl.DataFrame, doc_ids: list[int], d_sae: int) -> sparse.csr_matrix:
+    """(len(doc_ids), d_sae) sparse matrix of each document's per-feature max activation (row i is
+    `doc_ids[i]`; a feature absent from a document is 0), from pooled_embeddings rows (`doc_id`, `feature`,
+    `max_activation`). Rows of other documents are ignored; a feature >= `d_sae` raises ValueError."""
+    index = pl.DataFrame({"doc_id": doc_ids}, schema={"doc_id": pl.Int32}).with_row_index("row")
+    rows = pooled.select(
+        pl.col("doc_id").cast(pl.Int32), pl.col("feature").cast(pl.Int64), "max_activation"
+    ).join(index, on="doc_id", how="inner")
+    if rows.height and (int(rows["feature"].max()) >= d_sae or int(rows["feature"].min()) < 0):
+        raise ValueError(
+            f"pooled features span {rows['feature'].min()}..{rows['feature'].max()}, outside the SAE's "
+            f"{d_sae} features: the table was written by another SAE; materialize it again."
+        )
+    values = rows["max_activation"].cast(pl.Float64).to_numpy()
+    return sparse.csr_matrix(
+        (values, (rows["row"].to_numpy(), rows["feature"].to_numpy())), shape=(len(doc_ids), d_sae)
+    )
