@@ -249,3 +249,27 @@ def test_definitions_build_the_readers_of_the_data_dir_and_refuse_a_bad_file(tmp
     (tmp_path / "config/readers.json").write_text(json.dumps({"copy": {"match_with": "nobody"}}))
     bad = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "readers.json: reader 'copy'" in bad.stderr and "'nobody'" in bad.stderr
+
+
+def test_notebook_and_warehouse_read_extra_readers_and_matches(pipeline) -> None:
+    from interp_assets.notebook import Dataset
+    from interp_assets.warehouse import query, refresh_views
+
+    data, *_ = pipeline
+    copy = Dataset.load("alpha", str(data), reader="copy")
+    narrow = Dataset.load("alpha", str(data), reader="narrow")
+    assert (copy.d_sae, narrow.d_sae) == (4096, D_NARROW)
+    with pytest.raises(FileNotFoundError, match="ghost/pooled_embeddings"):
+        Dataset.load("alpha", str(data), reader="ghost")
+    # the notebook's matching sees the same signatures as the asset (best correlations are tie-free)
+    mine = copy.match_features(narrow)
+    stored = read_table(str(data / "parquet"), "feature_matches", "alpha").filter(
+        pl.col("reader_b") == "narrow"
+    )
+    stored = stored.sort("feature_a").collect()
+    assert mine["best_correlation"].to_list() == pytest.approx(stored["best_correlation"].to_list())
+
+    db = str(data / "warehouse.duckdb")
+    refresh_views(db, str(data / "parquet"), ["feature_matches"])
+    counts = query(db, "select dataset, count(*) as n from feature_matches group by dataset order by dataset")
+    assert counts.rows() == [("alpha", 2 * 4096), ("beta", 2 * 4096)]
