@@ -110,3 +110,16 @@ def test_document_signatures_put_each_documents_max_in_its_row() -> None:
     assert got.tolist() == [[0.0, 0.5, 0.0], [1.5, 0.0, 2.0]]
     with pytest.raises(ValueError, match="outside the SAE's 2 features"):
         document_signatures(pooled, [7], d_sae=2)
+
+
+def test_only_firing_features_are_matched_and_too_many_fail_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from interp_assets.analysis import matching
+
+    a = np.zeros((6, 5))
+    a[:, 1] = [0, 1, 2, 0, 3, 1]
+    a[:, 3] = 2.0  # fires everywhere at one value: no correlation, unmatched
+    matches = match_features(a, a)
+    assert matches["match_b"].to_list() == [None, 1, None, None, None]
+    monkeypatch.setattr(matching, "MAX_PAIRS", 0)
+    with pytest.raises(ValueError, match="matching 1 x 1 firing features"):
+        match_features(a, a)
