@@ -21,7 +21,7 @@ from interp_assets.defs.assets import ALL_ASSETS
 from interp_assets.defs.matching_assets import reader_assets, reader_resources
 from interp_assets.readers import load_readers
 from interp_assets.storage.parquet import read_table, write_table
-from interp_assets.storage.schemas import TABLES, schema_mismatches
+from interp_assets.storage.schemas import TABLES, schema_mismatches, stored_schemas
 from resources.local import local_resources
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,6 +102,9 @@ def test_each_extra_reader_has_its_own_tables(pipeline) -> None:
         assert narrow.height and narrow["feature"].max() < D_NARROW
         assert (base / "readers/narrow/token_activations" / dataset / "_manifest.json").exists()
         assert (base / "readers/narrow/activation_status" / f"{dataset}.parquet").exists()
+    stored = stored_schemas(str(base / "readers/narrow"))  # the default reader's layout and schemas
+    assert {t for t, _ in stored} == {"token_activations", "activation_status", "pooled_embeddings"}
+    assert [p for (table, _), schema in stored.items() for p in schema_mismatches(table, schema)] == []
 
 
 def test_feature_matches_has_its_documented_columns_and_one_partition_per_dataset(pipeline) -> None:
