@@ -67,6 +67,20 @@ _MATERIALIZE_HINT = (
 )
 
 
+def _declared_readers_hint(data_dir: str | None, reader: str) -> str:
+    """A sentence for a reader whose tables are missing: whether `config/readers.json` declares it."""
+    from interp_assets.readers import load_readers, readers_file
+
+    path = readers_file(os.path.join(data_dir if data_dir is not None else paths.data_dir(), "config"))
+    declared = list(load_readers(path))
+    if reader in declared:
+        return ""
+    return (
+        f" Reader {reader!r} is not declared in {path} (declared: {declared or 'none'}): declare it there, "
+        "or pass one of those."
+    )
+
+
 def _exists(path: str) -> bool:
     if "://" not in path:
         return os.path.exists(path)
@@ -161,6 +175,7 @@ class Dataset:
                 f"Dataset {name!r} has documents but no pooled_embeddings at {pooled_path}: "
                 + _MATERIALIZE_HINT.format(asset=f"{prefix}pooled_embeddings", name=name)
                 + " (it needs token_activations, which runs the SAE)."
+                + ("" if reader is None else _declared_readers_hint(data_dir, reader))
             )
         ta_path = paths.table_path(base, "token_activations", name)
         labels_path = paths.table_path(docs_base, "feature_labels", name)

@@ -262,8 +262,11 @@ def test_notebook_and_warehouse_read_extra_readers_and_matches(pipeline) -> None
     copy = Dataset.load("alpha", str(data), reader="copy")
     narrow = Dataset.load("alpha", str(data), reader="narrow")
     assert (copy.d_sae, narrow.d_sae) == (4096, D_NARROW)
-    with pytest.raises(FileNotFoundError, match="ghost/pooled_embeddings"):
+    with pytest.raises(FileNotFoundError, match="ghost/pooled_embeddings") as error:
         Dataset.load("alpha", str(data), reader="ghost")
+    assert "Reader 'ghost' is not declared in" in str(error.value) and "['copy', 'narrow']" in str(
+        error.value
+    )
     # the notebook's matching sees the same signatures as the asset (best correlations are tie-free)
     mine = copy.match_features(narrow)
     stored = read_table(str(data / "parquet"), "feature_matches", "alpha").filter(
