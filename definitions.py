@@ -11,12 +11,14 @@ from dagster_duckdb import DuckDBResource
 
 from interp_assets.defs.assets import ALL_ASSETS
 from interp_assets.defs.jobs import dataset_job, diff_job, embed_job, label_job
+from interp_assets.defs.matching_assets import reader_assets, reader_jobs, reader_resources
 from interp_assets.defs.sensors import (
     comparisons_sensor,
     landing_sensor,
     warehouse_views_after_failure_sensor,
     warehouse_views_sensor,
 )
+from interp_assets.readers import load_readers, readers_file
 from interp_assets.storage.paths import data_dir
 from io_managers.parquet import ParquetIOManager
 from resources.llm import LLMResource
@@ -25,6 +27,8 @@ from resources.storage import StorageResource
 
 DATA_DIR = str(Path(data_dir()).resolve())
 PARQUET_BASE = os.environ.get("INTERP_PARQUET_BASE", str(Path(DATA_DIR) / "parquet"))
+# extra readers, each with its own lineage, and feature_matches (none unless the file declares readers)
+READERS = load_readers(readers_file(Path(DATA_DIR) / "config"))
 
 
 def _llm() -> LLMResource:
@@ -65,12 +69,13 @@ def build_resources() -> dict:
         "duckdb": DuckDBResource(database=str(Path(DATA_DIR) / "warehouse.duckdb")),
         "sae_reader": _sae_reader(),
         "llm": _llm(),
+        **reader_resources(READERS, PARQUET_BASE),
     }
 
 
 defs = Definitions(
-    assets=ALL_ASSETS,
-    jobs=[dataset_job, embed_job, label_job, diff_job],
+    assets=[*ALL_ASSETS, *reader_assets(READERS)],
+    jobs=[dataset_job, embed_job, label_job, diff_job, *reader_jobs(READERS)],
     sensors=[
         landing_sensor,
         comparisons_sensor,

@@ -67,6 +67,20 @@ _MATERIALIZE_HINT = (
 )
 
 
+def _declared_readers_hint(data_dir: str | None, reader: str) -> str:
+    """A sentence for a reader whose tables are missing: whether `config/readers.json` declares it."""
+    from interp_assets.readers import load_readers, readers_file
+
+    path = readers_file(os.path.join(data_dir if data_dir is not None else paths.data_dir(), "config"))
+    declared = list(load_readers(path))
+    if reader in declared:
+        return ""
+    return (
+        f" Reader {reader!r} is not declared in {path} (declared: {declared or 'none'}): declare it there, "
+        "or pass one of those."
+    )
+
+
 def _exists(path: str) -> bool:
     if "://" not in path:
         return os.path.exists(path)
@@ -123,12 +137,16 @@ class Dataset:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def load(cls, name: str, data_dir: str | None = None, *, d_sae: int | None = None) -> Dataset:
+    def load(
+        cls, name: str, data_dir: str | None = None, *, d_sae: int | None = None, reader: str | None = None
+    ) -> Dataset:
         """Open dataset `name` from `<data_dir>/parquet` (default data_dir:
         `interp_assets.storage.paths.data_dir()`).
 
         Needs raw_documents and pooled_embeddings; token_activations (for `highlight`) and
-        feature_labels are optional. `d_sae` overrides the SAE width stored with the tables.
+        feature_labels are optional. `d_sae` overrides the SAE width stored with the tables. `reader`: an
+        extra reader of `config/readers.json`, whose features (tables under `parquet/readers/<reader>/`)
+        are read instead of the default reader's (it has no feature_labels).
         """
         from interp_assets.storage.parquet import (  # imports Dagster: only here
             read_table,
@@ -148,15 +166,19 @@ class Dataset:
                 + _MATERIALIZE_HINT.format(asset="raw_documents", name=name)
                 + f". Datasets materialized under {base}: {found or 'none'}."
             )
+        docs_base, prefix = base, ""
+        if reader is not None:  # an extra reader: its own feature tables, the same documents
+            base, prefix = paths.reader_parquet_base(base, reader), f"{reader}/"
         pooled_path = paths.table_path(base, "pooled_embeddings", name)
         if not table_exists(base, "pooled_embeddings", name):
             raise FileNotFoundError(
                 f"Dataset {name!r} has documents but no pooled_embeddings at {pooled_path}: "
-                + _MATERIALIZE_HINT.format(asset="pooled_embeddings", name=name)
+                + _MATERIALIZE_HINT.format(asset=f"{prefix}pooled_embeddings", name=name)
                 + " (it needs token_activations, which runs the SAE)."
+                + ("" if reader is None else _declared_readers_hint(data_dir, reader))
             )
         ta_path = paths.table_path(base, "token_activations", name)
-        labels_path = paths.table_path(base, "feature_labels", name)
+        labels_path = paths.table_path(docs_base, "feature_labels", name)
         has_tokens = table_exists(base, "token_activations", name)
         stored = _stored_d_sae(table_files(base, "pooled_embeddings", name)) or (
             _stored_d_sae(table_files(base, "token_activations", name)) if has_tokens else None
@@ -166,7 +188,7 @@ class Dataset:
             documents=_prepare_documents(pl.read_parquet(docs_path), name),
             pooled=read_table(base, "pooled_embeddings", name),
             token_activations=read_table(base, "token_activations", name) if has_tokens else None,
-            labels=pl.read_parquet(labels_path) if _exists(labels_path) else None,
+            labels=pl.read_parquet(labels_path) if reader is None and _exists(labels_path) else None,
             d_sae=d_sae if d_sae is not None else stored,
             d_sae_explicit=d_sae is not None or stored is not None,
             where={"pooled_embeddings": pooled_path, "token_activations": ta_path},

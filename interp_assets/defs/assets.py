@@ -31,6 +31,8 @@ ALL_ASSETS = [
     feature_clusters,
     document_clusters,
 ]
+# Not listed above: the assets of extra readers and feature_matches, which exist only when
+# `<data_dir>/config/readers.json` declares readers (`matching_assets.reader_assets`, in definitions.py).
 
 WAREHOUSE_TABLES = [
     "raw_documents",
@@ -51,4 +53,5 @@ WAREHOUSE_TABLES = [
     "feature_clusters",
     "document_clusters",
     "document_cluster_features",
+    "feature_matches",
 ]

@@ -65,6 +65,17 @@ def token_activations(
     sae_reader: SAEReaderResource,
     storage: StorageResource,
 ):
+    yield from read_token_activations(context, raw_documents, sae_reader, storage)
+
+
+def read_token_activations(
+    context: AssetExecutionContext,
+    raw_documents: pl.LazyFrame,
+    sae_reader: SAEReaderResource,
+    storage: StorageResource,
+):
+    """token_activations' body: `sae_reader` reads the partition's documents into tables under
+    `storage.parquet_base` (an extra reader's own base, `interp_assets.defs.matching_assets`)."""
     dataset = context.partition_key
     docs = raw_documents.select("doc_id", "doc_hash", "text").collect()
     identity = sae_reader.get_identity()  # the model itself loads only if a document needs encoding
@@ -195,6 +206,11 @@ def _bad_activations(token_activations: pl.LazyFrame) -> int:
     "segment; only new ones are pooled.",
 )
 def pooled_embeddings(context: AssetExecutionContext, storage: StorageResource):
+    yield from pool_embeddings(context, storage)
+
+
+def pool_embeddings(context: AssetExecutionContext, storage: StorageResource):
+    """pooled_embeddings' body, over the token_activations under `storage.parquet_base`."""
     dataset = context.partition_key
     base = storage.parquet_base
     sources = table_segments(base, "token_activations", dataset)

@@ -42,3 +42,9 @@ def segments_path(parquet_base: str, table: str, partition: str) -> str:
     """
     check_storage_key(table, "table name")
     return f"{parquet_base.rstrip('/')}/{table}/{check_storage_key(partition)}"
+
+
+def reader_parquet_base(parquet_base: str, reader: str) -> str:
+    """Tables of an extra reader (`<data_dir>/config/readers.json`): `<base>/readers/<reader>`, the same
+    layout as the default reader's under `<base>`, so the two never share a file."""
+    return f"{parquet_base.rstrip('/')}/readers/{check_storage_key(reader, 'reader name')}"

@@ -573,6 +573,42 @@ _TABLES = (
         ),
     ),
     Table(
+        "feature_matches",
+        "dataset",
+        "One row per (extra reader, feature of the reader it is matched with); only with extra readers "
+        "(`config/readers.json`). Signatures: each feature's per-document max activation over the documents "
+        "both readers encoded; `interp_assets/analysis/matching.py`. Label similarity is not computed "
+        "(extra readers have no feature labels).",
+        (
+            col("dataset", "string", "dataset"),
+            col(
+                "reader_a, reader_b",
+                "string",
+                "the reader matched against (`default` or the extra reader's `match_with`) and the extra "
+                "reader",
+            ),
+            col("feature_a", "int32", "a feature of reader A (every one of its SAE's features)"),
+            col(
+                "match_b, match_correlation",
+                "int32, float64",
+                "one-to-one (Hungarian) match in B and the Pearson correlation of the two signatures; null "
+                "when the best assignment is not positively correlated or A's feature never fires",
+            ),
+            col(
+                "best_b, best_correlation",
+                "int32, float64",
+                "many-to-one: B's feature most correlated with it (several of A's may share one)",
+            ),
+            col(
+                "decoder_cosine",
+                "float64",
+                "cosine of the one-to-one pair's decoder directions; null unless both SAEs read the same "
+                "model and hook (one residual space)",
+            ),
+            col("documents", "int64", "documents in the signatures (encoded by both readers)"),
+        ),
+    ),
+    Table(
         "document_features",
         "comparison",
         "",

@@ -80,3 +80,46 @@ def test_correlations_match_numpy_and_dead_features_are_unmatched() -> None:
     assert np.isnan(got[:, 2]).all()
     with pytest.raises(ValueError, match="same rows"):
         signature_correlations(a, b[:10])
+
+
+def test_equal_signatures_are_told_apart_by_decoder_cosine() -> None:
+    """Features firing on the same single document correlate exactly; the decoders pick the true pairs."""
+    rng = np.random.default_rng(2)
+    a = np.zeros((5, 6))
+    a[0, :4] = rng.uniform(1, 2, 4)  # features 0-3: same document, perfectly correlated signatures
+    a[1:, 4] = rng.uniform(1, 2, 4)
+    decoder = rng.standard_normal((6, 8))
+    perm = np.array([2, 0, 3, 1, 4, 5])  # B's feature j is A's feature perm[j]
+    matches = match_features(a, a[:, perm], decoder_a=decoder, decoder_b=decoder[perm])
+    expected = np.argsort(perm)[:5].tolist()
+    assert matches["match_b"].to_list()[:5] == expected
+    assert matches["best_b"].to_list()[:5] == expected
+    assert matches["decoder_cosine"].to_list()[:5] == pytest.approx([1.0] * 5)
+    assert matches["match_b"][5] is None  # never fires
+
+
+def test_document_signatures_put_each_documents_max_in_its_row() -> None:
+    import polars as pl
+
+    from interp_assets.analysis.matching import document_signatures
+
+    pooled = pl.DataFrame(
+        {"doc_id": [7, 7, 3, 9], "feature": [0, 2, 1, 1], "max_activation": [1.5, 2.0, 0.5, 4.0]}
+    )
+    got = document_signatures(pooled, [3, 7], d_sae=3).toarray()  # doc 9 is not asked for
+    assert got.tolist() == [[0.0, 0.5, 0.0], [1.5, 0.0, 2.0]]
+    with pytest.raises(ValueError, match="outside the SAE's 2 features"):
+        document_signatures(pooled, [7], d_sae=2)
+
+
+def test_only_firing_features_are_matched_and_too_many_fail_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from interp_assets.analysis import matching
+
+    a = np.zeros((6, 5))
+    a[:, 1] = [0, 1, 2, 0, 3, 1]
+    a[:, 3] = 2.0  # fires everywhere at one value: no correlation, unmatched
+    matches = match_features(a, a)
+    assert matches["match_b"].to_list() == [None, 1, None, None, None]
+    monkeypatch.setattr(matching, "MAX_PAIRS", 0)
+    with pytest.raises(ValueError, match="matching 1 x 1 firing features"):
+        match_features(a, a)
