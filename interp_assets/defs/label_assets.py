@@ -165,6 +165,7 @@ def feature_labels(
             "sources": MetadataValue.json(labels.group_by("source").len().to_dicts()),
             # what happened to each LLM answer (ok, parsed_from_prose, refused, truncated, ...)
             "label_status": MetadataValue.json(dict(Counter(labels["status"].to_list()))),
+            "asked_again": counts.get("asked_again", 0),  # unusable LLM answers asked again once
             "labeling_errors": len(errors),
             "llm_calls_made": llm.calls_made if llm.enabled else 0,
             # the comparisons_sensor re-labels when a partner's activations change after this
@@ -332,6 +333,7 @@ def feature_scores(
             "texts_embedded_now": embedded_now[0],  # the rest came from the embeddings cache
             "scoring_errors": len(errors),
             "score_status": MetadataValue.json(dict(Counter(scores["status"].to_list()))),
+            "asked_again": counts.get("asked_again", 0),  # unusable LLM replies asked again once
             "llm_answers": MetadataValue.json(
                 {k.removeprefix("answers_"): v for k, v in counts.items() if k.startswith("answers_")}
             ),

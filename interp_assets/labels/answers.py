@@ -13,6 +13,10 @@ Statuses, from worst to best (a score made of several answers takes the worst of
 - `parsed_from_prose`: usable JSON, but inside prose or a code fence;
 - `ok`: the answer was the JSON asked for.
 
+An answer rejected as `invalid`, `out_of_range` or `restated_prompt` is asked again once (`ask_and_read`),
+as a follow-up turn that shows the model its reply and what was wrong with it; the status is then the
+second answer's. A refusal is not asked again (it would refuse again), a truncated answer already was
+(with twice the tokens), and a failed request already went through the client's retries.
 A label or score whose answer failed falls back (labels: the offline label) or leaves its examples out
 (scores); the other features' answers are kept either way.
 """
@@ -21,8 +25,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 from interp_assets.labels.content_split import normalize_text
 
@@ -38,6 +42,8 @@ STATUSES = (
     "ok",
 )
 USABLE = frozenset({"ok", "parsed_from_prose"})
+ASKED_AGAIN = frozenset({"invalid", "out_of_range", "restated_prompt"})
+"""Statuses of an answer that is asked again once, with the reason, before the status stands."""
 _REFUSAL_RE = re.compile(
     r"\b(i'?m sorry|i am sorry|i apologi[sz]e|i can(?:'|no)?t|i cannot|i am unable|i'?m unable|i won'?t|"
     r"as an ai|not able to (?:help|assist|comply))\b",
@@ -123,3 +129,50 @@ def echoes_prompt(text: str, messages: list[dict[str, Any]], n: int = 8) -> bool
     """A reply that repeats `n` consecutive words of the user message (its texts or instructions)."""
     prompt = " ".join(str(m.get("content") or "") for m in messages if m.get("role") != "system")
     return bool(_ngrams(_words(text), n) & _ngrams(_words(prompt), n))
+
+
+T = TypeVar("T")
+
+
+def follow_up(messages: list[dict[str, Any]], reply: str, problem: str) -> list[dict[str, Any]]:
+    """`messages` continued by the model's unusable `reply` and a user turn saying what was wrong."""
+    problem = " ".join(problem.split())
+    problem = problem if len(problem) <= 300 else problem[:300] + "…"
+    return [
+        *messages,
+        {"role": "assistant", "content": reply},
+        {
+            "role": "user",
+            "content": f"That reply could not be used: {problem}. Answer again with only the JSON asked for.",
+        },
+    ]
+
+
+def ask_and_read(
+    llm: Any, requests: Sequence[list[dict[str, Any]]], read: Callable[[int, str], T]
+) -> tuple[list[T | Exception], int]:
+    """Ask every request (`llm.map_chat`) and read reply i with `read(i, reply)`. A reply that `read`
+    rejects with an `AnswerError` in `ASKED_AGAIN` is asked again once, as a `follow_up` turn, and read
+    again (`read` still judges it against the original request). Returns, per request, what `read`
+    returned or the exception of the last attempt, and how many requests were asked again."""
+    replies = llm.map_chat(list(requests))
+    out: list[T | Exception] = []
+    again: dict[int, list[dict[str, Any]]] = {}
+    for i, reply in enumerate(replies):
+        try:
+            if isinstance(reply, Exception):
+                raise reply
+            out.append(read(i, reply))
+        except Exception as exc:  # noqa: BLE001 - returned per request, the others are kept
+            out.append(exc)
+            if isinstance(exc, AnswerError) and exc.status in ASKED_AGAIN and isinstance(reply, str):
+                again[i] = follow_up(list(requests[i]), reply, str(exc))
+    if again:
+        for i, reply in zip(again, llm.map_chat(list(again.values())), strict=True):
+            try:
+                if isinstance(reply, Exception):
+                    raise reply
+                out[i] = read(i, reply)
+            except Exception as exc:  # noqa: BLE001
+                out[i] = exc
+    return out, len(again)

@@ -24,6 +24,7 @@ import polars as pl
 
 from interp_assets.labels.answers import (
     AnswerError,
+    ask_and_read,
     failure_status,
     json_status,
     looks_like_refusal,
@@ -768,13 +769,16 @@ def label_features(
                 )
                 pending[f] = build_label_prompt(pos, neg)
     if pending:
-        answers = llm.map_chat(list(pending.values()))
+        asked = list(pending)
+        answers, tally["asked_again"] = ask_and_read(
+            llm, list(pending.values()), lambda i, text: read_label_answer(text, pending[asked[i]])
+        )
         fresh = []
-        for f, answer in zip(pending, answers, strict=True):
+        for f, answer in zip(asked, answers, strict=True):
             try:
                 if isinstance(answer, Exception):
                     raise answer
-                label, description, status[f] = read_label_answer(answer, pending[f])
+                label, description, status[f] = answer
             except Exception as exc:  # noqa: BLE001 - recorded per feature, others kept
                 status[f] = failure_status(exc)
                 if errors is not None:

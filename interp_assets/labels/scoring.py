@@ -17,7 +17,16 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from interp_assets.labels.answers import echoes_prompt, failure_status, json_status, looks_like_refusal, worst
+from interp_assets.analysis.reports import HEADLINE_METRIC as HEADLINE_METRIC  # re-exported: scores' reading
+from interp_assets.analysis.reports import headline_score
+from interp_assets.labels.answers import (
+    ask_and_read,
+    echoes_prompt,
+    failure_status,
+    json_status,
+    looks_like_refusal,
+    worst,
+)
 from interp_assets.labels.embedding import DEFAULT_EMBEDDING_MODEL, sentence_embeddings
 from interp_assets.labels.evidence import Excerpt, split_excerpts, split_features
 from interp_assets.labels.labeling import WORD_RE, ChatClient, LabelResponseError, Messages, extract_json
@@ -46,25 +55,6 @@ METRIC_COLUMNS = tuple(c for c in tuple(FEATURE_SCORES_SCHEMA)[4:] if c != "stat
 SCORER_VERSION = (
     "3"  # bumped when a scorer's metrics change (2: length baseline; 3: its direction from evidence)
 )
-
-# The metric a score is read by, per method: the one that separates real labels from labels swapped
-# between features (benchmarks/label_scores.py, SST-2 and DBpedia): AUC for the embedding scorer, whose
-# similarity ranks the excerpts; F1 at the fitted threshold does not. The LLM scorers answer only yes/no,
-# so they are read by balanced accuracy.
-HEADLINE_METRIC: dict[str, str] = {
-    "embedding": "auc",
-    "detection": "balanced_accuracy",
-    "fuzz": "balanced_accuracy",
-}
-
-
-def headline_score(row: Mapping[str, Any]) -> tuple[str, float | None]:
-    """`(metric, value)` a score row is read by: `HEADLINE_METRIC` of its `method` (AUC when the row has no
-    method), balanced accuracy when that metric is missing (a scorer without a continuous score)."""
-    metric = HEADLINE_METRIC.get(str(row.get("method") or "embedding"), "auc")
-    if row.get(metric) is None:
-        metric = "balanced_accuracy"
-    return metric, row.get(metric)
 
 
 def length_baseline(heldout: Sequence[Excerpt], evidence: Sequence[Excerpt] = ()) -> float | None:
@@ -473,24 +463,35 @@ def read_score_answer(text: str, n: int, messages: Messages) -> tuple[list[int],
     return answers, json_status(text)
 
 
+def _ask(llm: ChatClient, prompts: list[tuple[Messages, list[int]]]) -> tuple[list[Any], int]:
+    """Every batch's `(answers, status)` read from its reply (or the exception), and how many batches
+    were asked again (`answers.ask_and_read`)."""
+    return ask_and_read(
+        llm,
+        [m for m, _ in prompts],
+        lambda i, text: read_score_answer(text, len(prompts[i][1]), prompts[i][0]),
+    )
+
+
 def _collect(
     heldout: Sequence[Excerpt],
     prompts: list[tuple[Messages, list[int]]],
-    replies: Sequence[str | Exception],
+    replies: Sequence[tuple[list[int], str] | Exception],
     n_boot: int,
     seed: int,
     errors: list[str],
     statuses: list[str] | None = None,
 ) -> dict[str, Any] | None:
-    """Metrics over the batches answered (with `status`: the worst batch's); each batch's status is
-    appended to `statuses`. None when no batch was usable."""
+    """Metrics over the batches answered (`replies`: each batch's `(answers, status)` or exception, as
+    `_ask` reads them), with `status`: the worst batch's; each batch's status is appended to `statuses`.
+    None when no batch was usable."""
     y_true, y_pred = [], []
     batch_status: list[str] = []
-    for (messages, idx), reply in zip(prompts, replies, strict=True):
+    for (_, idx), reply in zip(prompts, replies, strict=True):
         try:
             if isinstance(reply, Exception):
                 raise reply
-            answers, status = read_score_answer(reply, len(idx), messages)
+            answers, status = reply
         except Exception as exc:  # noqa: BLE001 - a failed batch drops its excerpts, others are kept
             batch_status.append(failure_status(exc))
             errors.append(f"{len(idx)} excerpts not scored ({batch_status[-1]}): {exc}")
@@ -518,7 +519,7 @@ def _llm_score(
 ) -> dict[str, Any]:
     prompts = score_prompts(method, label, description, heldout, batch_size=batch_size, seed=seed)
     errors: list[str] = []
-    metrics = _collect(heldout, prompts, llm.map_chat([m for m, _ in prompts]), n_boot, seed, errors)
+    metrics = _collect(heldout, prompts, _ask(llm, prompts)[0], n_boot, seed, errors)
     if metrics is None:
         raise LabelResponseError(f"{method} scoring got no usable answer: {'; '.join(errors)}")
     metrics["errors"] = errors
@@ -733,7 +734,9 @@ def score_features(
                 key = cached(i, method, payload)
                 if key is not None:
                     jobs.append((i, method, prompts, key))
-        replies = llm.map_chat([m for *_, prompts, _ in jobs for m, _ in prompts]) if jobs else []
+        replies, tally["asked_again"] = (
+            _ask(llm, [p for *_, prompts, _ in jobs for p in prompts]) if jobs else ([], 0)
+        )
         offset = 0
         answer_statuses: list[str] = []
         for i, method, prompts, key in jobs:

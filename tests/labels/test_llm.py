@@ -17,6 +17,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from interp_assets.labels.answers import ASKED_AGAIN
 from interp_assets.labels.evidence import split_evidence, text_hash
 from interp_assets.labels.labeling import LABEL_SYSTEM_PROMPT, LabelCache, label_features
 from interp_assets.labels.scoring import DETECTION_SYSTEM_PROMPT, FUZZ_SYSTEM_PROMPT, score_features
@@ -274,10 +275,15 @@ def support(bench: ModuleType) -> tuple[pl.DataFrame, pl.DataFrame]:
     return docs, bench.rule_based_activations(docs, FAMILIES)
 
 
+def first_user_message(messages: list[dict]) -> str:
+    """The prompt's user message (a follow-up that asks again comes after it)."""
+    return next(m["content"] for m in messages if m["role"] == "user")
+
+
 def oracle(messages: list[dict]) -> str:
     """A stand-in LLM that reads the prompts the way a model would: label = the most marked words;
     detection = does the text contain a label word; fuzz = is a highlighted word a label word."""
-    system, user = messages[0]["content"], messages[-1]["content"]
+    system, user = messages[0]["content"], first_user_message(messages)  # also when asked again
     if system == LABEL_SYSTEM_PROMPT:
         firing = user.split("does NOT fire")[0]
         if "<<rain>>" in firing:  # the weather feature gets a malformed answer
@@ -325,7 +331,11 @@ def test_label_and_score_end_to_end(
     assert by_feature[2]["source"] == "offline:log-odds"  # malformed answer: offline label kept instead
     assert [by_feature[f]["status"] for f in (0, 1, 2)] == ["parsed_from_prose"] * 2 + ["invalid"]
     assert len(errors) == 1 and errors[0].startswith("feature 2: LLM label failed") and "no JSON" in errors[0]
-    assert len(server.requests) == 3 and len(cache) == 3  # 2 LLM labels + feature 2's offline label
+    # 2 LLM labels + feature 2 asked twice (its malformed answer is asked again once); its offline label
+    assert len(server.requests) == 4 and len(cache) == 3
+    follow = server.requests[-1].messages
+    assert follow[-2] == {"role": "assistant", "content": "I am not sure what this feature does."}
+    assert follow[-1]["role"] == "user" and "could not be used: no JSON" in follow[-1]["content"]
     # the labeler saw only evidence documents
     label_prompt = next(r for r in server.requests if "<<sorry>>" in r.messages[-1]["content"]).messages[-1][
         "content"
@@ -337,7 +347,7 @@ def test_label_and_score_end_to_end(
     again = label_features(
         acts, docs, [0, 1, 2], dataset="support", sae_id="rules", llm=llm, cache=cache, **params
     )
-    assert len(server.requests) == 4  # only feature 2 (not cached) asked again
+    assert len(server.requests) == 6  # only feature 2 (not cached) asked again (and once more)
     assert again.filter(pl.col("feature") < 2).equals(labels.filter(pl.col("feature") < 2))
 
     before = len(server.requests)
@@ -421,6 +431,11 @@ def restated(text: str) -> Answer:
     return Answer(json.dumps({"label": text, "description": "x"}))
 
 
+def twice(bad: Answer) -> list[Answer]:
+    """Feature 0's first answer, feature 1's (good), then feature 0's answer when asked again."""
+    return [bad, Answer(GOOD_LABEL), bad]
+
+
 LABEL_MODES = {
     "prose": ([Answer(in_prose(GOOD_LABEL))], "parsed_from_prose", True, 1),
     "fence": ([Answer(fenced(GOOD_LABEL))], "parsed_from_prose", True, 1),
@@ -429,11 +444,15 @@ LABEL_MODES = {
     "refusal_in_label": ([restated("I cannot determine this")], "refused", False, 1),
     "truncated_once": ([Truncated()], "ok", True, 2),
     "truncated": ([Truncated(), Truncated()], "truncated", False, 2),
-    "restates_markers": ([restated("<<sorry>> for the wait")], "restated_prompt", False, 1),
-    "restates_instructions": ([restated("texts where the feature fires")], "restated_prompt", False, 1),
-    "restates_placeholder": ([restated("<2-6 words>")], "restated_prompt", False, 1),
-    "no_json": ([Answer("This feature is about customers and their orders.")], "invalid", False, 1),
-    "empty_label": ([Answer('{"label": "", "description": "x"}')], "invalid", False, 1),
+    # rejected answers are asked again once, after feature 1's request: bad twice keeps the status ...
+    "restates_markers": (twice(restated("<<sorry>> for the wait")), "restated_prompt", False, 2),
+    "restates_instructions": (twice(restated("texts where the feature fires")), "restated_prompt", False, 2),
+    "restates_placeholder": (twice(restated("<2-6 words>")), "restated_prompt", False, 2),
+    "no_json": (twice(Answer("This feature is about customers and their orders.")), "invalid", False, 2),
+    "empty_label": (twice(Answer('{"label": "", "description": "x"}')), "invalid", False, 2),
+    # ... and a good second answer is used
+    "no_json_then_good": ([Answer("This feature is about customers.")], "ok", True, 2),
+    "restates_then_good": ([restated("<2-6 words>")], "ok", True, 2),
     "http_400": ([ServerError(400, "bad request")], "failed", False, 1),
 }
 
@@ -471,13 +490,13 @@ def test_label_status_for_each_way_an_answer_goes_wrong(
 
 
 def detection_answer(messages: list[dict]) -> str:
-    n = int(re.search(r"exactly (\d+) integers", messages[-1]["content"]).group(1))
+    n = int(re.search(r"exactly (\d+) integers", first_user_message(messages)).group(1))
     return json.dumps([1] * n)
 
 
 def out_of_range(values: list) -> Answer:
     return Answer(
-        lambda m: json.dumps((values * 10)[: int(re.search(r"exactly (\d+)", m[-1]["content"])[1])])
+        lambda m: json.dumps((values * 10)[: int(re.search(r"exactly (\d+)", first_user_message(m))[1])])
     )
 
 
@@ -490,7 +509,7 @@ SCORE_MODES = {
     "scale_answers": (out_of_range([0, 2, 1]), "out_of_range", 30),
     "probabilities": (out_of_range([0.9, 0.1]), "out_of_range", 30),
     "negative": (out_of_range(["-1", 1]), "out_of_range", 30),
-    "echoes_the_texts": (Answer(lambda m: m[-1]["content"]), "restated_prompt", 30),
+    "echoes_the_texts": (Answer(first_user_message), "restated_prompt", 30),
     "too_few_answers": (Answer("[1, 0]"), "invalid", 30),
     "words": (Answer('["yes", "no"]'), "invalid", 30),
     "server_error": (ServerError(503), "failed", 30),  # with max_retries=0
@@ -507,7 +526,12 @@ def test_score_status_for_each_way_a_reply_goes_wrong(
         acts, docs, [0, 1], dataset="support", sae_id="rules", n_evidence=10, n_holdout=20
     )
     server.answer = detection_answer
-    server.enqueue(behaviour, *([behaviour] if mode == "truncated" else []))  # feature 0's first batch
+    # feature 0's first batch (a truncated answer is asked again at once; a reply in ASKED_AGAIN after
+    # the other 7 batches, and gets the same behaviour again)
+    if status in ASKED_AGAIN:
+        server.enqueue(behaviour, *[Answer(detection_answer)] * 7, behaviour)
+    else:
+        server.enqueue(behaviour, *([behaviour] if mode == "truncated" else []))
     errors: list[str] = []
     counts: dict[str, int] = {}
     scores = score_features(
@@ -526,6 +550,7 @@ def test_score_status_for_each_way_a_reply_goes_wrong(
     assert (first["status"], first["n_examples"]) == (status, n_examples)
     assert (second["status"], second["n_examples"]) == ("ok", 40)  # the other feature is untouched
     assert counts[f"answers_{status}"] == 1 and counts.get("answers_ok", 0) == 3 + 4 - (status == "ok")
+    assert counts["asked_again"] == (status in ASKED_AGAIN)
     if n_examples == 40:
         assert not errors
     else:
@@ -542,7 +567,10 @@ def test_a_feature_whose_every_reply_fails_does_not_drop_the_others(
         acts, docs, [0, 1], dataset="support", sae_id="rules", n_evidence=10, n_holdout=20
     )
     server.answer = detection_answer
-    server.enqueue(Refusal(), Answer("no idea"), Truncated(), Truncated(), out_of_range([3]))
+    good = Answer(detection_answer)
+    # feature 0's 4 batches, feature 1's 4, then feature 0's invalid and out-of-range batches asked again
+    server.enqueue(Refusal(), Answer("no idea"), Truncated(), Truncated(), out_of_range([3]), *[good] * 4)
+    server.enqueue(Answer("still no idea"), out_of_range([3]))
     errors: list[str] = []
     counts: dict[str, int] = {}
     scores = score_features(
