@@ -275,19 +275,35 @@ def _top_three(rows: pl.DataFrame, lab: Mapping[int, Mapping[str, Any]], esc: An
     return ("features " if rows.height > 1 else "feature ") + ", ".join(named) + more
 
 
+# The metric a score (`labels.scoring`) is read by, per method: the one that separates real labels from
+# labels swapped between features (benchmarks/label_scores.py, SST-2 and DBpedia): AUC for the embedding
+# scorer, whose similarity ranks the excerpts; F1 at the fitted threshold does not. The LLM scorers
+# answer only yes/no, so they are read by balanced accuracy.
+HEADLINE_METRIC: dict[str, str] = {
+    "embedding": "auc",
+    "detection": "balanced_accuracy",
+    "fuzz": "balanced_accuracy",
+}
+
+
+def headline_score(row: Mapping[str, Any]) -> tuple[str, float | None]:
+    """`(metric, value)` a score row is read by: `HEADLINE_METRIC` of its `method` (AUC when the row has no
+    method), balanced accuracy when that metric is missing (a scorer without a continuous score)."""
+    metric = HEADLINE_METRIC.get(str(row.get("method") or "embedding"), "auc")
+    if row.get(metric) is None:
+        metric = "balanced_accuracy"
+    return metric, row.get(metric)
+
+
 def _score_text(s: Mapping[str, Any] | None) -> str:
-    """The label's held-out score by the metric that separates real from swapped labels (as
-    `labels.scoring.HEADLINE_METRIC`: AUC, or balanced accuracy for scorers that answer only yes/no; F1 does
-    not separate them), beside what excerpt length alone achieves; "unclear" when the label does not
-    beat length alone."""
+    """The label's held-out score by `headline_score`, beside what excerpt length alone achieves;
+    "unclear" when the label does not beat length alone."""
     if not s:
         return "–"
-    if s.get("auc") is not None:
-        text = f"AUC {s['auc']:.2f}"
-    elif s.get("balanced_accuracy") is not None:
-        text = f"balanced accuracy {s['balanced_accuracy']:.2f}"
-    else:
+    metric, value = headline_score(s)
+    if value is None:
         return "–"
+    text = f"{'AUC' if metric == 'auc' else metric.replace('_', ' ')} {value:.2f}"
     if s.get("length_baseline_auc") is not None:
         text += f" (length alone: {s['length_baseline_auc']:.2f})"
     if s.get("beats_length_baseline") is False:
