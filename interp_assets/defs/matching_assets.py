@@ -38,11 +38,8 @@ from io_managers.parquet import ParquetIOManager
 from resources.sae_reader import SAEReaderResource
 from resources.storage import StorageResource
 
-MATCHING_VERSION = "1"
-LABEL_SIMILARITY = (
-    "not available: only the default reader's features are labeled (feature_labels); extra readers have "
-    "no labels to compare"
-)
+MATCHING_VERSION = "2"  # 2: offline labels and label similarity of the strongest matches
+LABELED_MATCHES = 50  # the strongest one-to-one matches whose two features are labeled and compared
 
 
 def reader_resource_key(reader: str) -> str:
@@ -224,6 +221,11 @@ def match_pair(
     table = match_features(sig_a, sig_b, **decoders)
     if "decoder_cosine" not in table.columns:
         table = table.with_columns(pl.lit(None, dtype=pl.Float64).alias("decoder_cosine"))
+    table = table.join(
+        _label_similarity(storage, dataset, (reader_a, res_a), (reader_b, res_b), table),
+        on="feature_a",
+        how="left",
+    )
     context.log.info(
         f"feature_matches [{dataset}]: {reader_a} ({d_a} features) vs {reader_b} ({d_b}) over "
         f"{len(ids)} documents; decoder cosine {'computed' if decoders else 'not comparable'}"
@@ -238,7 +240,79 @@ def match_pair(
         "best_b",
         "best_correlation",
         "decoder_cosine",
+        "label_a",
+        "label_b",
+        "label_similarity",
         pl.lit(len(ids), dtype=pl.Int64).alias("documents"),
+    )
+
+
+def _offline_labels(
+    storage: StorageResource, dataset: str, reader: str, resource: SAEReaderResource, features: list[int]
+) -> dict[int, str]:
+    """Offline labels (`labeling.label_features`, cached like feature_labels') of `features` of `reader`
+    on `dataset`, as "label: description"."""
+    from interp_assets.defs.shared import stored_documents
+    from interp_assets.labels import labeling
+
+    base = reader_storage(storage, reader).parquet_base
+    acts = read_table(base, "token_activations", dataset).filter(pl.col("feature").is_in(features)).collect()
+    labels = labeling.label_features(
+        acts,
+        stored_documents(storage, dataset),
+        features,
+        dataset=dataset,
+        sae_id=resource.get_identity().fingerprint,
+        cache=labeling.LabelCache(storage.cache_dir / "labels.parquet"),
+    )
+    return {
+        int(f): f"{label}: {description}" if description and description != label else str(label)
+        for f, label, description in labels.select("feature", "label", "description").iter_rows()
+    }
+
+
+def _label_similarity(
+    storage: StorageResource,
+    dataset: str,
+    a: tuple[str, SAEReaderResource],
+    b: tuple[str, SAEReaderResource],
+    table: pl.DataFrame,
+) -> pl.DataFrame:
+    """feature_a, label_a, label_b, label_similarity for the `LABELED_MATCHES` strongest one-to-one matches:
+    both features labeled offline on this dataset, and the cosine of the two labels' sentence embeddings
+    (1 for identical labels)."""
+    from interp_assets.labels.embedding import sentence_embeddings
+
+    top = (
+        table.filter(pl.col("match_b").is_not_null())
+        .sort("match_correlation", descending=True)
+        .head(LABELED_MATCHES)
+    )
+    empty = pl.DataFrame(
+        schema={
+            "feature_a": pl.Int32,
+            "label_a": pl.String,
+            "label_b": pl.String,
+            "label_similarity": pl.Float64,
+        }
+    )
+    if top.is_empty():
+        return empty
+    feats_a, feats_b = top["feature_a"].to_list(), top["match_b"].to_list()
+    labels_a = _offline_labels(storage, dataset, a[0], a[1], feats_a)
+    labels_b = _offline_labels(storage, dataset, b[0], b[1], feats_b)
+    text_a = [labels_a.get(int(f), "") for f in feats_a]
+    text_b = [labels_b.get(int(f), "") for f in feats_b]
+    vectors = sentence_embeddings([*text_a, *text_b])
+    similarity = (vectors[: len(text_a)] * vectors[len(text_a) :]).sum(axis=1).astype(float)
+    return pl.DataFrame(
+        {
+            "feature_a": pl.Series(feats_a, dtype=pl.Int32),
+            "label_a": text_a,
+            "label_b": text_b,
+            "label_similarity": similarity,
+        },
+        schema=empty.schema,
     )
 
 
@@ -259,7 +333,8 @@ def _feature_matches_asset(readers: dict[str, ExtraReader]) -> AssetsDefinition:
         required_resource_keys={"storage", *(reader_resource_key(name) for name in involved)},
         description="Features of each extra reader matched with those of its match_with reader on the same "
         "documents: correlation of per-document max activations, one-to-one (Hungarian) and many-to-one, "
-        "with decoder cosine where both SAEs read one residual stream.",
+        "with decoder cosine where both SAEs read one residual stream, and the strongest matches' offline "
+        "labels and label similarity.",
     )
     def feature_matches(context: AssetExecutionContext):
         storage = context.resources.storage
@@ -272,7 +347,7 @@ def _feature_matches_asset(readers: dict[str, ExtraReader]) -> AssetsDefinition:
                 "pairs": [f"{a} -> {b}" for a, b in pairs],
                 "matched_one_to_one": matched.height,
                 "median_match_correlation": float(matched["match_correlation"].median() or 0.0),
-                "label_similarity": LABEL_SIMILARITY,
+                "median_label_similarity": float(matched["label_similarity"].median() or 0.0),
             },
         )
 

@@ -577,8 +577,8 @@ _TABLES = (
         "dataset",
         "One row per (extra reader, feature of the reader it is matched with); only with extra readers "
         "(`config/readers.json`). Signatures: each feature's per-document max activation over the documents "
-        "both readers encoded; `interp_assets/analysis/matching.py`. Label similarity is not computed "
-        "(extra readers have no feature labels).",
+        "both readers encoded; `interp_assets/analysis/matching.py`. The strongest 50 one-to-one matches "
+        "also get both features' offline labels, computed on the dataset, and their similarity.",
         (
             col("dataset", "string", "dataset"),
             col(
@@ -604,6 +604,17 @@ _TABLES = (
                 "float64",
                 "cosine of the one-to-one pair's decoder directions; null unless both SAEs read the same "
                 "model and hook (one residual space)",
+            ),
+            col(
+                "label_a, label_b",
+                "string",
+                "offline labels (label: description) of the pair's two features on this dataset, for the 50 "
+                "strongest one-to-one matches; null for the others",
+            ),
+            col(
+                "label_similarity",
+                "float64",
+                "cosine of the two labels' sentence embeddings (the embedded MiniLM); 1 for identical labels",
             ),
             col("documents", "int64", "documents in the signatures (encoded by both readers)"),
         ),

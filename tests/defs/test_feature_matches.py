@@ -134,6 +134,27 @@ def test_an_sae_matched_with_a_copy_of_itself_gives_the_identity(pipeline) -> No
         assert matched["decoder_cosine"].to_numpy() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_the_strongest_matches_carry_both_offline_labels_and_their_similarity(pipeline) -> None:
+    """A copy of an SAE: the same feature gets the same label from both readers (similarity 1). The random
+    narrow SAE's labels differ from the copy's more often than not, and only the strongest 50 are labeled."""
+    data, *_ = pipeline
+    table = read_table(str(data / "parquet"), "feature_matches", "alpha").collect()
+    same = table.filter((pl.col("reader_b") == "copy") & pl.col("label_similarity").is_not_null())
+    assert 0 < same.height <= 50
+    assert same["label_a"].to_list() == same["label_b"].to_list()
+    assert all(label for label in same["label_a"].to_list())
+    assert same["label_similarity"].to_numpy() == pytest.approx(1.0, abs=1e-5)
+    narrow = table.filter((pl.col("reader_b") == "narrow") & pl.col("label_similarity").is_not_null())
+    assert 0 < narrow.height <= 50
+    unlabeled = table.filter(
+        (pl.col("reader_b") == "narrow")
+        & pl.col("match_b").is_not_null()
+        & pl.col("label_similarity").is_null()
+    )
+    assert unlabeled.is_empty() or narrow["match_correlation"].min() >= unlabeled["match_correlation"].max()
+    assert narrow["label_similarity"].median() < 1.0 and narrow["label_similarity"].min() > -1.0
+
+
 def test_a_narrower_sae_on_the_same_stream_is_matched_one_to_one_with_decoder_cosines(pipeline) -> None:
     data, *_ = pipeline
     table = read_table(str(data / "parquet"), "feature_matches", "alpha").collect()
