@@ -31,10 +31,13 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
+# `dg dev` starts in $DAGSTER_HOME, the code location named by ./workspace.yaml: started in the repository
+# root, Dagster warns that ./dagster.yaml is ignored (the instance reads $DAGSTER_HOME/dagster.yaml, a copy).
 ui: setup
 	mkdir -p "$(DATA)/dagster_home" "$(DATA)/landing" "$(DATA)/config"
 	test -f "$(DATA)/dagster_home/dagster.yaml" || cp dagster.yaml "$(DATA)/dagster_home/dagster.yaml"
-	DAGSTER_HOME="$(DATA)/dagster_home" INTERP_DATA_DIR="$(DATA)" $(BIN)/dg dev
+	cd "$(DATA)/dagster_home" && DAGSTER_HOME="$(DATA)/dagster_home" INTERP_DATA_DIR="$(DATA)" \
+		"$(CURDIR)/$(BIN)/dg" dev -w "$(CURDIR)/workspace.yaml"
 
 sql: setup
 	@$(BIN)/python -m interp_assets.warehouse --db "$(DATA)/warehouse.duckdb" $(if $(Q),"$(Q)")

@@ -120,7 +120,7 @@ def main() -> None:
         sample.write_parquet(data_dir / "landing" / f"{DATASET}.parquet")
         instance = DagsterInstance.ephemeral()
         resources = local_resources(data_dir)
-        by_name = {a.key.path[-1]: a for a in ALL_ASSETS}
+        by_name = {k.path[-1]: a for a in ALL_ASSETS for k in a.keys}
         instance.add_dynamic_partitions("datasets", [DATASET])
         t = time.perf_counter()
         assets = [by_name[n] for n in DATASET_ASSETS]

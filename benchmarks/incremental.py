@@ -136,7 +136,7 @@ def per_hash_counts(data_dir: Path) -> dict[str, pl.DataFrame]:
 
 
 def run_step(name: str, instance: DagsterInstance, res: dict, data_dir: Path) -> dict:
-    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
+    by_name = {k.to_user_string(): a for a in ALL_ASSETS for k in a.keys}
     assets = [by_name[n] for n in EMBED_STEPS]
     started, cpu_started = time.perf_counter(), time.process_time()
     result = materialize(assets, partition_key=DATASET, instance=instance, resources=res, run_config=QUIET)

@@ -109,7 +109,7 @@ def run_assets(
     )
     instance = DagsterInstance.ephemeral()
     resources = local_resources(data_dir)
-    by_name = {a.key.path[-1]: a for a in ALL_ASSETS}
+    by_name = {k.path[-1]: a for a in ALL_ASSETS for k in a.keys}
     keys = [comparison_key(c["a"], c["b"]) for c in cases]
     seconds = {}
     for kind, partitions, assets in (

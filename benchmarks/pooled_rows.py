@@ -59,7 +59,7 @@ def main() -> None:
     args = p.parse_args()
     need = sum(args.tokens // max(1, length // 4) for length in args.lengths) * 2
     sentences = load_sentences(SST2, min(need, 60_000), args.seed)
-    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
+    by_name = {k.to_user_string(): a for a in ALL_ASSETS for k in a.keys}
     embed = [by_name[n] for n in ("raw_documents", "token_activations", "pooled_embeddings")]
     results, offset = [], 0
     with tempfile.TemporaryDirectory(prefix="pooled-rows-") as tmp:

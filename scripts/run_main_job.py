@@ -86,6 +86,8 @@ class StepTable:
         out = []
         for event in result.get_asset_materialization_events():
             asset = event.asset_key.to_user_string()
+            if asset != event.step_key:  # a side table (document_rejects, ...): its step has its own line
+                continue
             metadata = event.materialization.metadata
             notes = [f"check {name} failed" for name in failed_checks.get(asset, [])]
             if metadata.get("reused_stored_table") is not None:

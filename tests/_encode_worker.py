@@ -57,7 +57,7 @@ def _dagster(args: argparse.Namespace) -> int:
     data = Path(args.data_dir)
     resources = local_resources(data)
     storage, duckdb = resources["storage"], resources["duckdb"]
-    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
+    by_name = {k.to_user_string(): a for a in ALL_ASSETS for k in a.keys}
     assets = [by_name[n] for n in args.assets.split(",")]
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("datasets", [args.dataset])

@@ -7,17 +7,20 @@ lines and the summary are checked on a small Dagster run and a small warehouse."
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import polars as pl
-from dagster import DynamicPartitionsDefinition, Output, asset, materialize
+from dagster import DagsterInstance, DynamicPartitionsDefinition, Output, asset, materialize
 
 from interp_assets.storage.parquet import write_table
 from interp_assets.warehouse import query, refresh_views
@@ -158,7 +161,7 @@ def test_demo_prints_few_lines_logs_the_rest_and_its_hints_work(tmp_path: Path) 
 
     ui, sql = lines[-2].removeprefix("Next:").strip(), lines[-1].strip()
     assert ui.startswith(f"make ui INTERP_DATA_DIR={data}  ")
-    assert f'DAGSTER_HOME="{data}/dagster_home"' in _dry_run(ui) and "bin/dg dev" in _dry_run(ui)
+    assert f'DAGSTER_HOME="{data}/dagster_home"' in _dry_run(ui) and 'bin/dg" dev' in _dry_run(ui)
     assert sql.startswith(f'make sql INTERP_DATA_DIR={data} Q="select count(*) from token_activations"')
     (command,) = _dry_run(sql).splitlines()
     assert command.startswith(".venv/bin/python -m interp_assets.warehouse")
@@ -169,3 +172,41 @@ def test_demo_prints_few_lines_logs_the_rest_and_its_hints_work(tmp_path: Path) 
         text=True,
     )
     assert ran.returncode == 0 and "42" in ran.stdout, ran.stderr
+
+
+def test_make_ui_starts_without_a_warning(tmp_path: Path) -> None:
+    """`make ui` on a fresh data folder, up to "Launching Dagster services...": no warning on the way. In
+    particular `dg dev` starts in $DAGSTER_HOME, since started in the repository root Dagster warns that
+    ./dagster.yaml is ignored; and the instance reads the repository's settings from its copy there."""
+    dropped = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "DAGSTER_HOME", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    setup = ["-o", ".venv/.installed", "-o", ".venv/bin/python"]  # setup assumed done, as in _dry_run
+    data = tmp_path / "data"
+    ui = subprocess.Popen(
+        ["make", "--no-print-directory", *setup, "ui", f"INTERP_DATA_DIR={data}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: make, dg and the services it starts
+    )
+    watchdog = threading.Timer(240, os.killpg, (ui.pid, signal.SIGTERM))  # if it never gets there
+    watchdog.start()
+    lines: list[str] = []
+    try:
+        for line in ui.stdout:
+            lines.append(line.rstrip())
+            if "Launching Dagster services" in line:
+                break
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(ui.pid, signal.SIGTERM)
+        ui.communicate(timeout=120)
+    assert any("Launching Dagster services" in line for line in lines), lines
+    assert not [line for line in lines if "warn" in line.lower()], lines
+    home = data / "dagster_home"
+    assert (home / "dagster.yaml").read_text() == (ROOT / "dagster.yaml").read_text()
+    with DagsterInstance.from_config(str(home)) as instance:  # what the UI's instance was given
+        assert instance.run_monitoring_enabled

@@ -1,4 +1,5 @@
-"""Analysis: feature_associations (features vs metadata columns) and diff_reports (dataset A vs B)."""
+"""Analysis: feature_associations (features vs metadata columns) and diff_reports (dataset A vs B) with its
+per-feature table diff_features."""
 
 import json
 
@@ -10,11 +11,14 @@ from dagster import (
     AssetCheckSpec,
     AssetDep,
     AssetExecutionContext,
+    AssetKey,
+    AssetOut,
     Config,
     DataVersion,
     MetadataValue,
     Output,
     asset,
+    multi_asset,
 )
 
 from interp_assets.analysis import associations, diffing, reports
@@ -29,6 +33,7 @@ from interp_assets.defs.shared import (
     inputs_key,
     recorded_d_sae,
     reuse_stored_output,
+    side_table_output,
     stored_documents,
 )
 from interp_assets.engine.documents import document_feature_spans
@@ -62,7 +67,7 @@ class FeatureAssociationsConfig(Config):
     owners=OWNERS,
     metadata=column_schema("feature_associations"),
     code_version=ASSOCIATIONS_CODE_VERSION,
-    deps=[AssetDep("raw_documents"), AssetDep("pooled_embeddings")],
+    deps=[AssetDep("raw_documents"), AssetDep("pooled_embeddings"), AssetDep("activation_status")],
     description="Which features go with each metadata column (criterion): AUC for boolean columns and "
     "each level of a few-valued text column, correlation for numeric and date columns, with BH FDR per "
     "criterion. Join feature_labels on (dataset, feature) for names.",
@@ -137,32 +142,52 @@ class DiffReportsConfig(Config):
     document_family: bool = True  # also compare the comparison's document_features, when materialized
 
 
-@asset(
+# What each of the step's tables reads: both datasets' tables (AllPartitionMapping: a comparison names its
+# datasets only at run time) and its own comparison's document SAE and features; the report also names and
+# scores its top features, and renders the diff.
+_DATASET_TABLES = ("raw_documents", "token_activations", "pooled_embeddings", "activation_status")
+_COMPARISON_TABLES = ("document_sae", "document_features")
+_REPORT_ONLY = ("feature_labels", "feature_scores")
+
+
+@multi_asset(
+    name="diff_reports",
     partitions_def=comparisons_partitions,
-    io_manager_key="parquet_io_manager",
-    group_name="analysis",
-    kinds={"polars", "parquet"},
-    owners=OWNERS,
-    metadata=column_schema("diff_reports"),
-    code_version="2",  # 2: exact min-p within a feature (adaptive firing)
-    deps=[
-        # everything it reads: both datasets' tables (AllPartitionMapping: a comparison names its datasets
-        # only at run time) and its own comparison's document features
-        *(
-            AssetDep(table, partition_mapping=AllPartitionMapping())
-            for table in (
-                "raw_documents",
-                "token_activations",
-                "pooled_embeddings",
-                "feature_labels",
-                "feature_scores",
-            )
+    outs={
+        "diff_features": AssetOut(
+            io_manager_key="parquet_io_manager",
+            group_name="analysis",
+            kinds={"polars", "parquet"},
+            owners=OWNERS,
+            metadata=column_schema("diff_features"),
+            code_version="2",  # 2: exact min-p within a feature (adaptive firing)
+            description="Dataset A against dataset B, one row per (family, feature) active in either: "
+            "frequencies, difference with interval, p and BH q value, direction. Written by the diff_reports "
+            "step; the report shows its top rows.",
         ),
-        AssetDep("document_features"),
+        "diff_reports": AssetOut(
+            io_manager_key="parquet_io_manager",
+            group_name="analysis",
+            kinds={"polars", "parquet"},
+            owners=OWNERS,
+            metadata=column_schema("diff_reports"),
+            code_version="2",  # 2: exact min-p within a feature (adaptive firing)
+            description="Dataset A against dataset B: per-feature frequencies, differences with intervals, "
+            "two-sided tests with Benjamini-Hochberg FDR (paired when declared), and a Markdown + HTML "
+            "report.",
+        ),
+    },
+    deps=[
+        *(AssetDep(t, partition_mapping=AllPartitionMapping()) for t in (*_DATASET_TABLES, *_REPORT_ONLY)),
+        *(AssetDep(t) for t in _COMPARISON_TABLES),
     ],
+    internal_asset_deps={
+        "diff_features": {AssetKey(t) for t in (*_DATASET_TABLES, *_COMPARISON_TABLES)},
+        "diff_reports": {
+            AssetKey(t) for t in (*_DATASET_TABLES, *_COMPARISON_TABLES, *_REPORT_ONLY, "diff_features")
+        },
+    },
     check_specs=[AssetCheckSpec("report_features_labeled", asset="diff_reports")],
-    description="Dataset A against dataset B: per-feature frequencies, differences with intervals, "
-    "two-sided tests with Benjamini-Hochberg FDR (paired when declared), and a Markdown + HTML report.",
 )
 def diff_reports(
     context: AssetExecutionContext,
@@ -212,7 +237,8 @@ def diff_reports(
     if document is not None:
         document["diff"] = document["diff"].with_columns(*identity, pl.lit("document").alias("family"))
         stored.append(document["diff"])
-    write_table(base, "diff_features", key, pl.concat(stored, how="diagonal_relaxed"))
+    written = write_table(base, "diff_features", key, pl.concat(stored, how="diagonal_relaxed"))
+    yield side_table_output("diff_features", written)  # before diff_reports, which reads it
 
     labels, scores = _report_labels(storage, diff, a, b, config.top_n)
     top = reports.top_features(diff, config.top_n)
@@ -294,6 +320,7 @@ def diff_reports(
     unlabeled = [f for f in top_ids if f not in labeled]
     yield Output(
         row,
+        output_name="diff_reports",
         metadata={
             "report": MetadataValue.md(markdown[:60000]),
             "report_html": MetadataValue.path(str(html_path.resolve())),

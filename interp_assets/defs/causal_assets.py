@@ -98,6 +98,7 @@ def _sample(ids: list[str], n: int, rng: np.random.Generator) -> list[str]:
     pool=MODEL_POOL,
     deps=[
         AssetDep("diff_reports"),
+        AssetDep("diff_features"),
         AssetDep("token_activations", partition_mapping=AllPartitionMapping()),
         AssetDep("raw_documents", partition_mapping=AllPartitionMapping()),
     ],

@@ -96,7 +96,7 @@ class FeatureClustersConfig(Config):
     owners=OWNERS,
     metadata=column_schema("feature_clusters"),
     code_version="1",
-    deps=[AssetDep("pooled_embeddings"), AssetDep("feature_labels")],
+    deps=[AssetDep("pooled_embeddings"), AssetDep("activation_status"), AssetDep("feature_labels")],
     description="Features grouped by co-activation over the dataset's documents (Jaccard or phi of the "
     "documents they fire in) and, when configured, by decoder cosine: average-linkage agglomerative "
     "clustering cut at a minimum similarity, each group named by its members' labels.",
@@ -259,7 +259,12 @@ def _document_family_input(storage: StorageResource, dataset: str, config: Docum
     owners=OWNERS,
     metadata=column_schema("document_clusters"),
     code_version="1",
-    deps=[AssetDep("pooled_embeddings"), AssetDep("feature_labels"), AssetDep("feature_associations")],
+    deps=[
+        AssetDep("pooled_embeddings"),
+        AssetDep("activation_status"),
+        AssetDep("feature_labels"),
+        AssetDep("feature_associations"),
+    ],
     description="The dataset's documents clustered on a chosen set of features (a list, a label query, a "
     "criterion's top features; or a comparison's document features): TF-IDF weighted, spherical k-means. "
     "Side table document_cluster_features: each cluster's distinguishing features with firing rates.",

@@ -1,4 +1,5 @@
-"""SAE features of each document: token_activations (the reader over every document) and pooled_embeddings."""
+"""SAE features of each document: token_activations (the reader over every document) with its side table
+activation_status, and pooled_embeddings."""
 
 import hashlib
 import time
@@ -10,13 +11,15 @@ from dagster import (
     AssetCheckSpec,
     AssetDep,
     AssetExecutionContext,
+    AssetOut,
     DataVersion,
     Output,
     asset,
+    multi_asset,
 )
 
 from interp_assets.defs.partitions import datasets_partitions
-from interp_assets.defs.shared import MODEL_POOL, OWNERS, column_schema
+from interp_assets.defs.shared import MODEL_POOL, OWNERS, column_schema, side_table_output
 from interp_assets.engine.activation_cache import ActivationCache, token_activations_schema
 from interp_assets.engine.activations import encode_texts
 from interp_assets.engine.pooling import (
@@ -42,22 +45,38 @@ from resources.sae_reader import SAEReaderResource
 from resources.storage import StorageResource
 
 
-@asset(
+@multi_asset(
+    name="token_activations",
     partitions_def=datasets_partitions,
-    io_manager_key="parquet_io_manager",
-    group_name="features",
-    kinds={"pytorch", "parquet"},
-    owners=OWNERS,
-    metadata=column_schema("token_activations"),
-    code_version=ENGINE_VERSION,
+    outs={
+        "token_activations": AssetOut(
+            io_manager_key="parquet_io_manager",
+            group_name="features",
+            kinds={"pytorch", "parquet"},
+            owners=OWNERS,
+            metadata=column_schema("token_activations"),
+            code_version=ENGINE_VERSION,
+            description="Every nonzero SAE activation of every pooled token (doc_id, token_index, token, "
+            "offsets, feature, activation). Only new or changed documents go through the model "
+            "(content-hash cache), and only the segments (one per cache chunk) whose documents changed are "
+            "written.",
+        ),
+        "activation_status": AssetOut(
+            io_manager_key="parquet_io_manager",
+            group_name="features",
+            kinds={"pytorch", "parquet"},
+            owners=OWNERS,
+            metadata=column_schema("activation_status"),
+            code_version=ENGINE_VERSION,
+            description="Every document of the dataset accounted for by the model step that writes "
+            "token_activations: encoded (with its pooled token count) or rejected, with the reason.",
+        ),
+    },
     pool=MODEL_POOL,
     check_specs=[
         AssetCheckSpec("every_document_accounted_for", asset="token_activations", blocking=True),
         AssetCheckSpec("activations_finite_and_positive", asset="token_activations", blocking=True),
     ],
-    description="Every nonzero SAE activation of every pooled token (doc_id, token_index, token, offsets, "
-    "feature, activation). Only new or changed documents go through the model (content-hash cache), and "
-    "only the segments (one per cache chunk) whose documents changed are written.",
 )
 def token_activations(
     context: AssetExecutionContext,
@@ -113,7 +132,10 @@ def read_token_activations(
     stats = cache.encode_missing(encode, docs, on_chunk=chunk_done, on_start=start)
     seconds = time.perf_counter() - started
     status = cache.activation_status(ids, dataset)
-    write_table(storage.parquet_base, "activation_status", dataset, status)
+    version = hashlib.sha256(
+        (identity.fingerprint + "".join(sorted(docs["doc_hash"].to_list()))).encode()
+    ).hexdigest()[:24]
+    written = write_table(storage.parquet_base, "activation_status", dataset, status)
     status_pl = pl.from_arrow(status)
     counts = status_pl.group_by("status").len()
     count = dict(zip(counts["status"].to_list(), counts["len"].to_list(), strict=True))
@@ -123,9 +145,6 @@ def read_token_activations(
             f"{rejected.height} document(s) of {dataset} could not be encoded, e.g. doc_id "
             f"{rejected['doc_id'][0]}: {rejected['reason'][0]} (see the activation_status table)"
         )
-    version = hashlib.sha256(
-        (identity.fingerprint + "".join(sorted(docs["doc_hash"].to_list()))).encode()
-    ).hexdigest()[:24]
 
     # One segment per cache chunk holding documents of this dataset, named by its content: a segment
     # already stored under its name (and sound, see above) is kept as is; the others are streamed from
@@ -147,6 +166,7 @@ def read_token_activations(
     kept = [stored[name] for name, value in segments.items() if value is KEEP]
     yield Output(
         SegmentedTable(schema, segments),
+        output_name="token_activations",
         data_version=DataVersion(version),
         metadata={
             "documents": docs.height,
@@ -161,6 +181,7 @@ def read_token_activations(
             "reader_loaded": sae_reader.loaded,
         },
     )
+    yield side_table_output("activation_status", written, DataVersion(version))
     missing = count.get("missing", 0)
     kept_bad = _bad_activations(scan_parquet_files(kept, schema))  # one column of the kept segments
     new_segments = len(segments) - len(kept)
@@ -199,7 +220,7 @@ def _bad_activations(token_activations: pl.LazyFrame) -> int:
     owners=OWNERS,
     metadata=column_schema("pooled_embeddings"),
     code_version=POOLING_VERSION,
-    deps=[AssetDep("token_activations")],
+    deps=[AssetDep("token_activations"), AssetDep("activation_status")],
     check_specs=[AssetCheckSpec("pooled_statistics_consistent", asset="pooled_embeddings")],
     description="Per (document, feature): max, sum and count of active tokens, and the document's pooled "
     "token count, so max/mean/sum/binarize/count are all derivable. One segment per token_activations "

@@ -1,4 +1,5 @@
-"""Ingest: raw_documents (a dataset's drop read into documents; bad rows to document_rejects)."""
+"""Ingest: raw_documents (a dataset's drop read into documents) and, from the same step, document_rejects
+(its bad rows)."""
 
 import hashlib
 
@@ -7,16 +8,17 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetOut,
     Config,
     DataVersion,
     MetadataValue,
     Output,
-    asset,
+    multi_asset,
 )
 
 from interp_assets import ingest
 from interp_assets.defs.partitions import datasets_partitions
-from interp_assets.defs.shared import OWNERS, column_schema, dataset_settings
+from interp_assets.defs.shared import OWNERS, column_schema, dataset_settings, side_table_output
 from interp_assets.storage.parquet import write_table
 from resources.storage import StorageResource
 
@@ -37,17 +39,32 @@ class RawDocumentsConfig(Config):
     id_column: str | None = None
 
 
-@asset(
+@multi_asset(
+    name="raw_documents",
     partitions_def=datasets_partitions,
-    io_manager_key="parquet_io_manager",
-    group_name="ingest",
-    kinds={"polars", "parquet"},
-    owners=OWNERS,
-    metadata=column_schema("raw_documents"),
-    code_version="1",
+    outs={
+        "raw_documents": AssetOut(
+            io_manager_key="parquet_io_manager",
+            group_name="ingest",
+            kinds={"polars", "parquet"},
+            owners=OWNERS,
+            metadata=column_schema("raw_documents"),
+            code_version="1",
+            description="Documents of one dataset, read from its drop in the landing folder; bad rows go to "
+            "document_rejects with file, row and problem.",
+        ),
+        "document_rejects": AssetOut(
+            io_manager_key="parquet_io_manager",
+            group_name="ingest",
+            kinds={"polars", "parquet"},
+            owners=OWNERS,
+            metadata=column_schema("document_rejects"),
+            code_version="1",
+            description="Rows of a dataset's drop that could not be read (file, row, problem); the good rows "
+            "are in raw_documents. Written by the same step, empty when every row was read.",
+        ),
+    },
     check_specs=[AssetCheckSpec("documents_have_text", asset="raw_documents")],
-    description="Documents of one dataset, read from its drop in the landing folder; bad rows go to "
-    "document_rejects with file, row and problem.",
 )
 def raw_documents(context: AssetExecutionContext, config: RawDocumentsConfig, storage: StorageResource):
     dataset = context.partition_key
@@ -73,7 +90,10 @@ def raw_documents(context: AssetExecutionContext, config: RawDocumentsConfig, st
         if result.rejects.num_rows
         else DOCUMENT_REJECTS_SCHEMA.empty_table()
     )
-    write_table(storage.parquet_base, "document_rejects", dataset, rejects)
+    version = DataVersion(
+        hashlib.sha256(f"{drop.fingerprint}:{text_column}:{id_column}".encode()).hexdigest()[:24]
+    )
+    written = write_table(storage.parquet_base, "document_rejects", dataset, rejects)
     docs = result.documents
     if rejects.num_rows:
         context.log.warning(
@@ -87,9 +107,8 @@ def raw_documents(context: AssetExecutionContext, config: RawDocumentsConfig, st
     empty = sum(1 for t in texts.to_pylist() if not t or not t.strip())
     yield Output(
         docs,
-        data_version=DataVersion(
-            hashlib.sha256(f"{drop.fingerprint}:{text_column}:{id_column}".encode()).hexdigest()[:24]
-        ),
+        output_name="raw_documents",
+        data_version=version,
         metadata={
             "documents": docs.num_rows,
             "rejected_rows": rejects.num_rows,
@@ -100,6 +119,7 @@ def raw_documents(context: AssetExecutionContext, config: RawDocumentsConfig, st
             "text_column": text_column,
         },
     )
+    yield side_table_output("document_rejects", written, version)  # same inputs, same data version
     yield AssetCheckResult(
         check_name="documents_have_text",
         passed=empty == 0 and docs.num_rows > 0,

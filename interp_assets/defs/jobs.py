@@ -1,4 +1,8 @@
-"""Jobs. Model-heavy steps run in one process so the reader model loads once per run."""
+"""Jobs. Model-heavy steps run in one process so the reader model loads once per run.
+
+A side table (document_rejects, activation_status, diff_features) is written by its main asset's step, so
+every job that selects the main asset selects it too.
+"""
 
 from dagster import AssetSelection, define_asset_job, in_process_executor
 
@@ -6,7 +10,9 @@ from interp_assets.defs.partitions import comparisons_partitions, datasets_parti
 
 DATASET_ASSETS = [
     "raw_documents",
+    "document_rejects",
     "token_activations",
+    "activation_status",
     "pooled_embeddings",
     "feature_labels",
     "feature_scores",
@@ -26,7 +32,9 @@ embed_job = define_asset_job(
     "embed_job",
     selection=AssetSelection.assets(
         "raw_documents",
+        "document_rejects",
         "token_activations",
+        "activation_status",
         "pooled_embeddings",
         "feature_associations",
         "document_embeddings",
@@ -47,7 +55,9 @@ label_job = define_asset_job(
 
 diff_job = define_asset_job(
     "diff_job",
-    selection=AssetSelection.assets("document_sae", "document_features", "diff_reports", "feature_effects"),
+    selection=AssetSelection.assets(
+        "document_sae", "document_features", "diff_features", "diff_reports", "feature_effects"
+    ),
     partitions_def=comparisons_partitions,
     executor_def=in_process_executor,
     description="Train the comparison's document SAE, encode both datasets' documents with it, compare "

@@ -68,7 +68,7 @@ def _document_embeddings(storage: StorageResource, docs: pl.DataFrame, max_docs:
     metadata=column_schema("feature_labels"),
     code_version=LABELS_CODE_VERSION,
     pool=MODEL_POOL,
-    deps=[AssetDep("pooled_embeddings"), AssetDep("feature_associations")],
+    deps=[AssetDep("pooled_embeddings"), AssetDep("activation_status"), AssetDep("feature_associations")],
     description="Labels for the features that matter in this dataset (frequent, distinctive against its "
     "comparison partners, requested): published labels, else an LLM when configured, else an offline "
     "contrastive log-odds labeler. Cached by (SAE, feature, evidence).",

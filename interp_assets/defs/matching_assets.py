@@ -18,12 +18,14 @@ from dagster import (
     AssetExecutionContext,
     AssetIn,
     AssetKey,
+    AssetOut,
     AssetsDefinition,
     AssetSelection,
     Output,
     asset,
     define_asset_job,
     in_process_executor,
+    multi_asset,
 )
 
 from interp_assets.defs.feature_assets import pool_embeddings, read_token_activations
@@ -95,26 +97,43 @@ def _loaded_reader(context: AssetExecutionContext, reader: str) -> SAEReaderReso
 
 def _token_activations_asset(reader: ExtraReader) -> AssetsDefinition:
     key = reader_asset_key(reader.name, "token_activations")
+    where = f"config/{READERS_FILE}"
 
-    @asset(
-        key=key,
+    @multi_asset(
+        name=f"{reader.name}__token_activations",
         ins={"raw_documents": AssetIn("raw_documents")},
         partitions_def=datasets_partitions,
-        io_manager_key=reader_io_manager_key(reader.name),
-        group_name="features",
-        kinds={"pytorch", "parquet"},
-        owners=OWNERS,
-        metadata=column_schema("token_activations"),
-        code_version=ENGINE_VERSION,
+        outs={
+            "token_activations": AssetOut(
+                key=key,
+                io_manager_key=reader_io_manager_key(reader.name),
+                group_name="features",
+                kinds={"pytorch", "parquet"},
+                owners=OWNERS,
+                metadata=column_schema("token_activations"),
+                code_version=ENGINE_VERSION,
+                description=f"token_activations of extra reader {reader.name!r} ({where}): every nonzero "
+                "SAE activation of every pooled token, as the default reader's, stored under "
+                f"readers/{reader.name}/.",
+            ),
+            "activation_status": AssetOut(
+                key=reader_asset_key(reader.name, "activation_status"),
+                io_manager_key=reader_io_manager_key(reader.name),
+                group_name="features",
+                kinds={"pytorch", "parquet"},
+                owners=OWNERS,
+                metadata=column_schema("activation_status"),
+                code_version=ENGINE_VERSION,
+                description=f"activation_status of extra reader {reader.name!r} ({where}): every document "
+                "accounted for by its model step, encoded or rejected with the reason.",
+            ),
+        },
         pool=MODEL_POOL,
         required_resource_keys={"storage", reader_resource_key(reader.name)},
         check_specs=[
             AssetCheckSpec("every_document_accounted_for", asset=key, blocking=True),
             AssetCheckSpec("activations_finite_and_positive", asset=key, blocking=True),
         ],
-        description=f"token_activations of extra reader {reader.name!r} (config/{READERS_FILE}): every "
-        "nonzero SAE activation of every pooled token, as the default reader's, stored under "
-        f"readers/{reader.name}/.",
     )
     def _asset(context: AssetExecutionContext, raw_documents: pl.LazyFrame):
         sae_reader = _loaded_reader(context, reader.name)
@@ -136,7 +155,10 @@ def _pooled_embeddings_asset(reader: ExtraReader) -> AssetsDefinition:
         owners=OWNERS,
         metadata=column_schema("pooled_embeddings"),
         code_version=POOLING_VERSION,
-        deps=[AssetDep(reader_asset_key(reader.name, "token_activations"))],
+        deps=[
+            AssetDep(reader_asset_key(reader.name, "token_activations")),
+            AssetDep(reader_asset_key(reader.name, "activation_status")),
+        ],
         required_resource_keys={"storage"},
         check_specs=[AssetCheckSpec("pooled_statistics_consistent", asset=key)],
         description=f"pooled_embeddings of extra reader {reader.name!r}: per (document, feature) max, sum "
@@ -329,7 +351,11 @@ def _feature_matches_asset(readers: dict[str, ExtraReader]) -> AssetsDefinition:
         owners=OWNERS,
         metadata=column_schema("feature_matches"),
         code_version=MATCHING_VERSION,
-        deps=[AssetDep(reader_asset_key(name, "pooled_embeddings")) for name in involved],
+        deps=[
+            AssetDep(reader_asset_key(name, table))
+            for name in involved
+            for table in ("pooled_embeddings", "activation_status")
+        ],
         required_resource_keys={"storage", *(reader_resource_key(name) for name in involved)},
         description="Features of each extra reader matched with those of its match_with reader on the same "
         "documents: correlation of per-document max activations, one-to-one (Hungarian) and many-to-one, "
@@ -371,7 +397,7 @@ def reader_jobs(readers: dict[str, ExtraReader]) -> list[Any]:
     `dataset_job` / `embed_job`."""
     if not readers:
         return []
-    keys = [a.key for a in reader_assets(readers)]
+    keys = [k for a in reader_assets(readers) for k in a.keys]
     return [
         define_asset_job(
             "readers_job",

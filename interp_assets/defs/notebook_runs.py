@@ -50,7 +50,7 @@ def materialize_frame(
     if not instance.has_dynamic_partition(datasets_partitions.name, name):
         instance.add_dynamic_partitions(datasets_partitions.name, [name])
     resources = local_resources(data, sae_reader=reader or SAEReaderResource())
-    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
+    by_name = {k.to_user_string(): a for a in ALL_ASSETS for k in a.keys}
     result = materialize(
         [by_name[n] for n in FRAME_ASSETS],
         partition_key=name,

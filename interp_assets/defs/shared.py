@@ -25,6 +25,7 @@ from interp_assets.storage.checksums import checksum_problem, file_sha256
 from interp_assets.storage.parquet import read_table, table_exists, table_files, write_table
 from interp_assets.storage.paths import table_path
 from interp_assets.storage.schemas import TABLES
+from io_managers.parquet import output_metadata
 from resources.storage import StorageResource
 
 DATA_VERSION_TAG = "dagster/data_version"  # the tag Dagster stores a materialization's data version under
@@ -42,6 +43,18 @@ def column_schema(table: str) -> dict:
     schema it records after each write."""
     columns = [TableColumn(name, type_, meaning) for name, type_, meaning, _ in TABLES[table].columns]
     return {COLUMN_SCHEMA: MetadataValue.table_schema(TableSchema(columns=columns))}
+
+
+def side_table_output(table: str, written: dict, data_version: DataVersion | None = None) -> Output:
+    """The output of a side table (an extra asset of a `multi_asset`) that its step already wrote with
+    `write_table` (`written`: what that returned): nothing left for the IO manager to write, and the
+    metadata it would have recorded (rows, path, size, columns with their meanings, preview)."""
+    return Output(
+        None,
+        output_name=table,
+        data_version=data_version,
+        metadata=output_metadata(written, column_schema(table)[COLUMN_SCHEMA]),
+    )
 
 
 def dataset_settings(storage: StorageResource, dataset: str) -> dict:

@@ -7,7 +7,9 @@ import definitions
 
 GROUPS = {
     "raw_documents": "ingest",
+    "document_rejects": "ingest",
     "token_activations": "features",
+    "activation_status": "features",
     "pooled_embeddings": "features",
     "document_embeddings": "documents",
     "document_sae": "documents",
@@ -15,6 +17,7 @@ GROUPS = {
     "feature_labels": "labels",
     "feature_scores": "labels",
     "feature_associations": "analysis",
+    "diff_features": "analysis",
     "diff_reports": "analysis",
     "feature_effects": "analysis",
     "criterion_effects": "analysis",
@@ -67,9 +70,22 @@ def test_lineage_shows_every_table_a_comparison_reads() -> None:
         "raw_documents",
         "token_activations",
         "pooled_embeddings",
+        "activation_status",
         "feature_labels",
         "feature_scores",
+        "document_sae",
         "document_features",
+        "diff_features",
     }
     effects = {k.to_user_string() for k in graph.get(AssetKey("feature_effects")).parent_keys}
-    assert effects == {"diff_reports", "token_activations", "raw_documents"}
+    assert effects == {"diff_reports", "diff_features", "token_activations", "raw_documents"}
+    readers = {k.to_user_string() for k in graph.get(AssetKey("activation_status")).child_keys}
+    assert readers == {
+        "pooled_embeddings",
+        "feature_labels",
+        "feature_associations",
+        "feature_clusters",
+        "document_clusters",
+        "diff_features",
+        "diff_reports",
+    }

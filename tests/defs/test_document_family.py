@@ -27,7 +27,7 @@ from resources.local import local_resources
 
 ROOT = Path(__file__).resolve().parents[2]
 DBPEDIA = ROOT.parent / "shared" / "data" / "dbpedia" / "dbpedia.tsv"
-BY_NAME = {a.key.path[-1]: a for a in ALL_ASSETS}
+BY_NAME = {k.path[-1]: a for a in ALL_ASSETS for k in a.keys}
 DATASET_ASSETS = [
     BY_NAME[n] for n in ("raw_documents", "token_activations", "pooled_embeddings", "document_embeddings")
 ]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from dagster import DagsterInstance, Definitions, materialize
+from dagster import AssetKey, DagsterInstance, Definitions, materialize
 
 from interp_assets.defs.assets import ALL_ASSETS
 from interp_assets.defs.matching_assets import reader_assets, reader_resources
@@ -59,7 +59,7 @@ def _drops(landing: Path) -> None:
 
 
 def _assets(readers: dict) -> list:
-    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
+    by_name = {k.to_user_string(): a for a in ALL_ASSETS for k in a.keys}
     default = [by_name[n] for n in ("raw_documents", "token_activations", "pooled_embeddings")]
     return default + reader_assets(readers)
 
@@ -172,7 +172,12 @@ def test_reader_assets_are_cataloged_like_the_default_ones(pipeline) -> None:
     defs = Definitions(assets=_assets(readers), resources=resources)
     specs = {s.key.to_user_string(): s for s in defs.resolve_all_asset_specs()}
     specs = {k: s for k, s in specs.items() if len(s.key.path) > 1 or k == "feature_matches"}
-    assert {"copy/token_activations", "narrow/pooled_embeddings", "feature_matches"} <= set(specs)
+    assert {
+        "copy/token_activations",
+        "copy/activation_status",
+        "narrow/pooled_embeddings",
+        "feature_matches",
+    } <= set(specs)
     for name, spec in specs.items():
         table = spec.key.path[-1]
         assert spec.group_name == ("analysis" if table == "feature_matches" else "features"), name
@@ -183,12 +188,14 @@ def test_reader_assets_are_cataloged_like_the_default_ones(pipeline) -> None:
         assert [c.name for c in columns] == [n for n, *_ in TABLES[table].columns], name
     assert specs["narrow/token_activations"].group_name == "features"
     graph = defs.resolve_asset_graph()
-    from dagster import AssetKey
-
     parents = {k.to_user_string() for k in graph.get(AssetKey("feature_matches")).parent_keys}
-    assert parents == {"pooled_embeddings", "copy/pooled_embeddings", "narrow/pooled_embeddings"}
+    assert parents == {
+        f"{reader}{table}"
+        for reader in ("", "copy/", "narrow/")
+        for table in ("pooled_embeddings", "activation_status")
+    }
     lineage = {k.to_user_string() for k in graph.get(AssetKey(["narrow", "pooled_embeddings"])).parent_keys}
-    assert lineage == {"narrow/token_activations"}
+    assert lineage == {"narrow/token_activations", "narrow/activation_status"}
 
 
 def test_datasets_without_common_documents_fail_saying_what_to_materialize(pipeline, tmp_path: Path) -> None:
@@ -203,7 +210,7 @@ def test_datasets_without_common_documents_fail_saying_what_to_materialize(pipel
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("datasets", ["alpha"])
     resources = local_resources(copy) | reader_resources(readers, str(copy / "parquet"))
-    matches = [a for a in reader_assets(readers) if a.key.to_user_string() == "feature_matches"]
+    matches = [a for a in reader_assets(readers) if AssetKey("feature_matches") in a.keys]
     result = materialize(
         matches, partition_key="alpha", instance=instance, resources=resources, raise_on_error=False
     )
@@ -221,7 +228,7 @@ def test_a_reader_whose_sae_is_missing_fails_naming_it_and_its_file(tmp_path: Pa
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("datasets", ["beta"])
     resources = local_resources(data) | reader_resources(readers, str(data / "parquet"))
-    by_key = {a.key.to_user_string(): a for a in _assets(readers)}
+    by_key = {k.to_user_string(): a for a in _assets(readers) for k in a.keys}
     selection = [by_key["raw_documents"], by_key["ghost/token_activations"]]
     result = materialize(
         selection, partition_key="beta", instance=instance, resources=resources, raise_on_error=False
@@ -269,7 +276,10 @@ def test_definitions_build_the_readers_of_the_data_dir_and_refuse_a_bad_file(tmp
     specs, job = out.stdout.strip().splitlines()
     for key in ("copy/token_activations", "copy/pooled_embeddings", "feature_matches"):
         assert f"'{key}'" in specs
-    assert job == "['copy/pooled_embeddings', 'copy/token_activations', 'feature_matches']"
+    assert (
+        job
+        == "['copy/activation_status', 'copy/pooled_embeddings', 'copy/token_activations', 'feature_matches']"
+    )
     (tmp_path / "config/readers.json").write_text(json.dumps({"copy": {"match_with": "nobody"}}))
     bad = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "readers.json: reader 'copy'" in bad.stderr and "'nobody'" in bad.stderr

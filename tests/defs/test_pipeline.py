@@ -86,7 +86,7 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     names = ["support_assistant_a", "support_assistant_b", "broken"]
     instance.add_dynamic_partitions("datasets", names)
     resources = local_resources(data)
-    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
+    by_name = {k.to_user_string(): a for a in ALL_ASSETS for k in a.keys}
     embed = [by_name[n] for n in ("raw_documents", "token_activations", "pooled_embeddings")]
     label = [by_name[n] for n in ("feature_labels", "feature_scores", "feature_associations")]
 

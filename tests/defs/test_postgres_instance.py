@@ -24,7 +24,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from dagster import DagsterInstance, DagsterRunStatus, asset, instance_for_test, materialize
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, asset, instance_for_test, materialize
 from dagster._core.test_utils import create_run_for_test
 
 from interp_assets.defs.assets import ALL_ASSETS
@@ -159,7 +159,7 @@ def _run_chain(instance: DagsterInstance, data: Path) -> dict[str, pl.DataFrame]
     shutil.copy(ROOT / "demo/comparisons.json", data / "config/comparisons.json")
     instance.add_dynamic_partitions("datasets", list(DATASETS))
     resources = local_resources(data)
-    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
+    by_name = {k.to_user_string(): a for a in ALL_ASSETS for k in a.keys}
     embed = [by_name[n] for n in ("raw_documents", "token_activations", "pooled_embeddings")]
     label = [by_name[n] for n in ("feature_associations", "feature_labels", "feature_scores")]
     for ds in DATASETS:
@@ -197,7 +197,7 @@ def test_main_chain_on_postgres_equals_the_sqlite_default(postgres, tmp_path):
         assert len(runs) == 5 and all(r.status == DagsterRunStatus.SUCCESS for r in runs)
         info = pg.event_log_storage.get_concurrency_info(MODEL_POOL)
         assert info.slot_count == 1 and info.active_slot_count == 0  # the model steps took and gave back
-        materialized = pg.get_latest_materialization_event(ALL_ASSETS[0].key)
+        materialized = pg.get_latest_materialization_event(AssetKey("raw_documents"))
         assert materialized is not None
     with instance_for_test(overrides=yaml.safe_load((ROOT / "dagster.yaml").read_text())) as sqlite:
         assert type(sqlite.run_storage).__name__ == "SqliteRunStorage"

@@ -34,7 +34,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 import torch
-from dagster import DagsterInstance, EnvVar, materialize
+from dagster import AssetKey, DagsterInstance, EnvVar, materialize
 from polars.testing import assert_frame_equal
 
 from interp_assets.comparisons import comparison_key
@@ -57,7 +57,7 @@ from llm_server import FakeLLMServer, ServerError  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "_encode_worker.py"
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
-BY_NAME = {a.key.to_user_string(): a for a in ALL_ASSETS}
+BY_NAME = {k.to_user_string(): a for a in ALL_ASSETS for k in a.keys}
 EMBED = [BY_NAME[n] for n in ("raw_documents", "token_activations", "pooled_embeddings")]
 LABEL = [BY_NAME[n] for n in ("feature_labels", "feature_scores")]
 SORT_KEY = ["doc_id", "token_index", "feature"]
@@ -830,7 +830,9 @@ def test_reports_escape_html_from_documents_and_labels(hostile_run):
     assert IMG_B in text and "<b>sorry</b>" in text  # shown as text, not markup
     # the Markdown shown in the Dagster UI is the same escaped report
     diff_result = hostile_run["results"][-1]
-    shown = diff_result.asset_materializations_for_node("diff_reports")[0].metadata["report"].value
+    materialized = diff_result.asset_materializations_for_node("diff_reports")  # and diff_features
+    (report,) = [m for m in materialized if m.asset_key == AssetKey("diff_reports")]
+    shown = report.metadata["report"].value
     assert "<script" not in shown.lower() and "<img" not in shown.lower()
 
 
@@ -848,9 +850,9 @@ def test_api_key_is_used_but_never_stored_or_logged(hostile_run):
     assert len(runs) == len(hostile_run["results"])
     for run in runs:  # run config, tags, asset selection: what the run storage keeps
         assert KEY not in str(run), run.run_id
-    for asset in ALL_ASSETS:
-        for record in instance.fetch_materializations(asset.key, limit=100).records:
-            assert KEY not in str(record), asset.key
+    for key in (k for asset in ALL_ASSETS for k in asset.keys):
+        for record in instance.fetch_materializations(key, limit=100).records:
+            assert KEY not in str(record), key
     for result in hostile_run["results"]:
         for entry in instance.all_logs(result.run_id):
             assert KEY not in str(entry), entry

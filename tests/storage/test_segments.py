@@ -53,7 +53,7 @@ from resources.storage import StorageResource
 ROOT = Path(__file__).resolve().parents[2]
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 SCHEMA = pa.schema([("dataset", pa.string()), ("doc_id", pa.int32()), ("value", pa.float32())])
-BY_NAME = {a.key.to_user_string(): a for a in ALL_ASSETS}
+BY_NAME = {k.to_user_string(): a for a in ALL_ASSETS for k in a.keys}
 EMBED = [BY_NAME[n] for n in ("raw_documents", "token_activations", "pooled_embeddings")]
 SEGMENTED = ("token_activations", "pooled_embeddings")
 SORT = {"token_activations": ["doc_id", "token_index", "feature"], "pooled_embeddings": ["doc_id", "feature"]}
