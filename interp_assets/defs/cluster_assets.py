@@ -5,12 +5,27 @@
 import time
 
 import polars as pl
-from dagster import AssetDep, AssetExecutionContext, Config, MetadataValue, Output, asset
+from dagster import (
+    AssetDep,
+    AssetExecutionContext,
+    AssetOut,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+    multi_asset,
+)
 
 from interp_assets.analysis import clustering
 from interp_assets.comparisons import parse_comparison_key
 from interp_assets.defs.partitions import datasets_partitions
-from interp_assets.defs.shared import OWNERS, column_schema, recorded_d_sae, token_activations_metadata
+from interp_assets.defs.shared import (
+    OWNERS,
+    column_schema,
+    recorded_d_sae,
+    side_table_output,
+    token_activations_metadata,
+)
 from interp_assets.storage.parquet import (
     markdown_preview,
     read_table,
@@ -251,23 +266,38 @@ def _document_family_input(storage: StorageResource, dataset: str, config: Docum
     return pooled, None, int(n_features)
 
 
-@asset(
+@multi_asset(
+    name="document_clusters",
     partitions_def=datasets_partitions,
-    io_manager_key="parquet_io_manager",
-    group_name="analysis",
-    kinds={"scipy", "parquet"},
-    owners=OWNERS,
-    metadata=column_schema("document_clusters"),
-    code_version="1",
+    outs={
+        "document_clusters": AssetOut(
+            io_manager_key="parquet_io_manager",
+            group_name="analysis",
+            kinds={"scipy", "parquet"},
+            owners=OWNERS,
+            metadata=column_schema("document_clusters"),
+            code_version="1",
+            description="The dataset's documents clustered on a chosen set of features (a list, a label "
+            "query, a criterion's top features; or a comparison's document features): TF-IDF weighted, "
+            "spherical k-means.",
+        ),
+        "document_cluster_features": AssetOut(
+            io_manager_key="parquet_io_manager",
+            group_name="analysis",
+            kinds={"scipy", "parquet"},
+            owners=OWNERS,
+            metadata=column_schema("document_cluster_features"),
+            code_version="1",
+            description="Each document cluster's distinguishing features with their firing rates inside and "
+            "outside the cluster. Written by the document_clusters step.",
+        ),
+    },
     deps=[
         AssetDep("pooled_embeddings"),
         AssetDep("activation_status"),
         AssetDep("feature_labels"),
         AssetDep("feature_associations"),
     ],
-    description="The dataset's documents clustered on a chosen set of features (a list, a label query, a "
-    "criterion's top features; or a comparison's document features): TF-IDF weighted, spherical k-means. "
-    "Side table document_cluster_features: each cluster's distinguishing features with firing rates.",
 )
 def document_clusters(
     context: AssetExecutionContext, config: DocumentClustersConfig, storage: StorageResource
@@ -301,7 +331,7 @@ def document_clusters(
         raise ValueError(f"document_clusters for {dataset!r}: {exc} (asset config, launchpad)") from exc
     identity = [pl.lit(dataset).alias("dataset"), pl.lit(config.family).alias("family")]
     names = result.clusters.select("cluster", "size", pl.col("name").alias("cluster_name"))
-    write_table(
+    written = write_table(
         base,
         "document_cluster_features",
         dataset,
@@ -312,10 +342,11 @@ def document_clusters(
     top = pl.col("top_features").list.head(5).cast(pl.List(pl.String)).list.join(", ")
     shown = result.clusters.select("cluster", "size", "name", top)
     unclustered = int(result.documents["cluster"].null_count())
-    return Output(
+    yield Output(
         result.documents.join(
             names.select("cluster", "cluster_name"), on="cluster", how="left", maintain_order="left"
         ).select(*identity, pl.all()),
+        output_name="document_clusters",
         metadata={
             "family": config.family,
             "n_clusters": config.n_clusters,
@@ -327,3 +358,4 @@ def document_clusters(
             "seconds": round(time.perf_counter() - started, 2),
         },
     )
+    yield side_table_output("document_cluster_features", written)

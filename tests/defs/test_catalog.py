@@ -23,6 +23,7 @@ GROUPS = {
     "criterion_effects": "analysis",
     "feature_clusters": "analysis",
     "document_clusters": "analysis",
+    "document_cluster_features": "analysis",
 }
 
 
@@ -86,6 +87,7 @@ def test_lineage_shows_every_table_a_comparison_reads() -> None:
         "feature_associations",
         "feature_clusters",
         "document_clusters",
+        "document_cluster_features",
         "diff_features",
         "diff_reports",
     }

@@ -128,7 +128,7 @@ def _run(stored, asset, config: dict):
     )
     assert result.success
     metadata = result.asset_materializations_for_node(asset.op.name)[0].metadata
-    return read_table(str(data_dir / "parquet"), asset.key.path[-1], DATASET).collect(), metadata
+    return read_table(str(data_dir / "parquet"), asset.op.name, DATASET).collect(), metadata
 
 
 def _topic_of(data_dir: Path) -> dict[int, str]:
