@@ -11,7 +11,8 @@ Documents are clustered into 14 clusters, the number of categories, given (not s
 are used only to score the clusters: adjusted Rand index (ARI), 1 = the categories exactly, 0 = chance.
 Every clustering uses the defaults of `analysis.clustering` (log1p, TF-IDF weights, unit rows, spherical
 k-means, 10 restarts), for each of `--cluster-seeds`:
-- document features: `document_clusters` on every document-SAE feature (the headline; target ARI >= 0.5);
+- document features: `document_clusters` on every document-SAE feature (the headline; target ARI >= 0.5),
+  for one SAE per seed and for the ensemble of member SAEs document_sae trains by default;
 - embeddings: `spherical_kmeans` on the MiniLM sentence embeddings the document SAE reads (reference);
 - token-SAE features: the `document_clusters` asset (family token, every feature of the embedded default
   SAE, max-pooled per document), materialized like any asset (reference).
@@ -57,6 +58,7 @@ from interp_assets.engine.documents import (  # noqa: E402
     document_sae_size,
     encode_documents,
     train_document_sae,
+    train_document_saes,
 )
 from interp_assets.storage.parquet import read_table  # noqa: E402
 from resources.local import local_resources  # noqa: E402
@@ -174,6 +176,44 @@ def main() -> None:
             )
         )
 
+        # document-level features as document_sae stores them: an ensemble of members (seeds seed..seed+2),
+        # member i's feature f numbered i * d_sae + f, every member's k features per document
+        aris, cluster_time, members = [], 0.0, DocumentSAEConfig().members
+        for sae_seed in sae_seeds:
+            t = time.perf_counter()
+            ensemble, report = train_document_saes(embeddings, DocumentSAEConfig(seed=sae_seed))
+            seconds[f"document_sae_ensemble_seed{sae_seed}"] = time.perf_counter() - t
+            parts = []
+            for member, sae in enumerate(ensemble):
+                row, feature, activation = encode_documents(sae, embeddings)
+                parts.append(
+                    pl.DataFrame(
+                        {
+                            "doc_id": doc_ids[row].astype(np.int32),
+                            "feature": feature + member * report["d_sae"],
+                            "max_activation": activation,
+                        }
+                    )
+                )
+            pooled = pl.concat(parts)
+            for seed in cluster_seeds:
+                t = time.perf_counter()
+                result = document_clusters(
+                    pooled, N_CLUSTERS, doc_ids=doc_ids, n_features=report["n_features"], seed=seed
+                )
+                cluster_time += time.perf_counter() - t
+                got = result.documents.sort("doc_id")["cluster"].to_numpy()
+                aris.append(adjusted_rand_index(got, truth))
+        results.append(
+            summarize(
+                "document features (ensemble)",
+                f"document_sae's default: {members} member SAEs (d_sae {d_sae}, k {k} each), "
+                f"base seeds {sae_seeds} x k-means seeds {cluster_seeds}",
+                aris,
+                cluster_time,
+            )
+        )
+
         # reference: the sentence embeddings the document SAE reads
         aris, cluster_time = [], 0.0
         for seed in cluster_seeds:
@@ -210,8 +250,7 @@ def main() -> None:
         results.append(
             summarize(
                 "token-SAE features",
-                f"embedded default SAE (width 2,048), {n_token} features firing, max-pooled; "
-                "the document_clusters asset",
+                f"embedded default SAE, {n_token} features firing, max-pooled; the document_clusters asset",
                 aris,
                 cluster_time,
                 unclustered_documents=unclustered,
