@@ -12,13 +12,13 @@ from dagster_duckdb import DuckDBResource
 from interp_assets.defs.assets import ALL_ASSETS
 from interp_assets.defs.jobs import dataset_job, diff_job, embed_job, label_job
 from interp_assets.defs.matching_assets import reader_assets, reader_jobs, reader_resources
+from interp_assets.defs.readers import load_readers, readers_file
 from interp_assets.defs.sensors import (
     comparisons_sensor,
     landing_sensor,
     warehouse_views_after_failure_sensor,
     warehouse_views_sensor,
 )
-from interp_assets.readers import load_readers, readers_file
 from interp_assets.storage.paths import data_dir
 from io_managers.parquet import ParquetIOManager
 from resources.llm import LLMResource

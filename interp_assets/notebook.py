@@ -69,7 +69,7 @@ _MATERIALIZE_HINT = (
 
 def _declared_readers_hint(data_dir: str | None, reader: str) -> str:
     """A sentence for a reader whose tables are missing: whether `config/readers.json` declares it."""
-    from interp_assets.readers import load_readers, readers_file
+    from interp_assets.defs.readers import load_readers, readers_file
 
     path = readers_file(os.path.join(data_dir if data_dir is not None else paths.data_dir(), "config"))
     declared = list(load_readers(path))

@@ -72,7 +72,7 @@ def test_rule_checker_sees_lazy_and_from_imports(tmp_path):
 
 # Entry points outside defs/ that run the assets on request: imported inside that function only, so
 # importing the module stays free of Dagster (test_pure_modules_load_without_dagster checks that).
-ON_DEMAND = {"interp_assets/notebook.py": {"interp_assets.defs.notebook_runs"}}
+ON_DEMAND = {"interp_assets/notebook.py": {"interp_assets.defs.notebook_runs", "interp_assets.defs.readers"}}
 
 
 def test_only_defs_imports_dagster_resources_or_io_managers():

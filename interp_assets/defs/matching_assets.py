@@ -1,4 +1,4 @@
-"""Extra readers and feature_matches: thin Dagster wiring around `interp_assets.readers` (the config) and
+"""Extra readers and feature_matches: thin Dagster wiring around `interp_assets.defs.readers` (the config) and
 `interp_assets.analysis.matching` (the matching).
 
 Per extra reader `r` (`<data_dir>/config/readers.json`) an asset factory builds `r/token_activations` and
@@ -30,10 +30,10 @@ from dagster import (
 
 from interp_assets.defs.feature_assets import pool_embeddings, read_token_activations
 from interp_assets.defs.partitions import datasets_partitions
+from interp_assets.defs.readers import DEFAULT_READER, READERS_FILE, ExtraReader
 from interp_assets.defs.shared import MODEL_POOL, OWNERS, column_schema
 from interp_assets.engine.pooling import POOLING_VERSION
 from interp_assets.engine.reader import ENGINE_VERSION
-from interp_assets.readers import DEFAULT_READER, READERS_FILE, ExtraReader
 from interp_assets.storage.parquet import read_table, table_exists
 from interp_assets.storage.paths import reader_parquet_base
 from io_managers.parquet import ParquetIOManager

@@ -19,7 +19,7 @@ from dagster import AssetKey, DagsterInstance, Definitions, materialize
 
 from interp_assets.defs.assets import ALL_ASSETS
 from interp_assets.defs.matching_assets import reader_assets, reader_resources
-from interp_assets.readers import load_readers
+from interp_assets.defs.readers import load_readers
 from interp_assets.storage.parquet import read_table, write_table
 from interp_assets.storage.schemas import TABLES, schema_mismatches, stored_schemas
 from resources.local import local_resources
