@@ -23,6 +23,7 @@ from interp_assets.defs.shared import (
     OWNERS,
     column_schema,
     recorded_d_sae,
+    sae_decoder,
     side_table_output,
     token_activations_metadata,
 )
@@ -175,8 +176,6 @@ def feature_clusters(
 
 def _decoder(context: AssetExecutionContext, dataset: str, sae_reader: SAEReaderResource):
     """The decoder of the configured SAE, after checking it is the SAE that read `dataset`."""
-    from interp_assets.engine.reader import load_sae
-
     recorded = token_activations_metadata(context, dataset).get("reader_fingerprint")
     current = sae_reader.get_identity().fingerprint
     if recorded is not None and recorded != current:
@@ -185,14 +184,7 @@ def _decoder(context: AssetExecutionContext, dataset: str, sae_reader: SAEReader
             f"made this dataset's features ({recorded}); configure that reader, re-materialize "
             "token_activations, or drop 'decoder' from `by`."
         )
-    sae, _ = load_sae(
-        sae_path=sae_reader.sae_path,
-        release=sae_reader.release,
-        sae_id=sae_reader.sae_id,
-        device="cpu",
-        dtype="float32",
-    )
-    return sae.W_dec.detach().float().numpy()
+    return sae_decoder(sae_reader)
 
 
 class DocumentClustersConfig(Config):

@@ -31,7 +31,7 @@ from dagster import (
 from interp_assets.defs.feature_assets import pool_embeddings, read_token_activations
 from interp_assets.defs.partitions import datasets_partitions
 from interp_assets.defs.readers import DEFAULT_READER, READERS_FILE, ExtraReader
-from interp_assets.defs.shared import MODEL_POOL, OWNERS, column_schema
+from interp_assets.defs.shared import MODEL_POOL, OWNERS, column_schema, sae_decoder
 from interp_assets.engine.pooling import POOLING_VERSION
 from interp_assets.engine.reader import ENGINE_VERSION
 from interp_assets.storage.parquet import read_table, table_exists
@@ -187,20 +187,6 @@ def _encoded_documents(storage: StorageResource, reader: str, dataset: str) -> t
     return encoded, pooled
 
 
-def _decoder(resource: SAEReaderResource) -> Any:
-    """The SAE's decoder (d_sae, d_in) as numpy, loaded on CPU without the model."""
-    from interp_assets.engine.reader import load_sae
-
-    sae, _ = load_sae(
-        sae_path=resource.sae_path,
-        release=resource.release,
-        sae_id=resource.sae_id,
-        device="cpu",
-        dtype="float32",
-    )
-    return sae.W_dec.detach().float().numpy()
-
-
 def same_residual_space(a: SAEReaderResource, b: SAEReaderResource) -> bool:
     """Whether two readers' SAEs read one residual stream: same model (name and configuration) and hook."""
     ia, ib = a.get_identity().identity, b.get_identity().identity
@@ -237,7 +223,7 @@ def match_pair(
     shared = same_residual_space(res_a, res_b)
     decoders = {}
     if shared:
-        dec_a, dec_b = _decoder(res_a), _decoder(res_b)
+        dec_a, dec_b = sae_decoder(res_a), sae_decoder(res_b)
         if dec_a.shape[1] == dec_b.shape[1]:
             decoders = {"decoder_a": dec_a, "decoder_b": dec_b}
     table = match_features(sig_a, sig_b, **decoders)

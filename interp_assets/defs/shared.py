@@ -26,6 +26,7 @@ from interp_assets.storage.parquet import read_table, table_exists, table_files,
 from interp_assets.storage.paths import table_path
 from interp_assets.storage.schemas import TABLES
 from io_managers.parquet import output_metadata
+from resources.sae_reader import SAEReaderResource
 from resources.storage import StorageResource
 
 DATA_VERSION_TAG = "dagster/data_version"  # the tag Dagster stores a materialization's data version under
@@ -215,3 +216,17 @@ def cached_text_embeddings(
 
     frame = pl.DataFrame({"doc_hash": [doc_hash(t) for t in texts], "text": list(texts)}, schema=_TEXTS)
     return cached_document_embeddings(storage, frame, model, layer, normalize)
+
+
+def sae_decoder(sae_reader: SAEReaderResource) -> np.ndarray:
+    """The decoder `(d_sae, d_in)` of `sae_reader`'s SAE as float32 numpy, loaded on CPU without the model."""
+    from interp_assets.engine.reader import load_sae
+
+    sae, _ = load_sae(
+        sae_path=sae_reader.sae_path,
+        release=sae_reader.release,
+        sae_id=sae_reader.sae_id,
+        device="cpu",
+        dtype="float32",
+    )
+    return sae.W_dec.detach().float().numpy()
