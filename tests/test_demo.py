@@ -174,6 +174,20 @@ def test_demo_prints_few_lines_logs_the_rest_and_its_hints_work(tmp_path: Path) 
     assert ran.returncode == 0 and "42" in ran.stdout, ran.stderr
 
 
+def _stop_process_group(proc: subprocess.Popen) -> None:
+    """Stop `proc`'s process group (make, dg and the services it started): SIGTERM, then SIGKILL. Dagster
+    treats SIGTERM as Ctrl-C, which a process started in the background with SIGINT ignored never sees."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.communicate(timeout=30)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    raise AssertionError(f"make ui (pid {proc.pid}) did not stop, even on SIGKILL")
+
+
 def test_make_ui_starts_without_a_warning(tmp_path: Path) -> None:
     """`make ui` on a fresh data folder, up to "Launching Dagster services...": no warning on the way. In
     particular `dg dev` starts in $DAGSTER_HOME, since started in the repository root Dagster warns that
@@ -191,7 +205,7 @@ def test_make_ui_starts_without_a_warning(tmp_path: Path) -> None:
         text=True,
         start_new_session=True,  # its own process group: make, dg and the services it starts
     )
-    watchdog = threading.Timer(240, os.killpg, (ui.pid, signal.SIGTERM))  # if it never gets there
+    watchdog = threading.Timer(240, os.killpg, (ui.pid, signal.SIGKILL))  # if it never gets there
     watchdog.start()
     lines: list[str] = []
     try:
@@ -201,9 +215,7 @@ def test_make_ui_starts_without_a_warning(tmp_path: Path) -> None:
                 break
     finally:
         watchdog.cancel()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(ui.pid, signal.SIGTERM)
-        ui.communicate(timeout=120)
+        _stop_process_group(ui)
     assert any("Launching Dagster services" in line for line in lines), lines
     assert not [line for line in lines if "warn" in line.lower()], lines
     home = data / "dagster_home"
