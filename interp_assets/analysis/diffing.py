@@ -368,12 +368,6 @@ _MIN_P_REL_TOL = 1e-9  # candidate p-values within this relative distance of the
 _MIN_P_TRUNCATE = 1e-12  # states below this fraction of p_obs are dropped (and counted as rejected)
 
 
-def _log_factorials(n: int) -> np.ndarray:
-    from scipy import special
-
-    return special.gammaln(np.arange(n + 1, dtype=np.float64) + 1.0)
-
-
 def nested_min_pvalue(sizes: Sequence[int], n_a: int, n_b: int, p_obs: float) -> float:
     """Exact null probability that the smallest candidate p-value of one feature is at most `p_obs`.
 
@@ -393,18 +387,12 @@ def nested_min_pvalue(sizes: Sequence[int], n_a: int, n_b: int, p_obs: float) ->
     steps = sorted({int(s) for s in sizes if 0 < int(s) <= n}, reverse=True)
     if not steps:
         return 1.0
-    log_fact = _log_factorials(n)
-
-    def log_comb(a: Any, b: Any) -> Any:
-        a, b = np.asarray(a), np.asarray(b)
-        return log_fact[a] - log_fact[b] - log_fact[a - b]
-
     cut = p_obs * (1 + _MIN_P_REL_TOL)
     floor = _MIN_P_TRUNCATE * max(p_obs, 1e-300)
     rejected = dropped = 0.0
     prev = steps[0]
     x = np.arange(max(0, prev - n_a), min(prev, n_b) + 1)  # B documents in the largest set
-    mass = np.exp(log_comb(n_b, x) + log_comb(n_a, prev - x) - log_comb(n, prev))
+    mass = np.exp(_log_comb(n_b, x) + _log_comb(n_a, prev - x) - _log_comb(n, prev))
     for i, size in enumerate(steps):
         if i:
             # y = B documents among the `size` kept of the previous set's `prev`, which held x of them
@@ -417,9 +405,9 @@ def nested_min_pvalue(sizes: Sequence[int], n_a: int, n_b: int, p_obs: float) ->
             xx, yy = np.meshgrid(x, y, indexing="ij")
             ok = (yy <= xx) & (size - yy <= prev - xx)
             lp = (
-                log_comb(xx, np.where(ok, yy, 0))
-                + log_comb(prev - xx, np.where(ok, size - yy, 0))
-                - log_comb(prev, size)
+                _log_comb(xx, np.where(ok, yy, 0))
+                + _log_comb(prev - xx, np.where(ok, size - yy, 0))
+                - _log_comb(prev, size)
             )
             step = np.where(ok, np.exp(lp), 0.0)
             dropped += float(mass @ np.clip(1.0 - step.sum(axis=1), 0.0, None))
