@@ -155,24 +155,23 @@ def ask_and_read(
     rejects with an `AnswerError` in `ASKED_AGAIN` is asked again once, as a `follow_up` turn, and read
     again (`read` still judges it against the original request). Returns, per request, what `read`
     returned or the exception of the last attempt, and how many requests were asked again."""
-    replies = llm.map_chat(list(requests))
-    out: list[T | Exception] = []
-    again: dict[int, list[dict[str, Any]]] = {}
-    for i, reply in enumerate(replies):
+
+    def attempt(i: int, reply: str | Exception) -> T | Exception:
         try:
             if isinstance(reply, Exception):
                 raise reply
-            out.append(read(i, reply))
+            return read(i, reply)
         except Exception as exc:  # noqa: BLE001 - returned per request, the others are kept
-            out.append(exc)
-            if isinstance(exc, AnswerError) and exc.status in ASKED_AGAIN and isinstance(reply, str):
-                again[i] = follow_up(list(requests[i]), reply, str(exc))
+            return exc
+
+    replies = llm.map_chat(list(requests))
+    out = [attempt(i, reply) for i, reply in enumerate(replies)]
+    again = {
+        i: follow_up(list(requests[i]), reply, str(got))
+        for i, (reply, got) in enumerate(zip(replies, out, strict=True))
+        if isinstance(got, AnswerError) and got.status in ASKED_AGAIN and isinstance(reply, str)
+    }
     if again:
         for i, reply in zip(again, llm.map_chat(list(again.values())), strict=True):
-            try:
-                if isinstance(reply, Exception):
-                    raise reply
-                out[i] = read(i, reply)
-            except Exception as exc:  # noqa: BLE001
-                out[i] = exc
+            out[i] = attempt(i, reply)
     return out, len(again)
