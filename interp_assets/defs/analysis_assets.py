@@ -31,6 +31,7 @@ from interp_assets.defs.shared import (
     dataset_settings,
     encoded_doc_count,
     inputs_key,
+    label_cache,
     recorded_d_sae,
     reuse_stored_output,
     side_table_output,
@@ -420,7 +421,7 @@ def _document_family(
                     chosen,
                     dataset=ds,
                     sae_id=f"document_sae:{sae['training_hash']}",
-                    cache=labeling.LabelCache(storage.cache_dir / "labels.parquet"),
+                    cache=label_cache(storage),
                     selected_because={f: "document_diff" for f in chosen},
                 )
             )

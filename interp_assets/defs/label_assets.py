@@ -21,6 +21,7 @@ from interp_assets.defs.shared import (
     data_version,
     encoded_doc_count,
     inputs_key,
+    label_cache,
     latest_materialization,
     reuse_stored_output,
     stored_documents,
@@ -140,7 +141,7 @@ def feature_labels(
         embeddings=embeddings,
         published=published,
         llm=llm if llm.enabled else None,
-        cache=labeling.LabelCache(storage.cache_dir / "labels.parquet"),
+        cache=label_cache(storage),
         selected_because=dict(
             zip(selected["feature"].to_list(), selected["selected_because"].to_list(), strict=True)
         ),

@@ -31,7 +31,7 @@ from dagster import (
 from interp_assets.defs.feature_assets import pool_embeddings, read_token_activations
 from interp_assets.defs.partitions import datasets_partitions
 from interp_assets.defs.readers import DEFAULT_READER, READERS_FILE, ExtraReader
-from interp_assets.defs.shared import MODEL_POOL, OWNERS, column_schema, sae_decoder
+from interp_assets.defs.shared import MODEL_POOL, OWNERS, column_schema, label_cache, sae_decoder
 from interp_assets.engine.pooling import POOLING_VERSION
 from interp_assets.engine.reader import ENGINE_VERSION
 from interp_assets.storage.parquet import read_table, table_exists
@@ -271,7 +271,7 @@ def _offline_labels(
         features,
         dataset=dataset,
         sae_id=resource.get_identity().fingerprint,
-        cache=labeling.LabelCache(storage.cache_dir / "labels.parquet"),
+        cache=label_cache(storage),
     )
     return {
         int(f): f"{label}: {description}" if description and description != label else str(label)

@@ -20,6 +20,7 @@ from dagster import (
 )
 
 from interp_assets.comparisons import load_dataset_settings
+from interp_assets.labels.labeling import LabelCache
 from interp_assets.progress import Progress
 from interp_assets.storage.checksums import checksum_problem, file_sha256
 from interp_assets.storage.parquet import read_table, table_exists, table_files, write_table
@@ -230,3 +231,9 @@ def sae_decoder(sae_reader: SAEReaderResource) -> np.ndarray:
         dtype="float32",
     )
     return sae.W_dec.detach().float().numpy()
+
+
+def label_cache(storage: StorageResource) -> LabelCache:
+    """The label cache every labeling step shares (`<data_dir>/cache/labels.parquet`): a feature labeled
+    by one asset is served from it to the others."""
+    return LabelCache(storage.cache_dir / "labels.parquet")
