@@ -31,9 +31,17 @@ from dagster import (
 from interp_assets.defs.feature_assets import pool_embeddings, read_token_activations
 from interp_assets.defs.partitions import datasets_partitions
 from interp_assets.defs.readers import DEFAULT_READER, READERS_FILE, ExtraReader
-from interp_assets.defs.shared import MODEL_POOL, OWNERS, column_schema, label_cache, sae_decoder
+from interp_assets.defs.shared import (
+    MODEL_POOL,
+    OWNERS,
+    column_schema,
+    label_cache,
+    sae_decoder,
+    stored_documents,
+)
 from interp_assets.engine.pooling import POOLING_VERSION
 from interp_assets.engine.reader import ENGINE_VERSION
+from interp_assets.labels import labeling
 from interp_assets.storage.parquet import read_table, table_exists
 from interp_assets.storage.paths import reader_parquet_base
 from io_managers.parquet import ParquetIOManager
@@ -256,18 +264,20 @@ def match_pair(
 
 
 def _offline_labels(
-    storage: StorageResource, dataset: str, reader: str, resource: SAEReaderResource, features: list[int]
+    storage: StorageResource,
+    docs: pl.DataFrame,
+    dataset: str,
+    reader: str,
+    resource: SAEReaderResource,
+    features: list[int],
 ) -> dict[int, str]:
     """Offline labels (`labeling.label_features`, cached like feature_labels') of `features` of `reader`
-    on `dataset`, as "label: description"."""
-    from interp_assets.defs.shared import stored_documents
-    from interp_assets.labels import labeling
-
+    on `dataset` (`docs`: its raw_documents), as "label: description"."""
     base = reader_storage(storage, reader).parquet_base
     acts = read_table(base, "token_activations", dataset).filter(pl.col("feature").is_in(features)).collect()
     labels = labeling.label_features(
         acts,
-        stored_documents(storage, dataset),
+        docs,
         features,
         dataset=dataset,
         sae_id=resource.get_identity().fingerprint,
@@ -307,8 +317,9 @@ def _label_similarity(
     if top.is_empty():
         return empty
     feats_a, feats_b = top["feature_a"].to_list(), top["match_b"].to_list()
-    labels_a = _offline_labels(storage, dataset, a[0], a[1], feats_a)
-    labels_b = _offline_labels(storage, dataset, b[0], b[1], feats_b)
+    docs = stored_documents(storage, dataset)
+    labels_a = _offline_labels(storage, docs, dataset, a[0], a[1], feats_a)
+    labels_b = _offline_labels(storage, docs, dataset, b[0], b[1], feats_b)
     text_a = [labels_a.get(int(f), "") for f in feats_a]
     text_b = [labels_b.get(int(f), "") for f in feats_b]
     vectors = sentence_embeddings([*text_a, *text_b])
