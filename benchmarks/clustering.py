@@ -177,25 +177,16 @@ def main() -> None:
         )
 
         # document-level features as document_sae stores them: an ensemble of members (seeds seed..seed+2),
-        # member i's feature f numbered i * d_sae + f, every member's k features per document
+        # every member's k features per document
         aris, cluster_time, members = [], 0.0, DocumentSAEConfig().members
         for sae_seed in sae_seeds:
             t = time.perf_counter()
             ensemble, report = train_document_saes(embeddings, DocumentSAEConfig(seed=sae_seed))
             seconds[f"document_sae_ensemble_seed{sae_seed}"] = time.perf_counter() - t
-            parts = []
-            for member, sae in enumerate(ensemble):
-                row, feature, activation = encode_documents(sae, embeddings)
-                parts.append(
-                    pl.DataFrame(
-                        {
-                            "doc_id": doc_ids[row].astype(np.int32),
-                            "feature": feature + member * report["d_sae"],
-                            "max_activation": activation,
-                        }
-                    )
-                )
-            pooled = pl.concat(parts)
+            row, feature, activation = encode_documents(ensemble, embeddings)  # member i: i * d_sae + f
+            pooled = pl.DataFrame(
+                {"doc_id": doc_ids[row].astype(np.int32), "feature": feature, "max_activation": activation}
+            )
             for seed in cluster_seeds:
                 t = time.perf_counter()
                 result = document_clusters(
