@@ -14,6 +14,11 @@ Per (family, category, rate), from the stored diff_features:
 - precision_at_5: share of the report's top-5 B-direction features whose top-20 B documents (by
   activation) are at least 80% X; top_feature_purity: that share of X for the first of them;
 - detected: some top-5 B feature is significant with top-20 purity >= 0.8.
+Null, two ways: the 20 splits as materialized (does any feature come out significant?), and
+`--relabellings` random relabellings of the null sample's stored features (its document SAE is trained on
+the same 2 x `--n-docs` documents whichever way they are split), diffed with the report's settings: the
+share with any significant feature estimates each family's family-wise error rate under a true null, with
+a Wilson 95% interval (20 splits alone cannot tell 2% from 8%).
 Prints the curve and writes `benchmarks/results/planted.json`.
 
     python benchmarks/planted.py                       # 14 categories x {1, 3, 8, 15}%, 20 null splits
@@ -38,8 +43,10 @@ import polars as pl  # noqa: E402
 from dagster import DagsterInstance, materialize  # noqa: E402
 
 from benchmarks._common import SHARED_DATA, git_state, load_average, print_table, write_results  # noqa: E402
+from interp_assets.analysis import diffing  # noqa: E402
 from interp_assets.analysis.reports import top_features  # noqa: E402
 from interp_assets.comparisons import comparison_key  # noqa: E402
+from interp_assets.defs.analysis_assets import DiffReportsConfig  # noqa: E402
 from interp_assets.defs.assets import ALL_ASSETS  # noqa: E402
 from interp_assets.storage.parquet import read_table  # noqa: E402
 from resources.local import local_resources  # noqa: E402
@@ -194,6 +201,79 @@ def evaluate(data_dir: Path, cases: list[dict]) -> tuple[list[dict], list[dict]]
     return results, nulls
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion `hits / n`."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def family_values(base: str, family: str, key: str, a: str, b: str) -> tuple[pl.DataFrame, int]:
+    """Both datasets' `(row, feature, max_activation)` of one feature family, rows numbered 0..n_a+n_b-1
+    (A's documents first), and the family's feature count."""
+    n_a = read_table(base, "raw_documents", a).select(pl.len()).collect().item()
+    if family == "token":
+        parts = [
+            read_table(base, "pooled_embeddings", ds).select("doc_id", "feature", "max_activation").collect()
+            for ds in (a, b)
+        ]
+        n_features = int(read_table(base, "diff_reports", key).select("features_tested").collect().item())
+    else:
+        features = read_table(base, "document_features", key).collect()
+        parts = [
+            features.filter(pl.col("dataset") == ds).select(
+                "doc_id", "feature", pl.col("activation").alias("max_activation")
+            )
+            for ds in (a, b)
+        ]
+        n_features = int(read_table(base, "document_sae", key).select("n_features").collect().item())
+    parts[1] = parts[1].with_columns(pl.col("doc_id") + n_a)
+    table = pl.concat(parts).select(pl.col("doc_id").cast(pl.Int64).alias("row"), "feature", "max_activation")
+    return table, n_features
+
+
+def relabelled_null(base: str, case: dict, family: str, relabellings: int, seed: int) -> dict:
+    """Share of random relabellings of one null split's documents with any significant feature (the
+    family-wise error rate under a true null), diffed with the report's default settings."""
+    key = comparison_key(case["a"], case["b"])
+    table, n_features = family_values(base, family, key, case["a"], case["b"])
+    n_a = read_table(base, "raw_documents", case["a"]).select(pl.len()).collect().item()
+    n_b = read_table(base, "raw_documents", case["b"]).select(pl.len()).collect().item()
+    config = DiffReportsConfig()
+    rows = table["row"].to_numpy()
+    rng = np.random.default_rng(seed)
+    with_any = 0
+    for _ in range(relabellings):
+        position = np.empty(n_a + n_b, dtype=np.int64)
+        position[rng.permutation(n_a + n_b)] = np.arange(n_a + n_b)
+        new = position[rows]
+        side_a = table.filter(pl.Series(new < n_a)).with_columns(doc_id=pl.Series(new[new < n_a]))
+        side_b = table.filter(pl.Series(new >= n_a)).with_columns(doc_id=pl.Series(new[new >= n_a] - n_a))
+        diff = diffing.diff_features(
+            side_a.drop("row"),
+            n_a,
+            side_b.drop("row"),
+            n_b,
+            alpha=config.alpha,
+            n_features=n_features,
+            firing=config.firing,
+            within_feature=config.within_feature,
+        )
+        with_any += bool(diff["significant"].any())
+    low, high = wilson_interval(with_any, relabellings)
+    return {
+        "family": family,
+        "relabellings": relabellings,
+        "with_any": with_any,
+        "family_wise_error": with_any / relabellings,
+        "ci_low": float(low),
+        "ci_high": float(high),
+    }
+
+
 def summarize(results: list[dict], nulls: list[dict], rates: list[float]) -> list[dict]:
     """Per family and rate: detected categories, mean precision@5, median significant B features; per
     family, null splits with any significant feature. Then the report as a whole ("either": the report
@@ -262,6 +342,12 @@ def main() -> None:
     ap.add_argument("--n-docs", type=int, default=1000)
     ap.add_argument("--null-splits", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--relabellings",
+        type=int,
+        default=500,
+        help="random relabellings of the first null split, per family (0: skip the error-rate estimate)",
+    )
     ap.add_argument("--data-dir", default="", help="keep the run's data here (default: a temporary folder)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument(
@@ -285,6 +371,15 @@ def main() -> None:
         )
         seconds = run_assets(data_dir, data, datasets, cases, run_config)
         results, nulls = evaluate(data_dir, cases)
+        null_case = next((c for c in cases if "split" in c), None)
+        error_rates = (
+            [
+                relabelled_null(str(data_dir / "parquet"), null_case, family, args.relabellings, args.seed)
+                for family in ("token", "document")
+            ]
+            if null_case and args.relabellings > 0
+            else []
+        )
     summary = summarize(results, nulls, rates)
     print_table(
         summary,
@@ -297,6 +392,19 @@ def main() -> None:
         ],
         title=f"\nPlanted topic in B ({args.n_docs} documents per side, {len(categories)} categories)",
     )
+    if error_rates:
+        print_table(
+            error_rates,
+            [
+                ("family", "family", "s"),
+                ("relabellings", "relabellings", "d"),
+                ("with any significant", "with_any", "d"),
+                ("family-wise error", "family_wise_error", ".3f"),
+                ("95% low", "ci_low", ".3f"),
+                ("95% high", "ci_high", ".3f"),
+            ],
+            title="\nNull by relabelling the first null split (nominal: BH at q = 0.05, so at most 0.05)",
+        )
     write_results(
         {
             # where the data was kept is this machine's business, not the result's
@@ -304,6 +412,7 @@ def main() -> None:
             | {"categories": categories},
             "cases": results,
             "null": nulls,
+            "null_relabelled": error_rates,
             "summary": summary,
             "seconds": seconds | {"total": round(time.perf_counter() - started, 1)},
             "load_avg": load_average(),
