@@ -141,7 +141,7 @@ def feature_labels(
         embeddings=embeddings,
         published=published,
         llm=llm if llm.enabled else None,
-        cache=label_cache(storage),
+        cache=label_cache(storage, context.log.warning),
         selected_because=dict(
             zip(selected["feature"].to_list(), selected["selected_because"].to_list(), strict=True)
         ),
@@ -311,7 +311,7 @@ def feature_scores(
         n_holdout=split["n_holdout"],
         seed=split["seed"],
         errors=errors,
-        cache=scoring.ScoreCache(storage.cache_dir / "scores" / f"{dataset}.parquet"),
+        cache=scoring.ScoreCache(storage.cache_dir / "scores" / f"{dataset}.parquet", context.log.warning),
         counts=counts,
     )
     for message in errors[:20]:

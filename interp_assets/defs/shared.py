@@ -1,6 +1,7 @@
 """What the asset modules share: the model pool, data versions, and reads of a dataset's stored tables."""
 
 import hashlib
+import io
 import json
 from collections.abc import Callable
 
@@ -22,8 +23,9 @@ from dagster import (
 from interp_assets.comparisons import load_dataset_settings
 from interp_assets.labels.labeling import LabelCache
 from interp_assets.progress import Progress
+from interp_assets.storage.cache_files import load_cache_file, write_cache_file
 from interp_assets.storage.checksums import checksum_problem, file_sha256
-from interp_assets.storage.parquet import read_table, table_exists, table_files, write_table
+from interp_assets.storage.parquet import parquet_bytes, read_table, table_exists, table_files
 from interp_assets.storage.paths import table_path
 from interp_assets.storage.schemas import TABLES
 from io_managers.parquet import output_metadata
@@ -181,7 +183,9 @@ def cached_document_embeddings(
     key = hashlib.sha256(json.dumps([model, layer, normalize, "text-as-text"]).encode()).hexdigest()[:12]
     path = storage.cache_dir / "embeddings" / f"{key}.parquet"
     schema = {"doc_hash": pl.String, "embedding": pl.List(pl.Float32)}
-    known = pl.read_parquet(path) if path.exists() else pl.DataFrame(schema=schema)
+    known = load_cache_file(path, _read_parquet_bytes, "document embeddings cache", on_warning=log)
+    if known is None:
+        known = pl.DataFrame(schema=schema)
     missing = (
         docs.select("doc_hash", "text")
         .unique("doc_hash", keep="first")
@@ -198,10 +202,13 @@ def cached_document_embeddings(
         )
         new = pl.DataFrame({"doc_hash": missing["doc_hash"], "embedding": list(vectors)}, schema=schema)
         known = pl.concat([known, new])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_table(str(path.parent), key, None, known)
+        write_cache_file(path, parquet_bytes(known.to_arrow()))
     aligned = docs.select("doc_hash").join(known, on="doc_hash", how="left", maintain_order="left")
     return np.asarray(aligned["embedding"].to_list(), dtype=np.float32), missing.height
+
+
+def _read_parquet_bytes(payload: bytes) -> pl.DataFrame:
+    return pl.read_parquet(io.BytesIO(payload))
 
 
 _TEXTS = {"doc_hash": pl.String, "text": pl.String}
@@ -233,7 +240,7 @@ def sae_decoder(sae_reader: SAEReaderResource) -> np.ndarray:
     return sae.W_dec.detach().float().numpy()
 
 
-def label_cache(storage: StorageResource) -> LabelCache:
+def label_cache(storage: StorageResource, on_warning: Callable[[str], None] | None = None) -> LabelCache:
     """The label cache every labeling step shares (`<data_dir>/cache/labels.parquet`): a feature labeled
     by one asset is served from it to the others."""
-    return LabelCache(storage.cache_dir / "labels.parquet")
+    return LabelCache(storage.cache_dir / "labels.parquet", on_warning)

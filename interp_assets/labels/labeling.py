@@ -6,14 +6,14 @@ Labelers see only a feature's evidence documents (`interp_assets.labels.evidence
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
-import tempfile
 import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -39,6 +39,8 @@ from interp_assets.labels.evidence import (
     split_features,
     texts_by_id,
 )
+from interp_assets.storage.cache_files import load_cache_file, write_cache_file
+from interp_assets.storage.parquet import parquet_bytes
 
 Messages = list[dict[str, Any]]
 
@@ -623,30 +625,26 @@ class LabelCache:
 
     COLUMNS = ("sae_id", "feature", "evidence_hash", "labeler", "label", "description", "source", "status")
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], on_warning: Callable[[str], None] | None = None):
         self.path = Path(path)
         self._json = self.path.suffix.lower() == ".json"
         self._lock = threading.Lock()
-        self._entries: dict[tuple[str, int, str, str], Label] = {}
-        if self.path.exists():
-            self._load()
+        self._entries: dict[tuple[str, int, str, str], Label] = (
+            load_cache_file(self.path, self._parse, "label cache", on_warning) or {}
+        )
 
-    def _load(self) -> None:
-        try:
-            if self._json:
-                rows = json.loads(self.path.read_text(encoding="utf-8"))
-            else:
-                rows = pl.read_parquet(self.path).to_dicts()
-            for r in rows:
-                key = (str(r["sae_id"]), int(r["feature"]), str(r["evidence_hash"]), str(r["labeler"]))
-                self._entries[key] = Label(
-                    str(r["label"]), str(r["description"]), str(r["source"]), str(r.get("status") or "ok")
-                )
-        except Exception as exc:  # noqa: BLE001 - any unreadable cache gets the same advice
-            raise ValueError(
-                f"label cache {str(self.path)!r} is unreadable ({type(exc).__name__}: {exc}); delete it to "
-                "start an empty cache (labels will be requested again)."
-            ) from None
+    def _parse(self, payload: bytes) -> dict[tuple[str, int, str, str], Label]:
+        if self._json:
+            rows = json.loads(payload.decode("utf-8"))
+        else:
+            rows = pl.read_parquet(io.BytesIO(payload)).to_dicts()
+        entries = {}
+        for r in rows:
+            key = (str(r["sae_id"]), int(r["feature"]), str(r["evidence_hash"]), str(r["labeler"]))
+            entries[key] = Label(
+                str(r["label"]), str(r["description"]), str(r["source"]), str(r.get("status") or "ok")
+            )
+        return entries
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -680,19 +678,12 @@ class LabelCache:
             }
             for k, v in sorted(self._entries.items())
         ]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                if self._json:
-                    fh.write(json.dumps(rows, indent=1, ensure_ascii=False).encode("utf-8"))
-                else:
-                    schema = {c: pl.String() for c in self.COLUMNS} | {"feature": pl.Int32()}
-                    pl.DataFrame(rows, schema=schema).write_parquet(fh)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if self._json:
+            payload = json.dumps(rows, indent=1, ensure_ascii=False).encode("utf-8")
+        else:
+            schema = {c: pl.String() for c in self.COLUMNS} | {"feature": pl.Int32()}
+            payload = parquet_bytes(pl.DataFrame(rows, schema=schema).to_arrow())
+        write_cache_file(self.path, payload)
 
 
 # --------------------------------------------------------------------------------------------------

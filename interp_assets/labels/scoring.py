@@ -8,6 +8,7 @@ precision (TP / predicted positives), not 1 - FPR.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +31,8 @@ from interp_assets.labels.answers import (
 from interp_assets.labels.embedding import DEFAULT_EMBEDDING_MODEL, sentence_embeddings
 from interp_assets.labels.evidence import Excerpt, split_excerpts, split_features
 from interp_assets.labels.labeling import WORD_RE, ChatClient, LabelResponseError, Messages, extract_json
+from interp_assets.storage.cache_files import load_cache_file, write_cache_file
+from interp_assets.storage.parquet import parquet_bytes
 
 METHODS = ("embedding", "detection", "fuzz")
 FEATURE_SCORES_SCHEMA: dict[str, pl.DataType] = {
@@ -100,6 +103,11 @@ def score_key(method: str, payload: Any) -> str:
     return hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
 
 
+def _parse_scores(payload: bytes) -> dict[str, str]:
+    frame = pl.read_parquet(io.BytesIO(payload))
+    return dict(zip(frame["key"].to_list(), frame["metrics"].to_list(), strict=True))
+
+
 class ScoreCache:
     """Metrics of finished scores keyed by `score_key`, in one Parquet file (columns key, metrics JSON).
 
@@ -107,19 +115,11 @@ class ScoreCache:
     scorer's settings and model, so a hit is the same computation. Writes replace the file atomically.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, on_warning: Callable[[str], None] | None = None) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._entries: dict[str, str] = {}
-        if self.path.exists():
-            try:
-                frame = pl.read_parquet(self.path)
-                self._entries = dict(zip(frame["key"].to_list(), frame["metrics"].to_list(), strict=True))
-            except Exception as exc:  # noqa: BLE001 - any unreadable cache gets the same advice
-                raise ValueError(
-                    f"score cache {str(self.path)!r} is unreadable ({type(exc).__name__}: {exc}); delete it "
-                    "to start an empty cache (scores will be computed again)."
-                ) from None
+        entries = load_cache_file(self.path, _parse_scores, "score cache", on_warning)
+        self._entries: dict[str, str] = entries or {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -133,17 +133,14 @@ class ScoreCache:
         """Store metrics and write the file once."""
         if not entries:
             return
-        from interp_assets.storage.parquet import write_parquet_atomic
-
         with self._lock:
             for key, metrics in entries.items():
                 self._entries[key] = json.dumps({k: metrics.get(k) for k in (*METRIC_COLUMNS, "status")})
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             frame = pl.DataFrame(
                 {"key": list(self._entries), "metrics": list(self._entries.values())},
                 schema={"key": pl.String, "metrics": pl.String},
             )
-            write_parquet_atomic(str(self.path), frame.to_arrow())
+            write_cache_file(self.path, parquet_bytes(frame.to_arrow()))
 
 
 # --------------------------------------------------------------------------------------------------

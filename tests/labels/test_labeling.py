@@ -458,7 +458,8 @@ def test_label_cache_round_trip_and_atomic_writes(tmp_path: Path, name: str) -> 
     lab = Label("apologies", "Words of apology.", "llm:m")
     cache.put("sae", 1, "h", "llm:m", lab)
     cache.put_many([("sae", 2, "h2", "llm:m", Label("b", "B.", "llm:m"))])
-    assert [p.name for p in path.parent.iterdir()] == [name]  # no temporary files left behind
+    # no temporary files left behind: the cache and its content record
+    assert sorted(p.name for p in path.parent.iterdir()) == [name, f"{name}.sums.json"]
     again = LabelCache(path)
     assert again.get("sae", 1, "h", "llm:m") == lab and len(again) == 2
     assert again.get("sae", 1, "other-hash", "llm:m") is None
@@ -466,11 +467,15 @@ def test_label_cache_round_trip_and_atomic_writes(tmp_path: Path, name: str) -> 
     assert again.get("other-sae", 1, "h", "llm:m") is None
 
 
-def test_label_cache_corrupt_file_says_what_to_do(tmp_path: Path) -> None:
+def test_label_cache_that_cannot_be_read_is_quarantined_and_starts_empty(tmp_path: Path) -> None:
     path = tmp_path / "c.parquet"
     path.write_bytes(b"not parquet")
-    with pytest.raises(ValueError, match="unreadable .* delete it"):
-        LabelCache(path)
+    warnings: list[str] = []
+    cache = LabelCache(path, on_warning=warnings.append)
+    assert len(cache) == 0 and not path.exists()
+    (moved,) = (tmp_path / "quarantine").iterdir()
+    assert moved.read_bytes() == b"not parquet"
+    assert len(warnings) == 1 and str(path) in warnings[0] and str(moved) in warnings[0]
 
 
 # ----------------------------------------------------------------------------------- orchestration

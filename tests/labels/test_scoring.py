@@ -331,11 +331,13 @@ def test_score_cache_serves_an_unchanged_score_and_recomputes_a_changed_one(tmp_
     assert counts["computed"] == 1
 
 
-def test_unreadable_score_cache_is_a_clear_error(tmp_path: Path) -> None:
+def test_unreadable_score_cache_is_quarantined_and_starts_empty(tmp_path: Path) -> None:
     path = tmp_path / "scores.parquet"
     path.write_bytes(b"not parquet")
-    with pytest.raises(ValueError, match="score cache .* is unreadable .* delete it"):
-        ScoreCache(path)
+    warnings: list[str] = []
+    assert len(ScoreCache(path, on_warning=warnings.append)) == 0 and not path.exists()
+    assert len(warnings) == 1 and "score cache" in warnings[0] and str(path) in warnings[0]
+    assert [p.name.split(".parquet")[0] for p in (tmp_path / "quarantine").iterdir()] == ["scores"]
 
 
 def _edit_first_background_document(docs: pl.DataFrame, acts: pl.DataFrame) -> pl.DataFrame:
