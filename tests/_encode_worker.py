@@ -3,9 +3,11 @@
 Runs the real product code in a separate process so a test can SIGKILL it mid-run, or run two of them
 at once against one storage folder:
 
-    python tests/_encode_worker.py cache <cache_root> <documents.parquet> <max_docs>
+    python tests/_encode_worker.py cache <cache_root> <documents.parquet> <max_docs> [--die-at POINT:N]
         ActivationCache.encode_missing over the documents (columns doc_hash, text) with the embedded
-        default reader, `max_docs` documents per chunk; prints one line per committed chunk.
+        default reader, `max_docs` documents per chunk; prints one line per committed chunk. With
+        `--die-at`, the process dies (exit 137, no cleanup) at that point of the N-th chunk's commit
+        (`tests/_faults.py`, `install_kill_point`).
     python tests/_encode_worker.py dagster <data_dir> <dataset> [--assets a,b,c] [--refresh-seconds S]
         materialize the assets (default raw_documents,token_activations,pooled_embeddings) for one
         dataset partition, then evaluate warehouse_views_sensor for that run again and again for S
@@ -24,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "tests"))  # for _faults
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -33,6 +36,11 @@ def _cache(args: argparse.Namespace) -> int:
     from interp_assets.engine.activations import encode_texts
     from resources.sae_reader import SAEReaderResource
 
+    if args.die_at:
+        from _faults import install_kill_point
+
+        point, _, chunk = args.die_at.partition(":")
+        install_kill_point(point, int(chunk))
     reader = SAEReaderResource(device="cpu").get_reader()
     docs = pl.read_parquet(args.documents)
     cache = ActivationCache(args.cache_root, reader.fingerprint)
@@ -101,6 +109,7 @@ def main() -> int:
     cache.add_argument("cache_root")
     cache.add_argument("documents")
     cache.add_argument("max_docs", type=int)
+    cache.add_argument("--die-at", default="")
     dag = sub.add_parser("dagster")
     dag.add_argument("data_dir")
     dag.add_argument("dataset")

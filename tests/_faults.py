@@ -83,3 +83,56 @@ def cut_points(files: list[int]) -> list[int]:
         cuts.update(start + c for c in (0, 1, size // 2, size - 1) if 0 <= c < size)
         start += size
     return sorted(cuts)
+
+
+KILL_POINTS = ("acts", "sums", "marker", "commit")
+
+
+def install_kill_point(point: str, chunk: int) -> None:
+    """Make this process die (`os._exit(137)`, no cleanup, as SIGKILL) at one point of the `chunk`-th
+    (1-based) activation-cache commit. A commit writes the `.acts` file, then `.sums.json`, then the `.docs`
+    commit marker, each atomically:
+    - `acts`: mid-write of the `.acts` file (half of it in its temp file);
+    - `sums`: after the `.acts` file, before its sums and marker;
+    - `marker`: mid-write of the `.docs` marker (half of it in its temp file), the other files in place;
+    - `commit`: just after the marker: the chunk is committed, the next one not begun.
+    For worker processes only: the patch is never undone."""
+    import os
+    import sys
+
+    from interp_assets.engine import activation_cache
+
+    if point not in KILL_POINTS or chunk < 1:
+        raise ValueError(f"kill point must be one of {KILL_POINTS} with a chunk >= 1; got {point}:{chunk}")
+    real_parquet, real_bytes = activation_cache.write_parquet_atomic, activation_cache.write_bytes_atomic
+    seen = {"acts": 0, "marker": 0}
+
+    def die() -> None:
+        sys.stdout.flush()
+        os._exit(137)
+
+    def torn(path: str, payload: bytes) -> None:
+        with open(parquet._tmp_name(path), "wb") as f:
+            f.write(payload[: len(payload) // 2])
+        die()
+
+    def write_acts(path: str, data: Any) -> Any:
+        seen["acts"] += 1
+        if point == "acts" and seen["acts"] == chunk:
+            torn(path, parquet.parquet_bytes(data))
+        written = real_parquet(path, data)
+        if point == "sums" and seen["acts"] == chunk:
+            die()
+        return written
+
+    def write_small(path: str, payload: bytes) -> None:
+        marker = path.endswith(".docs.parquet")
+        seen["marker"] += marker
+        if marker and point == "marker" and seen["marker"] == chunk:
+            torn(path, payload)
+        real_bytes(path, payload)
+        if marker and point == "commit" and seen["marker"] == chunk:
+            die()
+
+    activation_cache.write_parquet_atomic = write_acts
+    activation_cache.write_bytes_atomic = write_small

@@ -52,6 +52,7 @@ from resources.local import local_resources
 from resources.sae_reader import SAEReaderResource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _faults import KILL_POINTS  # noqa: E402
 from llm_server import FakeLLMServer, ServerError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -216,6 +217,51 @@ def test_killed_encode_resumes_from_committed_chunks_and_equals_an_uninterrupted
     # a third call has nothing left to do
     again = cache.encode_missing(encode, docs, max_docs=MAX_DOCS)
     assert (again.encoded, again.reused, again.chunks_written) == (0, n_unique, 0)
+
+
+KILL_DOCS, KILL_CHUNK_DOCS = 64, 8  # 8 chunks
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_kill_run(tmp_path_factory, reader):
+    """The kill cases' documents and the tables of an encode nobody interrupted."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    docs = _documents(_sentences(300, KILL_DOCS))
+    docs.write_parquet(folder / "documents.parquet")
+    cache = ActivationCache(folder / "cache", reader.fingerprint)
+    stats = cache.encode_missing(lambda b: encode_texts(reader, b), docs, max_docs=KILL_CHUNK_DOCS)
+    assert stats.chunks_written == KILL_DOCS // KILL_CHUNK_DOCS
+    return folder / "documents.parquet", docs, _cache_tables(cache, docs)
+
+
+# Each point of a chunk's commit, at a chunk drawn at random (seeded, so a failure can be replayed).
+_RNG = __import__("random").Random(13)
+KILL_CASES = [(point, _RNG.randint(1, KILL_DOCS // KILL_CHUNK_DOCS - 1)) for point in KILL_POINTS]
+
+
+@pytest.mark.parametrize(("point", "chunk"), KILL_CASES, ids=[f"{p}-chunk{c}" for p, c in KILL_CASES])
+def test_a_process_killed_at_any_point_of_a_commit_resumes_to_the_uninterrupted_tables(
+    tmp_path, reader, uninterrupted_kill_run, point, chunk
+):
+    documents, docs, (ref_rows, ref_status) = uninterrupted_kill_run
+    root = tmp_path / "cache"
+    proc, log = _worker(
+        tmp_path, "cache", str(root), str(documents), str(KILL_CHUNK_DOCS), "--die-at", f"{point}:{chunk}"
+    )
+    assert proc.wait(timeout=300) == 137, log.read_text()[-3000:]
+    cache = ActivationCache(root, reader.fingerprint)
+    committed = chunk if point == "commit" else chunk - 1
+    assert len(cache.committed_chunks()) == committed
+    debris = sorted(p.name for p in cache.dir.iterdir() if not p.name.endswith((".docs.parquet",)))
+    assert len(debris) > 2 * committed or point == "commit", debris  # the kill left files behind
+    resumed = cache.encode_missing(lambda b: encode_texts(reader, b), docs, max_docs=KILL_CHUNK_DOCS)
+    assert resumed.reused == committed * KILL_CHUNK_DOCS and resumed.rejected == 0
+    assert resumed.encoded == KILL_DOCS - committed * KILL_CHUNK_DOCS
+    rows, status = _cache_tables(cache, docs)
+    assert_frame_equal(status, ref_status)
+    assert_frame_equal(rows, ref_rows)
+    assert cache.sweep_orphans(min_age_s=0) or point == "commit"  # the debris goes, committed chunks stay
+    assert_frame_equal(_cache_tables(ActivationCache(root, reader.fingerprint), docs)[0], ref_rows)
 
 
 PAD = 30_000  # characters of blank space inside each long document
