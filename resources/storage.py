@@ -4,6 +4,8 @@ from pathlib import Path
 
 from dagster import ConfigurableResource
 
+from interp_assets.storage.paths import DATA_DIR_ENV, require_utf8_path
+
 
 class StorageResource(ConfigurableResource):
     """All platform state under one `data_dir` (default `$INTERP_DATA_DIR` or `./var`).
@@ -17,7 +19,8 @@ class StorageResource(ConfigurableResource):
 
     @property
     def root(self) -> Path:
-        return Path(self.data_dir)
+        fix = f"Rename the folder (or a folder above it) or choose another, and set {DATA_DIR_ENV} to it."
+        return Path(require_utf8_path(self.data_dir, "data folder", fix))
 
     @property
     def parquet_base(self) -> str:

@@ -288,13 +288,21 @@ def main(argv: list[str] | None = None) -> int:
         "--verbose", action="store_true", help="leave Dagster's events and library output on the console"
     )
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from interp_assets.storage.paths import require_utf8_path
+
+    try:
+        fix = "Rename it or pass another --data-dir."
+        require_utf8_path(Path(args.data_dir).resolve(), "data folder", fix)
+    except ValueError as exc:
+        print(f"Failed: {exc}", file=sys.stderr)
+        return 2
     data_dir = Path(args.data_dir).resolve()
     os.environ["INTERP_DATA_DIR"] = str(data_dir)
     home = data_dir / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(home)
-    sys.path.insert(0, str(ROOT))
     log_path = None if args.verbose else data_dir / "logs" / LOG_NAME
     with output_to(log_path) as console:
 

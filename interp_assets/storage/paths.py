@@ -16,6 +16,22 @@ def data_dir() -> str:
     return os.environ.get(DATA_DIR_ENV, DEFAULT_DATA_DIR)
 
 
+def require_utf8_path(path: str | os.PathLike[str], what: str, fix: str) -> str:
+    """`path` as text when it is valid UTF-8; else a ValueError that shows it (bad bytes as `\\xNN`), says
+    why it cannot be used and what to do (`fix`). Parquet, DuckDB and the Dagster UI take only UTF-8
+    paths, and Python keeps undecodable bytes of a path as lone surrogates that nothing else accepts."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise ValueError(
+            f"The {what} {shown} is not valid UTF-8 (undecodable bytes shown as \\xNN); the Parquet, DuckDB "
+            f"and Dagster libraries take only UTF-8 paths. {fix}"
+        ) from None
+    return text
+
+
 def check_storage_key(key: str, what: str = "partition key") -> str:
     """Return `key` if it is safe as one path component (letters, digits, `_ . -`; no `..`), else raise."""
     if not isinstance(key, str) or not _SAFE_KEY.match(key) or ".." in key:

@@ -70,3 +70,38 @@ def test_sensor_runs_the_good_drop_and_warns_about_the_bad_names(tmp_path: Path,
     error = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE")
     message = error.step_failure_data.error.to_string()
     assert "bad\\xff.csv: its name is not valid UTF-8" in message and "rename it" in message
+
+
+def test_a_data_folder_whose_path_is_not_utf8_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    data = Path(os.fsdecode(os.fsencode(tmp_path) + b"/data\xff"))
+    (data / "landing").mkdir(parents=True)
+    (data / "landing" / "good.csv").write_text("text\nhello there\n")
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("datasets", ["good"])
+    by_name = {k.to_user_string(): a for a in ALL_ASSETS for k in a.keys}
+    result = materialize(
+        [by_name["raw_documents"]],
+        partition_key="good",
+        instance=instance,
+        resources=local_resources(data),
+        raise_on_error=False,
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = str(failure.event_specific_data.error)
+    assert "data\\xff is not valid UTF-8" in message and "set INTERP_DATA_DIR" in message
+    assert sorted(p.name for p in data.iterdir()) == ["landing"]  # nothing half-written
+
+
+def test_run_main_job_refuses_a_data_folder_that_is_not_utf8_up_front(tmp_path: Path, capsys) -> None:
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("run_main_job", root / "scripts" / "run_main_job.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = os.fsdecode(os.fsencode(tmp_path) + b"/out\xfe")
+    assert module.main(["--data-dir", data]) == 2
+    err = capsys.readouterr().err
+    assert "out\\xfe is not valid UTF-8" in err and "--data-dir" in err
+    assert not os.path.exists(data)
