@@ -6,14 +6,24 @@ the daemon's run monitoring could free it, and only for run launchers that repor
 default launcher does not). Runs started with `local_run_tags()` (run_main_job.py and from_frame do)
 record their process (host, pid and the pid's start time, so a reused pid is not mistaken for the run);
 `recover_dead_local_runs` finds those whose process is gone and ends them.
+
+Runs launched by the UI or the daemon run in a worker process that the code server starts on this machine
+(Dagster's default launcher). `LocalProcessRunLauncher` is that launcher plus the worker health check run
+monitoring needs (`dagster.yaml` selects it): the daemon then fails a run whose worker died, and frees its
+pool slots `free_slots_after_run_end_seconds` later.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
+from typing import Any
 
-from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster._core.launcher import DefaultRunLauncher
+from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
+from dagster._core.storage.dagster_run import DagsterRun
 
 RUN_HOST_TAG = "interp/host"
 RUN_PID_TAG = "interp/pid"
@@ -76,3 +86,65 @@ def recover_dead_local_runs(instance: DagsterInstance) -> list[str]:
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         recovered.append(run.run_id)
     return recovered
+
+
+def process_started_at(pid: int) -> float | None:
+    """When process `pid` started, in seconds since the epoch (Linux `/proc`); None where unknown."""
+    ticks = _start_ticks(pid)
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            boot = next(float(line.split()[1]) for line in fh if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return None if ticks is None else boot + int(ticks) / os.sysconf("SC_CLK_TCK")
+
+
+_STARTED = re.compile(r"^Started process for run \(pid: (\d+)\)")
+
+
+def run_worker_process(instance: DagsterInstance, run_id: str) -> tuple[int, float] | None:
+    """(pid, when it was recorded) of the last worker process Dagster recorded starting `run_id` (its
+    "Started process for run (pid: N)" engine event); None before one is recorded."""
+    found = None
+    for entry in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):
+        match = _STARTED.match(entry.message or "")
+        if match:
+            found = (int(match.group(1)), float(entry.timestamp))
+    return found
+
+
+def worker_health(instance: DagsterInstance, run: DagsterRun) -> CheckRunHealthResult:
+    """RUNNING while the run's recorded worker process lives, FAILED once it is gone (or its pid now
+    belongs to a process started after it was recorded), UNKNOWN before a worker is recorded."""
+    worker = run_worker_process(instance, run.run_id)
+    if worker is None:
+        return CheckRunHealthResult(WorkerStatus.UNKNOWN, "no run worker process recorded yet")
+    pid, recorded_at = worker
+    started_at = process_started_at(pid)
+    reused = started_at is not None and started_at > recorded_at + 2.0  # /proc times are in clock ticks
+    if process_alive(pid) and not reused:
+        return CheckRunHealthResult(WorkerStatus.RUNNING, f"run worker process {pid} is running")
+    return CheckRunHealthResult(
+        WorkerStatus.FAILED,
+        f"run worker process {pid} of run {run.run_id} on {socket.gethostname()} is gone (killed, or out of "
+        "memory) without finishing the run; its pool slots are freed free_slots_after_run_end_seconds after "
+        "it is marked failed",
+    )
+
+
+class LocalProcessRunLauncher(DefaultRunLauncher):
+    """Dagster's default launcher (each run in a worker process started by the code server on this
+    machine) that also reports worker health, so run monitoring fails runs whose worker died instead of
+    leaving them STARTED with their pool slots held. For code servers on this machine (`make ui`,
+    `dagster dev`, `dagster-daemon run`); deployments on containers use their own launcher."""
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return True
+
+    def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
+        return worker_health(self._instance, run)
+
+    @classmethod
+    def from_config_value(cls, inst_data: Any, config_value: Any) -> LocalProcessRunLauncher:
+        return cls(inst_data=inst_data)

@@ -3,17 +3,23 @@
 import subprocess
 import sys
 import threading
+import time
 
 from dagster import DagsterRunStatus, asset, instance_for_test, materialize
+from dagster._core.events import EngineEventData
+from dagster._core.launcher.base import WorkerStatus
 from dagster._core.test_utils import create_run_for_test
 
 from interp_assets.defs.run_recovery import (
     RUN_HOST_TAG,
     RUN_PID_START_TAG,
     RUN_PID_TAG,
+    LocalProcessRunLauncher,
     local_run_tags,
     process_alive,
+    process_started_at,
     recover_dead_local_runs,
+    run_worker_process,
 )
 from interp_assets.defs.shared import MODEL_POOL
 
@@ -84,3 +90,52 @@ def test_a_reused_pid_is_not_mistaken_for_the_run_process() -> None:
     assert process_alive(pid, tags[RUN_PID_START_TAG])
     assert not process_alive(pid, "1")  # same pid, another start time: another process
     assert not process_alive(_dead_pid())
+
+
+# ------------------------------------------------------------------ runs launched by the UI / daemon
+
+LAUNCHER = {"run_launcher": {"module": "interp_assets.defs.run_recovery", "class": "LocalProcessRunLauncher"}}
+
+
+def _record_worker(instance, run, pid: int) -> None:
+    """What Dagster's run worker records when it starts (`dagster api execute_run`, the code server)."""
+    instance.report_engine_event(
+        f"Started process for run (pid: {pid}).", run, EngineEventData.in_process(pid)
+    )
+
+
+def test_the_launcher_reports_a_run_whose_worker_process_died_as_failed() -> None:
+    with instance_for_test(overrides=POOLS | LAUNCHER) as instance:
+        assert isinstance(instance.run_launcher, LocalProcessRunLauncher)
+        assert instance.run_launcher.supports_check_run_worker_health
+        run = create_run_for_test(instance, job_name="dataset_job", status=DagsterRunStatus.STARTED)
+        assert instance.run_launcher.check_run_worker_health(run).status == WorkerStatus.UNKNOWN
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        try:
+            _record_worker(instance, run, worker.pid)
+            assert run_worker_process(instance, run.run_id)[0] == worker.pid
+            assert instance.run_launcher.check_run_worker_health(run).status == WorkerStatus.RUNNING
+        finally:
+            worker.kill()
+            worker.wait()
+        health = instance.run_launcher.check_run_worker_health(run)
+        assert (
+            health.status == WorkerStatus.FAILED
+            and str(worker.pid) in health.msg
+            and run.run_id in health.msg
+        )
+
+
+def test_a_pid_taken_by_a_process_started_after_the_worker_was_recorded_is_not_the_worker(
+    monkeypatch,
+) -> None:
+    from interp_assets.defs import run_recovery
+
+    with instance_for_test(overrides=LAUNCHER) as instance:
+        run = create_run_for_test(instance, job_name="dataset_job", status=DagsterRunStatus.STARTED)
+        _record_worker(instance, run, 1)  # pid 1 (init): alive, and started long before the record
+        assert process_started_at(1) < time.time() - 5
+        assert instance.run_launcher.check_run_worker_health(run).status == WorkerStatus.RUNNING
+        # the worker died and its pid went to a process that started after the worker was recorded
+        monkeypatch.setattr(run_recovery, "process_started_at", lambda pid: time.time() + 60)
+        assert instance.run_launcher.check_run_worker_health(run).status == WorkerStatus.FAILED
