@@ -3,6 +3,7 @@ document_sae trained label-blind on both datasets' documents and the document_fe
 
 import hashlib
 import json
+import os
 import time
 
 import numpy as np
@@ -38,6 +39,7 @@ from interp_assets.engine.documents import (
     DocumentSAEConfig,
     LexicalProjection,
     document_representation,
+    document_sae_problem,
     encode_documents,
     fit_lexical_projection,
     lexical_profiles,
@@ -253,6 +255,15 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
     folder = storage.root / "models" / "document_sae" / training_hash
     report_path = folder / "training_report.json"
     started = time.perf_counter()
+    problem = document_sae_problem(str(folder)) if report_path.exists() else None
+    if problem:  # a damaged save is set aside, named, and trained again
+        target = folder.parent / "quarantine" / f"{folder.name}.{time.strftime('%Y%m%dT%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder, target)
+        context.log.warning(
+            f"Comparison {key}: the saved document SAE is damaged ({problem}); moved {folder} to {target} "
+            "and training it again. Delete the quarantined folder once you no longer need it."
+        )
     if report_path.exists():
         report = json.loads(report_path.read_text())
         trained_now = False
@@ -348,6 +359,12 @@ def document_features(context: AssetExecutionContext, document_sae: pl.LazyFrame
     if reused is not None:
         return reused
     info = document_sae.collect().row(0, named=True)
+    problem = document_sae_problem(info["model_path"])
+    if problem:
+        raise RuntimeError(
+            f"Comparison {key}: the saved document SAE cannot be trusted ({problem}). Materialize "
+            "document_sae for this comparison again: it sets the damaged save aside and trains it again."
+        )
     sae = load_document_sae(info["model_path"])
     projection = load_lexical_projection(info["model_path"])
     parts = []

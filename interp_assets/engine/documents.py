@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model
+from interp_assets.storage.checksums import checksum_problem, file_record
+from interp_assets.storage.parquet import write_bytes_atomic
 
 # bumped when training or encoding changes what document features hold (2: the optional lexical profile;
 # 3: an ensemble of seeded members)
@@ -396,6 +398,7 @@ def load_lexical_projection(folder: str) -> LexicalProjection | None:
 
 
 MEMBER_FOLDER = "member_{:02d}"
+TRAINING_REPORT = "training_report.json"  # written last: its presence marks a finished save
 
 
 def save_document_sae(sae: Any, folder: str, report: dict[str, Any]) -> None:
@@ -411,7 +414,36 @@ def save_document_sae(sae: Any, folder: str, report: dict[str, Any]) -> None:
             member.save_inference_model(out / MEMBER_FOLDER.format(i))
     else:
         sae.save_inference_model(out)
-    (out / "training_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    files = {
+        str(p.relative_to(out)): file_record(str(p))
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != TRAINING_REPORT
+    }
+    payload = json.dumps(report | {"files": files}, indent=2, sort_keys=True) + "\n"
+    write_bytes_atomic(str(out / TRAINING_REPORT), payload.encode())
+
+
+def document_sae_problem(folder: str) -> str | None:
+    """Why the document SAE saved in `folder` cannot be trusted (a file missing, or not of the size and
+    SHA-256 its training report recorded), or None. Folders saved before files were recorded are checked
+    for their report only."""
+    import json
+    from pathlib import Path
+
+    report_path = Path(folder) / TRAINING_REPORT
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{report_path}: {type(exc).__name__}: {exc}"
+    for name, record in (report.get("files") or {}).items():
+        path = Path(folder) / name
+        try:
+            problem = checksum_problem(str(path), record)
+        except OSError as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            return f"{path}: {problem}"
+    return None
 
 
 def load_document_sae(folder: str) -> Any:

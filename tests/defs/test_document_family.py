@@ -126,3 +126,41 @@ def test_random_halves_of_one_sample_give_no_significant_feature(tmp_path: Path)
         part = diff.filter(pl.col("family") == family)
         assert part.height > 0
         assert part["significant"].sum() == 0, (family, part.filter("significant").head())
+
+
+def test_a_damaged_document_sae_is_set_aside_and_trained_again_to_the_same_features(tmp_path: Path) -> None:
+    data = load_dbpedia(DBPEDIA)
+    sample = np.random.default_rng(2).choice(data.height, size=400, replace=False)
+    drops = {"part_a": data[sample[:200].tolist()], "part_b": data[sample[200:].tolist()]}
+    base, key = _run(tmp_path, drops)
+    sae = read_table(base, "document_sae", key).collect().row(0, named=True)
+    folder = Path(sae["model_path"])
+    report = json.loads((folder / "training_report.json").read_text())
+    assert "member_00/sae_weights.safetensors" in report["files"]  # every saved file is recorded
+    before = read_table(base, "document_features", key).collect()
+    weights = folder / "member_00" / "sae_weights.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size, still loadable: only the checksum tells
+    weights.write_bytes(bytes(raw))
+
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("comparisons", [key])
+    resources = local_resources(tmp_path)
+    failed = materialize(
+        COMPARISON_ASSETS[:2],
+        selection=["document_features"],
+        partition_key=key,
+        instance=instance,
+        resources=resources,
+        raise_on_error=False,
+    )
+    assert not failed.success  # never encodes with weights that are not the trained ones
+    error = str(next(e for e in failed.all_events if e.is_step_failure).event_specific_data.error)
+    assert "sae_weights.safetensors" in error and "Materialize document_sae" in error
+
+    result = materialize(COMPARISON_ASSETS[:2], partition_key=key, instance=instance, resources=resources)
+    warnings = [e.message for e in instance.all_logs(result.run_id) if e.level >= 30 and e.message]
+    assert any("damaged" in w and str(folder) in w for w in warnings), warnings
+    assert [p.name.split(".")[0] for p in (folder.parent / "quarantine").iterdir()] == [folder.name]
+    after = read_table(base, "document_features", key).collect()
+    assert after.equals(before)  # trained again from the same documents and seeds: the same features
