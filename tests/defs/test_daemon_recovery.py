@@ -90,8 +90,13 @@ def test_the_daemon_fails_a_run_whose_worker_was_killed_and_frees_its_model_slot
             start_new_session=True,  # its code server and run workers share its group
         )
 
-    daemon = start_daemon()
+    # create the instance's SQLite storage before the daemon opens it (two processes migrating it at once
+    # race on its version table)
     instance = DagsterInstance.from_config(str(home))
+    instance.get_runs()
+    instance.event_log_storage.get_concurrency_info(MODEL_POOL)
+    instance.all_instigator_state()
+    daemon = start_daemon()
     try:
 
         def encoding_run():
