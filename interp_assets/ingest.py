@@ -27,11 +27,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from interp_assets.conversations import Conversation, conversation_problem
 from interp_assets.storage.paths import check_storage_key
 
 SUPPORTED_EXTENSIONS: frozenset[str] = frozenset({".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet"})
 TEMP_SUFFIXES: tuple[str, ...] = (".tmp", "~", ".part", ".crdownload")
-RESERVED_COLUMNS: tuple[str, ...] = ("dataset", "doc_id", "doc_hash", "text", "source_file", "source_row")
+RESERVED_COLUMNS: tuple[str, ...] = (
+    "dataset",
+    "doc_id",
+    "doc_hash",
+    "text",
+    "source_file",
+    "source_row",
+    "messages",
+)
 MAX_NAME_LENGTH = 60
 
 REJECTS_SCHEMA = pa.schema(
@@ -265,6 +274,16 @@ def doc_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
+def document_hash(document: str) -> str:
+    """`raw_documents.doc_hash`: `doc_hash` of a text, `Conversation.content_hash` of a conversation."""
+    return document.content_hash() if isinstance(document, Conversation) else doc_hash(document)
+
+
+def _document(value: str | list) -> str:
+    """A validated text column value as a document: the text, or the `Conversation` of a list of turns."""
+    return Conversation(value) if isinstance(value, list) else value
+
+
 @dataclass
 class _FileRows:
     """What one file contributed: kept rows, their metadata columns and the rejects."""
@@ -398,7 +417,10 @@ def _no_data(path: str, detail: str) -> DropError:
 
 
 def _text_problem(value: Any, column: str) -> str | None:
-    """Why `value` cannot be a document text, or None when it can."""
+    """Why `value` cannot be a document text (or conversation, a list of turns), or None when it can."""
+    if isinstance(value, list):
+        problem = conversation_problem(value)
+        return None if problem is None else f"text column {column!r} is not a conversation: {problem}"
     if value is None:
         return f"text column {column!r} is null"
     if not isinstance(value, str):
@@ -679,7 +701,7 @@ def _collect_objects(
         if problem:
             rejects.append((number, f"{where}: {problem}"))
             continue
-        texts.append(obj[text_column])
+        texts.append(_document(obj[text_column]))
         rows.append(number)
         kept.append(obj)
     rejects.sort()
@@ -758,17 +780,21 @@ def _read_parquet(path: str, text_column: str) -> _FileRows:
     column = table[text_column]
     dtype = column.type
     value_type = dtype.value_type if pa.types.is_dictionary(dtype) else dtype
-    if not (
+    if pa.types.is_list(value_type) or pa.types.is_large_list(value_type):  # conversations
+        values = column.to_pylist()
+    elif (
         pa.types.is_string(value_type)
         or pa.types.is_large_string(value_type)
         or pa.types.is_string_view(value_type)
     ):
+        values = column.cast(pa.string()).to_pylist()
+    else:
         raise DropError(
             path,
-            f"text column {text_column!r} has type {dtype}, expected a string column",
+            f"text column {text_column!r} has type {dtype}, expected a string column (or a list of "
+            "{role, content} structs for conversations)",
             "set text_column to a string column, or convert this column to strings before dropping the file",
         )
-    values = column.cast(pa.string()).to_pylist()
     texts: list[str] = []
     rows: list[int] = []
     rejects: list[tuple[int, str]] = []
@@ -779,7 +805,7 @@ def _read_parquet(path: str, text_column: str) -> _FileRows:
             rejects.append((index + 1, f"row {index + 1}: {problem}"))
             continue
         keep[index] = True
-        texts.append(value)
+        texts.append(_document(value))
         rows.append(index + 1)
     rest = table.drop_columns([text_column]).filter(pa.array(keep))
     meta = {name: (rest[name].combine_chunks(), False) for name in rest.column_names}
@@ -880,11 +906,15 @@ def _assemble(
     columns: dict[str, pa.Array] = {
         "dataset": pa.array([dataset] * n, pa.string()),
         "doc_id": pa.array(np.arange(n, dtype=np.int32)),
-        "doc_hash": pa.array([doc_hash(t) for t in texts], pa.string()),
-        "text": pa.array(texts, pa.string()),
+        "doc_hash": pa.array([document_hash(t) for t in texts], pa.string()),
+        "text": pa.array([str(t) for t in texts], pa.string()),
         "source_file": pa.array([f.name for f in files for _ in f.texts], pa.string()),
         "source_row": pa.array([r for f in files for r in f.rows], pa.int64()),
     }
+    if any(isinstance(t, Conversation) for t in texts):
+        columns["messages"] = pa.array(
+            [t.messages_json() if isinstance(t, Conversation) else None for t in texts], pa.string()
+        )
     meta_names: dict[str, None] = {}
     for f in files:
         meta_names.update(dict.fromkeys(f.meta))

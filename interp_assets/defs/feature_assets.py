@@ -96,7 +96,8 @@ def read_token_activations(
     """token_activations' body: `sae_reader` reads the partition's documents into tables under
     `storage.parquet_base` (an extra reader's own base, `interp_assets.defs.matching_assets`)."""
     dataset = context.partition_key
-    docs = raw_documents.select("doc_id", "doc_hash", "text").collect()
+    conversations = ["messages"] if "messages" in raw_documents.collect_schema().names() else []
+    docs = raw_documents.select("doc_id", "doc_hash", "text", *conversations).collect()
     identity = sae_reader.get_identity()  # the model itself loads only if a document needs encoding
     cache = ActivationCache(
         storage.cache_dir / "activations", identity.fingerprint, on_warning=context.log.warning

@@ -33,6 +33,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from interp_assets.conversations import document_inputs
 from interp_assets.engine.activations import ACTIVATION_DTYPES, EncodedTexts, activation_fields, iter_chunks
 from interp_assets.engine.allocator import release_freed_memory
 from interp_assets.storage.checksums import (
@@ -301,16 +302,23 @@ class ActivationCache:
         on_chunk: Callable[[int, int], None] | None = None,
         on_start: Callable[[int], None] | None = None,
     ) -> EncodeStats:
-        """Encode the documents (columns doc_hash, text) whose hash is not cached yet, chunk by chunk.
+        """Encode the documents (columns doc_hash, text, and messages for conversations) whose hash is not
+        cached yet, chunk by chunk.
 
         `on_start(n)` hears how many documents need encoding before the first chunk; `on_chunk(done, n)`
         after each committed chunk."""
-        unique = documents.select("doc_hash", "text").unique("doc_hash", keep="first", maintain_order=True)
+        conversations = ["messages"] if "messages" in documents.columns else []
+        unique = documents.select("doc_hash", "text", *conversations).unique(
+            "doc_hash", keep="first", maintain_order=True
+        )
         self.sweep_orphans()
         index = self.document_index()
         done = index if not retry_rejected else index.filter(pl.col("status") == "encoded")
         missing = unique.join(done.select("doc_hash"), on="doc_hash", how="anti", maintain_order="left")
-        texts = missing["text"].to_list()
+        # a conversation is read as its turns (interp_assets.conversations); its text is the transcript
+        texts = document_inputs(
+            missing["text"].to_list(), missing["messages"].to_list() if conversations else None
+        )
         hashes = missing["doc_hash"].to_list()
         encoded = rejected = chunks = 0
         lengths = [len(t) for t in texts]

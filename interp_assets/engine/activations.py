@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from interp_assets.conversations import Conversation
 from interp_assets.engine.allocator import Workspace, own_mappings, transient_heap
 from interp_assets.engine.bert_forward import BertForward, supports_bert_forward
 from interp_assets.storage.parquet import encoding_hint
@@ -151,6 +152,7 @@ def _tokenize_all(reader: Any, texts: Sequence[str]) -> list[_Tokenized | str]:
     tok = reader.tokenizer
     if reader.chat_template:
         return [_tokenize_chat(reader, t) for t in texts]
+    texts = [str(t) for t in texts]  # a conversation without a chat template is read as its transcript
     try:
         enc = tok(
             list(texts),
@@ -193,26 +195,44 @@ def _tokenize_one(reader: Any, text: str) -> _Tokenized | str:
 
 def _tokenize_chat(reader: Any, text: str) -> _Tokenized | str:
     """Wrap `text` as one message of `reader.chat_role` ("user", or "assistant" after a blank user turn);
-    offsets are made relative to `text`, template tokens marked.
+    offsets are made relative to `text`, template tokens marked. A `Conversation` goes through the template
+    turn by turn: the tokens of `reader.chat_role`'s turns are kept (offsets into its transcript), the other
+    turns are read as context only.
 
     The template around the text is tokenized with its special tokens; the text itself always as text
     (`split_special_tokens`), so a document cannot inject template structure such as `<|eot_id|>`.
     """
     try:
         tok = reader.tokenizer
-        if getattr(reader, "chat_role", "user") == "assistant":  # answering a (blank) user turn
+        role = getattr(reader, "chat_role", "user")
+        if isinstance(text, Conversation):  # every turn through the template; the role's turns are read
+            messages = [dict(m) for m in text.messages]
+            spans = list(text.spans)
+            read = [m["role"] == role for m in messages]
+        elif role == "assistant":  # answering a (blank) user turn
             messages = [{"role": "user", "content": ""}, {"role": "assistant", "content": text}]
+            spans, read = [(0, 0), (0, len(text))], [False, True]
         else:
             messages = [{"role": "user", "content": text}]
+            spans, read = [(0, len(text))], [True]
         templated = tok.apply_chat_template(messages, tokenize=False)
-        start = templated.find(text)
-        if start < 0:
-            return "chat template does not contain the document text verbatim"
-        end = start + len(text)
+        # cut the templated string into template pieces and turn contents, each content found in order
+        pieces: list[tuple[str, int | None]] = []  # (piece, turn index for a content, None for template)
+        at = 0
+        for turn, message in enumerate(messages):
+            content = message["content"]
+            if not content:
+                continue
+            start = templated.find(content, at)
+            if start < 0:
+                return f"chat template does not contain turn {turn}'s text verbatim"
+            pieces += [(templated[at:start], None), (content, turn)]
+            at = start + len(content)
+        pieces.append((templated[at:], None))
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
         keep: list[bool] = []
-        for piece, is_text in ((templated[:start], False), (text, True), (templated[end:], False)):
+        for piece, turn in pieces:
             if not piece:
                 continue
             enc = tok(
@@ -220,16 +240,19 @@ def _tokenize_chat(reader: Any, text: str) -> _Tokenized | str:
                 add_special_tokens=False,
                 return_offsets_mapping=True,
                 return_special_tokens_mask=True,
-                split_special_tokens=is_text,
+                split_special_tokens=turn is not None,  # document text is always text, never structure
             )
+            base = spans[turn][0] if turn is not None else 0
             for token, (a, b), special in zip(
                 enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"], strict=True
             ):
-                inside = is_text and b > a
+                inside = turn is not None and read[turn] and b > a
                 ids.append(token)
-                offsets.append((a, b) if inside else (0, 0))
+                offsets.append((base + a, base + b) if inside else (0, 0))
+                context_turn = turn is not None and not read[turn]  # another role's turn: context only
                 keep.append(
                     not (reader.exclude_special_tokens and special)
+                    and not context_turn
                     and (inside or not reader.exclude_template_tokens)
                 )
         truncated = len(ids) > reader.max_length

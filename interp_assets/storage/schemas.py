@@ -112,6 +112,14 @@ _TABLES = (
             col("text", "string", "the document text (from the configured text column, default `text`)"),
             col("source_file", "string", "file name of the drop the row came from"),
             col("source_row", "int64", "1-based row (CSV/Parquet) or line (JSONL) in that file"),
+            col(
+                "messages",
+                "string",
+                "conversations only (the text column held a list of `{role, content}` turns): the turns as "
+                "JSON, `text` being the transcript (`<role>: <content>` per turn, blank lines between); null "
+                "for plain documents, absent from datasets without conversations",
+                optional=True,
+            ),
         ),
         other_columns="every other column of the drop, kept as document metadata (a metadata column whose "
         "name collides with one above is renamed `meta_<name>`)",
