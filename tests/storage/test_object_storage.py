@@ -1,11 +1,14 @@
 """Tables on an S3-compatible store (issue 16), against a real local S3 server (moto's server mode, the
 `s3_server` fixture): segmented partitions (KEEP, retention, a crash before the manifest swap, damaged
-segments, layout switches) and two writer processes on one partition at once, locally and on S3: every
+segments, layout switches); two writer processes on one partition at once, locally and on S3: every
 write counts once in the manifest chain, readers only ever see one whole version, and no file is left
-that no manifest lists. The IO manager's own tests run on S3 too (test_parquet_io_manager.py)."""
+that no manifest lists; DuckDB views over the objects; and the embedding chain (the embedded default
+reader) with its tables and activation cache on S3, equal to a local run. The IO manager's own tests run
+on S3 too (test_parquet_io_manager.py), the activation cache's in tests/engine/test_cache_s3.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,10 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from dagster import DagsterInstance, materialize
+from dagster_duckdb import DuckDBResource
+from polars.testing import assert_frame_equal
 
+from interp_assets.defs.assets import ALL_ASSETS
 from interp_assets.storage.parquet import (
     KEEP,
     MANIFEST,
@@ -32,6 +40,9 @@ from interp_assets.storage.parquet import (
 )
 from interp_assets.storage.paths import segments_path, table_path
 from interp_assets.warehouse import query, refresh_views
+from io_managers.parquet import ParquetIOManager
+from resources.local import local_resources
+from resources.storage import StorageResource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _faults import flip_inside_data  # noqa: E402
@@ -186,3 +197,70 @@ def test_two_writers_of_one_partition_lose_no_write_and_readers_see_whole_versio
     assert _names(folder) == listed | {MANIFEST}
     assert reads > 0 and tags_seen, (reads, behind)
     print(f"{reads} whole reads of {len(tags_seen)} versions; {behind} reads retried")
+
+
+# --------------------------------------------------------------------------------------- asset level
+
+
+def test_the_embedding_chain_with_tables_and_cache_on_s3_equals_a_local_run(s3_base, tmp_path):
+    """raw_documents -> token_activations -> pooled_embeddings of 24 SST-2 sentences (the embedded default
+    reader on CPU) with INTERP_PARQUET_BASE and INTERP_ACTIVATION_CACHE on the S3 server: the same tables
+    as a local run, and a second run of the same drop encodes and writes nothing."""
+    sst2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2" / "train.tsv"
+    if not sst2.is_file():
+        pytest.skip(f"shared SST-2 data not found at {sst2} (expected beside the repository clone)")
+    lines = sst2.read_text(encoding="utf-8").splitlines()[1:]
+    rows = (line.split("\t")[0].strip() for line in lines[6000:6100])
+    texts = list(dict.fromkeys(t for t in rows if t))[:24]
+    by_name = {k.to_user_string(): a for a in ALL_ASSETS for k in a.keys}
+    chain = [by_name[n] for n in ("raw_documents", "token_activations", "pooled_embeddings")]
+    base, cache = f"{s3_base}/parquet", f"{s3_base}/cache/activations"
+
+    def run(data: Path, remote: bool):
+        (data / "landing").mkdir(parents=True, exist_ok=True)
+        (data / "landing" / "ds.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        overrides = {}
+        if remote:
+            overrides = {
+                "storage": StorageResource(
+                    data_dir=str(data), parquet_base_url=base, activation_cache_url=cache
+                ),
+                "parquet_io_manager": ParquetIOManager(base_path=base),
+                "duckdb": DuckDBResource(database=str(data / "warehouse.duckdb")),
+            }
+        instance = DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions("datasets", ["ds"])
+        result = materialize(
+            chain, partition_key="ds", instance=instance, resources=local_resources(data, **overrides)
+        )
+        assert result.success
+        return result
+
+    def tables(parquet_base: str) -> dict[str, pl.DataFrame]:
+        sort = {
+            "token_activations": ["doc_id", "token_index", "feature"],
+            "pooled_embeddings": ["doc_id", "feature"],
+            "activation_status": ["doc_id"],
+        }
+        return {
+            t: read_table(parquet_base, t, "ds")
+            .collect()
+            .with_columns(pl.col(pl.Categorical).cast(pl.String))
+            .sort(s)
+            for t, s in sort.items()
+        }
+
+    run(tmp_path / "local", remote=False)
+    run(tmp_path / "remote", remote=True)
+    local, remote = tables(str(tmp_path / "local" / "parquet")), tables(base)
+    for table in local:
+        assert remote[table].height >= len(texts)
+        assert_frame_equal(remote[table], local[table])
+    assert not (tmp_path / "remote" / "parquet").exists() and not (tmp_path / "remote" / "cache").exists()
+    assert _names(cache)  # the cache's fingerprint folder is on the store
+
+    again = run(tmp_path / "remote", remote=True)
+    meta = {
+        k: v.value for k, v in again.asset_materializations_for_node("token_activations")[0].metadata.items()
+    }
+    assert meta["encoded_now"] == 0 and meta["segments_written"] == 0
