@@ -584,6 +584,10 @@ def _swap_manifest(folder: str, payload: bytes, version: Any) -> bool:
         condition = {"IfMatch": version} if version is not None else {"mode": "create"}
         try:
             fs.pipe_file(path, payload, **condition)
+        except FileNotFoundError:  # If-Match on a manifest deleted since (a switch to the single-file layout)
+            if version is None:
+                raise
+            return False
         except OSError as exc:
             if _precondition_failed(exc):
                 return False
