@@ -85,7 +85,14 @@ def register_object_store(con: duckdb.DuckDBPyConnection, parquet_base: str | No
     base = parquet_base or os.environ.get(PARQUET_BASE_ENV) or ""
     if "://" not in base:
         return
-    fs, _ = fsspec.core.url_to_fs(base)
+    try:
+        fs, _ = fsspec.core.url_to_fs(base)
+    except ImportError as exc:  # e.g. s3:// without s3fs
+        raise ImportError(
+            f"The tables' base {base} (INTERP_PARQUET_BASE or parquet_base) needs an fsspec filesystem that "
+            f"is not installed ({exc}); install it (for s3://: pip install s3fs==2026.9.0, the release of "
+            "the installed fsspec) or point INTERP_PARQUET_BASE at a local folder."
+        ) from exc
     if not isinstance(fs, LocalFileSystem):
         con.register_filesystem(fs)
 
