@@ -94,6 +94,7 @@ def register_object_store(con: duckdb.DuckDBPyConnection, parquet_base: str | No
             "the installed fsspec) or point INTERP_PARQUET_BASE at a local folder."
         ) from exc
     if not isinstance(fs, LocalFileSystem):
+        fs.invalidate_cache()  # globs in views list the store afresh, not from a listing cached earlier
         con.register_filesystem(fs)
 
 
