@@ -64,7 +64,11 @@ def _sae_reader() -> SAEReaderResource:
 def build_resources() -> dict:
     """All resources, configured from the environment."""
     return {
-        "storage": StorageResource(data_dir=DATA_DIR, parquet_base_url=PARQUET_BASE),
+        "storage": StorageResource(
+            data_dir=DATA_DIR,
+            parquet_base_url=PARQUET_BASE,
+            activation_cache_url=os.environ.get("INTERP_ACTIVATION_CACHE") or None,
+        ),
         "parquet_io_manager": ParquetIOManager(base_path=PARQUET_BASE),
         "duckdb": DuckDBResource(database=str(Path(DATA_DIR) / "warehouse.duckdb")),
         "sae_reader": _sae_reader(),

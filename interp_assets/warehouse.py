@@ -3,6 +3,10 @@
 DuckDB lets one process hold a database file read-write, and while it does nobody else can open it
 (a read-only holder also blocks writers). So every connection here is short-lived, and opening one
 retries with jittered exponential backoff while another process holds the lock.
+
+Tables on an object store (`INTERP_PARQUET_BASE=s3://...`): the views name the objects' URLs, and every
+connection opened here lets DuckDB read them through fsspec (`register_object_store`), with the
+platform's own credentials, since DuckDB's httpfs extension is downloaded at run time and may be missing.
 """
 
 from __future__ import annotations
@@ -68,15 +72,52 @@ def _is_lock_conflict(error: BaseException) -> bool:
     return isinstance(error, duckdb.ConnectionException) and "different configuration" in text
 
 
+PARQUET_BASE_ENV = "INTERP_PARQUET_BASE"
+
+
+def register_object_store(con: duckdb.DuckDBPyConnection, parquet_base: str | None = None) -> None:
+    """Let `con` read the tables' object store through fsspec (`DuckDBPyConnection.register_filesystem`).
+
+    `parquet_base` defaults to `$INTERP_PARQUET_BASE`; nothing is done for a local base. The filesystem
+    is the one the platform writes with (s3fs: credentials and endpoint from the usual AWS_* variables,
+    e.g. AWS_ENDPOINT_URL_S3), so SQL needs neither DuckDB's httpfs extension nor a DuckDB secret.
+    """
+    base = parquet_base or os.environ.get(PARQUET_BASE_ENV) or ""
+    if "://" not in base:
+        return
+    try:
+        fs, _ = fsspec.core.url_to_fs(base)
+    except ImportError as exc:  # e.g. s3:// without s3fs
+        raise ImportError(
+            f"The tables' base {base} (INTERP_PARQUET_BASE or parquet_base) needs an fsspec filesystem that "
+            f"is not installed ({exc}); install it (for s3://: pip install s3fs==2026.9.0, the release of "
+            "the installed fsspec) or point INTERP_PARQUET_BASE at a local folder."
+        ) from exc
+    if not isinstance(fs, LocalFileSystem):
+        fs.invalidate_cache()  # globs in views list the store afresh, not from a listing cached earlier
+        con.register_filesystem(fs)
+
+
 def _connect(
-    db_path: str, read_only: bool, timeout_s: float, retries: int | None = None
+    db_path: str,
+    read_only: bool,
+    timeout_s: float,
+    retries: int | None = None,
+    parquet_base: str | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """Open `db_path`, retrying lock conflicts with jittered backoff until `timeout_s` or `retries`."""
+    """Open `db_path`, retrying lock conflicts with jittered backoff until `timeout_s` or `retries`; the
+    connection reads an object-store `parquet_base` (`register_object_store`)."""
     deadline = time.monotonic() + timeout_s
     delay, attempt = 0.02, 0
     while True:
         try:
-            return duckdb.connect(db_path, read_only=read_only)
+            con = duckdb.connect(db_path, read_only=read_only)
+            try:
+                register_object_store(con, parquet_base)
+            except BaseException:
+                con.close()
+                raise
+            return con
         except (duckdb.IOException, duckdb.ConnectionException) as error:
             if not _is_lock_conflict(error):
                 raise
@@ -94,22 +135,33 @@ def _connect(
 
 
 def connect_read_only(
-    db_path: str, retries: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+    db_path: str,
+    retries: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    parquet_base: str | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """A read-only connection; retries while a writer holds the file. Close it soon (`with` works)."""
+    """A read-only connection; retries while a writer holds the file. Close it soon (`with` works).
+    Views over an object store read it through fsspec (`register_object_store`)."""
     if db_path != ":memory:" and not os.path.exists(db_path):
         raise FileNotFoundError(
             f"DuckDB warehouse {db_path} does not exist: build it with refresh_views() "
             "(materialize the warehouse asset) first."
         )
-    return _connect(db_path, read_only=True, timeout_s=timeout_s, retries=retries)
+    return _connect(db_path, read_only=True, timeout_s=timeout_s, retries=retries, parquet_base=parquet_base)
 
 
 def query(
-    db_path: str, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None, timeout_s: float = 60.0
+    db_path: str,
+    sql: str,
+    params: Sequence[Any] | Mapping[str, Any] | None = None,
+    timeout_s: float = 60.0,
+    parquet_base: str | None = None,
 ) -> pl.DataFrame:
-    """Run one read-only query (with `?`/`$name` parameters) and return a Polars DataFrame."""
-    con = connect_read_only(db_path, timeout_s=timeout_s)
+    """Run one read-only query (with `?`/`$name` parameters) and return a Polars DataFrame.
+
+    `parquet_base` (default `$INTERP_PARQUET_BASE`): an object store the views read (`register_object_store`).
+    """
+    con = connect_read_only(db_path, timeout_s=timeout_s, parquet_base=parquet_base)
     try:
         relation = con.sql(sql, params=params)
         frame = pl.DataFrame() if relation is None else pl.from_arrow(relation.to_arrow_table())
@@ -138,13 +190,21 @@ def _partition_entries(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[list
 ORPHAN_AGE_S = 600  # a partition folder without a manifest this long after its last write is not mid-write
 
 
+def _timestamp(stamp: Any) -> float:
+    """A listing's modification time as seconds (S3 gives a datetime, local filesystems a number)."""
+    return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+
+
 def _orphan_partitions(fs: fsspec.AbstractFileSystem, folder: str, names: list[str]) -> list[str]:
     """Partition folders that hold Parquet files but no manifest, untouched for `ORPHAN_AGE_S` seconds."""
     now = time.time()
     orphans = []
     for name in names:
         infos = [i for i in fs.ls(f"{folder}/{name}", detail=True) if str(i["name"]).endswith(".parquet")]
-        ages = [now - float(i.get("mtime") or i.get("created") or now) for i in infos]
+        ages = [
+            now - _timestamp(i.get("mtime") or i.get("created") or i.get("LastModified") or now)
+            for i in infos
+        ]
         if infos and min(ages) > ORPHAN_AGE_S:
             orphans.append(name)
     return orphans
@@ -164,6 +224,8 @@ def table_source(parquet_base: str, table: str, problems: list[str] | None = Non
     check_table_name(table)
     fs, base = fsspec.core.url_to_fs(parquet_base)
     local = isinstance(fs, LocalFileSystem)
+    if not local:
+        fs.invalidate_cache()  # an object store's listings may be cached from before another process wrote
     if local:
         base = os.path.abspath(base)
         url_base = base
@@ -285,7 +347,7 @@ def refresh_views(
     sources = _sources(parquet_base, tables)
     if db_path != ":memory:":
         os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
-    con = _connect(db_path, read_only=False, timeout_s=timeout_s)
+    con = _connect(db_path, read_only=False, timeout_s=timeout_s, parquet_base=parquet_base)
     try:
         return apply_views(con, sources)
     finally:

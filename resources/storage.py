@@ -10,12 +10,14 @@ from interp_assets.storage.paths import DATA_DIR_ENV, require_utf8_path
 class StorageResource(ConfigurableResource):
     """All platform state under one `data_dir` (default `$INTERP_DATA_DIR` or `./var`).
 
-    `parquet_base` may be an object-store URL (s3://...) when the IO manager is pointed there too;
-    landing, config, caches and reports are local folders.
+    `parquet_base` may be an object-store URL (s3://...) when the IO manager is pointed there too, and so
+    may `activation_cache_root` (`activation_cache_url`); landing, config, the other caches and reports
+    are local folders.
     """
 
     data_dir: str
     parquet_base_url: str | None = None
+    activation_cache_url: str | None = None
 
     @property
     def root(self) -> Path:
@@ -37,6 +39,12 @@ class StorageResource(ConfigurableResource):
     @property
     def cache_dir(self) -> Path:
         return self.root / "cache"
+
+    @property
+    def activation_cache_root(self) -> str | Path:
+        """Root of the activation cache (`interp_assets.engine.activation_cache`): `activation_cache_url`
+        (an fsspec URL such as s3://bucket/prefix) or `<cache_dir>/activations`."""
+        return self.activation_cache_url or self.cache_dir / "activations"
 
     @property
     def reports_dir(self) -> Path:

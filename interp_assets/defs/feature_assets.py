@@ -100,7 +100,7 @@ def read_token_activations(
     docs = raw_documents.select("doc_id", "doc_hash", "text", *conversations).collect()
     identity = sae_reader.get_identity()  # the model itself loads only if a document needs encoding
     cache = ActivationCache(
-        storage.cache_dir / "activations", identity.fingerprint, on_warning=context.log.warning
+        storage.activation_cache_root, identity.fingerprint, on_warning=context.log.warning
     )
     progress = Progress(f"{dataset}: encoding new documents", 0, context.log.info)
     chunk_start = [0]  # documents done before the chunk in flight

@@ -73,7 +73,9 @@ def reader_storage(storage: StorageResource, reader: str) -> StorageResource:
     if reader == DEFAULT_READER:
         return storage
     return StorageResource(
-        data_dir=storage.data_dir, parquet_base_url=reader_parquet_base(storage.parquet_base, reader)
+        data_dir=storage.data_dir,
+        parquet_base_url=reader_parquet_base(storage.parquet_base, reader),
+        activation_cache_url=storage.activation_cache_url,
     )
 
 

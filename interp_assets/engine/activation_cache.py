@@ -9,6 +9,11 @@ drop encodes nothing. Chunks committed before sums were recorded have none until
 What a crash left uncommitted (`.acts` / `.sums.json` without `.docs`, temp files of interrupted
 writes) is deleted by the next `encode_missing` once it is an hour old (`sweep_orphans`).
 
+The cache root is a local folder or an fsspec URL of an object store (`s3://bucket/prefix`). There each
+file is one object, uploaded whole (a PUT is atomic, so no rename is needed), in the same order: a chunk
+is committed when its `.docs` object exists, and chunk ids are unique, so concurrent writers never touch
+one another's objects. A local root keeps the local file operations (and their speed).
+
 The token_activations table of a dataset is stored in segments, one per cache chunk holding some of its
 documents (`activation_segments`); a segment's name is a key of its content, so a re-run rewrites only
 the segments whose documents changed.
@@ -28,10 +33,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from interp_assets.conversations import document_inputs
 from interp_assets.engine.activations import ACTIVATION_DTYPES, EncodedTexts, activation_fields, iter_chunks
@@ -126,7 +133,10 @@ ORPHAN_AGE_S = 3600.0  # an uncommitted file older than this is no chunk in flig
 
 
 class ActivationCache:
-    """Encoded documents for one reader fingerprint, under `<root>/<fingerprint>/`.
+    """Encoded documents for one reader fingerprint, under `<root>/<fingerprint>/` (`location`).
+
+    `root` is a local folder (then `dir` is that fingerprint's folder as a `Path`) or an fsspec URL
+    (`s3://bucket/prefix`; `dir` is then None and every file is reached through fsspec).
 
     A committed chunk whose files cannot be read (truncated, overwritten) or differ from its sums is moved
     to `quarantine/` with a warning naming it (`on_warning`, default: this module's logger); its documents
@@ -140,44 +150,107 @@ class ActivationCache:
         self, root: str | Path, fingerprint: str, on_warning: Callable[[str], None] | None = None
     ) -> None:
         self.fingerprint = fingerprint
-        self.dir = Path(root) / fingerprint
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._fs: fsspec.AbstractFileSystem | None = None
+        self.dir: Path | None = None
+        if isinstance(root, str) and "://" in root:
+            fs, fspath = fsspec.core.url_to_fs(root)
+            if isinstance(fs, LocalFileSystem):
+                root = fspath
+            else:
+                self._fs = fs
+                self._root = f"{fspath.rstrip('/')}/{fingerprint}"  # the folder, in fs's terms
+                self.location = f"{root.rstrip('/')}/{fingerprint}"  # the same, as a URL
+        if self._fs is None:
+            self.dir = Path(root) / fingerprint
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.location = str(self.dir)
         self._index: tuple[tuple[str, ...], pl.DataFrame] | None = None
         self._verified: set[str] = set()  # chunks whose .acts file this instance checked or wrote
         self._warn = on_warning or logging.getLogger(__name__).warning
 
+    # Files by name: local paths, or objects through fsspec
+    def _url(self, name: str) -> str:
+        """A file of this cache as a local path or a URL (what the storage functions take)."""
+        return str(self.dir / name) if self.dir is not None else f"{self.location}/{name}"
+
+    def _objects(self) -> dict[str, dict]:
+        """{name: info} of the files in an object-store cache folder, from one fresh listing."""
+        assert self._fs is not None
+        self._fs.invalidate_cache(self._root)
+        try:
+            infos = self._fs.ls(self._root, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {i["name"].rstrip("/").rpartition("/")[2]: i for i in infos if i.get("type") == "file"}
+
+    def _read(self, name: str) -> bytes:
+        """The whole file (FileNotFoundError when absent)."""
+        if self.dir is not None:
+            return (self.dir / name).read_bytes()
+        assert self._fs is not None
+        return self._fs.cat_file(f"{self._root}/{name}")
+
+    def _exists(self, name: str) -> bool:
+        if self.dir is not None:
+            return (self.dir / name).exists()
+        assert self._fs is not None
+        return self._fs.exists(f"{self._root}/{name}")
+
+    def _parquet_metadata(self, name: str) -> pq.FileMetaData:
+        """The footer of a Parquet file (an object store reads only its end)."""
+        if self.dir is not None:
+            return pq.read_metadata(self.dir / name)
+        assert self._fs is not None
+        with self._fs.open(f"{self._root}/{name}", "rb") as f:
+            return pq.read_metadata(f)
+
+    def _read_parquet(self, name: str) -> pl.DataFrame:
+        if self.dir is not None:
+            return pl.read_parquet(self.dir / name)
+        return pl.read_parquet(io.BytesIO(self._read(name)))
+
     def quarantine(self, chunk_id: str, problem: str) -> None:
         """Move the files of a chunk to `quarantine/` and say so (its documents will be encoded again)."""
-        target = self.dir / QUARANTINE
-        target.mkdir(exist_ok=True)
         moved = []
-        for suffix in CHUNK_FILES:
-            path = self.dir / f"{chunk_id}{suffix}"
-            if path.exists():
-                os.replace(path, target / path.name)
-                moved.append(str(target / path.name))
+        if self.dir is not None:
+            target = str(self.dir / QUARANTINE)
+            os.makedirs(target, exist_ok=True)
+            for suffix in CHUNK_FILES:
+                path = self.dir / f"{chunk_id}{suffix}"
+                if path.exists():
+                    os.replace(path, f"{target}/{path.name}")
+                    moved.append(f"{target}/{path.name}")
+        else:  # an object store: copy, then delete (another process may be moving it too)
+            assert self._fs is not None
+            target = f"{self.location}/{QUARANTINE}"
+            present = self._objects()
+            for name in (f"{chunk_id}{suffix}" for suffix in CHUNK_FILES):
+                if name in present:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._fs.mv(f"{self._root}/{name}", f"{self._root}/{QUARANTINE}/{name}")
+                        moved.append(f"{target}/{name}")
         self._index = None
         self._verified.discard(chunk_id)
         self._warn(
-            f"Activation cache chunk {self.dir / chunk_id}.* is damaged or unreadable ({problem}); moved to "
-            f"{', '.join(moved) or target}. Its documents will be encoded again; delete the quarantined "
+            f"Activation cache chunk {self._url(chunk_id)}.* is damaged or unreadable ({problem}); moved "
+            f"to {', '.join(moved) or target}. Its documents will be encoded again; delete the quarantined "
             "files once you no longer need them."
         )
 
     def chunk_sums(self, chunk_id: str) -> dict | None:
         """The recorded `{"acts": {"bytes", "sha256"}, "docs": {...}}` of a chunk; None for a chunk committed
         before sums were recorded. ValueError when the sums file exists but is not valid."""
-        path = self.dir / f"{chunk_id}.sums.json"
+        name = f"{chunk_id}.sums.json"
         try:
-            sums = json.loads(path.read_bytes())
+            sums = json.loads(self._read(name))
         except FileNotFoundError:
             return None
         except ValueError as exc:
-            raise ValueError(f"{path.name} is not valid JSON ({exc})") from exc
+            raise ValueError(f"{name} is not valid JSON ({exc})") from exc
         if not isinstance(sums, dict) or not all(
             isinstance(sums.get(k), dict) and is_sha256(sums[k].get("sha256")) for k in ("acts", "docs")
         ):
-            raise ValueError(f"{path.name} does not hold the sums of both files")
+            raise ValueError(f"{name} does not hold the sums of both files")
         return sums
 
     def verify_chunks(self, chunk_ids: Iterable[str]) -> list[str]:
@@ -191,29 +264,28 @@ class ActivationCache:
         for chunk_id in chunk_ids:
             if chunk_id in self._verified:
                 continue
-            acts = self.dir / f"{chunk_id}.acts.parquet"
+            acts = f"{chunk_id}.acts.parquet"
             try:
                 sums = self.chunk_sums(chunk_id)
                 if sums is None:
                     self._record_sums(chunk_id)
                     problem = None
                 else:
-                    problem = checksum_problem(str(acts), sums["acts"])
+                    problem = checksum_problem(self._url(acts), sums["acts"])
             except (OSError, ValueError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             if problem is None:
                 self._verified.add(chunk_id)
             else:
-                self.quarantine(chunk_id, f"{acts.name}: {problem}")
+                self.quarantine(chunk_id, f"{acts}: {problem}")
                 bad.append(chunk_id)
         return bad
 
     def _record_sums(self, chunk_id: str) -> None:
         """Write the sums of a chunk committed before sums were recorded (skipped on a read-only cache)."""
-        files = {kind: self.dir / f"{chunk_id}.{kind}.parquet" for kind in ("acts", "docs")}
-        record = {kind: file_record(str(path)) for kind, path in files.items()}
+        record = {kind: file_record(self._url(f"{chunk_id}.{kind}.parquet")) for kind in ("acts", "docs")}
         with contextlib.suppress(OSError):
-            write_bytes_atomic(str(self.dir / f"{chunk_id}.sums.json"), json.dumps(record).encode())
+            write_bytes_atomic(self._url(f"{chunk_id}.sums.json"), json.dumps(record).encode())
 
     def sweep_orphans(self, min_age_s: float = ORPHAN_AGE_S) -> list[str]:
         """Delete what crashes left behind: `.acts` / `.sums.json` files of chunks that never got their
@@ -223,31 +295,59 @@ class ActivationCache:
         files appear within seconds of one another). Committed chunks are never touched.
         """
         now = time.time()
-        committed = {p.name[: -len(".docs.parquet")] for p in self.dir.glob("*.docs.parquet")}
-        removed = []
-        for path in self.dir.iterdir():
-            name = path.name
-            chunk_id = next((name[: -len(s)] for s in CHUNK_FILES[1:] if name.endswith(s)), None)
-            orphan = (chunk_id is not None and chunk_id not in committed) or is_tmp_name(name)
-            if not orphan or not path.is_file():
-                continue
-            with contextlib.suppress(OSError):  # gone already, or a read-only cache: nothing to do
-                if now - path.stat().st_mtime >= min_age_s:
-                    path.unlink()
-                    removed.append(name)
+        if self.dir is None:
+            removed = self._sweep_objects(now, min_age_s)
+        else:
+            removed = self._sweep_files(now, min_age_s)
         if removed:
             self._warn(
-                f"Activation cache {self.dir}: deleted {len(removed)} file(s) of chunks that were never "
+                f"Activation cache {self.location}: deleted {len(removed)} file(s) of chunks that were never "
                 f"committed (a run ended mid-write): {', '.join(sorted(removed)[:5])}"
                 f"{' ...' if len(removed) > 5 else ''}. Their documents are encoded again when needed."
             )
         return removed
 
-    def _docs(self, chunk_id: str) -> Path:
-        return self.dir / f"{chunk_id}.docs.parquet"
+    @staticmethod
+    def _orphan(name: str, committed: set[str]) -> bool:
+        chunk_id = next((name[: -len(s)] for s in CHUNK_FILES[1:] if name.endswith(s)), None)
+        return (chunk_id is not None and chunk_id not in committed) or is_tmp_name(name)
+
+    def _sweep_objects(self, now: float, min_age_s: float) -> list[str]:
+        assert self._fs is not None
+        objects = self._objects()
+        committed = {n[: -len(".docs.parquet")] for n in objects if n.endswith(".docs.parquet")}
+        removed = []
+        for name, info in objects.items():
+            if not self._orphan(name, committed):
+                continue
+            stamp = info.get("LastModified") or info.get("mtime") or info.get("created")
+            age = now - (stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp or now))
+            if age >= min_age_s:
+                with contextlib.suppress(FileNotFoundError):
+                    self._fs.rm_file(f"{self._root}/{name}")
+                    removed.append(name)
+        return removed
+
+    def _sweep_files(self, now: float, min_age_s: float) -> list[str]:
+        assert self.dir is not None
+        committed = {p.name[: -len(".docs.parquet")] for p in self.dir.glob("*.docs.parquet")}
+        removed = []
+        for path in self.dir.iterdir():
+            name = path.name
+            if not self._orphan(name, committed) or not path.is_file():
+                continue
+            with contextlib.suppress(OSError):  # gone already, or a read-only cache: nothing to do
+                if now - path.stat().st_mtime >= min_age_s:
+                    path.unlink()
+                    removed.append(name)
+        return removed
 
     def committed_chunks(self) -> list[str]:
         """Ids of committed chunks, oldest name first (the order decides which copy of a document wins)."""
+        if self.dir is None:
+            objects = self._objects()
+            docs = sorted(n[: -len(".docs.parquet")] for n in objects if n.endswith(".docs.parquet"))
+            return [c for c in docs if f"{c}.acts.parquet" in objects]
         ids = []
         for p in sorted(self.dir.glob("*.docs.parquet")):
             chunk_id = p.name[: -len(".docs.parquet")]
@@ -265,11 +365,11 @@ class ActivationCache:
             return self._index[1]
         frames = []
         for c in chunks:
-            path = self.dir / f"{c}.acts.parquet"
+            name = f"{c}.acts.parquet"
             try:
-                pq.read_metadata(path)  # the activations are read later: their footer must be sound now
-                path = self._docs(c)
-                docs = path.read_bytes()
+                self._parquet_metadata(name)  # the activations are read later: their footer must be sound now
+                name = f"{c}.docs.parquet"
+                docs = self._read(name)
                 sums = self.chunk_sums(c)
                 problem = None if sums is None else bytes_problem(docs, sums["docs"])
                 if problem is None:
@@ -277,7 +377,7 @@ class ActivationCache:
             except (OSError, ValueError, pa.ArrowException, pl.exceptions.PolarsError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             if problem is not None:
-                self.quarantine(c, f"{path.name}: {problem}")
+                self.quarantine(c, f"{name}: {problem}")
         chunks = tuple(self.committed_chunks())  # without the quarantined ones
         if not frames:
             empty = pl.from_arrow(DOC_STATUS_SCHEMA.empty_table())
@@ -362,12 +462,12 @@ class ActivationCache:
             },
             schema=DOC_STATUS_SCHEMA,
         )
-        written = write_parquet_atomic(str(self.dir / f"{chunk_id}.acts.parquet"), acts)
+        written = write_parquet_atomic(self._url(f"{chunk_id}.acts.parquet"), acts)
         docs = parquet_bytes(status)
         acts_record = {"bytes": written["size_bytes"], "sha256": written["sha256"]}
         sums = {"acts": acts_record, "docs": bytes_record(docs)}
-        write_bytes_atomic(str(self.dir / f"{chunk_id}.sums.json"), json.dumps(sums).encode())
-        write_bytes_atomic(str(self._docs(chunk_id)), docs)  # the commit marker, last
+        write_bytes_atomic(self._url(f"{chunk_id}.sums.json"), json.dumps(sums).encode())
+        write_bytes_atomic(self._url(f"{chunk_id}.docs.parquet"), docs)  # the commit marker, last
         self._verified.add(chunk_id)
 
     def activation_status(self, documents: pl.DataFrame, dataset: str) -> pa.Table:
@@ -388,7 +488,14 @@ class ActivationCache:
         chunks = self.committed_chunks()
         if not chunks:
             return None
-        stored = pq.read_schema(self.dir / f"{chunks[0]}.acts.parquet").field("activation").type
+        name = f"{chunks[0]}.acts.parquet"
+        if self.dir is not None:
+            schema = pq.read_schema(self.dir / name)
+        else:
+            assert self._fs is not None
+            with self._fs.open(f"{self._root}/{name}", "rb") as f:
+                schema = pq.read_schema(f)
+        stored = schema.field("activation").type
         return next(name for name, t in ACTIVATION_DTYPES.items() if t == stored)
 
     def activation_segments(
@@ -411,17 +518,17 @@ class ActivationCache:
         """The token_activations rows of one segment (sorted by doc_id, token_index), cast to `schema`.
 
         The chunk is verified first (`verify_chunks`); a damaged one is quarantined and this raises."""
-        path = self.dir / f"{segment.chunk}.acts.parquet"
+        name = f"{segment.chunk}.acts.parquet"
         try:
             if self.verify_chunks([segment.chunk]):
                 raise OSError("it differs from its recorded size or checksum")
-            acts = pl.read_parquet(path)
+            acts = self._read_parquet(name)
         except (OSError, pl.exceptions.PolarsError) as exc:
-            if path.exists():
-                self.quarantine(segment.chunk, f"{path.name}: {type(exc).__name__}: {exc}")
+            if self._exists(name):
+                self.quarantine(segment.chunk, f"{name}: {type(exc).__name__}: {exc}")
             raise ValueError(
-                f"Activation cache chunk {path} could not be read ({exc}); it was moved to quarantine "
-                "and its documents will be encoded again: run the step again."
+                f"Activation cache chunk {self._url(name)} could not be read ({exc}); it was moved to "
+                "quarantine and its documents will be encoded again: run the step again."
             ) from exc
         # keep only this chunk's copy of each document (first chunk wins), then map hash -> doc_id(s)
         rows = acts.join(segment.documents, on="doc_hash").sort("doc_id", "token_index", "feature")

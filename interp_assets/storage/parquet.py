@@ -19,7 +19,9 @@ import inspect
 import io
 import json
 import os
+import random
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -202,11 +204,23 @@ def _write_stream(
 
 
 def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(path)
+    """The filesystem of `path` and the path in it. An object store's cached listings of `path` and its
+    parents are dropped first: another process may have written there since (s3fs caches listings)."""
+    fs, fspath = fsspec.core.url_to_fs(path)
+    if not _is_local(fs):
+        fs.invalidate_cache(fspath)
+    return fs, fspath
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    """An S3-compatible object store (s3fs): no rename, but every PUT of an object is atomic and writes can
+    be conditional (`If-Match` / `If-None-Match`)."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "s3" in protocols
 
 
 def _tmp_name(final: str) -> str:
@@ -263,6 +277,8 @@ def _discard(fs: fsspec.AbstractFileSystem, tmp: str) -> None:
 def _write_file_atomic(path: str, data: Any) -> _Written:
     schema, batches, table = _as_stream(data)
     fs, fspath = _fs(path)
+    if _is_s3(fs):
+        return _put_file_atomic(fs, fspath, path, schema, batches, table)
     if _is_local(fs):
         fspath = os.path.abspath(fspath)
         os.makedirs(os.path.dirname(fspath), exist_ok=True)
@@ -292,9 +308,38 @@ def _write_file_atomic(path: str, data: Any) -> _Written:
     return _Written(shown_path, rows, size, sha256, schema, head)
 
 
+def _put_file_atomic(
+    fs: fsspec.AbstractFileSystem,
+    fspath: str,
+    path: str,
+    schema: pa.Schema,
+    batches: Iterator[pa.RecordBatch] | None,
+    table: pa.Table | None,
+) -> _Written:
+    """`_write_file_atomic` on an object store, which has no rename: the file is written to a local temp
+    file (its checksum read there), then uploaded as one object. The object appears only whole, when its
+    PUT (or its multipart upload) completes; a failed upload is aborted, so a failure leaves the previous
+    object and nothing else behind."""
+    handle, tmp = tempfile.mkstemp(prefix=".interp-upload-", suffix=".parquet.tmp")
+    os.close(handle)
+    try:
+        rows, head = _write_stream(tmp, schema, batches, table, path)
+        sha256 = file_sha256(tmp)
+        size = os.path.getsize(tmp)
+        fs.put_file(tmp, fspath)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    return _Written(path, rows, size, sha256, schema, head)
+
+
 def write_bytes_atomic(path: str, payload: bytes) -> None:
-    """Write a small file atomically (temp file, fsync, rename), like `write_parquet_atomic`."""
+    """Write a small file atomically (temp file, fsync, rename), like `write_parquet_atomic`; on an object
+    store, one PUT (atomic there)."""
     fs, fspath = _fs(path)
+    if _is_s3(fs):
+        fs.pipe_file(fspath, payload)
+        return
     tmp = _tmp_name(fspath)
     try:
         if _is_local(fs):
@@ -392,6 +437,7 @@ def written_summary(
 MANIFEST = "_manifest.json"
 MANIFEST_FORMAT = 1
 DEBRIS_AGE_S = 3600.0  # a file no manifest lists (a crashed write's) is deleted once this old
+SWAP_ATTEMPTS = 50  # conditional manifest swaps a write tries while other writers of the partition win
 
 
 class _Keep:
@@ -431,19 +477,19 @@ def _name_of(path: str) -> str:
 def read_manifest(folder: str) -> dict[str, Any] | None:
     """The manifest of a segmented partition folder (local path or URL); None when it has none.
 
-    Format: `{"format": 1, "rows": total, "columns": [[name, type], ...], "schema": <base64 Arrow IPC
-    schema>, "segments": [{"name", "file", "rows", "bytes", "sha256"}, ...], "retained": [...]}`.
+    Format: `{"format": 1, "version": n, "rows": total, "columns": [[name, type], ...], "schema": <base64
+    Arrow IPC schema>, "segments": [{"name", "file", "rows", "bytes", "sha256"}, ...], "retained": [...]}`.
+    `version` counts the writes of the partition (each manifest is its predecessor's + 1; missing before
+    it was recorded: 0).
     `segments` is the table, in order; `retained` lists the previous manifest's segments that are no
     longer part of it, kept for one more write so readers that resolved the previous manifest can finish.
     `sha256` (the file's content checksum) is missing from entries written before it was recorded.
     """
-    fs, fspath = _fs(folder)
-    path = f"{fspath.rstrip('/')}/{MANIFEST}"
-    try:
-        with fs.open(path, "rb") as f:
-            raw = f.read()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    raw = _manifest_bytes(folder)[0]
+    return None if raw is None else _parse_manifest(folder, raw)
+
+
+def _parse_manifest(folder: str, raw: bytes) -> dict[str, Any]:
     try:
         manifest = json.loads(raw)
         valid = (
@@ -463,6 +509,98 @@ def read_manifest(folder: str) -> dict[str, Any] | None:
 
 
 _SEGMENT_FILE = re.compile(r"^(?P<name>.+)\.[0-9a-f]{12}\.parquet$")
+
+
+def _read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
+    """The whole file in one read (on an object store, one GET: a consistent copy); None when absent."""
+    try:
+        return fs.cat_file(path)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+async def _s3_get(fs: Any, path: str) -> tuple[bytes | None, str | None]:
+    """(content, ETag) of an S3 object from one GET, so the two always belong together; (None, None) when
+    it does not exist."""
+    bucket, key, _ = fs.split_path(path)
+    try:
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    except FileNotFoundError:
+        return None, None
+    try:
+        return await resp["Body"].read(), resp["ETag"]
+    finally:
+        resp["Body"].close()
+
+
+def _manifest_bytes(folder: str) -> tuple[bytes | None, Any]:
+    """(raw manifest or None, the version a conditional swap compares against: `_swap_manifest`)."""
+    fs, fspath = _fs(folder)
+    path = f"{fspath.rstrip('/')}/{MANIFEST}"
+    if _is_s3(fs):
+        return fsspec.asyn.sync(fs.loop, _s3_get, fs, path)
+    raw = _read_bytes(fs, path)
+    return raw, raw
+
+
+def _precondition_failed(exc: OSError) -> bool:
+    """Whether an S3 write failed only because its condition did not hold (another writer came first)."""
+    if isinstance(exc, FileExistsError):  # If-None-Match: * on an object that exists
+        return True
+    response = getattr(exc.__cause__, "response", None) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = response.get("Error", {}).get("Code")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: str) -> Iterator[None]:
+    """An exclusive advisory lock on a local folder (flock on the folder itself: no lock file to list,
+    sweep or leave behind); a no-op where flock does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _swap_manifest(folder: str, payload: bytes, version: Any) -> bool:
+    """Replace the manifest of `folder` with `payload` if it is still at `version` (from `_manifest_bytes`);
+    False, changing nothing, when another writer replaced it since.
+
+    S3: one conditional PUT (`If-Match: <ETag>`, or `If-None-Match: *` for the first manifest), which the
+    store checks and applies atomically. Local: the check and the rename under an exclusive lock of the
+    folder. Other filesystems (memory://, one process): written as is.
+    """
+    fs, fspath = _fs(folder)
+    path = f"{fspath.rstrip('/')}/{MANIFEST}"
+    if _is_s3(fs):
+        condition = {"IfMatch": version} if version is not None else {"mode": "create"}
+        try:
+            fs.pipe_file(path, payload, **condition)
+        except FileNotFoundError:  # If-Match on a manifest deleted since (a switch to the single-file layout)
+            if version is None:
+                raise
+            return False
+        except OSError as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
+        return True
+    if _is_local(fs):
+        with _folder_lock(fspath):
+            if _read_bytes(fs, path) != version:
+                return False
+            write_bytes_atomic(path, payload)
+        return True
+    write_bytes_atomic(f"{folder.rstrip('/')}/{MANIFEST}", payload)
+    return True
 
 
 def _valid_entry(entry: Any) -> bool:
@@ -568,7 +706,7 @@ def _file_head(path: str) -> pa.Table:
 
 
 def _age_s(fs: fsspec.AbstractFileSystem, info: dict[str, Any], now: float) -> float:
-    stamp = info.get("mtime") or info.get("created")
+    stamp = info.get("mtime") or info.get("created") or info.get("LastModified")  # LastModified: S3
     if stamp is None:
         try:
             stamp = fs.modified(info["name"]).timestamp()
@@ -603,12 +741,19 @@ def _remove_path(fs: fsspec.AbstractFileSystem, fspath: str, recursive: bool = F
 def write_segmented_atomic(folder: str, data: SegmentedTable) -> dict[str, Any]:
     """Write one segmented partition into `folder` and return what was written (`written_summary`).
 
-    Order: each segment to write goes to a new file `<name>.<random>.parquet` (atomic, fsynced); then
-    the manifest is replaced (atomic rename): before that readers see the previous table, after it the
-    new one, never a mix; last, files no reader needs are deleted (`_delete_unneeded`) and so is the
-    partition's single-file layout (`<folder>.parquet`), if it had one. A failure before the manifest
-    swap leaves the previous table as it was. The manifest records each file's size and content
-    checksum (`sha256`); a kept segment recorded without one gets it now.
+    Order: each segment to write goes to a new file `<name>.<random>.parquet` (atomic, fsynced; on S3 one
+    object upload); then the manifest is replaced (atomic rename; on S3 one PUT): before that readers see
+    the previous table, after it the new one, never a mix; last, files no reader needs are deleted
+    (`_delete_unneeded`) and so is the partition's single-file layout (`<folder>.parquet`), if it had
+    one. A failure before the manifest swap leaves the previous table as it was. The manifest records
+    each file's size and content checksum (`sha256`); a kept segment recorded without one gets it now.
+
+    Two writers of one partition: the swap is conditional (`_swap_manifest`: S3's `If-Match` on the
+    manifest's ETag, a folder lock locally), so a manifest replaces exactly the one it was built on. A
+    writer that finds another's manifest in place rebuilds its own on that one (its `retained` then
+    keeps the other writer's segments for readers that resolved them) and swaps again; the last to
+    swap is the table, every write counts once in the manifest's `version`, and no write is lost from
+    the retention chain unnoticed.
     """
     fs, fspath = _fs(folder)
     if _is_local(fs):
@@ -617,7 +762,8 @@ def write_segmented_atomic(folder: str, data: SegmentedTable) -> dict[str, Any]:
     else:
         folder, fspath = folder.rstrip("/"), fspath.rstrip("/")
         fs.makedirs(fspath, exist_ok=True)
-    previous = read_manifest(folder) or {"segments": [], "retained": []}
+    raw, version = _manifest_bytes(folder)
+    previous = _parse_manifest(folder, raw) if raw is not None else {"segments": [], "retained": []}
     same_schema = "schema" in previous and _schema_from_text(previous["schema"]).equals(data.schema)
     stored = {e["name"]: e for e in previous["segments"]}
     entries: list[dict[str, Any]] = []
@@ -647,22 +793,37 @@ def write_segmented_atomic(folder: str, data: SegmentedTable) -> dict[str, Any]:
         if head is None and w.rows:
             head = w.head
     listed = {e["file"] for e in entries}
-    present = {_name_of(p) for p in fs.ls(fspath, detail=False)}
-    lost = sorted(listed - present)
-    if lost:  # e.g. a concurrent write of this partition swept a file this write meant to keep
-        raise FileNotFoundError(
-            f"Segment file(s) {lost[:3]} of {folder} vanished before its manifest was replaced; the previous "
-            "table is unchanged. Materialize the partition again (one run per partition at a time)."
+    for _attempt in range(SWAP_ATTEMPTS):
+        fs, fspath = _fs(folder)  # fresh listings: another writer may have swept since
+        present = {_name_of(p) for p in fs.ls(fspath, detail=False)}
+        lost = sorted(listed - present)
+        if lost:  # e.g. a concurrent write of this partition swept a file this write meant to keep
+            raise FileNotFoundError(
+                f"Segment file(s) {lost[:3]} of {folder} vanished before its manifest was replaced; the "
+                "previous table is unchanged. Materialize the partition again (one run per partition at "
+                "a time)."
+            )
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "version": previous.get("version", 0) + 1,
+            "rows": sum(e["rows"] for e in entries),
+            "columns": [[f.name, str(f.type)] for f in data.schema],
+            "schema": _schema_text(data.schema),
+            "segments": entries,
+            "retained": [e for e in previous["segments"] if e["file"] not in listed],
+        }
+        if _swap_manifest(folder, json.dumps(manifest, indent=1).encode(), version):
+            break
+        # another writer swapped first: build on its manifest (retain its segments) and swap again
+        raw, version = _manifest_bytes(folder)
+        previous = _parse_manifest(folder, raw) if raw is not None else {"segments": [], "retained": []}
+        time.sleep(random.uniform(0.0, 0.05))
+    else:
+        raise TimeoutError(
+            f"The manifest of {folder} changed under this write {SWAP_ATTEMPTS} times in a row (other "
+            "writers of the same partition); the table is another writer's, this write is not in it. "
+            "Materialize the partition again, one run per partition at a time."
         )
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "rows": sum(e["rows"] for e in entries),
-        "columns": [[f.name, str(f.type)] for f in data.schema],
-        "schema": _schema_text(data.schema),
-        "segments": entries,
-        "retained": [e for e in previous["segments"] if e["file"] not in listed],
-    }
-    write_bytes_atomic(f"{folder}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
     _delete_unneeded(fs, fspath, manifest, previous)
     _remove_path(fs, f"{fspath}.parquet")
     if head is None:

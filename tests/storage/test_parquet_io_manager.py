@@ -1,9 +1,11 @@
-"""ParquetIOManager: real Dagster materializations over real Parquet files."""
+"""ParquetIOManager: real Dagster materializations over real Parquet files, on a local folder and on a real
+S3-compatible server (moto's server mode, started by the `s3_server` fixture)."""
 
 import os
 import uuid
 from collections.abc import Iterator
 
+import fsspec
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -131,9 +133,42 @@ def instance() -> DagsterInstance:
     return DagsterInstance.ephemeral()
 
 
-@pytest.fixture
-def base(tmp_path) -> str:
+@pytest.fixture(params=["local", "s3"])
+def base(request, tmp_path) -> str:
+    """The tables' base: a local folder, or a fresh prefix on the local S3 server (`s3://bucket/<id>`)."""
+    if request.param == "s3":
+        return f"{request.getfixturevalue('s3_base')}/parquet"
     return str(tmp_path / "parquet")
+
+
+def _fs(path: str):
+    fs, fspath = fsspec.core.url_to_fs(path)
+    fs.invalidate_cache()
+    return fs, fspath
+
+
+def _isfile(path: str) -> bool:
+    fs, fspath = _fs(path)
+    return fs.isfile(fspath)
+
+
+def _exists(path: str) -> bool:
+    fs, fspath = _fs(path)
+    return fs.exists(fspath)
+
+
+def _listdir(path: str) -> list[str]:
+    fs, fspath = _fs(path)
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(fspath, detail=False))
+
+
+def _read_bytes(path: str) -> bytes:
+    fs, fspath = _fs(path)
+    return fs.cat_file(fspath)
+
+
+def _parquet(path: str) -> pq.ParquetFile:
+    return pq.ParquetFile(pa.BufferReader(_read_bytes(path)))
 
 
 def _run(assets, base: str, instance: DagsterInstance, partition: str | None = None, **kw):
@@ -164,8 +199,8 @@ def test_writes_each_format_at_table_path_and_reads_lazily(base, instance):
     ]
     for name, rows in expected:
         path = table_path(base, name, "alpha")
-        assert os.path.isfile(path), path
-        assert pq.read_metadata(path).num_rows == rows
+        assert _isfile(path), path
+        assert _parquet(path).metadata.num_rows == rows
         assert _metadata(result, name)["row_count"].value == rows
 
     back = read_table(base, "streamed_docs", "alpha").collect()
@@ -181,8 +216,8 @@ def test_metadata_and_encodings(base, instance):
     result = _run([polars_docs, streamed_docs], base, instance, "alpha")
     md = _metadata(result, "polars_docs")
     path = table_path(base, "polars_docs", "alpha")
-    assert os.path.samefile(md["path"].value, path)
-    assert md["size_bytes"].value == os.path.getsize(path)
+    assert md["path"].value == path or os.path.samefile(md["path"].value, path)
+    assert md["size_bytes"].value == len(_read_bytes(path))
     cols = md["dagster/column_schema"].schema.columns
     assert [c.name for c in cols] == ["dataset", "text"]
     preview = md["preview"].value
@@ -192,7 +227,7 @@ def test_metadata_and_encodings(base, instance):
     assert "a\\|b" in preview and "line1\\nline2" in preview
     assert "x" * 200 not in preview and "…" in preview
 
-    meta = pq.ParquetFile(table_path(base, "streamed_docs", "alpha")).metadata.row_group(0)
+    meta = _parquet(table_path(base, "streamed_docs", "alpha")).metadata.row_group(0)
     encodings = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
     assert encodings["activation"].compression == "ZSTD"
     assert "BYTE_STREAM_SPLIT" in encodings["activation"].encodings
@@ -214,13 +249,13 @@ def test_recorded_column_schema_keeps_the_definitions_descriptions(base, instanc
 def test_unpartitioned_asset_uses_last_key_component(base, instance):
     assert _run([summary], base, instance).success
     assert read_table(base, "summary").collect()["n"].to_list() == [1, 2]
-    assert os.listdir(base) == ["summary.parquet"]
+    assert _listdir(base) == ["summary.parquet"]
 
 
 def test_none_writes_nothing(base, instance):
     instance.add_dynamic_partitions("datasets", ["alpha"])
     assert _run([nothing], base, instance, "alpha").success
-    assert not os.path.exists(table_path(base, "nothing", "alpha"))
+    assert not _exists(table_path(base, "nothing", "alpha"))
 
 
 @pytest.mark.parametrize("n_partitions", [1, 2])
@@ -234,7 +269,7 @@ def test_all_partitions_input_is_always_a_dict(base, instance, n_partitions):
     assert stats.output_for_node("corpus_stats").sort("dataset").to_dicts() == [
         {"dataset": k, "rows": 30} for k in keys
     ]
-    assert os.path.isfile(table_path(base, "corpus_stats"))
+    assert _isfile(table_path(base, "corpus_stats"))
     seen = _run([all_seen, streamed_docs], base, instance, "alpha", selection=[all_seen])
     assert seen.output_for_node("all_seen")["dataset"].to_list() == keys
 
@@ -243,13 +278,13 @@ def test_failed_stream_keeps_previous_file_and_leaves_no_temp(base, instance):
     instance.add_dynamic_partitions("datasets", ["alpha"])
     assert _run([streamed_docs], base, instance, "alpha").success
     path = table_path(base, "streamed_docs", "alpha")
-    before = open(path, "rb").read()
+    before = _read_bytes(path)
 
     config = {"ops": {"streamed_docs": {"config": {"batches": 5, "fail_after": 2, "start": 1000}}}}
     result = _run([streamed_docs], base, instance, "alpha", run_config=config, raise_on_error=False)
     assert not result.success
-    assert open(path, "rb").read() == before
-    assert os.listdir(os.path.dirname(path)) == ["alpha.parquet"]
+    assert _read_bytes(path) == before
+    assert _listdir(path.rpartition("/")[0]) == ["alpha.parquet"]
     assert read_table(base, "streamed_docs", "alpha").collect()["doc_id"].min() == 0
 
 
@@ -259,7 +294,7 @@ def test_unsafe_partition_key_is_refused(base, instance):
     assert not result.success
     (failure,) = [e for e in result.all_events if e.is_step_failure]
     assert "Unsafe partition key '../escape'" in failure.step_failure_data.error.to_string()
-    assert not os.path.exists(os.path.join(os.path.dirname(base), "escape.parquet"))
+    assert not _exists(f"{base.rpartition('/')[0]}/escape.parquet")
     with pytest.raises(ValueError, match="Unsafe partition key"):
         write_table(base, "t", "a/b", pa.table({"x": [1]}))
 
