@@ -37,11 +37,43 @@ from benchmarks.sst2_sentiment import SST2_DEV, SST2_TRAIN, encode_sides, load_s
 from interp_assets.analysis.diffing import REPORT_FIRING, diff_features  # noqa: E402
 from interp_assets.analysis.reports import top_features  # noqa: E402
 from interp_assets.causal import effects  # noqa: E402
-from interp_assets.causal.interventions import intervention_records, module_name  # noqa: E402
-from interp_assets.engine.activations import document_batch  # noqa: E402
+from interp_assets.causal.interventions import (  # noqa: E402
+    Intervention,
+    intervention_records,
+    matched_controls,
+    module_name,
+    run_with_intervention,
+)
+from interp_assets.engine.activations import document_batch, plan_batches  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sst2_causal.json"
 SIDES = {"a": "positive", "b": "negative"}
+
+
+def set_scores(reader, layer: str, batch: tuple, score, intervention: Intervention | None) -> np.ndarray:
+    """`score` of each document of `batch` (ids, mask, keep) after `intervention` (None: unedited), in
+    forward passes of at most the reader's token budget."""
+    import torch
+
+    ids, mask, keep = batch
+    out = np.zeros(int(ids.shape[0]))
+    for docs in plan_batches(mask.sum(dim=1).tolist(), reader.token_budget):
+        rows = torch.as_tensor(docs)
+        width = int(mask[rows].sum(dim=1).max())
+        part_ids, part_mask = ids[rows, :width], mask[rows, :width]
+        read = run_with_intervention(
+            reader.model,
+            layer,
+            reader.sae,
+            intervention,
+            part_ids,
+            part_mask,
+            effects.read_hidden,
+            edit_mask=keep[rows, :width],
+            forward_kwargs=effects.FORWARD_KWARGS,
+        )
+        out[docs] = score(read, part_ids, part_mask)
+    return out
 
 
 def main() -> None:
@@ -51,6 +83,9 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=5, help="top features per direction")
     ap.add_argument("--docs", type=int, default=24, help="edited sentences where the feature fires")
     ap.add_argument("--controls", type=int, default=20)
+    ap.add_argument(
+        "--set-docs", type=int, default=48, help="edited sentences for each direction's feature set"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
@@ -139,6 +174,65 @@ def main() -> None:
     )
     passed = sum(r["passes"] for r in rows)
     print(f"{passed}/{len(rows)} features move the held-out probe more than the controls' 95th percentile")
+
+    # The diff's top features of a direction together (its sentiment features): ablated at once on sentences
+    # of their side where any of them fires, against sets of as many frequency-matched random features.
+    pooled_all = pl.concat([train[side]["pooled"] for side in SIDES.values()])
+    doc_freq = np.bincount(pooled_all["feature"].to_numpy(), minlength=reader.d_sae).astype(float)
+    set_rows = []
+    for direction, side in SIDES.items():
+        members = tuple(int(f) for f in tops[direction]["feature"].to_list())
+        docs, pooled = train[side]["docs"], train[side]["pooled"]
+        fires = set(pooled.filter(pl.col("feature").is_in(list(members)))["doc_id"].to_list())
+        on = [d for d in docs["doc_id"].to_list() if d in fires]
+        chosen = sorted(rng.choice(on, size=min(args.set_docs, len(on)), replace=False).tolist())
+        text_of = dict(zip(docs["doc_id"].to_list(), docs["text"].to_list(), strict=True))
+        batch = document_batch(reader, [text_of[d] for d in chosen])
+        score = effects.projection_score(toward[side])
+        base = set_scores(reader, layer, batch, score, None)
+        drop = base - set_scores(reader, layer, batch, score, Intervention(members))
+        matched = {
+            f: [c for c in matched_controls(doc_freq, f, 3 * args.controls, args.seed) if c not in members]
+            for f in members
+        }
+        control_drops = []
+        for c in range(args.controls):
+            control = tuple(dict.fromkeys(matched[f][c] for f in members))
+            control_drops.append(
+                float((base - set_scores(reader, layer, batch, score, Intervention(control))).mean())
+            )
+        boot = np.random.default_rng(args.seed).integers(0, drop.size, size=(1000, drop.size))
+        low, high = np.percentile(drop[boot].mean(axis=1), [2.5, 97.5])
+        p95 = float(np.percentile(control_drops, 95))
+        set_rows.append(
+            {
+                "more_in": side,
+                "features": list(members),
+                "documents": len(chosen),
+                "drop": float(drop.mean()),
+                "drop_ci_low": float(low),
+                "drop_ci_high": float(high),
+                "control_sets": len(control_drops),
+                "control_drop_median": float(np.median(control_drops)),
+                "control_drop_p95": p95,
+                "passes": bool(drop.mean() > p95),
+            }
+        )
+    print_table(
+        set_rows,
+        [
+            ("more in", "more_in", "s"),
+            ("docs", "documents", "d"),
+            ("probe drop", "drop", ".5f"),
+            ("CI low", "drop_ci_low", ".5f"),
+            ("CI high", "drop_ci_high", ".5f"),
+            ("controls median", "control_drop_median", ".5f"),
+            ("controls p95", "control_drop_p95", ".5f"),
+            ("passes", "passes", ""),
+        ],
+        title=f"\nEach direction's top {args.top} features ablated together vs {args.controls} sets of "
+        "frequency-matched random features",
+    )
     write_results(
         {
             "params": {k: v for k, v in vars(args).items() if k != "out"},
@@ -148,7 +242,13 @@ def main() -> None:
                 "n_negative": probe.n_negative,
             },
             "features": rows,
-            "summary": {"features": len(rows), "pass": passed},
+            "feature_sets": set_rows,
+            "summary": {
+                "features": len(rows),
+                "pass": passed,
+                "sets": len(set_rows),
+                "sets_pass": sum(r["passes"] for r in set_rows),
+            },
             "seconds": round(time.perf_counter() - started, 1),
             "load_avg": load_average(),
             "cpus": os.cpu_count(),

@@ -30,15 +30,24 @@ INTERVENTIONS = ("ablate", "clamp", "steer")
 
 @dataclass(frozen=True)
 class Intervention:
-    """One edit of one feature: `kind` in INTERVENTIONS, `strength` as in the module docstring."""
+    """One edit of one feature, or of a set of features at once (a tuple): `kind` in INTERVENTIONS,
+    `strength` as in the module docstring, applied to each feature of the set."""
 
-    feature: int
+    feature: int | tuple[int, ...]
     kind: str = "ablate"
     strength: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in INTERVENTIONS:
             raise ValueError(f"Unknown intervention {self.kind!r}; use one of {list(INTERVENTIONS)}.")
+        many = self.feature if isinstance(self.feature, tuple) else None
+        if many is not None and (not many or len(set(many)) < len(many)):
+            raise ValueError(f"A set of features must be non-empty and without repeats; got {self.feature}.")
+
+    @property
+    def features(self) -> tuple[int, ...]:
+        """The edited features (one for a single-feature edit)."""
+        return self.feature if isinstance(self.feature, tuple) else (int(self.feature),)
 
 
 def edited_hidden(h: Any, sae: Any, intervention: Intervention, real: Any) -> Any:
@@ -46,23 +55,24 @@ def edited_hidden(h: Any, sae: Any, intervention: Intervention, real: Any) -> An
     tokens that are not padding (the SAE reads them; padding is never edited)."""
     import torch
 
-    f = intervention.feature
+    fs = list(intervention.features)
     d_sae = int(sae.cfg.d_sae)
-    if not 0 <= f < d_sae:
-        raise ValueError(f"feature {f} is outside the SAE (d_sae={d_sae}).")
-    direction = sae.W_dec[f].to(h.dtype)
+    outside = [f for f in fs if not 0 <= f < d_sae]
+    if outside:
+        raise ValueError(f"feature {outside[0]} is outside the SAE (d_sae={d_sae}).")
+    directions = sae.W_dec[fs].to(h.dtype)  # [k, d_in]
     s = float(intervention.strength)
     if s == 0.0:
         return h
     mask = real.to(h.dtype)
     if intervention.kind == "steer":
-        return h + s * mask[..., None] * direction
+        return h + s * mask[..., None] * directions.sum(dim=0)
     with torch.no_grad():
-        a = sae.encode(h)[..., f].to(h.dtype) * mask
+        a = sae.encode(h)[..., fs].to(h.dtype) * mask[..., None]  # [batch, tokens, k]
     if intervention.kind == "ablate":
-        return h - s * a[..., None] * direction
+        return h - (s * a) @ directions
     fires = (a > 0).to(h.dtype)
-    return h + ((s - a) * fires)[..., None] * direction
+    return h + ((s - a) * fires) @ directions
 
 
 def _envoy(traced: Any, module_name: str) -> Any:

@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from interp_assets.causal.interventions import (
     Intervention,
+    edited_hidden,
     intervention_records,
     matched_controls,
     module_name,
@@ -200,3 +201,21 @@ def test_token_budget_batches_give_the_same_records_as_one_pass(setup: dict) -> 
         )
     with pytest.raises(ValueError, match="token_budget"):
         intervention_records(*args, **common, token_budget=0)
+
+
+def test_a_set_of_features_is_edited_at_once_from_the_unedited_activations(setup: dict) -> None:
+    sae = setup["sae"]
+    h = torch.randn(3, 5, D_IN)
+    real = torch.ones(3, 5, dtype=torch.bool)
+    real[0, 3:] = False
+    with torch.no_grad():
+        codes = sae.encode(h)
+        pair = (PLANTED, int(codes[1, 1].argmax()) if int(codes[1, 1].argmax()) != PLANTED else 0)
+        expected = h - sum((codes[..., f] * real)[..., None] * sae.W_dec[f] for f in pair)
+        steered = h + 2.0 * real[..., None] * (sae.W_dec[pair[0]] + sae.W_dec[pair[1]])
+    assert torch.allclose(edited_hidden(h, sae, Intervention(pair), real), expected, atol=1e-5)
+    assert torch.allclose(edited_hidden(h, sae, Intervention(pair, "steer", 2.0), real), steered, atol=1e-5)
+    single = edited_hidden(h, sae, Intervention(PLANTED), real)
+    assert torch.equal(edited_hidden(h, sae, Intervention((PLANTED,)), real), single)
+    with pytest.raises(ValueError, match="without repeats"):
+        Intervention((PLANTED, PLANTED))
