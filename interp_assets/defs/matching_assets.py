@@ -33,6 +33,7 @@ from interp_assets.defs.partitions import datasets_partitions
 from interp_assets.defs.readers import DEFAULT_READER, READERS_FILE, ExtraReader
 from interp_assets.defs.shared import (
     MODEL_POOL,
+    MODEL_STEP_TAGS,
     OWNERS,
     column_schema,
     label_cache,
@@ -137,6 +138,7 @@ def _token_activations_asset(reader: ExtraReader) -> AssetsDefinition:
             ),
         },
         pool=MODEL_POOL,
+        op_tags=MODEL_STEP_TAGS,
         required_resource_keys={"storage", reader_resource_key(reader.name)},
         check_specs=[
             AssetCheckSpec("every_document_accounted_for", asset=key, blocking=True),

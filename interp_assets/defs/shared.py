@@ -33,6 +33,10 @@ from resources.storage import StorageResource
 DATA_VERSION_TAG = "dagster/data_version"  # the tag Dagster stores a materialization's data version under
 
 MODEL_POOL = "sae_model"  # every step that runs the reader model shares this concurrency pool
+# On the celery executor (INTERP_EXECUTOR=celery) every step that runs the reader model goes to its own
+# queue, which only the workers beside a GPU consume; the other steps go to celery's default `dagster`.
+MODEL_QUEUE = "sae_model"
+MODEL_STEP_TAGS = {"dagster-celery/queue": MODEL_QUEUE}
 OWNERS = ["team:interp-platform"]  # who answers for every asset (the catalog's owner filter)
 
 
