@@ -2,7 +2,10 @@
 
 import hashlib
 import json
+import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -23,7 +26,13 @@ from interp_assets.comparisons import load_dataset_settings
 from interp_assets.labels.labeling import LabelCache
 from interp_assets.progress import Progress
 from interp_assets.storage.checksums import checksum_problem, file_sha256
-from interp_assets.storage.parquet import read_table, table_exists, table_files, write_table
+from interp_assets.storage.parquet import (
+    is_tmp_name,
+    read_table,
+    table_exists,
+    table_files,
+    write_parquet_atomic,
+)
 from interp_assets.storage.paths import table_path
 from interp_assets.storage.schemas import TABLES
 from io_managers.parquet import output_metadata
@@ -169,6 +178,46 @@ def recorded_d_sae(context: AssetExecutionContext, dataset: str) -> int | None:
     return int(value) if value is not None else None
 
 
+EMBEDDING_SCHEMA = {"doc_hash": pl.String, "embedding": pl.List(pl.Float32)}
+EMBEDDING_PARTS_MERGED_AT = 32  # a write that finds more parts than this merges them into one
+
+
+def _embedding_parts(folder: Path) -> list[Path]:
+    """The committed parts of one embeddings cache, oldest first (names start with their write time)."""
+    return sorted(p for p in folder.glob("*.parquet") if not is_tmp_name(p.name)) if folder.is_dir() else []
+
+
+def _read_embedding_cache(folder: Path) -> tuple[pl.DataFrame, list[Path]]:
+    """Every cached embedding (first part wins for a document in several) and the parts read. A part that
+    a concurrent merge deleted after it was listed makes the listing start again."""
+    for _ in range(5):
+        parts = _embedding_parts(folder)
+        legacy = folder.with_suffix(".parquet")  # the single file earlier versions rewrote on every write
+        files = ([legacy] if legacy.exists() else []) + parts
+        try:
+            frames = [pl.read_parquet(f) for f in files]
+        except FileNotFoundError:
+            continue
+        known = pl.concat(frames) if frames else pl.DataFrame(schema=EMBEDDING_SCHEMA)
+        return known.unique("doc_hash", keep="first", maintain_order=True), parts
+    raise RuntimeError(
+        f"Embeddings cache {folder}: its parts kept changing while being read; run the step again."
+    )
+
+
+def _append_embedding_cache(folder: Path, new: pl.DataFrame, known: pl.DataFrame, read: list[Path]) -> None:
+    """Add `new` as a part of its own (atomic, a unique name), so concurrent steps never overwrite each
+    other's embeddings; past EMBEDDING_PARTS_MERGED_AT parts, the parts read (`known`, first-wins) become
+    one part named as the oldest of them, which sorts before every part written since, and are deleted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(str(folder / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"), new)
+    if len(read) > EMBEDDING_PARTS_MERGED_AT:
+        oldest = read[0].name.split("-")[0]
+        write_parquet_atomic(str(folder / f"{oldest}-{uuid.uuid4().hex[:12]}.parquet"), known)
+        for part in read:
+            part.unlink(missing_ok=True)
+
+
 def cached_document_embeddings(
     storage: StorageResource,
     docs: pl.DataFrame,
@@ -178,14 +227,14 @@ def cached_document_embeddings(
     log: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, int]:
     """Embeddings of `docs` (row i = docs row i) and how many were computed now; the rest come from a cache
-    under `<data_dir>/cache/embeddings/` keyed by (model, layer, normalize) and document hash."""
+    under `<data_dir>/cache/embeddings/<key>/` keyed by (model, layer, normalize) and document hash: one
+    Parquet part per write, so steps running at once (several workers) each add theirs."""
     from interp_assets.engine.documents import document_embeddings
 
     # "text-as-text": special-token strings in a text are tokenized as text (embeddings made before are stale)
     key = hashlib.sha256(json.dumps([model, layer, normalize, "text-as-text"]).encode()).hexdigest()[:12]
-    path = storage.cache_dir / "embeddings" / f"{key}.parquet"
-    schema = {"doc_hash": pl.String, "embedding": pl.List(pl.Float32)}
-    known = pl.read_parquet(path) if path.exists() else pl.DataFrame(schema=schema)
+    folder = storage.cache_dir / "embeddings" / key
+    known, parts = _read_embedding_cache(folder)
     missing = (
         docs.select("doc_hash", "text")
         .unique("doc_hash", keep="first")
@@ -200,10 +249,11 @@ def cached_document_embeddings(
             normalize=normalize,
             on_batch=progress.update if progress is not None else None,
         )
-        new = pl.DataFrame({"doc_hash": missing["doc_hash"], "embedding": list(vectors)}, schema=schema)
+        new = pl.DataFrame(
+            {"doc_hash": missing["doc_hash"], "embedding": list(vectors)}, schema=EMBEDDING_SCHEMA
+        )
+        _append_embedding_cache(folder, new, known, parts)
         known = pl.concat([known, new])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_table(str(path.parent), key, None, known)
     aligned = docs.select("doc_hash").join(known, on="doc_hash", how="left", maintain_order="left")
     return np.asarray(aligned["embedding"].to_list(), dtype=np.float32), missing.height
 
