@@ -322,8 +322,8 @@ class ActivationCache:
         count = max(1, -(-len(hashes) // shard_documents))
         shards: list[list[str]] = [[]]
         for rng in iter_chunks(len(hashes), lengths, max_docs or CHUNK_DOCS, max_chars or CHUNK_CHARS):
-            # start a new shard once this one reached its share of the documents
-            if shards[-1] and rng.start >= len(hashes) * len(shards) / count:
+            # start a new shard when this chunk lies mostly past the current shard's share of the documents
+            if shards[-1] and (rng.start + rng.stop) / 2 > len(hashes) * len(shards) / count:
                 shards.append([])
             shards[-1].extend(hashes[i] for i in rng)
         return [s for s in shards if s]

@@ -102,11 +102,12 @@ def test_shards_need_the_stored_documents(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "n, shard, sizes", [(160, 80, [80, 80]), (160, 1000, [160]), (100, 30, [40, 20, 20, 20])]
+    "n, shard, sizes",
+    [(160, 80, [80, 80]), (160, 1000, [160]), (100, 30, [20, 40, 20, 20]), (5000, 2500, [2048, 2952])],
 )
 def test_shard_plan_cuts_at_chunk_boundaries(tmp_path, n, shard, sizes):
     cache = activation_cache.ActivationCache(tmp_path, "fingerprint")
     docs = pl.DataFrame({"doc_hash": [f"h{i}" for i in range(n)], "text": ["some text"] * n})
-    plan = cache.shard_plan(docs, shard, max_docs=20)
+    plan = cache.shard_plan(docs, shard, max_docs=2048 if n == 5000 else 20)
     assert [len(s) for s in plan] == sizes
     assert [h for s in plan for h in s] == docs["doc_hash"].to_list()
