@@ -24,11 +24,11 @@ from dagster import (
     Output,
     asset,
     define_asset_job,
-    in_process_executor,
     multi_asset,
 )
 
 from interp_assets.defs.feature_assets import pool_embeddings, read_token_activations
+from interp_assets.defs.jobs import EXECUTOR
 from interp_assets.defs.partitions import datasets_partitions
 from interp_assets.defs.readers import DEFAULT_READER, READERS_FILE, ExtraReader
 from interp_assets.defs.shared import (
@@ -402,7 +402,7 @@ def reader_jobs(readers: dict[str, ExtraReader]) -> list[Any]:
             "readers_job",
             selection=AssetSelection.assets(*keys),
             partitions_def=datasets_partitions,
-            executor_def=in_process_executor,
+            executor_def=EXECUTOR,
             description="Read one dataset with every extra reader (config/readers.json) and match their "
             "features with their match_with reader's (feature_matches).",
         )
