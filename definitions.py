@@ -19,6 +19,7 @@ from interp_assets.defs.sensors import (
     warehouse_views_after_failure_sensor,
     warehouse_views_sensor,
 )
+from interp_assets.defs.shard_jobs import encode_shards_job
 from interp_assets.storage.paths import data_dir
 from io_managers.parquet import ParquetIOManager
 from resources.llm import LLMResource
@@ -79,7 +80,7 @@ def build_resources() -> dict:
 
 defs = Definitions(
     assets=[*ALL_ASSETS, *reader_assets(READERS)],
-    jobs=[dataset_job, embed_job, label_job, diff_job, *reader_jobs(READERS)],
+    jobs=[dataset_job, embed_job, label_job, diff_job, encode_shards_job, *reader_jobs(READERS)],
     sensors=[
         landing_sensor,
         comparisons_sensor,

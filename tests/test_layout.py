@@ -34,6 +34,7 @@ FORBIDDEN = {
 }
 DAGSTER_SIDE = (
     "dagster",
+    "dagster_celery",
     "dagster_duckdb",
     "dagster_webserver",
     "resources",

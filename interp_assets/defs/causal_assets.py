@@ -22,6 +22,7 @@ from interp_assets.defs.partitions import comparisons_partitions, datasets_parti
 from interp_assets.defs.shared import (
     INPUTS_KEY,
     MODEL_POOL,
+    MODEL_STEP_TAGS,
     OWNERS,
     column_schema,
     inputs_key,
@@ -96,6 +97,7 @@ def _sample(ids: list[str], n: int, rng: np.random.Generator) -> list[str]:
     metadata=column_schema("feature_effects"),
     code_version=EFFECTS_CODE_VERSION,
     pool=MODEL_POOL,
+    op_tags=MODEL_STEP_TAGS,
     deps=[
         AssetDep("diff_reports"),
         AssetDep("diff_features"),
@@ -245,6 +247,7 @@ class CriterionEffectsConfig(Config):
     metadata=column_schema("criterion_effects"),
     code_version=EFFECTS_CODE_VERSION,
     pool=MODEL_POOL,
+    op_tags=MODEL_STEP_TAGS,
     deps=[AssetDep("feature_associations"), AssetDep("token_activations"), AssetDep("raw_documents")],
     description="Causal evidence for the features that go with one metadata criterion (launchpad: "
     "`criterion`, e.g. escalated or topic=billing): each is ablated inside the reader on documents where it "

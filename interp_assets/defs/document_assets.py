@@ -27,6 +27,7 @@ from interp_assets.defs.partitions import comparisons_partitions, datasets_parti
 from interp_assets.defs.shared import (
     INPUTS_KEY,
     MODEL_POOL,
+    MODEL_STEP_TAGS,
     OWNERS,
     cached_document_embeddings,
     column_schema,
@@ -88,6 +89,7 @@ class DocumentEmbeddingsConfig(Config):
     metadata=column_schema("document_embeddings"),
     code_version="1",
     pool=MODEL_POOL,
+    op_tags=MODEL_STEP_TAGS,
     description="One embedding per document: the reader's hidden states at one layer, mean-pooled over the "
     "document's tokens and L2-normalized (for the embedded MiniLM: its sentence embedding). Cached by "
     "content hash.",
@@ -205,6 +207,7 @@ def _represent(
     metadata=column_schema("document_sae"),
     code_version=DOCUMENT_SAE_VERSION,
     pool=MODEL_POOL,
+    op_tags=MODEL_STEP_TAGS,
     deps=[
         AssetDep("document_embeddings", partition_mapping=AllPartitionMapping()),
         AssetDep("pooled_embeddings", partition_mapping=AllPartitionMapping()),

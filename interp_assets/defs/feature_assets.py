@@ -19,7 +19,7 @@ from dagster import (
 )
 
 from interp_assets.defs.partitions import datasets_partitions
-from interp_assets.defs.shared import MODEL_POOL, OWNERS, column_schema, side_table_output
+from interp_assets.defs.shared import MODEL_POOL, MODEL_STEP_TAGS, OWNERS, column_schema, side_table_output
 from interp_assets.engine.activation_cache import ActivationCache, token_activations_schema
 from interp_assets.engine.activations import encode_texts
 from interp_assets.engine.pooling import (
@@ -73,6 +73,7 @@ from resources.storage import StorageResource
         ),
     },
     pool=MODEL_POOL,
+    op_tags=MODEL_STEP_TAGS,
     check_specs=[
         AssetCheckSpec("every_document_accounted_for", asset="token_activations", blocking=True),
         AssetCheckSpec("activations_finite_and_positive", asset="token_activations", blocking=True),

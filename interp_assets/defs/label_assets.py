@@ -14,6 +14,7 @@ from interp_assets.defs.partitions import datasets_partitions
 from interp_assets.defs.shared import (
     INPUTS_KEY,
     MODEL_POOL,
+    MODEL_STEP_TAGS,
     OWNERS,
     cached_document_embeddings,
     cached_text_embeddings,
@@ -69,6 +70,7 @@ def _document_embeddings(storage: StorageResource, docs: pl.DataFrame, max_docs:
     metadata=column_schema("feature_labels"),
     code_version=LABELS_CODE_VERSION,
     pool=MODEL_POOL,
+    op_tags=MODEL_STEP_TAGS,
     deps=[AssetDep("pooled_embeddings"), AssetDep("activation_status"), AssetDep("feature_associations")],
     description="Labels for the features that matter in this dataset (frequent, distinctive against its "
     "comparison partners, requested): published labels, else an LLM when configured, else an offline "
@@ -253,6 +255,7 @@ def _split_parameters(config: FeatureLabelsConfig) -> dict[str, int]:
     metadata=column_schema("feature_scores"),
     code_version=SCORES_CODE_VERSION,
     pool=MODEL_POOL,
+    op_tags=MODEL_STEP_TAGS,
     description="Every label scored on held-out documents never shown to the labeler: precision, recall, F1, "
     "balanced accuracy, AUC and a bootstrap interval, offline (embedding) and with an LLM when configured.",
 )

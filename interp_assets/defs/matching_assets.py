@@ -24,15 +24,16 @@ from dagster import (
     Output,
     asset,
     define_asset_job,
-    in_process_executor,
     multi_asset,
 )
 
 from interp_assets.defs.feature_assets import pool_embeddings, read_token_activations
+from interp_assets.defs.jobs import EXECUTOR
 from interp_assets.defs.partitions import datasets_partitions
 from interp_assets.defs.readers import DEFAULT_READER, READERS_FILE, ExtraReader
 from interp_assets.defs.shared import (
     MODEL_POOL,
+    MODEL_STEP_TAGS,
     OWNERS,
     column_schema,
     label_cache,
@@ -139,6 +140,7 @@ def _token_activations_asset(reader: ExtraReader) -> AssetsDefinition:
             ),
         },
         pool=MODEL_POOL,
+        op_tags=MODEL_STEP_TAGS,
         required_resource_keys={"storage", reader_resource_key(reader.name)},
         check_specs=[
             AssetCheckSpec("every_document_accounted_for", asset=key, blocking=True),
@@ -402,7 +404,7 @@ def reader_jobs(readers: dict[str, ExtraReader]) -> list[Any]:
             "readers_job",
             selection=AssetSelection.assets(*keys),
             partitions_def=datasets_partitions,
-            executor_def=in_process_executor,
+            executor_def=EXECUTOR,
             description="Read one dataset with every extra reader (config/readers.json) and match their "
             "features with their match_with reader's (feature_matches).",
         )

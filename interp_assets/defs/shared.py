@@ -3,7 +3,11 @@
 import hashlib
 import io
 import json
+import logging
+import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -23,9 +27,15 @@ from dagster import (
 from interp_assets.comparisons import load_dataset_settings
 from interp_assets.labels.labeling import LabelCache
 from interp_assets.progress import Progress
-from interp_assets.storage.cache_files import load_cache_file, write_cache_file
+from interp_assets.storage.cache_files import load_cache_file, sums_path, write_cache_file
 from interp_assets.storage.checksums import checksum_problem, file_sha256
-from interp_assets.storage.parquet import parquet_bytes, read_table, table_exists, table_files
+from interp_assets.storage.parquet import (
+    is_tmp_name,
+    parquet_bytes,
+    read_table,
+    table_exists,
+    table_files,
+)
 from interp_assets.storage.paths import table_path
 from interp_assets.storage.schemas import TABLES
 from io_managers.parquet import output_metadata
@@ -35,6 +45,10 @@ from resources.storage import StorageResource
 DATA_VERSION_TAG = "dagster/data_version"  # the tag Dagster stores a materialization's data version under
 
 MODEL_POOL = "sae_model"  # every step that runs the reader model shares this concurrency pool
+# On the celery executor (INTERP_EXECUTOR=celery) every step that runs the reader model goes to its own
+# queue, which only the workers beside a GPU consume; the other steps go to celery's default `dagster`.
+MODEL_QUEUE = "sae_model"
+MODEL_STEP_TAGS = {"dagster-celery/queue": MODEL_QUEUE}
 OWNERS = ["team:interp-platform"]  # who answers for every asset (the catalog's owner filter)
 
 
@@ -167,6 +181,67 @@ def recorded_d_sae(context: AssetExecutionContext, dataset: str) -> int | None:
     return int(value) if value is not None else None
 
 
+_log = logging.getLogger(__name__)
+EMBEDDING_SCHEMA = {"doc_hash": pl.String, "embedding": pl.List(pl.Float32)}
+EMBEDDING_PARTS_MERGED_AT = 32  # a write that finds more parts than this merges them into one
+
+
+def _embedding_parts(folder: Path) -> list[Path]:
+    """The committed parts of one embeddings cache, oldest first (names start with their write time)."""
+    return sorted(p for p in folder.glob("*.parquet") if not is_tmp_name(p.name)) if folder.is_dir() else []
+
+
+def _read_embedding_cache(
+    folder: Path, log: Callable[[str], None] | None = None
+) -> tuple[pl.DataFrame, list[Path]]:
+    """Every cached embedding (first part wins for a document in several) and the parts read. Each part is
+    checked against its recorded checksum (`storage.cache_files`): a damaged one is quarantined with a
+    warning and its documents count as not embedded. A part that a concurrent merge deleted after it was
+    listed makes the listing start again."""
+    for _ in range(5):
+        parts = _embedding_parts(folder)
+        legacy = folder.with_suffix(".parquet")  # the single file earlier versions rewrote on every write
+        files = ([legacy] if legacy.exists() else []) + parts
+        frames, vanished = [], False
+        for path in files:
+            damaged: list[str] = []
+
+            def warn(message: str, damaged: list[str] = damaged) -> None:
+                damaged.append(message)
+                (log or _log.warning)(message)
+
+            frame = load_cache_file(path, _read_parquet_bytes, "document embeddings cache part", warn)
+            if frame is None and not damaged:
+                vanished = True
+                break
+            if frame is not None:
+                frames.append(frame)
+        if vanished:
+            continue
+        known = pl.concat(frames) if frames else pl.DataFrame(schema=EMBEDDING_SCHEMA)
+        return known.unique("doc_hash", keep="first", maintain_order=True), [p for p in parts if p.exists()]
+    raise RuntimeError(
+        f"Embeddings cache {folder}: its parts kept changing while being read; run the step again."
+    )
+
+
+def _append_embedding_cache(folder: Path, new: pl.DataFrame, known: pl.DataFrame, read: list[Path]) -> None:
+    """Add `new` as a part of its own (atomic, a unique name, its checksum recorded), so concurrent steps
+    never overwrite each other's embeddings; past EMBEDDING_PARTS_MERGED_AT parts, the parts read (`known`,
+    first-wins) become one part named as the oldest of them, which sorts before every part written since,
+    and are deleted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    part = folder / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
+    write_cache_file(part, parquet_bytes(new.to_arrow()))
+    if len(read) > EMBEDDING_PARTS_MERGED_AT:
+        oldest = read[0].name.split("-")[0]
+        merged = folder / f"{oldest}-{uuid.uuid4().hex[:12]}.parquet"
+        write_cache_file(merged, parquet_bytes(known.to_arrow()))
+        for part in read:
+            part.unlink(missing_ok=True)
+            sums_path(part).unlink(missing_ok=True)
+
+
 def cached_document_embeddings(
     storage: StorageResource,
     docs: pl.DataFrame,
@@ -176,16 +251,14 @@ def cached_document_embeddings(
     log: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, int]:
     """Embeddings of `docs` (row i = docs row i) and how many were computed now; the rest come from a cache
-    under `<data_dir>/cache/embeddings/` keyed by (model, layer, normalize) and document hash."""
+    under `<data_dir>/cache/embeddings/<key>/` keyed by (model, layer, normalize) and document hash: one
+    Parquet part per write, so steps running at once (several workers) each add theirs."""
     from interp_assets.engine.documents import document_embeddings
 
     # "text-as-text": special-token strings in a text are tokenized as text (embeddings made before are stale)
     key = hashlib.sha256(json.dumps([model, layer, normalize, "text-as-text"]).encode()).hexdigest()[:12]
-    path = storage.cache_dir / "embeddings" / f"{key}.parquet"
-    schema = {"doc_hash": pl.String, "embedding": pl.List(pl.Float32)}
-    known = load_cache_file(path, _read_parquet_bytes, "document embeddings cache", on_warning=log)
-    if known is None:
-        known = pl.DataFrame(schema=schema)
+    folder = storage.cache_dir / "embeddings" / key
+    known, parts = _read_embedding_cache(folder, log)
     missing = (
         docs.select("doc_hash", "text")
         .unique("doc_hash", keep="first")
@@ -200,9 +273,11 @@ def cached_document_embeddings(
             normalize=normalize,
             on_batch=progress.update if progress is not None else None,
         )
-        new = pl.DataFrame({"doc_hash": missing["doc_hash"], "embedding": list(vectors)}, schema=schema)
+        new = pl.DataFrame(
+            {"doc_hash": missing["doc_hash"], "embedding": list(vectors)}, schema=EMBEDDING_SCHEMA
+        )
+        _append_embedding_cache(folder, new, known, parts)
         known = pl.concat([known, new])
-        write_cache_file(path, parquet_bytes(known.to_arrow()))
     aligned = docs.select("doc_hash").join(known, on="doc_hash", how="left", maintain_order="left")
     return np.asarray(aligned["embedding"].to_list(), dtype=np.float32), missing.height
 

@@ -129,6 +129,8 @@ class EncodeStats:
 
 QUARANTINE = "quarantine"  # sub-folder where unreadable chunks are moved aside
 CHUNK_FILES = (".docs.parquet", ".sums.json", ".acts.parquet")  # docs first: without it, no commit
+# a chunk holds at most this many documents / characters (read when a chunk is planned)
+CHUNK_DOCS, CHUNK_CHARS = 2048, 400_000
 ORPHAN_AGE_S = 3600.0  # an uncommitted file older than this is no chunk in flight: a crash left it
 
 
@@ -391,13 +393,52 @@ class ActivationCache:
         self._index = (chunks, index)
         return index
 
+    def missing_documents(self, documents: pl.DataFrame, *, retry_rejected: bool = False) -> pl.DataFrame:
+        """The documents (columns doc_hash, text, and messages for conversations) whose hash is not cached
+        yet, first copy of each, in order: what `encode_missing` encodes."""
+        conversations = ["messages"] if "messages" in documents.columns else []
+        unique = documents.select("doc_hash", "text", *conversations).unique(
+            "doc_hash", keep="first", maintain_order=True
+        )
+        index = self.document_index()
+        done = index if not retry_rejected else index.filter(pl.col("status") == "encoded")
+        return unique.join(done.select("doc_hash"), on="doc_hash", how="anti", maintain_order="left")
+
+    def shard_plan(
+        self,
+        documents: pl.DataFrame,
+        shard_documents: int,
+        *,
+        max_docs: int | None = None,
+        max_chars: int | None = None,
+    ) -> list[list[str]]:
+        """The documents `encode_missing` would encode now, split into shards of about `shard_documents`
+        (one shard when there are at most that many): the doc_hash lists, in order.
+
+        Shards are cut at `encode_missing`'s own chunk boundaries, so a shard encoded by `encode_missing`
+        forms the same chunks, hence the same batches and bit-identical activations, as the whole list in
+        one call (a forward pass over a different batch can differ in the last bits)."""
+        if shard_documents < 1:
+            raise ValueError(f"shard_documents must be at least 1, got {shard_documents}")
+        missing = self.missing_documents(documents)
+        hashes = missing["doc_hash"].to_list()
+        lengths = [len(t) for t in missing["text"].to_list()]
+        count = max(1, -(-len(hashes) // shard_documents))
+        shards: list[list[str]] = [[]]
+        for rng in iter_chunks(len(hashes), lengths, max_docs or CHUNK_DOCS, max_chars or CHUNK_CHARS):
+            # start a new shard when this chunk lies mostly past the current shard's share of the documents
+            if shards[-1] and (rng.start + rng.stop) / 2 > len(hashes) * len(shards) / count:
+                shards.append([])
+            shards[-1].extend(hashes[i] for i in rng)
+        return [s for s in shards if s]
+
     def encode_missing(
         self,
         encode: Callable[[Sequence[str]], EncodedTexts],
         documents: pl.DataFrame,
         *,
-        max_docs: int = 2048,
-        max_chars: int = 400_000,
+        max_docs: int | None = None,
+        max_chars: int | None = None,
         retry_rejected: bool = False,
         on_chunk: Callable[[int, int], None] | None = None,
         on_start: Callable[[int], None] | None = None,
@@ -407,14 +448,10 @@ class ActivationCache:
 
         `on_start(n)` hears how many documents need encoding before the first chunk; `on_chunk(done, n)`
         after each committed chunk."""
-        conversations = ["messages"] if "messages" in documents.columns else []
-        unique = documents.select("doc_hash", "text", *conversations).unique(
-            "doc_hash", keep="first", maintain_order=True
-        )
+        conversations = "messages" in documents.columns
+        unique = documents.unique("doc_hash", keep="first", maintain_order=True)
         self.sweep_orphans()
-        index = self.document_index()
-        done = index if not retry_rejected else index.filter(pl.col("status") == "encoded")
-        missing = unique.join(done.select("doc_hash"), on="doc_hash", how="anti", maintain_order="left")
+        missing = self.missing_documents(unique, retry_rejected=retry_rejected)
         # a conversation is read as its turns (interp_assets.conversations); its text is the transcript
         texts = document_inputs(
             missing["text"].to_list(), missing["messages"].to_list() if conversations else None
@@ -424,7 +461,7 @@ class ActivationCache:
         lengths = [len(t) for t in texts]
         if on_start is not None:
             on_start(len(texts))
-        for rng in iter_chunks(len(texts), lengths, max_docs, max_chars):
+        for rng in iter_chunks(len(texts), lengths, max_docs or CHUNK_DOCS, max_chars or CHUNK_CHARS):
             result = encode([texts[i] for i in rng])
             chunk_hashes = [hashes[i] for i in rng]
             self._commit(chunk_hashes, result)

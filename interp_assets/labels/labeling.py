@@ -110,6 +110,13 @@ def log_odds_z(y_fg: np.ndarray, y_bg: np.ndarray, alpha: np.ndarray) -> np.ndar
     return delta / np.sqrt(1.0 / (y_fg + alpha) + 1.0 / (y_bg + alpha))
 
 
+def _most_common(counts: Counter[str], k: int) -> list[str]:
+    """The `k` most counted terms, ties in alphabetical order: `Counter.most_common` breaks ties by
+    insertion order, which follows the iteration order of the sets counted, so it differed between
+    processes (Python's string hashing is salted per process) and a worker labeled differently."""
+    return [t for t, _ in sorted(counts.items(), key=lambda tc: (-tc[1], tc[0]))[:k]]
+
+
 def _ranked_terms(
     fg: Counter[str], bg: Counter[str], prior_strength: float, min_count: int
 ) -> list[tuple[str, float]]:
@@ -310,7 +317,7 @@ def offline_label(
 
     n_pos = len(positives)
     meta = _metadata_phrase(documents, positives, background)
-    common = [w for w, _ in fg_active.most_common(max_terms)]
+    common = _most_common(fg_active, max_terms)
     varied_first = len(fg_active) >= 3 and fg_active[common[0]] <= 0.5 * n_pos
     if first_only >= position_share * n_pos and varied_first:
         sentence = (
@@ -354,7 +361,7 @@ def offline_label(
         covered = sum(1 for d in positives if active_by_doc[d] & (set(content) | set(phrase.split())))
         sentence = f"Fires on {_quoted([t.strip(chr(34)) for t in fires])}; {covered} of {n_pos} top examples"
     else:
-        syntax = top or [t for t, _ in fg_active.most_common(max_terms)]
+        syntax = top or _most_common(fg_active, max_terms)
         if syntax and all(_is_function_term(t) for t in syntax):
             parts.append(f"{SYNTAX_LABEL} ({', '.join(syntax)})")
             covered = sum(1 for d in positives if active_by_doc[d] & set(syntax))

@@ -32,3 +32,45 @@ def test_texts_embedded_once_and_shared_with_documents(tmp_path: Path) -> None:
     # another model or layer is another cache entry, never a wrong hit
     _, computed = cached_text_embeddings(storage, texts[:1], DEFAULT_EMBEDDING_MODEL, layer=3)
     assert computed == 1
+
+
+def _vectors(hashes: list[str], value: float) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"doc_hash": hashes, "embedding": [[value] * 4 for _ in hashes]},
+        schema={"doc_hash": pl.String, "embedding": pl.List(pl.Float32)},
+    )
+
+
+def test_concurrent_writers_keep_each_others_embeddings(tmp_path: Path) -> None:
+    """Two steps that read the cache at once and then both add what they computed (two workers on the
+    celery executor): each write is a part of its own, so neither loses the other's entries (a single
+    file rewritten by both lost the first writer's, and its documents were embedded again, in another
+    batch, with other last bits). Many parts are merged into one, first part winning."""
+    from interp_assets.defs import shared
+
+    folder = tmp_path / "embeddings" / "key"
+    known_a, parts_a = shared._read_embedding_cache(folder)
+    known_b, parts_b = shared._read_embedding_cache(folder)
+    shared._append_embedding_cache(folder, _vectors(["a1", "a2"], 1.0), known_a, parts_a)
+    shared._append_embedding_cache(folder, _vectors(["b1", "a2"], 2.0), known_b, parts_b)
+    known, parts = shared._read_embedding_cache(folder)
+    assert len(parts) == 2 and sorted(known["doc_hash"]) == ["a1", "a2", "b1"]
+    assert known.filter(pl.col("doc_hash") == "a2")["embedding"].to_list() == [[1.0] * 4]  # first wins
+
+    for i in range(shared.EMBEDDING_PARTS_MERGED_AT):
+        known, parts = shared._read_embedding_cache(folder)
+        shared._append_embedding_cache(folder, _vectors([f"n{i}"], 3.0), known, parts)
+    merged, parts = shared._read_embedding_cache(folder)
+    assert len(parts) == 2  # the merged part and the write that triggered the merge
+    assert merged.height == 3 + shared.EMBEDDING_PARTS_MERGED_AT
+    assert merged.filter(pl.col("doc_hash") == "a2")["embedding"].to_list() == [[1.0] * 4]
+
+
+def test_single_file_cache_of_earlier_versions_is_read(tmp_path: Path) -> None:
+    from interp_assets.defs import shared
+
+    folder = tmp_path / "embeddings" / "key"
+    folder.parent.mkdir(parents=True)
+    _vectors(["old"], 5.0).write_parquet(folder.with_suffix(".parquet"))
+    known, parts = shared._read_embedding_cache(folder)
+    assert parts == [] and known["doc_hash"].to_list() == ["old"]

@@ -6,15 +6,10 @@ the landing sensor's run. Skips only when the PostgreSQL binaries are missing.""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -38,8 +33,10 @@ from interp_assets.defs.shared import MODEL_POOL
 from interp_assets.storage.parquet import read_table
 from resources.local import local_resources
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from servers import create_database, postgres_server, stop_group  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
-BIN_DIRS = ("/usr/local/bin", "/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin")
 N_DOCS = 40
 DATASETS = ("support_assistant_a", "support_assistant_b")
 TABLES = ("raw_documents", "token_activations", "pooled_embeddings", "activation_status")
@@ -51,74 +48,11 @@ SORT = {
 }
 
 
-def _binary(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    return next((f"{d}/{name}" for d in BIN_DIRS if os.access(f"{d}/{name}", os.X_OK)), None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[dict]:
-    """A PostgreSQL server of our own: initdb + pg_ctl in a temporary folder, TCP on 127.0.0.1 only, trust
-    authentication, fsync off. PostgreSQL refuses to run as root, so as root it runs as the `postgres`
-    user (else `nobody`) through runuser; stopped and removed afterwards."""
-    initdb, pg_ctl = _binary("initdb"), _binary("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found on PATH or in " + ", ".join(BIN_DIRS))
-    prefix: list[str] = []
-    folder = Path(tempfile.mkdtemp(prefix="interp-pg-"))
-    if os.geteuid() == 0:
-        runuser = shutil.which("runuser") or shutil.which("su")
-        if runuser is None:
-            pytest.skip("running as root and neither runuser nor su is available to drop privileges")
-        user = next((u for u in ("postgres", "nobody") if _has_user(u)), None)
-        if user is None:
-            pytest.skip("running as root and no unprivileged user (postgres, nobody) to run PostgreSQL")
-        os.chown(folder, pwd.getpwnam(user).pw_uid, -1)
-        prefix = [runuser, "-u", user, "--"] if runuser.endswith("runuser") else []
-        if not prefix:
-            pytest.skip("running as root: only `su` found; use runuser (util-linux) to run PostgreSQL")
-    data, port = folder / "data", _free_port()
-
-    def run(*cmd: str) -> None:
-        done = subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=120, check=False)
-        if done.returncode:
-            log = (folder / "server.log").read_text() if (folder / "server.log").exists() else ""
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stdout}{done.stderr}{log}")
-
-    run(initdb, "-D", str(data), "-A", "trust", "-U", "dagster", "-E", "UTF8", "--no-sync")
-    options = f"-h 127.0.0.1 -p {port} -k {folder} -F"
-    run(pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "server.log"), "-w", "-t", "60", "start")
-    try:
-        import psycopg2
-
-        conn = psycopg2.connect(host="127.0.0.1", port=port, user="dagster", dbname="postgres")
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("CREATE DATABASE dagster")
-        conn.close()
-        os.environ["DAGSTER_PG_USER"], os.environ["DAGSTER_PG_PASSWORD"] = "dagster", "unused-with-trust"
-        yield {"hostname": "127.0.0.1", "db_name": "dagster", "port": port}
-    finally:
-        for name in ("DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD"):
-            os.environ.pop(name, None)
-        run(pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop")
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _has_user(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        return False
+    """A PostgreSQL server of our own (`servers.postgres_server`), for this module's tests."""
+    with postgres_server() as pg:
+        yield pg
 
 
 def _readme_storage_block() -> dict:
@@ -213,13 +147,7 @@ def test_sae_model_pool_holds_and_frees_slots_on_postgres(postgres, tmp_path):
     """A live run holding the pool's one slot blocks a model step; once that run is recognized as dead
     (run_recovery, as run_main_job.py does at start) its slot is freed and the step runs."""
     pg_conf = postgres | {"db_name": "pool"}
-    import psycopg2
-
-    conn = psycopg2.connect(host="127.0.0.1", port=postgres["port"], user="dagster", dbname="postgres")
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("CREATE DATABASE pool")
-    conn.close()
+    create_database(postgres, "pool")
     with instance_for_test(overrides=_instance_config(pg_conf)) as instance:
         dead = subprocess.Popen(["true"])
         dead.wait()
@@ -252,21 +180,11 @@ def test_sae_model_pool_holds_and_frees_slots_on_postgres(postgres, tmp_path):
         assert instance.event_log_storage.get_concurrency_info(MODEL_POOL).active_slot_count == 0
 
 
-def _create_database(pg: dict, name: str) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(host="127.0.0.1", port=pg["port"], user="dagster", dbname="postgres")
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    conn.close()
-
-
 def test_daemon_and_queued_runs_on_postgres(postgres, tmp_path):
     """The deployment path: a drop lands, `dagster-daemon run` (sensors + the queued run coordinator) on a
     PostgreSQL instance sees it, queues dataset_job for the new partition, dequeues and launches it in its
     own process; the run succeeds and the dataset's tables are written."""
-    _create_database(postgres, "daemon")
+    create_database(postgres, "daemon")
     home, data = tmp_path / "home", tmp_path / "data"
     home.mkdir()
     config = _instance_config(postgres | {"db_name": "daemon"})
@@ -332,27 +250,5 @@ def test_daemon_and_queued_runs_on_postgres(postgres, tmp_path):
         instance.dispose()
         print(f"daemon, queued run on PostgreSQL: {time.monotonic() - started:.1f} s")
     finally:
-        _stop_group(daemon)
+        stop_group(daemon)
         log.close()
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group the test started (the daemon, its code server, run workers), then
-    SIGKILL to what is left after 60 s: the daemon alone would leave its gRPC code server running."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()

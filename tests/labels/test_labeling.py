@@ -598,3 +598,13 @@ def test_a_feature_on_the_first_word_is_a_position_feature() -> None:
 )
 def test_is_stopword_label(label: str, stopwords: bool) -> None:
     assert is_stopword_label(label) is stopwords
+
+
+def test_offline_label_terms_tie_break_alphabetically():
+    """Ties among the most frequent terms go in alphabetical order, not in the order a set yielded them
+    (which changes with each process's string-hash salt, so two workers labeled one feature differently)."""
+    from collections import Counter
+
+    from interp_assets.labels.labeling import _most_common
+
+    assert _most_common(Counter({"with": 1, "can": 1, "in": 1, "the": 2}), 3) == ["the", "can", "in"]

@@ -127,7 +127,7 @@ def test_a_damaged_embeddings_cache_is_quarantined_and_the_embeddings_computed_a
     model = DEFAULT_EMBEDDING_MODEL
     first, computed = cached_document_embeddings(storage, docs, model)
     assert computed == len(texts)
-    (path,) = (storage.cache_dir / "embeddings").glob("*.parquet")
+    (path,) = (storage.cache_dir / "embeddings").glob("*/*.parquet")  # one part, written by the first call
     flip_inside_data(path)
     warnings: list[str] = []
     again, computed = cached_document_embeddings(storage, docs, model, log=warnings.append)
