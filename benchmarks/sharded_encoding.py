@@ -30,10 +30,8 @@ Usage: python benchmarks/sharded_encoding.py [--n-docs 20000] [--shard-documents
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -52,6 +50,7 @@ import yaml  # noqa: E402
 from dagster import DagsterEventType, DagsterInstance, materialize  # noqa: E402
 
 from benchmarks._common import git_state, load_average, print_table, write_results  # noqa: E402
+from benchmarks.incremental import load_sentences  # noqa: E402
 
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 RESULTS = ROOT / "benchmarks" / "results" / "sharded_encoding.json"
@@ -62,27 +61,6 @@ SORT = {
     "token_activations": ["doc_id", "token_index", "feature"],
     "pooled_embeddings": ["doc_id", "feature"],
 }
-
-
-def load_sentences(path: Path, n: int, seed: int) -> list[dict]:
-    """`n` distinct non-empty SST-2 sentences (with label), shuffled with `seed`."""
-    if not path.is_file():
-        raise SystemExit(f"SST-2 not found at {path}: the benchmark reads its sentences at run time.")
-    seen: set[str] = set()
-    rows = []
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader)
-        s_col, l_col = header.index("sentence"), header.index("label")
-        for rec in reader:
-            text = rec[s_col]
-            if text.strip() and text not in seen:
-                seen.add(text)
-                rows.append({"sentence": text, "label": int(rec[l_col])})
-    if len(rows) < n:
-        raise SystemExit(f"{path} has only {len(rows)} distinct sentences; {n} needed.")
-    random.Random(seed).shuffle(rows)
-    return rows[:n]
 
 
 def prepare(data: Path, rows: list[dict]) -> None:

@@ -19,9 +19,15 @@ from dagster import (
 )
 
 from interp_assets.defs.partitions import datasets_partitions
-from interp_assets.defs.shared import MODEL_POOL, MODEL_STEP_TAGS, OWNERS, column_schema, side_table_output
+from interp_assets.defs.shared import (
+    MODEL_POOL,
+    MODEL_STEP_TAGS,
+    OWNERS,
+    column_schema,
+    encode_with_progress,
+    side_table_output,
+)
 from interp_assets.engine.activation_cache import ActivationCache, token_activations_schema
-from interp_assets.engine.activations import encode_texts
 from interp_assets.engine.pooling import (
     POOLED_SCHEMA,
     POOLING_VERSION,
@@ -104,21 +110,10 @@ def read_token_activations(
         storage.activation_cache_root, identity.fingerprint, on_warning=context.log.warning
     )
     progress = Progress(f"{dataset}: encoding new documents", 0, context.log.info)
-    chunk_start = [0]  # documents done before the chunk in flight
 
     def start(total: int) -> None:
-        progress.total = total
         if total:
             context.log.info(f"{dataset}: {total:,} of {docs.height:,} documents need encoding")
-
-    def chunk_done(done: int, total: int) -> None:
-        chunk_start[0] = done
-        progress.update(done)
-
-    def encode(texts: list[str]):
-        return encode_texts(
-            sae_reader.get_reader(), texts, on_batch=lambda n: progress.update(chunk_start[0] + n)
-        )
 
     # the SAE width travels with the files (a notebook's matrices then have every feature's column)
     schema = token_activations_schema(identity.activation_dtype).with_metadata(
@@ -131,7 +126,7 @@ def read_token_activations(
     to_read = [s.chunk for s in cache.activation_segments(ids, dataset, schema) if s.name not in stored]
     cache.verify_chunks(to_read)
     started = time.perf_counter()
-    stats = cache.encode_missing(encode, docs, on_chunk=chunk_done, on_start=start)
+    stats = encode_with_progress(cache, sae_reader, docs, progress, on_start=start)
     seconds = time.perf_counter() - started
     status = cache.activation_status(ids, dataset)
     version = hashlib.sha256(

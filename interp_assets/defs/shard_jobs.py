@@ -30,9 +30,8 @@ from dagster import (
 from pydantic import Field
 
 from interp_assets.defs.jobs import EXECUTOR
-from interp_assets.defs.shared import MODEL_POOL, MODEL_STEP_TAGS, stored_documents
+from interp_assets.defs.shared import MODEL_POOL, MODEL_STEP_TAGS, encode_with_progress, stored_documents
 from interp_assets.engine.activation_cache import ActivationCache
-from interp_assets.engine.activations import encode_texts
 from interp_assets.progress import Progress
 from interp_assets.storage.parquet import table_exists
 from resources.sae_reader import SAEReaderResource
@@ -66,7 +65,7 @@ def plan_shards(
         )
     docs = stored_documents(storage, config.dataset)
     fingerprint = sae_reader.get_identity().fingerprint
-    cache = ActivationCache(storage.cache_dir / "activations", fingerprint, on_warning=context.log.warning)
+    cache = ActivationCache(storage.activation_cache_root, fingerprint, on_warning=context.log.warning)
     shards = cache.shard_plan(docs, config.shard_documents)
     sizes = ", ".join(f"{len(s):,}" for s in shards)
     context.log.info(
@@ -94,25 +93,11 @@ def encode_shard(
     docs = wanted.join(stored, on="doc_hash", how="inner", maintain_order="left")
     identity = sae_reader.get_identity()
     cache = ActivationCache(
-        storage.cache_dir / "activations", identity.fingerprint, on_warning=context.log.warning
+        storage.activation_cache_root, identity.fingerprint, on_warning=context.log.warning
     )
     progress = Progress(f"{dataset} shard {shard['index']}: encoding", 0, context.log.info)
-    chunk_start = [0]
-
-    def start_encoding(total: int) -> None:
-        progress.total = total
-
-    def chunk_done(done: int, total: int) -> None:
-        chunk_start[0] = done
-        progress.update(done)
-
-    def encode(texts: list[str]):
-        return encode_texts(
-            sae_reader.get_reader(), texts, on_batch=lambda n: progress.update(chunk_start[0] + n)
-        )
-
     started = time.perf_counter()
-    stats = cache.encode_missing(encode, docs, on_chunk=chunk_done, on_start=start_encoding)
+    stats = encode_with_progress(cache, sae_reader, docs, progress)
     return {
         "dataset": dataset,
         "index": shard["index"],

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -319,3 +320,34 @@ def label_cache(storage: StorageResource, on_warning: Callable[[str], None] | No
     """The label cache every labeling step shares (`<data_dir>/cache/labels.parquet`): a feature labeled
     by one asset is served from it to the others."""
     return LabelCache(storage.cache_dir / "labels.parquet", on_warning)
+
+
+def encode_with_progress(
+    cache: Any,
+    sae_reader: SAEReaderResource,
+    docs: pl.DataFrame,
+    progress: Progress,
+    on_start: Callable[[int], None] | None = None,
+) -> Any:
+    """`cache.encode_missing(docs)` with `sae_reader`'s reader (loaded only if a document needs encoding),
+    reporting documents done to `progress` after every batch; `on_start(n)` hears how many need encoding.
+    Returns the `EncodeStats`."""
+    from interp_assets.engine.activations import encode_texts
+
+    chunk_start = [0]  # documents done before the chunk in flight
+
+    def start(total: int) -> None:
+        progress.total = total
+        if on_start is not None:
+            on_start(total)
+
+    def chunk_done(done: int, total: int) -> None:
+        chunk_start[0] = done
+        progress.update(done)
+
+    def encode(texts: list[str]) -> Any:
+        return encode_texts(
+            sae_reader.get_reader(), texts, on_batch=lambda n: progress.update(chunk_start[0] + n)
+        )
+
+    return cache.encode_missing(encode, docs, on_chunk=chunk_done, on_start=start)
