@@ -4,6 +4,7 @@ Loading this module imports neither torch nor sae_lens; the reader model loads o
 """
 
 import os
+import sys
 from pathlib import Path
 
 from dagster import Definitions, EnvVar
@@ -16,6 +17,7 @@ from interp_assets.defs.readers import load_readers, readers_file
 from interp_assets.defs.sensors import (
     comparisons_sensor,
     landing_sensor,
+    readers_file_sensor,
     warehouse_views_after_failure_sensor,
     warehouse_views_sensor,
 )
@@ -28,8 +30,17 @@ from resources.storage import StorageResource
 
 DATA_DIR = str(Path(data_dir()).resolve())
 PARQUET_BASE = os.environ.get("INTERP_PARQUET_BASE", str(Path(DATA_DIR) / "parquet"))
-# extra readers, each with its own lineage, and feature_matches (none unless the file declares readers)
-READERS = load_readers(readers_file(Path(DATA_DIR) / "config"))
+# extra readers, each with its own lineage, and feature_matches (none unless the file declares readers);
+# a bad readers file costs only the extra readers: readers_file_sensor's ticks fail with its error
+try:
+    READERS = load_readers(readers_file(Path(DATA_DIR) / "config"))
+except ValueError as exc:
+    READERS = {}
+    print(
+        f"Extra readers not loaded: {exc}\nEvery other asset is available; fix the file and reload the code "
+        "location (readers_file_sensor reports the error on each tick until then).",
+        file=sys.stderr,
+    )
 
 
 def _llm() -> LLMResource:
@@ -86,6 +97,7 @@ defs = Definitions(
         comparisons_sensor,
         warehouse_views_sensor,
         warehouse_views_after_failure_sensor,
+        readers_file_sensor,
     ],
     resources=build_resources(),
 )

@@ -19,6 +19,7 @@ from interp_assets.comparisons import load_comparisons
 from interp_assets.defs.assets import WAREHOUSE_TABLES
 from interp_assets.defs.jobs import dataset_job, diff_job, label_job
 from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
+from interp_assets.defs.readers import load_readers, readers_file
 from interp_assets.defs.shared import data_version, latest_materialization
 from interp_assets.ingest import DropError, clash_error, scan_drops
 from interp_assets.warehouse import refresh_views_with_resource
@@ -170,3 +171,18 @@ def warehouse_views_after_failure_sensor(
 ):
     counts = refresh_views_with_resource(duckdb, storage.parquet_base, WAREHOUSE_TABLES)
     context.log.info(f"DuckDB views refreshed after a failed run: {counts}")
+
+
+@sensor(
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+    description="Checks <data_dir>/config/readers.json (the extra readers): while it is invalid, each tick "
+    "fails with what is wrong, where and what to do; the code location then loads without the extra readers "
+    "and every other asset works. Reload the code location after fixing or changing the file.",
+)
+def readers_file_sensor(context: SensorEvaluationContext, storage: StorageResource):
+    path = readers_file(storage.config_dir)
+    if not path.exists():
+        return SkipReason(f"No extra readers declared ({path} does not exist).")
+    readers = load_readers(path)  # ValueError naming the file, the reader and the fix: a failed tick
+    return SkipReason(f"{path} is valid: {len(readers)} extra reader(s), {sorted(readers)}.")

@@ -15,14 +15,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from dagster import AssetKey, DagsterInstance, Definitions, materialize
+from dagster import AssetKey, DagsterInstance, Definitions, build_sensor_context, materialize
 
 from interp_assets.defs.assets import ALL_ASSETS
 from interp_assets.defs.matching_assets import reader_assets, reader_resources
 from interp_assets.defs.readers import load_readers
+from interp_assets.defs.sensors import readers_file_sensor
 from interp_assets.storage.parquet import read_table, write_table
 from interp_assets.storage.schemas import TABLES, schema_mismatches, stored_schemas
 from resources.local import local_resources
+from resources.storage import StorageResource
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SAE = ROOT / "resources/default_sae"
@@ -261,7 +263,7 @@ def test_bad_readers_files_say_what_where_and_how_to_fix(tmp_path: Path, readers
     assert expected in str(error.value) and str(path) in str(error.value)
 
 
-def test_definitions_build_the_readers_of_the_data_dir_and_refuse_a_bad_file(tmp_path: Path) -> None:
+def test_definitions_build_the_readers_of_the_data_dir_and_survive_a_bad_file(tmp_path: Path) -> None:
     """The code location reads `<data_dir>/config/readers.json` when it loads."""
     _write_config(tmp_path, {"copy": {"sae_path": str(DEFAULT_SAE)}})
     code = (
@@ -280,9 +282,19 @@ def test_definitions_build_the_readers_of_the_data_dir_and_refuse_a_bad_file(tmp
         job
         == "['copy/activation_status', 'copy/pooled_embeddings', 'copy/token_activations', 'feature_matches']"
     )
+    storage = StorageResource(data_dir=str(tmp_path))
+    valid = readers_file_sensor(build_sensor_context(resources={"storage": storage}))
+    assert "is valid: 1 extra reader(s), ['copy']" in valid.skip_message
+    # a bad file costs only the extra readers: every other asset loads, the error is said and kept visible
     (tmp_path / "config/readers.json").write_text(json.dumps({"copy": {"match_with": "nobody"}}))
+    code = "import definitions; print(sorted(s.key.to_user_string() for s in definitions.defs.resolve_all_asset_specs()))"  # noqa: E501
     bad = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "readers.json: reader 'copy'" in bad.stderr and "'nobody'" in bad.stderr
+    assert bad.returncode == 0, bad.stderr
+    assert "'token_activations'" in bad.stdout
+    assert "copy/" not in bad.stdout and "feature_matches" not in bad.stdout
+    assert "Extra readers not loaded" in bad.stderr and "readers.json: reader 'copy'" in bad.stderr
+    with pytest.raises(ValueError, match=r"readers\.json: reader 'copy'.*'nobody'"):
+        readers_file_sensor(build_sensor_context(resources={"storage": storage}))
 
 
 def test_notebook_and_warehouse_read_extra_readers_and_matches(pipeline) -> None:
