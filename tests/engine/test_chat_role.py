@@ -20,18 +20,22 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def _read(role: str) -> tuple[list[str], list[bool]]:
-    tok = _tokenizer()
-    reader = SimpleNamespace(
-        tokenizer=tok,
+def _reader(role: str) -> SimpleNamespace:
+    """What tokenize_documents reads of a chat-template reader, with the test tokenizer."""
+    return SimpleNamespace(
+        tokenizer=_tokenizer(),
         chat_template=True,
         chat_role=role,
         max_length=64,
         exclude_special_tokens=True,
         exclude_template_tokens=True,
     )
+
+
+def _read(role: str) -> tuple[list[str], list[bool]]:
+    reader = _reader(role)
     (doc,) = tokenize_documents(reader, ["hello world"])
-    return tok.convert_ids_to_tokens(doc.input_ids), doc.keep
+    return reader.tokenizer.convert_ids_to_tokens(doc.input_ids), doc.keep
 
 
 def test_user_role_reads_the_document_as_the_user_turn() -> None:
@@ -64,18 +68,10 @@ CONVERSATION = [
 
 
 def _read_conversation(role: str, turns: list[dict[str, str]] = CONVERSATION):
-    tok = _tokenizer()
-    reader = SimpleNamespace(
-        tokenizer=tok,
-        chat_template=True,
-        chat_role=role,
-        max_length=64,
-        exclude_special_tokens=True,
-        exclude_template_tokens=True,
-    )
+    reader = _reader(role)
     conversation = Conversation(turns)
     (doc,) = tokenize_documents(reader, [conversation])
-    return conversation, tok.convert_ids_to_tokens(doc.input_ids), doc
+    return conversation, reader.tokenizer.convert_ids_to_tokens(doc.input_ids), doc
 
 
 def test_a_conversation_is_read_through_the_template_turn_by_turn_keeping_the_roles_turns() -> None:
