@@ -12,7 +12,7 @@ from dagster_duckdb import DuckDBResource
 
 from interp_assets.defs.assets import ALL_ASSETS
 from interp_assets.defs.jobs import dataset_job, diff_job, embed_job, label_job
-from interp_assets.defs.matching_assets import reader_assets, reader_jobs, reader_resources
+from interp_assets.defs.matching_assets import reader_assets, reader_jobs, reader_resources, reader_sensors
 from interp_assets.defs.readers import load_readers, readers_file
 from interp_assets.defs.sensors import (
     comparisons_sensor,
@@ -89,15 +89,18 @@ def build_resources() -> dict:
     }
 
 
+READER_JOBS = reader_jobs(READERS)
+
 defs = Definitions(
     assets=[*ALL_ASSETS, *reader_assets(READERS)],
-    jobs=[dataset_job, embed_job, label_job, diff_job, encode_shards_job, *reader_jobs(READERS)],
+    jobs=[dataset_job, embed_job, label_job, diff_job, encode_shards_job, *READER_JOBS],
     sensors=[
         landing_sensor,
         comparisons_sensor,
         warehouse_views_sensor,
         warehouse_views_after_failure_sensor,
         readers_file_sensor,
+        *reader_sensors(READER_JOBS),
     ],
     resources=build_resources(),
 )

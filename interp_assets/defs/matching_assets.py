@@ -21,14 +21,20 @@ from dagster import (
     AssetOut,
     AssetsDefinition,
     AssetSelection,
+    DagsterRunStatus,
+    DefaultSensorStatus,
     Output,
+    RunRequest,
+    RunStatusSensorContext,
+    SkipReason,
     asset,
     define_asset_job,
     multi_asset,
+    run_status_sensor,
 )
 
 from interp_assets.defs.feature_assets import pool_embeddings, read_token_activations
-from interp_assets.defs.jobs import EXECUTOR
+from interp_assets.defs.jobs import EXECUTOR, dataset_job
 from interp_assets.defs.partitions import datasets_partitions
 from interp_assets.defs.readers import DEFAULT_READER, READERS_FILE, ExtraReader
 from interp_assets.defs.shared import (
@@ -409,3 +415,30 @@ def reader_jobs(readers: dict[str, ExtraReader]) -> list[Any]:
             "features with their match_with reader's (feature_matches).",
         )
     ]
+
+
+PARTITION_TAG = "dagster/partition"
+
+
+def reader_sensors(jobs: list[Any]) -> list[Any]:
+    """`readers_after_dataset_sensor`: after each successful `dataset_job` run (a new or changed drop), the
+    same dataset's `readers_job`, so extra readers keep up with the default one; none without readers."""
+    if not jobs:
+        return []
+    (readers_job,) = jobs
+
+    @run_status_sensor(
+        run_status=DagsterRunStatus.SUCCESS,
+        monitored_jobs=[dataset_job],
+        request_job=readers_job,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="After each successful dataset_job run, readers_job for the same dataset: every extra "
+        "reader (config/readers.json) reads the new documents and feature_matches follows.",
+    )
+    def readers_after_dataset_sensor(context: RunStatusSensorContext):
+        partition = context.dagster_run.tags.get(PARTITION_TAG)
+        if not partition:
+            return SkipReason(f"Run {context.dagster_run.run_id} has no dataset partition.")
+        return RunRequest(run_key=f"readers:{context.dagster_run.run_id}", partition_key=partition)
+
+    return [readers_after_dataset_sensor]

@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from dagster import AssetKey, DagsterInstance, Definitions, build_sensor_context, materialize
+from dagster import (
+    AssetKey,
+    DagsterInstance,
+    Definitions,
+    build_sensor_context,
+    instance_for_test,
+    materialize,
+)
 
 from interp_assets.defs.assets import ALL_ASSETS
 from interp_assets.defs.matching_assets import reader_assets, reader_resources
@@ -322,3 +329,25 @@ def test_notebook_and_warehouse_read_extra_readers_and_matches(pipeline) -> None
     refresh_views(db, str(data / "parquet"), ["feature_matches"])
     counts = query(db, "select dataset, count(*) as n from feature_matches group by dataset order by dataset")
     assert counts.rows() == [("alpha", 2 * 4096), ("beta", 2 * 4096)]
+
+
+def test_a_successful_dataset_run_requests_the_extra_readers_for_that_dataset(tmp_path: Path) -> None:
+    from dagster import DagsterEvent, DagsterEventType, DagsterRunStatus, build_run_status_sensor_context
+    from dagster._core.test_utils import create_run_for_test
+
+    from interp_assets.defs.matching_assets import reader_jobs, reader_sensors
+
+    readers = _write_config(tmp_path, {"copy": {"sae_path": str(DEFAULT_SAE)}})
+    (sensor,) = reader_sensors(reader_jobs(readers))
+    assert reader_sensors([]) == []  # no readers, no sensor
+    with instance_for_test() as instance:
+        tags = {"dagster/partition": "alpha"}
+        success = DagsterRunStatus.SUCCESS
+        run = create_run_for_test(instance, job_name="dataset_job", tags=tags, status=success)
+        event = DagsterEvent(DagsterEventType.RUN_SUCCESS.value, job_name="dataset_job")
+        context = build_run_status_sensor_context(
+            sensor_name=sensor.name, dagster_instance=instance, dagster_run=run, dagster_event=event
+        )
+        request = sensor(context)
+    assert request.partition_key == "alpha" and request.run_key == f"readers:{run.run_id}"
+    assert sensor.job_name == "readers_job"
