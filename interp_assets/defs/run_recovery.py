@@ -67,21 +67,33 @@ def process_alive(pid: int, start_ticks: str | None = None) -> bool:
 
 def recover_dead_local_runs(instance: DagsterInstance) -> list[str]:
     """Mark failed every unfinished run of this host whose recorded process is gone, and free its
-    concurrency slots. Returns their run ids. Runs without our tags (launched by the daemon or the UI)
-    are left to Dagster's run monitoring."""
+    concurrency slots. Returns their run ids. Runs tagged by `local_run_tags` are judged by their tags; on
+    a local (SQLite) instance, other started runs by the worker process Dagster recorded for them
+    (`worker_health`: a `dagster.materialize` killed mid-run, a UI run killed with the UI). Runs on a
+    shared instance without our tags are left to the daemon's run monitoring."""
     host = socket.gethostname()
+    local = is_local_instance(instance)
     recovered = []
-    for run in instance.get_runs(filters=RunsFilter(statuses=_UNFINISHED, tags={RUN_HOST_TAG: host})):
-        try:
-            pid = int(run.tags.get(RUN_PID_TAG, ""))
-        except ValueError:
-            continue
-        if pid == os.getpid() or process_alive(pid, run.tags.get(RUN_PID_START_TAG)):
+    for run in instance.get_runs(filters=RunsFilter(statuses=_UNFINISHED)):
+        if RUN_PID_TAG in run.tags:
+            if run.tags.get(RUN_HOST_TAG) != host:
+                continue
+            try:
+                pid = int(run.tags.get(RUN_PID_TAG, ""))
+            except ValueError:
+                continue
+            if pid == os.getpid() or process_alive(pid, run.tags.get(RUN_PID_START_TAG)):
+                continue
+            why = f"Process {pid} on {host} that ran this run ended without finishing it (killed?)"
+        elif local and run.status == DagsterRunStatus.STARTED:
+            health = worker_health(instance, run)
+            if health.status != WorkerStatus.FAILED:
+                continue
+            why = f"Found by the next local run: {health.msg}"
+        else:
             continue
         instance.report_run_failed(
-            run,
-            f"Process {pid} on {host} that ran this run ended without finishing it (killed?); marked failed "
-            "and its concurrency slots freed so later runs are not blocked.",
+            run, f"{why}; marked failed and its concurrency slots freed so later runs are not blocked."
         )
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         recovered.append(run.run_id)
@@ -100,16 +112,31 @@ def process_started_at(pid: int) -> float | None:
 
 
 _STARTED = re.compile(r"^Started process for run \(pid: (\d+)\)")
+_IN_PROCESS = re.compile(r"^Executing steps in process \(pid: (\d+)\)")
+
+
+def is_local_instance(instance: DagsterInstance) -> bool:
+    """Whether the instance's runs live in SQLite files (`$DAGSTER_HOME`): one machine's runs, so a pid
+    recorded without a host is this machine's."""
+    return type(instance.run_storage).__name__.startswith("Sqlite")
 
 
 def run_worker_process(instance: DagsterInstance, run_id: str) -> tuple[int, float] | None:
     """(pid, when it was recorded) of the last worker process Dagster recorded starting `run_id` (its
-    "Started process for run (pid: N)" engine event); None before one is recorded."""
+    "Started process for run (pid: N)" engine event); None before one is recorded. On a local (SQLite)
+    instance, a run executed in-process (`dagster.materialize`, `execute_in_process`) records its process
+    only as "Executing steps in process (pid: N)": that one counts there too."""
     found = None
+    in_process = None
     for entry in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):
         match = _STARTED.match(entry.message or "")
         if match:
             found = (int(match.group(1)), float(entry.timestamp))
+        match = _IN_PROCESS.match(entry.message or "")
+        if match:
+            in_process = (int(match.group(1)), float(entry.timestamp))
+    if found is None and in_process is not None and is_local_instance(instance):
+        return in_process
     return found
 
 

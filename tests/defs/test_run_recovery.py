@@ -1,5 +1,6 @@
 """A killed in-process run no longer blocks the model pool: its process is gone, so the next start ends it."""
 
+import os
 import subprocess
 import sys
 import threading
@@ -139,3 +140,21 @@ def test_a_pid_taken_by_a_process_started_after_the_worker_was_recorded_is_not_t
         # the worker died and its pid went to a process that started after the worker was recorded
         monkeypatch.setattr(run_recovery, "process_started_at", lambda pid: time.time() + 60)
         assert instance.run_launcher.check_run_worker_health(run).status == WorkerStatus.FAILED
+
+
+def test_a_killed_materialize_on_a_local_instance_is_recovered_by_the_next_start() -> None:
+    """`dagster.materialize(..., instance=<a DAGSTER_HOME instance>)` tags nothing; its run records only
+    "Executing steps in process (pid: N)". On a local (SQLite) instance that pid is judged like a worker's."""
+    with instance_for_test(overrides=POOLS) as instance:
+        dead = _run_holding_the_pool(instance, {})
+        run = instance.get_run_by_id(dead)
+        instance.report_engine_event(f"Executing steps in process (pid: {_dead_pid()})", run)
+        alive = create_run_for_test(instance, job_name="embed_job", status=DagsterRunStatus.STARTED)
+        instance.report_engine_event(f"Executing steps in process (pid: {os.getpid()})", alive)
+        assert run_worker_process(instance, dead) is not None
+        assert recover_dead_local_runs(instance) == [dead]  # the live one is left alone
+        assert instance.get_run_by_id(dead).status == DagsterRunStatus.FAILURE
+        assert instance.get_run_by_id(alive.run_id).status == DagsterRunStatus.STARTED
+        assert instance.event_log_storage.get_concurrency_info(MODEL_POOL).active_slot_count == 0
+        messages = [e.message or "" for e in instance.all_logs(dead)]
+        assert any("is gone (killed" in m and "marked failed" in m for m in messages), messages[-3:]
