@@ -36,6 +36,7 @@ test: setup
 ui: setup
 	mkdir -p "$(DATA)/dagster_home" "$(DATA)/landing" "$(DATA)/config"
 	test -f "$(DATA)/dagster_home/dagster.yaml" || cp dagster.yaml "$(DATA)/dagster_home/dagster.yaml"
+	@cmp -s dagster.yaml "$(DATA)/dagster_home/dagster.yaml" || echo "Note: $(DATA)/dagster_home/dagster.yaml differs from ./dagster.yaml (kept: it may hold your settings); diff them to pick up the repository's new instance settings."
 	cd "$(DATA)/dagster_home" && DAGSTER_HOME="$(DATA)/dagster_home" INTERP_DATA_DIR="$(DATA)" \
 		"$(CURDIR)/$(BIN)/dg" dev -w "$(CURDIR)/workspace.yaml"
 
