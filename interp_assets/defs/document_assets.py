@@ -3,7 +3,6 @@ document_sae trained label-blind on both datasets' documents and the document_fe
 
 import hashlib
 import json
-import os
 import time
 
 import numpy as np
@@ -37,6 +36,7 @@ from interp_assets.defs.shared import (
 from interp_assets.engine.documents import (
     DEFAULT_MEMBERS,
     DOCUMENT_SAE_VERSION,
+    TRAINING_REPORT,
     DocumentSAEConfig,
     LexicalProjection,
     document_representation,
@@ -50,6 +50,7 @@ from interp_assets.engine.documents import (
     save_lexical_projection,
     train_document_saes,
 )
+from interp_assets.storage.cache_files import quarantine
 from interp_assets.storage.parquet import read_table, table_exists
 from resources.sae_reader import SAEReaderResource
 from resources.storage import StorageResource
@@ -256,17 +257,12 @@ def document_sae(context: AssetExecutionContext, config: DocumentSAETrainingConf
         ).encode()
     ).hexdigest()[:20]
     folder = storage.root / "models" / "document_sae" / training_hash
-    report_path = folder / "training_report.json"
+    report_path = folder / TRAINING_REPORT
     started = time.perf_counter()
     problem = document_sae_problem(str(folder)) if report_path.exists() else None
     if problem:  # a damaged save is set aside, named, and trained again
-        target = folder.parent / "quarantine" / f"{folder.name}.{time.strftime('%Y%m%dT%H%M%S')}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(folder, target)
-        context.log.warning(
-            f"Comparison {key}: the saved document SAE is damaged ({problem}); moved {folder} to {target} "
-            "and training it again. Delete the quarantined folder once you no longer need it."
-        )
+        what = f"saved document SAE of comparison {key}"
+        quarantine(folder, problem, what, "will train it again now", context.log.warning)
     if report_path.exists():
         report = json.loads(report_path.read_text())
         trained_now = False

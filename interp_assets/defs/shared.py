@@ -1,9 +1,7 @@
 """What the asset modules share: the model pool, data versions, and reads of a dataset's stored tables."""
 
 import hashlib
-import io
 import json
-import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -28,7 +26,7 @@ from dagster import (
 from interp_assets.comparisons import load_dataset_settings
 from interp_assets.labels.labeling import LabelCache
 from interp_assets.progress import Progress
-from interp_assets.storage.cache_files import load_cache_file, sums_path, write_cache_file
+from interp_assets.storage.cache_files import load_cache_file, parquet_frame, sums_path, write_cache_file
 from interp_assets.storage.checksums import checksum_problem, file_sha256
 from interp_assets.storage.parquet import (
     is_tmp_name,
@@ -182,7 +180,6 @@ def recorded_d_sae(context: AssetExecutionContext, dataset: str) -> int | None:
     return int(value) if value is not None else None
 
 
-_log = logging.getLogger(__name__)
 EMBEDDING_SCHEMA = {"doc_hash": pl.String, "embedding": pl.List(pl.Float32)}
 EMBEDDING_PARTS_MERGED_AT = 32  # a write that finds more parts than this merges them into one
 
@@ -203,22 +200,12 @@ def _read_embedding_cache(
         parts = _embedding_parts(folder)
         legacy = folder.with_suffix(".parquet")  # the single file earlier versions rewrote on every write
         files = ([legacy] if legacy.exists() else []) + parts
-        frames, vanished = [], False
-        for path in files:
-            damaged: list[str] = []
-
-            def warn(message: str, damaged: list[str] = damaged) -> None:
-                damaged.append(message)
-                (log or _log.warning)(message)
-
-            frame = load_cache_file(path, _read_parquet_bytes, "document embeddings cache part", warn)
-            if frame is None and not damaged:
-                vanished = True
-                break
-            if frame is not None:
-                frames.append(frame)
-        if vanished:
+        what = "document embeddings cache part"
+        try:
+            frames = [load_cache_file(f, parquet_frame, what, log, absent_ok=False) for f in files]
+        except FileNotFoundError:
             continue
+        frames = [f for f in frames if f is not None]  # None: damaged, quarantined, embedded again
         known = pl.concat(frames) if frames else pl.DataFrame(schema=EMBEDDING_SCHEMA)
         return known.unique("doc_hash", keep="first", maintain_order=True), [p for p in parts if p.exists()]
     raise RuntimeError(
@@ -281,10 +268,6 @@ def cached_document_embeddings(
         known = pl.concat([known, new])
     aligned = docs.select("doc_hash").join(known, on="doc_hash", how="left", maintain_order="left")
     return np.asarray(aligned["embedding"].to_list(), dtype=np.float32), missing.height
-
-
-def _read_parquet_bytes(payload: bytes) -> pl.DataFrame:
-    return pl.read_parquet(io.BytesIO(payload))
 
 
 _TEXTS = {"doc_hash": pl.String, "text": pl.String}

@@ -6,7 +6,6 @@ Labelers see only a feature's evidence documents (`interp_assets.labels.evidence
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -39,7 +38,7 @@ from interp_assets.labels.evidence import (
     split_features,
     texts_by_id,
 )
-from interp_assets.storage.cache_files import load_cache_file, write_cache_file
+from interp_assets.storage.cache_files import load_cache_file, parquet_frame, write_cache_file
 from interp_assets.storage.parquet import parquet_bytes
 
 Messages = list[dict[str, Any]]
@@ -644,7 +643,7 @@ class LabelCache:
         if self._json:
             rows = json.loads(payload.decode("utf-8"))
         else:
-            rows = pl.read_parquet(io.BytesIO(payload)).to_dicts()
+            rows = parquet_frame(payload).to_dicts()
         entries = {}
         for r in rows:
             key = (str(r["sae_id"]), int(r["feature"]), str(r["evidence_hash"]), str(r["labeler"]))

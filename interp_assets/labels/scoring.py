@@ -8,7 +8,6 @@ precision (TP / predicted positives), not 1 - FPR.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -31,7 +30,7 @@ from interp_assets.labels.answers import (
 from interp_assets.labels.embedding import DEFAULT_EMBEDDING_MODEL, sentence_embeddings
 from interp_assets.labels.evidence import Excerpt, split_excerpts, split_features
 from interp_assets.labels.labeling import WORD_RE, ChatClient, LabelResponseError, Messages, extract_json
-from interp_assets.storage.cache_files import load_cache_file, write_cache_file
+from interp_assets.storage.cache_files import load_cache_file, parquet_frame, write_cache_file
 from interp_assets.storage.parquet import parquet_bytes
 
 METHODS = ("embedding", "detection", "fuzz")
@@ -104,7 +103,7 @@ def score_key(method: str, payload: Any) -> str:
 
 
 def _parse_scores(payload: bytes) -> dict[str, str]:
-    frame = pl.read_parquet(io.BytesIO(payload))
+    frame = parquet_frame(payload)
     return dict(zip(frame["key"].to_list(), frame["metrics"].to_list(), strict=True))
 
 

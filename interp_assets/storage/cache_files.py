@@ -12,13 +12,16 @@ one costs time, never a wrong answer or a failed run. Local paths only (caches l
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+import polars as pl
 
 from interp_assets.storage.checksums import bytes_problem, bytes_record, is_sha256
 from interp_assets.storage.parquet import write_bytes_atomic
@@ -70,23 +73,36 @@ def write_cache_file(path: str | os.PathLike[str], payload: bytes) -> None:
     write_bytes_atomic(str(path), payload)
 
 
-def quarantine_cache_file(
-    path: str | os.PathLike[str], problem: str, what: str, on_warning: Callable[[str], None] | None = None
+def quarantine(
+    path: str | os.PathLike[str],
+    problem: str,
+    what: str,
+    then: str,
+    on_warning: Callable[[str], None] | None = None,
+    companions: Sequence[Path] = (),
 ) -> Path:
-    """Move cache file `path` and its records to `quarantine/` beside it and say so; returns the new path."""
+    """Move `path` (a file or a folder) and its `companions` (its records, say) to `quarantine/` beside it,
+    stamped, and warn: what is damaged and why, where it went, and `then` (what happens now). Returns the
+    new path."""
     path = Path(path)
     target = path.parent / QUARANTINE
     target.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     moved = target / f"{path.name}.{stamp}"
     os.replace(path, moved)
-    with contextlib.suppress(FileNotFoundError):
-        os.replace(sums_path(path), target / f"{sums_path(path).name}.{stamp}")
+    for companion in companions:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(companion, target / f"{companion.name}.{stamp}")
     (on_warning or _log.warning)(
-        f"The {what} {path} is damaged ({problem}); moved it to {moved} and started an empty one, so its "
-        "entries will be computed again. Delete the quarantined file once you no longer need it."
+        f"The {what} {path} is damaged ({problem}); moved it to {moved} and {then}. Delete the quarantined "
+        "copy once you no longer need it."
     )
     return moved
+
+
+def parquet_frame(payload: bytes) -> pl.DataFrame:
+    """The Parquet file held in `payload` (a cache file's verified bytes) as a frame."""
+    return pl.read_parquet(io.BytesIO(payload))
 
 
 def load_cache_file(
@@ -94,9 +110,11 @@ def load_cache_file(
     parse: Callable[[bytes], T],
     what: str,
     on_warning: Callable[[str], None] | None = None,
+    absent_ok: bool = True,
 ) -> T | None:
     """`parse` of the verified content of cache file `path`; None when there is no file, or when it was
-    damaged (then it is quarantined, see `quarantine_cache_file`).
+    damaged (then it is quarantined, see `quarantine`). With `absent_ok=False`, no file is a
+    FileNotFoundError instead (for a caller that listed the file and must tell "gone" from "damaged").
 
     A file without records (written before they were kept) is trusted when it parses and gets a record.
     """
@@ -104,7 +122,9 @@ def load_cache_file(
     try:
         payload = path.read_bytes()
     except FileNotFoundError:
-        return None
+        if absent_ok:
+            return None
+        raise
     try:
         records = _records(path)
         if records is not None:
@@ -114,7 +134,9 @@ def load_cache_file(
                 raise ValueError(problems[0] if len(problems) == 1 else many)
         value = parse(payload)
     except Exception as exc:  # noqa: BLE001 - any damage is handled the same way: quarantine, start empty
-        quarantine_cache_file(path, f"{type(exc).__name__}: {exc}"[:300], what, on_warning)
+        problem = f"{type(exc).__name__}: {exc}"[:300]
+        then = "started an empty one, so its entries will be computed again"
+        quarantine(path, problem, what, then, on_warning, companions=[sums_path(path)])
         return None
     if records is None:
         with contextlib.suppress(OSError):
