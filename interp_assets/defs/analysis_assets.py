@@ -12,7 +12,6 @@ from dagster import (
     AssetDep,
     AssetExecutionContext,
     AssetKey,
-    AssetOut,
     Config,
     DataVersion,
     MetadataValue,
@@ -36,6 +35,7 @@ from interp_assets.defs.shared import (
     reuse_stored_output,
     side_table_output,
     stored_documents,
+    table_out,
 )
 from interp_assets.engine.documents import document_feature_spans
 from interp_assets.labels import labeling
@@ -155,23 +155,19 @@ _REPORT_ONLY = ("feature_labels", "feature_scores")
     name="diff_reports",
     partitions_def=comparisons_partitions,
     outs={
-        "diff_features": AssetOut(
-            io_manager_key="parquet_io_manager",
-            group_name="analysis",
+        "diff_features": table_out(
+            "diff_features",
+            group="analysis",
             kinds={"polars", "parquet"},
-            owners=OWNERS,
-            metadata=column_schema("diff_features"),
             code_version="2",  # 2: exact min-p within a feature (adaptive firing)
             description="Dataset A against dataset B, one row per (family, feature) active in either: "
             "frequencies, difference with interval, p and BH q value, direction. Written by the diff_reports "
             "step; the report shows its top rows.",
         ),
-        "diff_reports": AssetOut(
-            io_manager_key="parquet_io_manager",
-            group_name="analysis",
+        "diff_reports": table_out(
+            "diff_reports",
+            group="analysis",
             kinds={"polars", "parquet"},
-            owners=OWNERS,
-            metadata=column_schema("diff_reports"),
             code_version="2",  # 2: exact min-p within a feature (adaptive firing)
             description="Dataset A against dataset B: per-feature frequencies, differences with intervals, "
             "two-sided tests with Benjamini-Hochberg FDR (paired when declared), and a Markdown + HTML "

@@ -8,7 +8,6 @@ import polars as pl
 from dagster import (
     AssetDep,
     AssetExecutionContext,
-    AssetOut,
     Config,
     MetadataValue,
     Output,
@@ -25,6 +24,7 @@ from interp_assets.defs.shared import (
     recorded_d_sae,
     sae_decoder,
     side_table_output,
+    table_out,
     token_activations_metadata,
 )
 from interp_assets.storage.parquet import (
@@ -262,23 +262,19 @@ def _document_family_input(storage: StorageResource, dataset: str, config: Docum
     name="document_clusters",
     partitions_def=datasets_partitions,
     outs={
-        "document_clusters": AssetOut(
-            io_manager_key="parquet_io_manager",
-            group_name="analysis",
+        "document_clusters": table_out(
+            "document_clusters",
+            group="analysis",
             kinds={"scipy", "parquet"},
-            owners=OWNERS,
-            metadata=column_schema("document_clusters"),
             code_version="1",
             description="The dataset's documents clustered on a chosen set of features (a list, a label "
             "query, a criterion's top features; or a comparison's document features): TF-IDF weighted, "
             "spherical k-means.",
         ),
-        "document_cluster_features": AssetOut(
-            io_manager_key="parquet_io_manager",
-            group_name="analysis",
+        "document_cluster_features": table_out(
+            "document_cluster_features",
+            group="analysis",
             kinds={"scipy", "parquet"},
-            owners=OWNERS,
-            metadata=column_schema("document_cluster_features"),
             code_version="1",
             description="Each document cluster's distinguishing features with their firing rates inside and "
             "outside the cluster. Written by the document_clusters step.",

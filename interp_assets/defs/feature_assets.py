@@ -11,7 +11,6 @@ from dagster import (
     AssetCheckSpec,
     AssetDep,
     AssetExecutionContext,
-    AssetOut,
     DataVersion,
     Output,
     asset,
@@ -26,6 +25,7 @@ from interp_assets.defs.shared import (
     column_schema,
     encode_with_progress,
     side_table_output,
+    table_out,
 )
 from interp_assets.engine.activation_cache import ActivationCache, token_activations_schema
 from interp_assets.engine.pooling import (
@@ -55,24 +55,20 @@ from resources.storage import StorageResource
     name="token_activations",
     partitions_def=datasets_partitions,
     outs={
-        "token_activations": AssetOut(
-            io_manager_key="parquet_io_manager",
-            group_name="features",
+        "token_activations": table_out(
+            "token_activations",
+            group="features",
             kinds={"pytorch", "parquet"},
-            owners=OWNERS,
-            metadata=column_schema("token_activations"),
             code_version=ENGINE_VERSION,
             description="Every nonzero SAE activation of every pooled token (doc_id, token_index, token, "
             "offsets, feature, activation). Only new or changed documents go through the model "
             "(content-hash cache), and only the segments (one per cache chunk) whose documents changed are "
             "written.",
         ),
-        "activation_status": AssetOut(
-            io_manager_key="parquet_io_manager",
-            group_name="features",
+        "activation_status": table_out(
+            "activation_status",
+            group="features",
             kinds={"pytorch", "parquet"},
-            owners=OWNERS,
-            metadata=column_schema("activation_status"),
             code_version=ENGINE_VERSION,
             description="Every document of the dataset accounted for by the model step that writes "
             "token_activations: encoded (with its pooled token count) or rejected, with the reason.",

@@ -8,7 +8,6 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
-    AssetOut,
     Config,
     DataVersion,
     MetadataValue,
@@ -18,7 +17,7 @@ from dagster import (
 
 from interp_assets import ingest
 from interp_assets.defs.partitions import datasets_partitions
-from interp_assets.defs.shared import OWNERS, column_schema, dataset_settings, side_table_output
+from interp_assets.defs.shared import dataset_settings, side_table_output, table_out
 from interp_assets.storage.parquet import write_table
 from resources.storage import StorageResource
 
@@ -43,22 +42,18 @@ class RawDocumentsConfig(Config):
     name="raw_documents",
     partitions_def=datasets_partitions,
     outs={
-        "raw_documents": AssetOut(
-            io_manager_key="parquet_io_manager",
-            group_name="ingest",
+        "raw_documents": table_out(
+            "raw_documents",
+            group="ingest",
             kinds={"polars", "parquet"},
-            owners=OWNERS,
-            metadata=column_schema("raw_documents"),
             code_version="1",
             description="Documents of one dataset, read from its drop in the landing folder; bad rows go to "
             "document_rejects with file, row and problem.",
         ),
-        "document_rejects": AssetOut(
-            io_manager_key="parquet_io_manager",
-            group_name="ingest",
+        "document_rejects": table_out(
+            "document_rejects",
+            group="ingest",
             kinds={"polars", "parquet"},
-            owners=OWNERS,
-            metadata=column_schema("document_rejects"),
             code_version="1",
             description="Rows of a dataset's drop that could not be read (file, row, problem); the good rows "
             "are in raw_documents. Written by the same step, empty when every row was read.",

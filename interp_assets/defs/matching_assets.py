@@ -18,7 +18,6 @@ from dagster import (
     AssetExecutionContext,
     AssetIn,
     AssetKey,
-    AssetOut,
     AssetsDefinition,
     AssetSelection,
     DagsterRunStatus,
@@ -45,6 +44,7 @@ from interp_assets.defs.shared import (
     label_cache,
     sae_decoder,
     stored_documents,
+    table_out,
 )
 from interp_assets.engine.pooling import POOLING_VERSION
 from interp_assets.engine.reader import ENGINE_VERSION
@@ -121,25 +121,23 @@ def _token_activations_asset(reader: ExtraReader) -> AssetsDefinition:
         ins={"raw_documents": AssetIn("raw_documents")},
         partitions_def=datasets_partitions,
         outs={
-            "token_activations": AssetOut(
-                key=key,
+            "token_activations": table_out(
+                "token_activations",
                 io_manager_key=reader_io_manager_key(reader.name),
-                group_name="features",
+                key=key,
+                group="features",
                 kinds={"pytorch", "parquet"},
-                owners=OWNERS,
-                metadata=column_schema("token_activations"),
                 code_version=ENGINE_VERSION,
                 description=f"token_activations of extra reader {reader.name!r} ({where}): every nonzero "
                 "SAE activation of every pooled token, as the default reader's, stored under "
                 f"readers/{reader.name}/.",
             ),
-            "activation_status": AssetOut(
-                key=reader_asset_key(reader.name, "activation_status"),
+            "activation_status": table_out(
+                "activation_status",
                 io_manager_key=reader_io_manager_key(reader.name),
-                group_name="features",
+                key=reader_asset_key(reader.name, "activation_status"),
+                group="features",
                 kinds={"pytorch", "parquet"},
-                owners=OWNERS,
-                metadata=column_schema("activation_status"),
                 code_version=ENGINE_VERSION,
                 description=f"activation_status of extra reader {reader.name!r} ({where}): every document "
                 "accounted for by its model step, encoded or rejected with the reason.",

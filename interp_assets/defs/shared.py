@@ -13,6 +13,7 @@ import polars as pl
 from dagster import (
     AssetExecutionContext,
     AssetKey,
+    AssetOut,
     AssetRecordsFilter,
     DagsterInstance,
     DataVersion,
@@ -60,6 +61,31 @@ def column_schema(table: str) -> dict:
     schema it records after each write."""
     columns = [TableColumn(name, type_, meaning) for name, type_, meaning, _ in TABLES[table].columns]
     return {COLUMN_SCHEMA: MetadataValue.table_schema(TableSchema(columns=columns))}
+
+
+def table_out(
+    table: str,
+    *,
+    group: str,
+    kinds: set[str],
+    code_version: str,
+    description: str,
+    key: AssetKey | None = None,
+    io_manager_key: str = "parquet_io_manager",
+) -> AssetOut:
+    """A `multi_asset` output that stores `table`: owned by the platform's team, described by the table's
+    documented columns (`column_schema`), written by the Parquet IO manager unless `io_manager_key` says
+    otherwise (an extra reader's)."""
+    return AssetOut(
+        key=key,
+        io_manager_key=io_manager_key,
+        group_name=group,
+        kinds=kinds,
+        owners=OWNERS,
+        metadata=column_schema(table),
+        code_version=code_version,
+        description=description,
+    )
 
 
 def side_table_output(table: str, written: dict, data_version: DataVersion | None = None) -> Output:
