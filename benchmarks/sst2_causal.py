@@ -39,12 +39,13 @@ from interp_assets.analysis.reports import top_features  # noqa: E402
 from interp_assets.causal import effects  # noqa: E402
 from interp_assets.causal.interventions import (  # noqa: E402
     Intervention,
+    budget_batches,
     intervention_records,
     matched_controls,
     module_name,
     run_with_intervention,
 )
-from interp_assets.engine.activations import document_batch, plan_batches  # noqa: E402
+from interp_assets.engine.activations import document_batch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sst2_causal.json"
 SIDES = {"a": "positive", "b": "negative"}
@@ -53,13 +54,9 @@ SIDES = {"a": "positive", "b": "negative"}
 def set_scores(reader, layer: str, batch: tuple, score, intervention: Intervention | None) -> np.ndarray:
     """`score` of each document of `batch` (ids, mask, keep) after `intervention` (None: unedited), in
     forward passes of at most the reader's token budget."""
-    import torch
-
     ids, mask, keep = batch
     out = np.zeros(int(ids.shape[0]))
-    for docs in plan_batches(mask.sum(dim=1).tolist(), reader.token_budget):
-        rows = torch.as_tensor(docs)
-        width = int(mask[rows].sum(dim=1).max())
+    for docs, rows, width in budget_batches(mask, reader.token_budget):
         part_ids, part_mask = ids[rows, :width], mask[rows, :width]
         read = run_with_intervention(
             reader.model,

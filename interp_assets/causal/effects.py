@@ -27,12 +27,13 @@ import numpy as np
 import polars as pl
 
 from interp_assets.causal.interventions import (
+    budget_batches,
     intervention_records,
     module_name,
     next_token_logprob,
     run_with_intervention,
 )
-from interp_assets.engine.activations import document_batch, plan_batches
+from interp_assets.engine.activations import document_batch
 
 FORWARD_KWARGS = {"output_hidden_states": True}
 EFFECT_SCHEMA = {
@@ -115,16 +116,12 @@ def _both(y: np.ndarray) -> bool:
 def document_embeddings(reader: Any, texts: Sequence[str]) -> np.ndarray:
     """Document embeddings of `texts` as the scores read them, from the unedited reader, in forward passes
     planned as the engine plans them (length-sorted, at most the reader's token budget)."""
-    import torch
-
     if not texts:
         return np.zeros((0, 0))
     layer = module_name(reader.model, reader.layer_module)
     ids, mask, _ = document_batch(reader, texts)
     out = None
-    for docs in plan_batches(mask.sum(dim=1).tolist(), reader.token_budget):
-        rows = torch.as_tensor(docs)
-        width = int(mask[rows].sum(dim=1).max())
+    for docs, rows, width in budget_batches(mask, reader.token_budget):
         part_ids, part_mask = ids[rows, :width].to(reader.device), mask[rows, :width].to(reader.device)
         args = (reader.model, layer, reader.sae, None, part_ids, part_mask, read_hidden)
         (hidden,) = run_with_intervention(*args, forward_kwargs=FORWARD_KWARGS)

@@ -182,6 +182,26 @@ def _bootstrap(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float
     return float(low), float(high)
 
 
+def budget_batches(attention_mask: Any, token_budget: int | None) -> list[tuple[list[int], Any, int]]:
+    """The rows of a right-padded batch in forward passes as the engine plans them (length-sorted, at
+    most `token_budget` padded tokens each; None: one pass): `(documents, their row index tensor, the width
+    that holds their longest)`, so each pass drops the padding it does not need."""
+    import torch
+
+    n_docs = int(attention_mask.shape[0])
+    if token_budget is None:
+        plan = [list(range(n_docs))]
+    elif token_budget < 1:
+        raise ValueError(f"token_budget must be at least 1 token, got {token_budget}.")
+    else:
+        plan = plan_batches(attention_mask.sum(dim=1).tolist(), token_budget)
+    out = []
+    for docs in plan:
+        rows = torch.as_tensor(docs)
+        out.append((docs, rows, int(attention_mask[rows].sum(dim=1).max())))
+    return out
+
+
 def intervention_records(
     model: Any,
     layer_name: str,
@@ -222,12 +242,7 @@ def intervention_records(
 
     real = (attention_mask if edit_mask is None else edit_mask).bool()
     n_docs = int(input_ids.shape[0])
-    if token_budget is None:
-        batches = [list(range(n_docs))]
-    elif token_budget < 1:
-        raise ValueError(f"token_budget must be at least 1 token, got {token_budget}.")
-    else:  # the engine's own batching: length-sorted documents, at most token_budget padded tokens
-        batches = plan_batches(attention_mask.sum(dim=1).tolist(), token_budget)
+    batches = budget_batches(attention_mask, token_budget)
 
     scores = dict(score) if isinstance(score, Mapping) else {"score": score}
     d_sae = int(sae.cfg.d_sae)
@@ -238,9 +253,7 @@ def intervention_records(
         values = {name: np.zeros(n_docs) for name in scores}
         fires_in_doc = np.zeros((n_docs, d_sae), dtype=bool)
         firing_tokens = np.zeros(d_sae)
-        for docs in batches:
-            rows = torch.as_tensor(docs)
-            width = int(attention_mask[rows].sum(dim=1).max())  # trim the padding this batch does not need
+        for docs, rows, width in batches:
             ids, mask, edit = input_ids[rows, :width], attention_mask[rows, :width], real[rows, :width]
             args = (model, layer_name, sae, intervention, ids, mask, read, edit, forward_kwargs)
             out, hidden = _traced_forward(*args)
