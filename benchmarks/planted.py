@@ -211,10 +211,9 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def family_values(base: str, family: str, key: str, a: str, b: str) -> tuple[pl.DataFrame, int]:
+def family_values(base: str, family: str, key: str, a: str, b: str, n_a: int) -> tuple[pl.DataFrame, int]:
     """Both datasets' `(row, feature, max_activation)` of one feature family, rows numbered 0..n_a+n_b-1
-    (A's documents first), and the family's feature count."""
-    n_a = read_table(base, "raw_documents", a).select(pl.len()).collect().item()
+    (A's `n_a` documents first), and the family's feature count."""
     if family == "token":
         parts = [
             read_table(base, "pooled_embeddings", ds).select("doc_id", "feature", "max_activation").collect()
@@ -239,9 +238,8 @@ def relabelled_null(base: str, case: dict, family: str, relabellings: int, seed:
     """Share of random relabellings of one null split's documents with any significant feature (the
     family-wise error rate under a true null), diffed with the report's default settings."""
     key = comparison_key(case["a"], case["b"])
-    table, n_features = family_values(base, family, key, case["a"], case["b"])
-    n_a = read_table(base, "raw_documents", case["a"]).select(pl.len()).collect().item()
-    n_b = read_table(base, "raw_documents", case["b"]).select(pl.len()).collect().item()
+    n_a, n_b = (read_table(base, "raw_documents", case[s]).select(pl.len()).collect().item() for s in "ab")
+    table, n_features = family_values(base, family, key, case["a"], case["b"], n_a)
     config = DiffReportsConfig()
     rows = table["row"].to_numpy()
     rng = np.random.default_rng(seed)
@@ -250,8 +248,9 @@ def relabelled_null(base: str, case: dict, family: str, relabellings: int, seed:
         position = np.empty(n_a + n_b, dtype=np.int64)
         position[rng.permutation(n_a + n_b)] = np.arange(n_a + n_b)
         new = position[rows]
-        side_a = table.filter(pl.Series(new < n_a)).with_columns(doc_id=pl.Series(new[new < n_a]))
-        side_b = table.filter(pl.Series(new >= n_a)).with_columns(doc_id=pl.Series(new[new >= n_a] - n_a))
+        in_a = new < n_a
+        side_a = table.filter(pl.Series(in_a)).with_columns(doc_id=pl.Series(new[in_a]))
+        side_b = table.filter(pl.Series(~in_a)).with_columns(doc_id=pl.Series(new[~in_a] - n_a))
         diff = diffing.diff_features(
             side_a.drop("row"),
             n_a,
