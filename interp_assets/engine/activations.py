@@ -206,7 +206,7 @@ def _tokenize_chat(reader: Any, text: str) -> _Tokenized | str:
         tok = reader.tokenizer
         role = getattr(reader, "chat_role", "user")
         if isinstance(text, Conversation):  # every turn through the template; the role's turns are read
-            messages = [dict(m) for m in text.messages]
+            messages = list(text.messages)
             spans = list(text.spans)
             read = [m["role"] == role for m in messages]
         elif role == "assistant":  # answering a (blank) user turn
