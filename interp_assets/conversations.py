@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
+MESSAGES = "messages"  # the raw_documents column holding a conversation's turns
 TURN_SEPARATOR = "\n\n"
 
 
@@ -90,9 +91,17 @@ class Conversation(str):
         return hashlib.blake2b(payload, digest_size=16).hexdigest()
 
 
-def document_inputs(texts: Sequence[str], messages: Sequence[str | None] | None) -> list[str]:
-    """What the reader reads for each document: its text, or its `Conversation` when `messages` (the
-    `raw_documents.messages` JSON, None for plain documents) holds one."""
-    if messages is None:
-        return list(texts)
+def reader_columns(columns: Sequence[str]) -> list[str]:
+    """The raw_documents columns a reader needs, of those in `columns`: doc_hash, text, and `MESSAGES`
+    when the dataset holds conversations."""
+    return ["doc_hash", "text", *([MESSAGES] if MESSAGES in columns else [])]
+
+
+def document_inputs(documents: Any) -> list[str]:
+    """What the reader reads for each row of `documents` (a frame with `reader_columns`): its text, or its
+    `Conversation` where the `MESSAGES` column holds one."""
+    texts = documents["text"].to_list()
+    if MESSAGES not in documents.columns:
+        return texts
+    messages = documents[MESSAGES].to_list()
     return [Conversation.from_json(m) if m else t for t, m in zip(texts, messages, strict=True)]

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from interp_assets.conversations import Conversation, conversation_problem
+from interp_assets.conversations import MESSAGES, Conversation, conversation_problem
 from interp_assets.storage.paths import check_storage_key
 
 SUPPORTED_EXTENSIONS: frozenset[str] = frozenset({".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet"})
@@ -39,7 +39,7 @@ RESERVED_COLUMNS: tuple[str, ...] = (
     "text",
     "source_file",
     "source_row",
-    "messages",
+    MESSAGES,
 )
 MAX_NAME_LENGTH = 60
 
@@ -912,7 +912,7 @@ def _assemble(
         "source_row": pa.array([r for f in files for r in f.rows], pa.int64()),
     }
     if any(isinstance(t, Conversation) for t in texts):
-        columns["messages"] = pa.array(
+        columns[MESSAGES] = pa.array(
             [t.messages_json() if isinstance(t, Conversation) else None for t in texts], pa.string()
         )
     meta_names: dict[str, None] = {}

@@ -17,6 +17,7 @@ from dagster import (
     multi_asset,
 )
 
+from interp_assets.conversations import reader_columns
 from interp_assets.defs.partitions import datasets_partitions
 from interp_assets.defs.shared import (
     MODEL_POOL,
@@ -99,8 +100,7 @@ def read_token_activations(
     """token_activations' body: `sae_reader` reads the partition's documents into tables under
     `storage.parquet_base` (an extra reader's own base, `interp_assets.defs.matching_assets`)."""
     dataset = context.partition_key
-    conversations = ["messages"] if "messages" in raw_documents.collect_schema().names() else []
-    docs = raw_documents.select("doc_id", "doc_hash", "text", *conversations).collect()
+    docs = raw_documents.select("doc_id", *reader_columns(raw_documents.collect_schema().names())).collect()
     identity = sae_reader.get_identity()  # the model itself loads only if a document needs encoding
     cache = ActivationCache(
         storage.activation_cache_root, identity.fingerprint, on_warning=context.log.warning

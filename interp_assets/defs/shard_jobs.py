@@ -29,6 +29,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from interp_assets.conversations import reader_columns
 from interp_assets.defs.jobs import EXECUTOR
 from interp_assets.defs.shared import MODEL_POOL, MODEL_STEP_TAGS, encode_with_progress, stored_documents
 from interp_assets.engine.activation_cache import ActivationCache
@@ -87,8 +88,7 @@ def encode_shard(
 ) -> dict:
     dataset = shard["dataset"]
     stored = stored_documents(storage, dataset)
-    conversations = ["messages"] if "messages" in stored.columns else []  # read by their turns
-    stored = stored.select("doc_hash", "text", *conversations).unique("doc_hash", keep="first")
+    stored = stored.select(reader_columns(stored.columns)).unique("doc_hash", keep="first")
     wanted = pl.DataFrame({"doc_hash": shard["doc_hashes"]}, schema={"doc_hash": pl.String})
     docs = wanted.join(stored, on="doc_hash", how="inner", maintain_order="left")
     identity = sae_reader.get_identity()

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from interp_assets.conversations import document_inputs
+from interp_assets.conversations import document_inputs, reader_columns
 from interp_assets.engine.activations import ACTIVATION_DTYPES, EncodedTexts, activation_fields, iter_chunks
 from interp_assets.engine.allocator import release_freed_memory
 from interp_assets.storage.checksums import (
@@ -396,8 +396,7 @@ class ActivationCache:
     def missing_documents(self, documents: pl.DataFrame, *, retry_rejected: bool = False) -> pl.DataFrame:
         """The documents (columns doc_hash, text, and messages for conversations) whose hash is not cached
         yet, first copy of each, in order: what `encode_missing` encodes."""
-        conversations = ["messages"] if "messages" in documents.columns else []
-        unique = documents.select("doc_hash", "text", *conversations).unique(
+        unique = documents.select(reader_columns(documents.columns)).unique(
             "doc_hash", keep="first", maintain_order=True
         )
         index = self.document_index()
@@ -448,14 +447,10 @@ class ActivationCache:
 
         `on_start(n)` hears how many documents need encoding before the first chunk; `on_chunk(done, n)`
         after each committed chunk."""
-        conversations = "messages" in documents.columns
         unique = documents.unique("doc_hash", keep="first", maintain_order=True)
         self.sweep_orphans()
         missing = self.missing_documents(unique, retry_rejected=retry_rejected)
-        # a conversation is read as its turns (interp_assets.conversations); its text is the transcript
-        texts = document_inputs(
-            missing["text"].to_list(), missing["messages"].to_list() if conversations else None
-        )
+        texts = document_inputs(missing)  # a conversation is read as its turns, its text is the transcript
         hashes = missing["doc_hash"].to_list()
         encoded = rejected = chunks = 0
         lengths = [len(t) for t in texts]
