@@ -211,7 +211,7 @@ def feature_effects(
             write_bytes_atomic(str(path), page.encode("utf-8"))
 
     shown = summary.select(
-        "feature", "direction", "score_name", "documents", "effect", "controls_below", "evidence"
+        "feature", "direction", "score_name", "documents", "effect", "controls_beyond", "evidence"
     )
     return Output(
         table,
@@ -345,7 +345,7 @@ def criterion_effects(
         pl.lit(config.criterion).alias("criterion"),
         pl.lit(along.held_out_auc).alias("criterion_auc"),
     )
-    shown = summary.select("feature", "score_name", "documents", "effect", "controls_below", "evidence")
+    shown = summary.select("feature", "score_name", "documents", "effect", "controls_beyond", "evidence")
     return Output(
         table,
         metadata={
