@@ -26,9 +26,11 @@ from interp_assets.defs.shared import (
     OWNERS,
     column_schema,
     inputs_key,
+    latest_materialization,
     reuse_stored_output,
     stored_documents,
 )
+from interp_assets.engine.documents import document_sae_problem, load_document_sae, load_lexical_projection
 from interp_assets.storage.parquet import markdown_preview, read_table, table_exists, write_bytes_atomic
 from resources.sae_reader import SAEReaderResource
 from resources.storage import StorageResource
@@ -88,6 +90,43 @@ def _sample(ids: list[str], n: int, rng: np.random.Generator) -> list[str]:
     return [ids[i] for i in sorted(rng.choice(len(ids), size=n, replace=False))]
 
 
+def _document_family(
+    context: AssetExecutionContext, storage: StorageResource, key: str, reader_model: str
+) -> effects.DocumentFamily | None:
+    """The comparison's document SAE with the layer and pooling its embeddings were made with, when its
+    features lie downstream of the reader's edit: None (with a log line saying why) when there is no
+    document SAE, its save is damaged, it also reads lexical profiles (token features at the edited hook
+    itself, not downstream of it), or the datasets' document_embeddings came from another model or
+    settings."""
+    base = storage.parquet_base
+    if not table_exists(base, "document_sae", key):
+        context.log.info(f"feature_effects [{key}]: no document_sae; downstream features not measured.")
+        return None
+    path = read_table(base, "document_sae", key).collect()["model_path"][0]
+    why = document_sae_problem(path)
+    if why is None and load_lexical_projection(path) is not None:
+        why = "it reads lexical profiles (token features at the edited layer), not only the embedding"
+    settings = set()
+    for dataset in parse_comparison_key(key):
+        record = latest_materialization(context.instance, "document_embeddings", dataset)
+        metadata = record.asset_materialization.metadata if record is not None else {}
+        settings.add(
+            tuple(metadata[m].value if m in metadata else None for m in ("model", "layer", "normalize"))
+        )
+    found = sorted(settings, key=str)
+    model, layer, normalize = found[0] if len(found) == 1 else (None, None, None)
+    if why is None and (model != reader_model or normalize is None):
+        why = (
+            f"the datasets' document_embeddings (model, layer, normalize) are {found}, not one setting "
+            f"recorded for this reader's model {reader_model!r}; materialize document_embeddings again"
+        )
+    if why is not None:
+        context.log.warning(f"feature_effects [{key}]: downstream features not measured: {why}.")
+        return None
+    layer = None if layer in (None, "last") else int(layer)
+    return effects.DocumentFamily(load_document_sae(path), layer=layer, normalize=bool(normalize))
+
+
 @asset(
     partitions_def=comparisons_partitions,
     io_manager_key="parquet_io_manager",
@@ -103,12 +142,14 @@ def _sample(ids: list[str], n: int, rng: np.random.Generator) -> list[str]:
         AssetDep("diff_features"),
         AssetDep("token_activations", partition_mapping=AllPartitionMapping()),
         AssetDep("raw_documents", partition_mapping=AllPartitionMapping()),
+        AssetDep("document_sae"),
     ],
     description="Causal evidence for the diff's top token-level features: each is ablated inside the reader "
     "(nnsight) on documents where it fires; the shift of the document embedding along the feature's "
-    "signature and along the comparison (and, for causal LMs, the change of next-token log-probability) is "
-    "compared with frequency-matched random features and a placebo, with bootstrap intervals. Adds a "
-    "'Causal evidence' section to the comparison's report.",
+    "signature and along the comparison (for causal LMs, the change of next-token log-probability; with the "
+    "comparison's document SAE, the change of its document features) is compared with frequency-matched "
+    "random features and a placebo, with bootstrap intervals. Adds a 'Causal evidence' section to the "
+    "comparison's report.",
 )
 def feature_effects(
     context: AssetExecutionContext,
@@ -124,10 +165,14 @@ def feature_effects(
             f"feature_effects [{key}]: no diff_features yet; materialize diff_reports first."
         )
     fingerprint = sae_reader.get_identity().fingerprint
+    family = _document_family(context, storage, key, sae_reader.model)
+    upstream = [("diff_reports", key), ("token_activations", a), ("token_activations", b)]
+    if family is not None:  # the records then depend on the document family too
+        upstream += [("document_sae", key), ("document_embeddings", a), ("document_embeddings", b)]
     inputs = inputs_key(
         context.instance,
-        [("diff_reports", key), ("token_activations", a), ("token_activations", b)],
-        {"config": config.model_dump(), "reader": fingerprint},
+        upstream,
+        {"config": config.model_dump(), "reader": fingerprint, "document_family": family is not None},
         EFFECTS_CODE_VERSION,
     )
     reused = reuse_stored_output(context, storage, "feature_effects", key, inputs)
@@ -171,7 +216,12 @@ def feature_effects(
             texts = [text_of[ds][d] for d in edited[feature]]
             plan.append(effects.EffectTarget(feature, direction, texts, signature, comparison))
         records = effects.feature_effects(
-            reader, plan, n_controls=config.n_controls, n_boot=config.n_boot, seed=config.seed
+            reader,
+            plan,
+            n_controls=config.n_controls,
+            n_boot=config.n_boot,
+            seed=config.seed,
+            document_family=family,
         )
     summary = effects.effect_summary(records)
     table = records.with_columns(
@@ -220,6 +270,7 @@ def feature_effects(
             INPUTS_KEY: inputs,
             "features_measured": summary["feature"].n_unique(),
             "features_with_evidence": int(summary["evidence"].sum()),
+            "downstream_features_measured": family is not None,
             "effects": MetadataValue.md(markdown_preview(shown.to_arrow(), max_rows=shown.height)),
         },
     )
