@@ -149,30 +149,6 @@ def _logprob_score(read: Any, input_ids: Any, attention_mask: Any) -> np.ndarray
     return next_token_logprob(read[LOGITS].cpu(), input_ids.cpu(), attention_mask.cpu())
 
 
-# What the scores read from a forward pass run with FORWARD_KWARGS (`reads` names them).
-LAST_HIDDEN, LOGITS, DOCUMENT_HIDDEN = "last_hidden", "logits", "document_hidden"
-
-
-def reads(logits: bool = False, document_layer: int | None | bool = False) -> Callable[[Any], dict[str, Any]]:
-    """A read of a forward pass run with FORWARD_KWARGS: the last hidden state, with `logits` the logits
-    (causal LMs), and unless `document_layer` is False the hidden states the document family pools (an
-    index into the hidden states; None: the last)."""
-
-    def read(output: Any) -> dict[str, Any]:
-        out = {LAST_HIDDEN: output.hidden_states[-1]}
-        if logits:
-            out[LOGITS] = output.logits
-        if document_layer is not False:
-            out[DOCUMENT_HIDDEN] = output.hidden_states[-1 if document_layer is None else document_layer]
-        return out
-
-    return read
-
-
-read_hidden = reads()
-read_hidden_and_logits = reads(logits=True)
-
-
 @dataclass(frozen=True)
 class DocumentFamily:
     """The document features downstream of the token SAE: a comparison's document SAE (its ensemble
@@ -194,6 +170,29 @@ class DocumentFamily:
         return document_feature_matrix(list(self.saes), embeddings)
 
 
+# What the scores read from a forward pass run with FORWARD_KWARGS (`reads` names them).
+LAST_HIDDEN, LOGITS, DOCUMENT_HIDDEN = "last_hidden", "logits", "document_hidden"
+
+
+def reads(logits: bool = False, family: DocumentFamily | None = None) -> Callable[[Any], dict[str, Any]]:
+    """A read of a forward pass run with FORWARD_KWARGS: the last hidden state, with `logits` the logits
+    (causal LMs), and with a document `family` the hidden states it pools (at `family.layer`)."""
+
+    def read(output: Any) -> dict[str, Any]:
+        out = {LAST_HIDDEN: output.hidden_states[-1]}
+        if logits:
+            out[LOGITS] = output.logits
+        if family is not None:
+            out[DOCUMENT_HIDDEN] = output.hidden_states[-1 if family.layer is None else family.layer]
+        return out
+
+    return read
+
+
+read_hidden = reads()
+read_hidden_and_logits = reads(logits=True)
+
+
 def document_feature_l1(base: np.ndarray, edited: np.ndarray) -> np.ndarray:
     """Per document: the L1 norm of the change of its document-feature activations."""
     return np.abs(edited.astype(np.float64) - base.astype(np.float64)).sum(axis=1)
@@ -212,8 +211,7 @@ DOWNSTREAM_SCORES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 
 
 def downstream_scores(family: DocumentFamily) -> dict[str, ShiftScore]:
-    """The downstream-feature scores as `intervention_records` takes them (read with `reads(...,
-    document_layer=family.layer)`)."""
+    """The downstream-feature scores as `intervention_records` takes them (read with `reads(family=...)`)."""
     return {name: ShiftScore(family.features, distance) for name, distance in DOWNSTREAM_SCORES.items()}
 
 
@@ -235,12 +233,12 @@ def downstream_feature_shift(
     "document_features_flipped": number of document features that start or stop firing}, one value per
     row of `input_ids` (right-padded; `edit_mask` marks the tokens the SAE reads, default every real one).
     Strength 0 gives exactly 0 for both."""
-    read = reads(document_layer=family.layer)
+    read = reads(family=family)
     args = (input_ids, attention_mask, read, edit_mask, FORWARD_KWARGS)
     unedited = run_with_intervention(model, layer_name, sae, None, *args)
-    edited = run_with_intervention(model, layer_name, sae, intervention, *args)
+    after = run_with_intervention(model, layer_name, sae, intervention, *args)
     base = family.features(unedited, input_ids, attention_mask)
-    edited = family.features(edited, input_ids, attention_mask)
+    edited = family.features(after, input_ids, attention_mask)
     return {name: distance(base, edited) for name, distance in DOWNSTREAM_SCORES.items()}
 
 
@@ -279,7 +277,7 @@ def feature_effects(
     (`DOWNSTREAM_SCORES`), all from the same forward passes."""
     layer = module_name(reader.model, reader.layer_module)
     causal = is_causal_lm(reader.model)
-    read = reads(logits=causal, document_layer=False if document_family is None else document_family.layer)
+    read = reads(logits=causal, family=document_family)
     frames = []
     for target in targets:
         if not target.texts:

@@ -183,7 +183,7 @@ def test_the_downstream_read_gives_the_document_familys_own_features(reader, fam
         None,
         ids,
         mask,
-        effects.reads(document_layer=layer),
+        effects.reads(family=at_layer),
         edit_mask=keep,
         forward_kwargs=effects.FORWARD_KWARGS,
     )
