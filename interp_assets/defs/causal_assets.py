@@ -1,6 +1,8 @@
 """Causal evidence: feature_effects (a comparison's top features ablated in the reader, beside controls)
 and criterion_effects (the same for the features that go with one metadata criterion of a dataset)."""
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 from dagster import (
@@ -30,7 +32,7 @@ from interp_assets.defs.shared import (
     reuse_stored_output,
     stored_documents,
 )
-from interp_assets.engine.documents import document_sae_problem, load_document_sae, load_lexical_projection
+from interp_assets.engine.documents import LEXICAL_PROJECTION_FILE, document_sae_problem, load_document_sae
 from interp_assets.storage.parquet import markdown_preview, read_table, table_exists, write_bytes_atomic
 from resources.sae_reader import SAEReaderResource
 from resources.storage import StorageResource
@@ -92,19 +94,19 @@ def _sample(ids: list[str], n: int, rng: np.random.Generator) -> list[str]:
 
 def _document_family(
     context: AssetExecutionContext, storage: StorageResource, key: str, reader_model: str
-) -> effects.DocumentFamily | None:
-    """The comparison's document SAE with the layer and pooling its embeddings were made with, when its
-    features lie downstream of the reader's edit: None (with a log line saying why) when there is no
-    document SAE, its save is damaged, it also reads lexical profiles (token features at the edited hook
-    itself, not downstream of it), or the datasets' document_embeddings came from another model or
-    settings."""
+) -> tuple[str, int | None, bool] | None:
+    """Where the comparison's document SAE is saved, with the layer and normalization its embeddings were
+    made with (`effects.DocumentFamily`'s), when its features lie downstream of the reader's edit: None
+    (with a log line saying why) when there is no document SAE, its save is damaged, it also reads lexical
+    profiles (token features at the edited hook itself, not downstream of it), or the datasets'
+    document_embeddings came from another model or settings. Loads nothing."""
     base = storage.parquet_base
     if not table_exists(base, "document_sae", key):
         context.log.info(f"feature_effects [{key}]: no document_sae; downstream features not measured.")
         return None
     path = read_table(base, "document_sae", key).collect()["model_path"][0]
     why = document_sae_problem(path)
-    if why is None and load_lexical_projection(path) is not None:
+    if why is None and (Path(path) / LEXICAL_PROJECTION_FILE).exists():
         why = "it reads lexical profiles (token features at the edited layer), not only the embedding"
     settings = set()
     for dataset in parse_comparison_key(key):
@@ -123,8 +125,7 @@ def _document_family(
     if why is not None:
         context.log.warning(f"feature_effects [{key}]: downstream features not measured: {why}.")
         return None
-    layer = None if layer in (None, "last") else int(layer)
-    return effects.DocumentFamily(load_document_sae(path), layer=layer, normalize=bool(normalize))
+    return path, None if layer in (None, "last") else int(layer), bool(normalize)
 
 
 @asset(
@@ -165,19 +166,23 @@ def feature_effects(
             f"feature_effects [{key}]: no diff_features yet; materialize diff_reports first."
         )
     fingerprint = sae_reader.get_identity().fingerprint
-    family = _document_family(context, storage, key, sae_reader.model)
+    downstream = _document_family(context, storage, key, sae_reader.model)
     upstream = [("diff_reports", key), ("token_activations", a), ("token_activations", b)]
-    if family is not None:  # the records then depend on the document family too
+    if downstream is not None:  # the records then depend on the document family too
         upstream += [("document_sae", key), ("document_embeddings", a), ("document_embeddings", b)]
     inputs = inputs_key(
         context.instance,
         upstream,
-        {"config": config.model_dump(), "reader": fingerprint, "document_family": family is not None},
+        {"config": config.model_dump(), "reader": fingerprint, "document_family": downstream is not None},
         EFFECTS_CODE_VERSION,
     )
     reused = reuse_stored_output(context, storage, "feature_effects", key, inputs)
     if reused is not None:
         return reused
+    family = None
+    if downstream is not None:
+        path, layer, normalize = downstream
+        family = effects.DocumentFamily(load_document_sae(path), layer=layer, normalize=normalize)
 
     diff = read_table(base, "diff_features", key).filter(pl.col("family") == "token").collect()
     targets = _targets(diff, config, key)
