@@ -11,6 +11,11 @@ more than ablating frequency-matched random features does?
    each of `--controls` random features with the closest firing rate. The score is the probe's projection
    toward the feature's side; a feature passes when its drop exceeds the 95th percentile of the controls'
    drops.
+4. Each direction's top features ablated together on sentences of its side where any fires, beside sets of
+   as many matched random features: the probe's drop, and the shift of the downstream document features
+   (a document SAE ensemble trained label-blind on the train sentences' embeddings, as the document_sae
+   asset trains one per comparison; `effects.downstream_feature_shift`'s L1 change of each sentence's
+   document-feature activations, and how many of them start or stop firing).
 
 Prints a table and writes `benchmarks/results/sst2_causal.json`.
 
@@ -46,16 +51,23 @@ from interp_assets.causal.interventions import (  # noqa: E402
     run_with_intervention,
 )
 from interp_assets.engine.activations import document_batch  # noqa: E402
+from interp_assets.engine.documents import (  # noqa: E402
+    DocumentSAEConfig,
+    document_embeddings,
+    train_document_saes,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sst2_causal.json"
 SIDES = {"a": "positive", "b": "negative"}
 
 
-def set_scores(reader, layer: str, batch: tuple, score, intervention: Intervention | None) -> np.ndarray:
-    """`score` of each document of `batch` (ids, mask, keep) after `intervention` (None: unedited), in
-    forward passes of at most the reader's token budget."""
+def set_scores(
+    reader, layer: str, batch: tuple, score, family: effects.DocumentFamily, intervention: Intervention | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`score` of each document of `batch` (ids, mask, keep) after `intervention` (None: unedited), and its
+    document-feature activations under `family`, in forward passes of at most the reader's token budget."""
     ids, mask, keep = batch
-    out = np.zeros(int(ids.shape[0]))
+    out, features = np.zeros(int(ids.shape[0])), None
     for docs, rows, width in budget_batches(mask, reader.token_budget):
         part_ids, part_mask = ids[rows, :width], mask[rows, :width]
         read = run_with_intervention(
@@ -65,12 +77,37 @@ def set_scores(reader, layer: str, batch: tuple, score, intervention: Interventi
             intervention,
             part_ids,
             part_mask,
-            effects.read_hidden,
+            effects.reads(family=family),
             edit_mask=keep[rows, :width],
             forward_kwargs=effects.FORWARD_KWARGS,
         )
         out[docs] = score(read, part_ids, part_mask)
-    return out
+        part = family.features(read, part_ids, part_mask)
+        if features is None:
+            features = np.zeros((int(ids.shape[0]), part.shape[1]), dtype=part.dtype)
+        features[docs] = part
+    return out, features
+
+
+def set_effects(
+    reader, layer: str, batch: tuple, score, family: effects.DocumentFamily, unedited: tuple, features: tuple
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per document, ablating `features` together: the drop of `score` from its `unedited` value, the L1
+    shift of the document-feature activations and how many document features flip."""
+    base, base_features = unedited
+    after, after_features = set_scores(reader, layer, batch, score, family, Intervention(features))
+    return (
+        base - after,
+        effects.document_feature_l1(base_features, after_features),
+        effects.document_features_flipped(base_features, after_features),
+    )
+
+
+def interval(values: np.ndarray, seed: int) -> tuple[float, float]:
+    """Bootstrap 95% interval of the mean of `values` (1,000 resamples)."""
+    boot = np.random.default_rng(seed).integers(0, values.size, size=(1000, values.size))
+    low, high = np.percentile(values[boot].mean(axis=1), [2.5, 97.5])
+    return float(low), float(high)
 
 
 def main() -> None:
@@ -99,6 +136,13 @@ def main() -> None:
         pos["pooled"], pos["n"], neg["pooled"], neg["n"], n_features=reader.d_sae, firing=REPORT_FIRING
     )
     tops = top_features(diff, args.top)
+    # The document family downstream of the token SAE: trained label-blind on every train sentence's
+    # embedding (the reader's last layer, mean-pooled, L2-normalized: document_embeddings' defaults).
+    train_texts = [t for side in SIDES.values() for t in train_docs[side]["text"].to_list()]
+    saes, doc_report = train_document_saes(
+        document_embeddings(train_texts), DocumentSAEConfig(seed=args.seed)
+    )
+    family = effects.DocumentFamily(saes)
 
     emb = {
         side: effects.document_embeddings(reader, dev_docs[side]["text"].to_list()) for side in SIDES.values()
@@ -186,21 +230,23 @@ def main() -> None:
         text_of = dict(zip(docs["doc_id"].to_list(), docs["text"].to_list(), strict=True))
         batch = document_batch(reader, [text_of[d] for d in chosen])
         score = effects.projection_score(toward[side])
-        base = set_scores(reader, layer, batch, score, None)
-        drop = base - set_scores(reader, layer, batch, score, Intervention(members))
+        unedited = set_scores(reader, layer, batch, score, family, None)
+        drop, shift, flips = set_effects(reader, layer, batch, score, family, unedited, members)
         matched = {
             f: [c for c in matched_controls(doc_freq, f, 3 * args.controls, args.seed) if c not in members]
             for f in members
         }
-        control_drops = []
+        control_drops, control_shifts, control_flips = [], [], []
         for c in range(args.controls):
             control = tuple(dict.fromkeys(matched[f][c] for f in members))
-            control_drops.append(
-                float((base - set_scores(reader, layer, batch, score, Intervention(control))).mean())
-            )
-        boot = np.random.default_rng(args.seed).integers(0, drop.size, size=(1000, drop.size))
-        low, high = np.percentile(drop[boot].mean(axis=1), [2.5, 97.5])
+            c_drop, c_shift, c_flips = set_effects(reader, layer, batch, score, family, unedited, control)
+            control_drops.append(float(c_drop.mean()))
+            control_shifts.append(float(c_shift.mean()))
+            control_flips.append(float(c_flips.mean()))
+        low, high = interval(drop, args.seed)
+        shift_low, shift_high = interval(shift, args.seed)
         p95 = float(np.percentile(control_drops, 95))
+        shift_p95 = float(np.percentile(control_shifts, 95))
         set_rows.append(
             {
                 "more_in": side,
@@ -213,6 +259,15 @@ def main() -> None:
                 "control_drop_median": float(np.median(control_drops)),
                 "control_drop_p95": p95,
                 "passes": bool(drop.mean() > p95),
+                "document_feature_shift": float(shift.mean()),
+                "document_feature_shift_ci_low": shift_low,
+                "document_feature_shift_ci_high": shift_high,
+                "control_shift_median": float(np.median(control_shifts)),
+                "control_shift_p95": shift_p95,
+                "document_features_flipped": float(flips.mean()),
+                "control_flipped_median": float(np.median(control_flips)),
+                "control_flipped_p95": float(np.percentile(control_flips, 95)),
+                "shift_passes": bool(shift.mean() > shift_p95),
             }
         )
     print_table(
@@ -230,6 +285,22 @@ def main() -> None:
         title=f"\nEach direction's top {args.top} features ablated together vs {args.controls} sets of "
         "frequency-matched random features",
     )
+    print_table(
+        set_rows,
+        [
+            ("more in", "more_in", "s"),
+            ("doc-feature L1 shift", "document_feature_shift", ".4f"),
+            ("CI low", "document_feature_shift_ci_low", ".4f"),
+            ("CI high", "document_feature_shift_ci_high", ".4f"),
+            ("controls median", "control_shift_median", ".4f"),
+            ("controls p95", "control_shift_p95", ".4f"),
+            ("flipped", "document_features_flipped", ".2f"),
+            ("controls flipped p95", "control_flipped_p95", ".2f"),
+            ("passes", "shift_passes", ""),
+        ],
+        title=f"\nThe same edits: shift of the downstream document features ({len(saes)} document SAEs x "
+        f"{doc_report['d_sae']}, k={doc_report['k']}, trained on the {len(train_texts)} train sentences)",
+    )
     write_results(
         {
             "params": {k: v for k, v in vars(args).items() if k != "out"},
@@ -240,11 +311,15 @@ def main() -> None:
             },
             "features": rows,
             "feature_sets": set_rows,
+            "document_sae": {
+                k: doc_report[k] for k in ("members", "d_sae", "k", "fraction_variance_explained")
+            },
             "summary": {
                 "features": len(rows),
                 "pass": passed,
                 "sets": len(set_rows),
                 "sets_pass": sum(r["passes"] for r in set_rows),
+                "sets_shift_pass": sum(r["shift_passes"] for r in set_rows),
             },
             "seconds": round(time.perf_counter() - started, 1),
             "load_avg": load_average(),

@@ -642,6 +642,10 @@ SCORE_NAMES = {
     "comparison_direction": "the document embedding projected on the comparison (mean embedding of the "
     "feature's side minus the other's)",
     "next_token_logprob": "mean log-probability of the observed next tokens (causal LMs)",
+    "document_feature_shift": "L1 change of the comparison's document-SAE feature activations (the "
+    "document embedding after the edit, encoded by the document SAE; with a document SAE)",
+    "document_features_flipped": "number of the comparison's document-SAE features that start or stop "
+    "firing (with a document SAE)",
 }
 
 
@@ -649,7 +653,7 @@ def _causal_rows(summary: pl.DataFrame, labels: dict[int, str], name_a: str, nam
     rows = []
     for r in summary.iter_rows(named=True):
         side = name_a if r["direction"] == "a" else name_b
-        below = r["controls_below"]
+        below = r["controls_beyond"]
         rows.append(
             [
                 str(r["feature"]),
@@ -674,19 +678,21 @@ CAUSAL_HEADER = [
     "documents",
     "effect of ablation [95% CI]",
     "median of matched controls",
-    "controls with a larger drop",
+    "controls that moved it further",
     "causal evidence",
 ]
 
 
-def _causal_intro(n_controls: int) -> str:
-    scores = "; ".join(f"`{name}`: {meaning}" for name, meaning in SCORE_NAMES.items())
+def _causal_intro(n_controls: int, summary: pl.DataFrame) -> str:
+    measured = set(summary["score_name"].to_list())
+    shown = {name: meaning for name, meaning in SCORE_NAMES.items() if name in measured} or SCORE_NAMES
+    scores = "; ".join(f"`{name}`: {meaning}" for name, meaning in shown.items())
     return (
         "Each top feature is ablated (its decoder contribution removed where it fires) on documents where "
         f"it fires; the effect is the mean change of a score, beside {n_controls} random features with the "
         f"closest firing rate and a placebo. Scores: {scores}. Directions come from the documents' "
-        "unedited embeddings. Causal evidence: the interval is below 0 and no control lowered the score as "
-        "much."
+        "unedited embeddings. Causal evidence: the interval is below 0 (above 0 for the document-feature "
+        "shifts, which only grow) and no control moved the score further."
     )
 
 
@@ -700,7 +706,7 @@ def render_causal_markdown(
 ) -> str:
     """The report's "Causal evidence" section (Markdown) from `effects.effect_summary`, between markers."""
     esc = escape_markdown
-    out = [CAUSAL_START, "## Causal evidence", "", esc(_causal_intro(n_controls)), ""]
+    out = [CAUSAL_START, "## Causal evidence", "", esc(_causal_intro(n_controls, summary)), ""]
     if summary.is_empty():
         out.append("No feature was measured (no significant token-level feature, or none fires).")
     else:
@@ -722,7 +728,7 @@ def render_causal_html(
 ) -> str:
     """The same section as HTML (a `<section>` between the same markers)."""
     out = [CAUSAL_START, '<section id="causal-evidence"><h2>Causal evidence</h2>']
-    out.append(f"<p>{html.escape(_causal_intro(n_controls))}</p>")
+    out.append(f"<p>{html.escape(_causal_intro(n_controls, summary))}</p>")
     if summary.is_empty():
         out.append("<p>No feature was measured (no significant token-level feature, or none fires).</p>")
     else:

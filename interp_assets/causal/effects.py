@@ -13,6 +13,10 @@ embeddings of a sample of documents:
   the feature make its documents look like its side?).
 
 For causal language models the change in log-probability of the observed next tokens is measured too.
+When the comparison has a document SAE (`DocumentFamily`), the downstream features are measured as well:
+the document embedding read at the document family's layer after the edit, encoded by the document SAE,
+against the unedited one (`downstream_feature_shift`: `document_feature_shift`, the L1 change of the
+document-feature activations, and `document_features_flipped`, how many start or stop firing).
 `intervention_records` supplies the controls (frequency-matched random features, a placebo) and the
 bootstrap intervals. Works for every reader the platform loads (encoders and causal LMs).
 """
@@ -27,6 +31,8 @@ import numpy as np
 import polars as pl
 
 from interp_assets.causal.interventions import (
+    Intervention,
+    ShiftScore,
     budget_batches,
     intervention_records,
     module_name,
@@ -34,6 +40,7 @@ from interp_assets.causal.interventions import (
     run_with_intervention,
 )
 from interp_assets.engine.activations import document_batch
+from interp_assets.engine.documents import document_feature_matrix, pool_hidden_states
 
 FORWARD_KWARGS = {"output_hidden_states": True}
 EFFECT_SCHEMA = {
@@ -55,12 +62,9 @@ EFFECT_SCHEMA = {
 
 
 def pooled_embedding(hidden: Any, attention_mask: Any) -> np.ndarray:
-    """Mean over real tokens, L2-normalized: one row per document (float64 numpy)."""
-    import torch
-
-    mask = attention_mask.float()[..., None]
-    pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return torch.nn.functional.normalize(pooled, dim=-1).double().numpy()
+    """Mean over real tokens, L2-normalized (the document-embedding recipe): one row per document (float64
+    numpy)."""
+    return pool_hidden_states(hidden.float(), attention_mask).double().numpy()
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -124,8 +128,8 @@ def document_embeddings(reader: Any, texts: Sequence[str]) -> np.ndarray:
     for docs, rows, width in budget_batches(mask, reader.token_budget):
         part_ids, part_mask = ids[rows, :width].to(reader.device), mask[rows, :width].to(reader.device)
         args = (reader.model, layer, reader.sae, None, part_ids, part_mask, read_hidden)
-        (hidden,) = run_with_intervention(*args, forward_kwargs=FORWARD_KWARGS)
-        pooled = pooled_embedding(hidden.cpu(), part_mask.cpu())
+        read = run_with_intervention(*args, forward_kwargs=FORWARD_KWARGS)
+        pooled = pooled_embedding(read[LAST_HIDDEN].cpu(), part_mask.cpu())
         if out is None:
             out = np.zeros((len(texts), pooled.shape[1]))
         out[docs] = pooled
@@ -136,23 +140,106 @@ def projection_score(direction: Direction) -> Callable[[Any, Any, Any], np.ndarr
     """Per-document score: the edited document embedding projected on `direction`."""
 
     def score(read: Any, input_ids: Any, attention_mask: Any) -> np.ndarray:
-        return direction.project(pooled_embedding(read[0].cpu(), attention_mask.cpu()))
+        return direction.project(pooled_embedding(read[LAST_HIDDEN].cpu(), attention_mask.cpu()))
 
     return score
 
 
 def _logprob_score(read: Any, input_ids: Any, attention_mask: Any) -> np.ndarray:
-    return next_token_logprob(read[1].cpu(), input_ids.cpu(), attention_mask.cpu())
+    return next_token_logprob(read[LOGITS].cpu(), input_ids.cpu(), attention_mask.cpu())
 
 
-def read_hidden(output: Any) -> tuple[Any]:
-    """What the projection scores read from a forward pass run with FORWARD_KWARGS: the last hidden state."""
-    return (output.hidden_states[-1],)
+@dataclass(frozen=True)
+class DocumentFamily:
+    """The document features downstream of the token SAE: a comparison's document SAE (its ensemble
+    members, `saes`) and how its input embeddings were made: the reader's hidden states at `layer` (an
+    index into the hidden states, as `engine.documents.document_embeddings` takes it; None: the last),
+    mean-pooled over each document's tokens, L2-normalized with `normalize`. Documents are read as the
+    reader tokenizes them (its truncation: a text longer than document_embeddings' 256 tokens is pooled
+    over more of itself here, before and after the edit alike)."""
+
+    saes: Sequence[Any]
+    layer: int | None = None
+    normalize: bool = True
+
+    def features(self, read: Any, input_ids: Any, attention_mask: Any) -> np.ndarray:
+        """Per document: its document-feature activations `[batch, n_features]` (0 where one does not
+        fire; member i's feature f in column i * d_sae + f), from a forward pass read with `reads`."""
+        hidden = read[DOCUMENT_HIDDEN].cpu()
+        embeddings = pool_hidden_states(hidden, attention_mask.cpu(), normalize=self.normalize)
+        return document_feature_matrix(list(self.saes), embeddings)
 
 
-def read_hidden_and_logits(output: Any) -> tuple[Any, Any]:
-    """The last hidden state and the logits (causal LMs)."""
-    return (output.hidden_states[-1], output.logits)
+# What the scores read from a forward pass run with FORWARD_KWARGS (`reads` names them).
+LAST_HIDDEN, LOGITS, DOCUMENT_HIDDEN = "last_hidden", "logits", "document_hidden"
+
+
+def reads(logits: bool = False, family: DocumentFamily | None = None) -> Callable[[Any], dict[str, Any]]:
+    """A read of a forward pass run with FORWARD_KWARGS: the last hidden state, with `logits` the logits
+    (causal LMs), and with a document `family` the hidden states it pools (at `family.layer`)."""
+
+    def read(output: Any) -> dict[str, Any]:
+        out = {LAST_HIDDEN: output.hidden_states[-1]}
+        if logits:
+            out[LOGITS] = output.logits
+        if family is not None:
+            out[DOCUMENT_HIDDEN] = output.hidden_states[-1 if family.layer is None else family.layer]
+        return out
+
+    return read
+
+
+read_hidden = reads()
+read_hidden_and_logits = reads(logits=True)
+
+
+def document_feature_l1(base: np.ndarray, edited: np.ndarray) -> np.ndarray:
+    """Per document: the L1 norm of the change of its document-feature activations."""
+    return np.abs(edited.astype(np.float64) - base.astype(np.float64)).sum(axis=1)
+
+
+def document_features_flipped(base: np.ndarray, edited: np.ndarray) -> np.ndarray:
+    """Per document: how many document features start or stop firing (activation > 0)."""
+    return ((base > 0) != (edited > 0)).sum(axis=1).astype(np.float64)
+
+
+# The downstream-feature scores: higher means the edit changed the document's document features more.
+DOWNSTREAM_SCORES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "document_feature_shift": document_feature_l1,
+    "document_features_flipped": document_features_flipped,
+}
+
+
+def downstream_scores(family: DocumentFamily) -> dict[str, ShiftScore]:
+    """The downstream-feature scores as `intervention_records` takes them (read with `reads(family=...)`)."""
+    return {name: ShiftScore(family.features, distance) for name, distance in DOWNSTREAM_SCORES.items()}
+
+
+def downstream_feature_shift(
+    model: Any,
+    layer_name: str,
+    sae: Any,
+    intervention: Intervention,
+    input_ids: Any,
+    attention_mask: Any,
+    family: DocumentFamily,
+    edit_mask: Any | None = None,
+) -> dict[str, np.ndarray]:
+    """Per document, how `intervention` at the token SAE's layer (`layer_name`) changes the document
+    features downstream of it: the document embedding (hidden states at `family.layer`, pooled as the
+    document family pools them) with and without the edit, each encoded by the document SAE ensemble.
+
+    Returns {"document_feature_shift": L1 norm of the change of the document-feature activation vector,
+    "document_features_flipped": number of document features that start or stop firing}, one value per
+    row of `input_ids` (right-padded; `edit_mask` marks the tokens the SAE reads, default every real one).
+    Strength 0 gives exactly 0 for both."""
+    read = reads(family=family)
+    args = (input_ids, attention_mask, read, edit_mask, FORWARD_KWARGS)
+    unedited = run_with_intervention(model, layer_name, sae, None, *args)
+    after = run_with_intervention(model, layer_name, sae, intervention, *args)
+    base = family.features(unedited, input_ids, attention_mask)
+    edited = family.features(after, input_ids, attention_mask)
+    return {name: distance(base, edited) for name, distance in DOWNSTREAM_SCORES.items()}
 
 
 def is_causal_lm(model: Any) -> bool:
@@ -181,25 +268,30 @@ def feature_effects(
     n_boot: int = 1000,
     seed: int = 0,
     direction_name: str = "comparison_direction",
+    document_family: DocumentFamily | None = None,
 ) -> pl.DataFrame:
     """Ablation effects of each target feature beside frequency-matched controls and a placebo, one record
     per (feature, score, control) in interp-lab's shape (`EFFECT_SCHEMA`): scores `feature_signature`,
-    `direction_name` (the target's `comparison` direction: a comparison's, or a criterion's) and, for
-    causal LMs, `next_token_logprob`."""
+    `direction_name` (the target's `comparison` direction: a comparison's, or a criterion's), for causal
+    LMs `next_token_logprob`, and with a `document_family` the downstream-feature scores
+    (`DOWNSTREAM_SCORES`), all from the same forward passes."""
     layer = module_name(reader.model, reader.layer_module)
     causal = is_causal_lm(reader.model)
+    read = reads(logits=causal, family=document_family)
     frames = []
     for target in targets:
         if not target.texts:
             continue
         ids, mask, keep = document_batch(reader, target.texts)
         ids, mask, keep = ids.to(reader.device), mask.to(reader.device), keep.to(reader.device)
-        scores = {
+        scores: dict[str, Any] = {
             "feature_signature": projection_score(target.signature),
             direction_name: projection_score(target.comparison),
         }
         if causal:
             scores["next_token_logprob"] = _logprob_score
+        if document_family is not None:
+            scores.update(downstream_scores(document_family))
         records = intervention_records(
             reader.model,
             layer,
@@ -209,7 +301,7 @@ def feature_effects(
             int(target.feature),
             kind="ablate",
             score=scores,
-            read=read_hidden_and_logits if causal else read_hidden,
+            read=read,
             n_controls=n_controls,
             n_boot=n_boot,
             seed=seed,
@@ -231,9 +323,11 @@ def feature_effects(
 def effect_summary(records: pl.DataFrame) -> pl.DataFrame:
     """Per (target feature, score): the target's effect and interval beside its controls.
 
-    `controls_below`: share of matched random features whose effect is smaller (more negative) than the
-    target's; `evidence` is True when the target's interval lies below 0 and no control moved the score
-    down as much (ablating the feature moves its documents against the score's direction).
+    A score's effect counts in its own direction: down for the projections and log-probabilities
+    (ablating the feature moves its documents against the score's direction), up for the downstream-
+    feature shifts (`DOWNSTREAM_SCORES`: the edit changes the document features). `controls_beyond`: share
+    of matched random features whose effect goes further that way than the target's; `evidence` is True
+    when the target's interval lies beyond 0 that way and no control went further.
     """
     rows = []
     if records.is_empty():
@@ -244,8 +338,11 @@ def effect_summary(records: pl.DataFrame) -> pl.DataFrame:
             continue
         controls = part.filter(pl.col("control_type") == "random_matched")["effect"].drop_nulls().to_numpy()
         placebo = part.filter(pl.col("control_type") == "placebo")["effect"]
-        effect, high = float(tgt["effect"][0]), float(tgt["effect_ci_high"][0])
-        below = float(np.mean(controls < effect)) if controls.size else float("nan")
+        effect, low, high = (float(tgt[c][0]) for c in ("effect", "effect_ci_low", "effect_ci_high"))
+        up = score_name in DOWNSTREAM_SCORES
+        further = controls > effect if up else controls < effect
+        beyond = float(np.mean(further)) if controls.size else float("nan")
+        interval_clear = low > 0 if up else high < 0
         rows.append(
             {
                 "feature": int(target),
@@ -253,14 +350,14 @@ def effect_summary(records: pl.DataFrame) -> pl.DataFrame:
                 "score_name": score_name,
                 "documents": int(tgt["documents"][0]),
                 "effect": effect,
-                "effect_ci_low": float(tgt["effect_ci_low"][0]),
+                "effect_ci_low": low,
                 "effect_ci_high": high,
                 "control_effect_median": float(np.median(controls)) if controls.size else None,
                 "controls": int(controls.size),
-                "controls_below": below,
+                "controls_beyond": beyond,
                 "placebo_effect": float(placebo[0]) if len(placebo) and placebo[0] is not None else None,
                 "side_effect_score": tgt["side_effect_score"][0],
-                "evidence": bool(high < 0 and controls.size > 0 and below == 0.0),
+                "evidence": bool(interval_clear and controls.size > 0 and beyond == 0.0),
             }
         )
     return pl.DataFrame(rows, schema=SUMMARY_SCHEMA)
@@ -276,7 +373,7 @@ SUMMARY_SCHEMA = {
     "effect_ci_high": pl.Float64,
     "control_effect_median": pl.Float64,
     "controls": pl.Int64,
-    "controls_below": pl.Float64,
+    "controls_beyond": pl.Float64,
     "placebo_effect": pl.Float64,
     "side_effect_score": pl.Float64,
     "evidence": pl.Boolean,

@@ -182,6 +182,20 @@ def _bootstrap(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float
     return float(low), float(high)
 
 
+@dataclass(frozen=True)
+class ShiftScore:
+    """A score that compares each document with itself unedited, for what a plain number per document does
+    not hold (e.g. a vector of downstream features): `state(read(output), input_ids, attention_mask)` gives
+    one row per document `[batch, m]`, and `distance(base, edited)` one number per document from the
+    unedited and edited rows (0 when they are equal). Its baseline is 0; its effect is the mean distance."""
+
+    state: Callable[[Any, Any, Any], np.ndarray]
+    distance: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+Score = Callable[[Any, Any, Any], np.ndarray] | ShiftScore
+
+
 def budget_batches(attention_mask: Any, token_budget: int | None) -> list[tuple[list[int], Any, int]]:
     """The rows of a right-padded batch in forward passes as the engine plans them (length-sorted, at
     most `token_budget` padded tokens each; None: one pass): `(documents, their row index tensor, the width
@@ -212,9 +226,7 @@ def intervention_records(
     *,
     kind: str = "ablate",
     strengths: Sequence[float] = (1.0,),
-    score: Callable[[Any, Any, Any], np.ndarray] | Mapping[str, Callable[[Any, Any, Any], np.ndarray]] = (
-        next_token_logprob
-    ),
+    score: Score | Mapping[str, Score] = next_token_logprob,
     read: Callable[[Any], Any] = lambda output: output.logits,
     n_controls: int = 20,
     n_boot: int = 1000,
@@ -231,12 +243,12 @@ def intervention_records(
     forward passes of at most that many padded tokens (the reader's budget; None: one pass).
 
     `score(read(output), input_ids, attention_mask)` gives one number per document (default: mean
-    log-probability of the observed next tokens); a mapping of named scores reads them all from the same
+    log-probability of the observed next tokens); a `ShiftScore` instead compares each document's edited
+    state with its unedited one (baseline 0). A mapping of named scores reads them all from the same
     forward passes (`score_name` says which; "score" for a single one). Per (feature, strength, score):
-    `baseline_score` and
-    `intervention_score` (means over the documents where the feature fires), `effect` (their mean
-    paired difference) with a bootstrap 95% interval, `side_effect_score` (mean |difference| on the
-    documents where it never fires), and `control_type` (`target`, `random_matched`, `placebo`).
+    `baseline_score` and `intervention_score` (means over the documents where the feature fires), `effect`
+    (their mean paired difference) with a bootstrap 95% interval, `side_effect_score` (mean |difference|
+    on the documents where it never fires), and `control_type` (`target`, `random_matched`, `placebo`).
     """
     import torch
 
@@ -248,9 +260,9 @@ def intervention_records(
     d_sae = int(sae.cfg.d_sae)
 
     def scored(intervention: Intervention | None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-        """Every score per document (input order); for the unedited pass also the features that fire in
-        each document and the number of read tokens each fires on."""
-        values = {name: np.zeros(n_docs) for name in scores}
+        """Every score per document (input order; a ShiftScore's state rows); for the unedited pass also
+        the features that fire in each document and the number of read tokens each fires on."""
+        values: dict[str, np.ndarray] = {}
         fires_in_doc = np.zeros((n_docs, d_sae), dtype=bool)
         firing_tokens = np.zeros(d_sae)
         for docs, rows, width in batches:
@@ -258,15 +270,27 @@ def intervention_records(
             args = (model, layer_name, sae, intervention, ids, mask, read, edit, forward_kwargs)
             out, hidden = _traced_forward(*args)
             for name, fn in scores.items():
-                values[name][docs] = fn(out, ids, mask)
+                part = np.asarray((fn.state if isinstance(fn, ShiftScore) else fn)(out, ids, mask))
+                if name not in values:
+                    values[name] = np.zeros((n_docs, *part.shape[1:]), dtype=part.dtype)
+                values[name][docs] = part
             if intervention is None:
                 with torch.no_grad():
                     fires = (sae.encode(hidden) > 0) & edit[..., None]
                 fires_in_doc[docs] = fires.any(dim=1).numpy()
                 firing_tokens += fires.sum(dim=(0, 1)).numpy()
+        for name in scores:  # no documents: no forward pass
+            values.setdefault(name, np.zeros(n_docs))
         return values, fires_in_doc, firing_tokens
 
-    base, fires_in_doc, firing_tokens = scored(None)
+    base_state, fires_in_doc, firing_tokens = scored(None)
+
+    def per_document(name: str, state: np.ndarray) -> np.ndarray:
+        """A score's value per document: the score itself, or a ShiftScore's distance from unedited."""
+        fn = scores[name]
+        return fn.distance(base_state[name], state) if isinstance(fn, ShiftScore) else state
+
+    base = {name: per_document(name, base_state[name]) for name in scores}
     rates = firing_tokens / max(float(real.sum()), 1.0)  # share of read tokens where each feature fires
     controls = matched_controls(rates, feature, n_controls, seed)
     plan = [(feature, s, "target") for s in strengths]
@@ -278,7 +302,7 @@ def intervention_records(
         on = fires_in_doc[:, f] if kind != "steer" else np.ones(n_docs, dtype=bool)
         off = ~fires_in_doc[:, f]
         for name in scores:
-            after = edited[name]
+            after = per_document(name, edited[name])
             diff = after - base[name]
             low, high = _bootstrap(diff[on], n_boot, seed)
             rows_out.append(

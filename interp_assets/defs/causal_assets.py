@@ -1,6 +1,8 @@
 """Causal evidence: feature_effects (a comparison's top features ablated in the reader, beside controls)
 and criterion_effects (the same for the features that go with one metadata criterion of a dataset)."""
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 from dagster import (
@@ -26,9 +28,11 @@ from interp_assets.defs.shared import (
     OWNERS,
     column_schema,
     inputs_key,
+    latest_materialization,
     reuse_stored_output,
     stored_documents,
 )
+from interp_assets.engine.documents import LEXICAL_PROJECTION_FILE, document_sae_problem, load_document_sae
 from interp_assets.storage.parquet import markdown_preview, read_table, table_exists, write_bytes_atomic
 from resources.sae_reader import SAEReaderResource
 from resources.storage import StorageResource
@@ -88,6 +92,42 @@ def _sample(ids: list[str], n: int, rng: np.random.Generator) -> list[str]:
     return [ids[i] for i in sorted(rng.choice(len(ids), size=n, replace=False))]
 
 
+def _document_family(
+    context: AssetExecutionContext, storage: StorageResource, key: str, reader_model: str
+) -> tuple[str, int | None, bool] | None:
+    """Where the comparison's document SAE is saved, with the layer and normalization its embeddings were
+    made with (`effects.DocumentFamily`'s), when its features lie downstream of the reader's edit: None
+    (with a log line saying why) when there is no document SAE, its save is damaged, it also reads lexical
+    profiles (token features at the edited hook itself, not downstream of it), or the datasets'
+    document_embeddings came from another model or settings. Loads nothing."""
+    base = storage.parquet_base
+    if not table_exists(base, "document_sae", key):
+        context.log.info(f"feature_effects [{key}]: no document_sae; downstream features not measured.")
+        return None
+    path = read_table(base, "document_sae", key).collect()["model_path"][0]
+    why = document_sae_problem(path)
+    if why is None and (Path(path) / LEXICAL_PROJECTION_FILE).exists():
+        why = "it reads lexical profiles (token features at the edited layer), not only the embedding"
+    settings = set()
+    for dataset in parse_comparison_key(key):
+        record = latest_materialization(context.instance, "document_embeddings", dataset)
+        metadata = record.asset_materialization.metadata if record is not None else {}
+        settings.add(
+            tuple(metadata[m].value if m in metadata else None for m in ("model", "layer", "normalize"))
+        )
+    found = sorted(settings, key=str)
+    model, layer, normalize = found[0] if len(found) == 1 else (None, None, None)
+    if why is None and (model != reader_model or normalize is None):
+        why = (
+            f"the datasets' document_embeddings (model, layer, normalize) are {found}, not one setting "
+            f"recorded for this reader's model {reader_model!r}; materialize document_embeddings again"
+        )
+    if why is not None:
+        context.log.warning(f"feature_effects [{key}]: downstream features not measured: {why}.")
+        return None
+    return path, None if layer in (None, "last") else int(layer), bool(normalize)
+
+
 @asset(
     partitions_def=comparisons_partitions,
     io_manager_key="parquet_io_manager",
@@ -103,12 +143,14 @@ def _sample(ids: list[str], n: int, rng: np.random.Generator) -> list[str]:
         AssetDep("diff_features"),
         AssetDep("token_activations", partition_mapping=AllPartitionMapping()),
         AssetDep("raw_documents", partition_mapping=AllPartitionMapping()),
+        AssetDep("document_sae"),
     ],
     description="Causal evidence for the diff's top token-level features: each is ablated inside the reader "
     "(nnsight) on documents where it fires; the shift of the document embedding along the feature's "
-    "signature and along the comparison (and, for causal LMs, the change of next-token log-probability) is "
-    "compared with frequency-matched random features and a placebo, with bootstrap intervals. Adds a "
-    "'Causal evidence' section to the comparison's report.",
+    "signature and along the comparison (for causal LMs, the change of next-token log-probability; with the "
+    "comparison's document SAE, the change of its document features) is compared with frequency-matched "
+    "random features and a placebo, with bootstrap intervals. Adds a 'Causal evidence' section to the "
+    "comparison's report.",
 )
 def feature_effects(
     context: AssetExecutionContext,
@@ -124,15 +166,23 @@ def feature_effects(
             f"feature_effects [{key}]: no diff_features yet; materialize diff_reports first."
         )
     fingerprint = sae_reader.get_identity().fingerprint
+    downstream = _document_family(context, storage, key, sae_reader.model)
+    upstream = [("diff_reports", key), ("token_activations", a), ("token_activations", b)]
+    if downstream is not None:  # the records then depend on the document family too
+        upstream += [("document_sae", key), ("document_embeddings", a), ("document_embeddings", b)]
     inputs = inputs_key(
         context.instance,
-        [("diff_reports", key), ("token_activations", a), ("token_activations", b)],
-        {"config": config.model_dump(), "reader": fingerprint},
+        upstream,
+        {"config": config.model_dump(), "reader": fingerprint, "document_family": downstream is not None},
         EFFECTS_CODE_VERSION,
     )
     reused = reuse_stored_output(context, storage, "feature_effects", key, inputs)
     if reused is not None:
         return reused
+    family = None
+    if downstream is not None:
+        path, layer, normalize = downstream
+        family = effects.DocumentFamily(load_document_sae(path), layer=layer, normalize=normalize)
 
     diff = read_table(base, "diff_features", key).filter(pl.col("family") == "token").collect()
     targets = _targets(diff, config, key)
@@ -171,7 +221,12 @@ def feature_effects(
             texts = [text_of[ds][d] for d in edited[feature]]
             plan.append(effects.EffectTarget(feature, direction, texts, signature, comparison))
         records = effects.feature_effects(
-            reader, plan, n_controls=config.n_controls, n_boot=config.n_boot, seed=config.seed
+            reader,
+            plan,
+            n_controls=config.n_controls,
+            n_boot=config.n_boot,
+            seed=config.seed,
+            document_family=family,
         )
     summary = effects.effect_summary(records)
     table = records.with_columns(
@@ -211,7 +266,7 @@ def feature_effects(
             write_bytes_atomic(str(path), page.encode("utf-8"))
 
     shown = summary.select(
-        "feature", "direction", "score_name", "documents", "effect", "controls_below", "evidence"
+        "feature", "direction", "score_name", "documents", "effect", "controls_beyond", "evidence"
     )
     return Output(
         table,
@@ -220,6 +275,7 @@ def feature_effects(
             INPUTS_KEY: inputs,
             "features_measured": summary["feature"].n_unique(),
             "features_with_evidence": int(summary["evidence"].sum()),
+            "downstream_features_measured": family is not None,
             "effects": MetadataValue.md(markdown_preview(shown.to_arrow(), max_rows=shown.height)),
         },
     )
@@ -345,7 +401,7 @@ def criterion_effects(
         pl.lit(config.criterion).alias("criterion"),
         pl.lit(along.held_out_auc).alias("criterion_auc"),
     )
-    shown = summary.select("feature", "score_name", "documents", "effect", "controls_below", "evidence")
+    shown = summary.select("feature", "score_name", "documents", "effect", "controls_beyond", "evidence")
     return Output(
         table,
         metadata={

@@ -129,6 +129,7 @@ def document_embeddings(
             "dimensions": int(vectors.shape[1]) if vectors.ndim == 2 else 0,
             "model": model,
             "layer": "last" if config.layer is None else config.layer,
+            "normalize": config.normalize,
             "embedded_now": computed,
             "seconds": round(time.perf_counter() - started, 2),
         },

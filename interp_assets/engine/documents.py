@@ -77,11 +77,7 @@ def document_embeddings(
     if not texts:
         return out
     n_layers = int(getattr(net.config, "num_hidden_layers", 0) or 0)
-    if layer is not None and n_layers and not -n_layers - 1 <= layer <= n_layers:
-        raise ValueError(
-            f"layer={layer} is outside the model's hidden states (0..{n_layers}, or negative from the end)."
-        )
-    hidden_index = n_layers if layer is None else layer % (n_layers + 1)  # -1 is the last hidden state
+    hidden_index = hidden_state_index(layer, n_layers)
     fused = _fused_forward(net, hidden_index, n_layers)
     order = np.argsort([len(t) for t in texts], kind="stable")
     with torch.inference_mode():
@@ -108,8 +104,7 @@ def document_embeddings(
                     hidden = net(**enc).last_hidden_state
                 else:
                     hidden = net(**enc, output_hidden_states=True).hidden_states[hidden_index]
-                weights = mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+                pooled = pool_hidden_states(hidden, mask, normalize=False)
             pooled = pooled.float()
             if normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
@@ -117,6 +112,26 @@ def document_embeddings(
             if on_batch is not None:
                 on_batch(min(start + batch_size, len(order)))
     return out
+
+
+def hidden_state_index(layer: int | None, n_layers: int) -> int:
+    """The index into a model's hidden states (0 = embeddings .. `n_layers` = last layer) that `layer` names
+    (None or -1: the last; negative counts from the end). Raises ValueError outside them."""
+    if layer is not None and n_layers and not -n_layers - 1 <= layer <= n_layers:
+        raise ValueError(
+            f"layer={layer} is outside the model's hidden states (0..{n_layers}, or negative from the end)."
+        )
+    return n_layers if layer is None else layer % (n_layers + 1)
+
+
+def pool_hidden_states(hidden: Any, attention_mask: Any, normalize: bool = True) -> Any:
+    """The document-embedding recipe on a batch of hidden states `[batch, tokens, d]`: the mean over each
+    row's real tokens (`attention_mask`), as float32, scaled to unit length with `normalize`."""
+    import torch
+
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)).float()
+    return torch.nn.functional.normalize(pooled, p=2, dim=1) if normalize else pooled
 
 
 def _fused_forward(net: Any, hidden_index: int, n_layers: int) -> tuple[Any, Any] | None:
@@ -266,6 +281,17 @@ def encode_documents(sae: Any, embeddings: np.ndarray) -> tuple[np.ndarray, np.n
     rows, cols, vals = np.concatenate(rows_out), np.concatenate(cols_out), np.concatenate(vals_out)
     order = np.lexsort((cols, rows))  # by document, then feature, as one SAE gives them
     return rows[order], cols[order], vals[order]
+
+
+def document_feature_matrix(sae: Any, embeddings: Any) -> np.ndarray:
+    """The dense form of `encode_documents`: `[n, n_features]` float32 activations (0 where a feature does
+    not fire), member i's feature f in column i * d_sae + f. `embeddings` is a numpy array or a tensor."""
+    import torch
+
+    members = list(sae) if isinstance(sae, list | tuple) else [sae]
+    x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+    with torch.inference_mode():
+        return np.concatenate([member.encode(x).float().numpy() for member in members], axis=1)
 
 
 # --------------------------------------------------------------------------- lexical profiles

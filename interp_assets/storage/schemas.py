@@ -414,7 +414,10 @@ _TABLES = (
             col(
                 "score_name",
                 "string",
-                "`feature_signature`, `comparison_direction` or `next_token_logprob` (causal LMs)",
+                "`feature_signature`, `comparison_direction`, `next_token_logprob` (causal LMs), and with "
+                "the comparison's document SAE `document_feature_shift` (L1 change of the document's "
+                "document-SAE activations) and `document_features_flipped` (document features that start "
+                "or stop firing); these two compare each document with itself unedited (baseline 0)",
             ),
             *_INTERVENTION_RECORD_COLUMNS,
             col("comparison, dataset_a, dataset_b", "string", "the comparison"),

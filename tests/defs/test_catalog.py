@@ -79,7 +79,7 @@ def test_lineage_shows_every_table_a_comparison_reads() -> None:
         "diff_features",
     }
     effects = {k.to_user_string() for k in graph.get(AssetKey("feature_effects")).parent_keys}
-    assert effects == {"diff_reports", "diff_features", "token_activations", "raw_documents"}
+    assert effects == {"diff_reports", "diff_features", "token_activations", "raw_documents", "document_sae"}
     readers = {k.to_user_string() for k in graph.get(AssetKey("activation_status")).child_keys}
     assert readers == {
         "pooled_embeddings",

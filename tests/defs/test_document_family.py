@@ -36,8 +36,8 @@ COMPARISON_ASSETS = [BY_NAME[n] for n in ("document_sae", "document_features", "
 pytestmark = pytest.mark.skipif(not DBPEDIA.exists(), reason=f"{DBPEDIA} (shared DBpedia sample) not found")
 
 
-def _run(tmp_path: Path, drops: dict[str, pl.DataFrame], run_config: dict | None = None) -> tuple[str, str]:
-    """Materialize both datasets and their comparison; returns (parquet base, comparison key)."""
+def _datasets(tmp_path: Path, drops: dict[str, pl.DataFrame]) -> tuple[DagsterInstance, dict, str]:
+    """Materialize both datasets' assets and add their comparison; returns (instance, resources, key)."""
     (tmp_path / "landing").mkdir()
     (tmp_path / "config").mkdir()
     for name, frame in drops.items():
@@ -51,6 +51,12 @@ def _run(tmp_path: Path, drops: dict[str, pl.DataFrame], run_config: dict | None
         assert materialize(DATASET_ASSETS, partition_key=name, instance=instance, resources=resources).success
     key = comparison_key(a, b)
     instance.add_dynamic_partitions("comparisons", [key])
+    return instance, resources, key
+
+
+def _run(tmp_path: Path, drops: dict[str, pl.DataFrame], run_config: dict | None = None) -> tuple[str, str]:
+    """Materialize both datasets and their comparison; returns (parquet base, comparison key)."""
+    instance, resources, key = _datasets(tmp_path, drops)
     result = materialize(
         COMPARISON_ASSETS, partition_key=key, instance=instance, resources=resources, run_config=run_config
     )
@@ -164,3 +170,67 @@ def test_a_damaged_document_sae_is_set_aside_and_trained_again_to_the_same_featu
     assert [p.name.split(".")[0] for p in (folder.parent / "quarantine").iterdir()] == [folder.name]
     after = read_table(base, "document_features", key).collect()
     assert after.equals(before)  # trained again from the same documents and seeds: the same features
+
+
+def test_feature_effects_measure_the_document_features_when_the_comparison_has_a_document_sae(
+    tmp_path: Path,
+) -> None:
+    data = load_dbpedia(DBPEDIA)
+    sample = np.random.default_rng(3).choice(data.height, size=120, replace=False)
+    drops = {"small_a": data[sample[:60].tolist()], "small_b": data[sample[60:].tolist()]}
+    instance, resources, key = _datasets(tmp_path, drops)
+    assert materialize(
+        [BY_NAME["diff_reports"]], partition_key=key, instance=instance, resources=resources
+    ).success
+    base = str(tmp_path / "parquet")
+    diff = read_table(base, "diff_features", key).filter(pl.col("family") == "token").collect()
+    # a token feature that fires in about half the documents: some to edit, some to fix its signature
+    freq = pl.max_horizontal("freq_a", "freq_b")
+    row = diff.sort((freq - 0.5).abs()).row(0, named=True)
+    small = {
+        "features": [int(row["feature"])],
+        "documents_per_feature": 5,
+        "unaffected_documents": 2,
+        "reference_documents": 20,
+        "n_controls": 2,
+        "n_boot": 100,
+    }
+
+    def effects_run() -> tuple[pl.DataFrame, dict]:
+        run_config = {"ops": {"feature_effects": {"config": small}}}
+        result = materialize(
+            [BY_NAME["feature_effects"]],
+            partition_key=key,
+            instance=instance,
+            resources=resources,
+            run_config=run_config,
+        )
+        assert result.success
+        event = result.asset_materializations_for_node("feature_effects")[0]
+        return read_table(base, "feature_effects", key).collect(), event.metadata
+
+    before, metadata = effects_run()  # no document SAE yet: the records are as without the document family
+    assert set(before["score_name"]) == {"feature_signature", "comparison_direction"}
+    assert metadata["downstream_features_measured"].value is False
+
+    assert materialize(
+        [BY_NAME["document_sae"]], partition_key=key, instance=instance, resources=resources
+    ).success
+    after, metadata = effects_run()  # its inputs changed: measured again, now with the document features
+    assert metadata["downstream_features_measured"].value is True
+    assert set(after["score_name"]) == {
+        "feature_signature",
+        "comparison_direction",
+        "document_feature_shift",
+        "document_features_flipped",
+    }
+    shift = after.filter(pl.col("score_name") == "document_feature_shift")
+    assert set(shift["control_type"]) == {"target", "random_matched", "placebo"}
+    placebo = shift.filter(pl.col("control_type") == "placebo").row(0, named=True)
+    assert placebo["effect"] == 0.0 and placebo["baseline_score"] == 0.0
+    target = shift.filter(pl.col("control_type") == "target").row(0, named=True)
+    assert target["documents"] >= 1 and target["effect"] > 0.0
+    problems = [
+        p for (table, _), schema in stored_schemas(base).items() for p in schema_mismatches(table, schema)
+    ]
+    assert not problems, problems
