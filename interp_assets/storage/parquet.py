@@ -939,6 +939,35 @@ def read_table(base_path: str, table: str, partition: str | None = None) -> pl.L
         raise missing_table_error(table, partition, path) from None
 
 
+TOKEN_COLUMNS = ("token", "char_start", "char_end")  # a token's text and offsets: the tokens table's
+
+
+def with_tokens(token_activations: pl.LazyFrame, tokens: pl.LazyFrame) -> pl.LazyFrame:
+    """token_activations in the wide shape (dataset, doc_id, token_index, token, char_start, char_end,
+    feature, activation): each row joined with its token's row of the tokens table (doc_id, token_index),
+    in token_activations' order. The DuckDB view token_activations_wide is the same join."""
+    columns = token_activations.collect_schema().names()
+    at = columns.index("token_index") + 1
+    joined = token_activations.join(
+        tokens.select("doc_id", "token_index", *TOKEN_COLUMNS),
+        on=["doc_id", "token_index"],
+        how="inner",
+        maintain_order="left",
+    )
+    return joined.select(*columns[:at], *TOKEN_COLUMNS, *columns[at:])
+
+
+def read_token_activations_wide(
+    base_path: str, partition: str, features: Iterable[int] | None = None
+) -> pl.LazyFrame:
+    """One dataset's token_activations with its tokens' text and offsets (`with_tokens`); only the rows of
+    `features` when given."""
+    acts = read_table(base_path, "token_activations", partition)
+    if features is not None:
+        acts = acts.filter(pl.col("feature").is_in(list(features)))
+    return with_tokens(acts, read_table(base_path, "tokens", partition))
+
+
 def table_files(base_path: str, table: str, partition: str | None = None) -> list[str]:
     """The Parquet files of one table partition: its single file, or the segments its manifest lists."""
     path = table_path(base_path, table, partition)

@@ -310,7 +310,11 @@ def test_killed_token_activations_run_resumes_at_dagster_level(tmp_path, request
             "every_document_accounted_for",
             "activations_finite_and_positive",
         } <= set(checks), checks
-        meta = result.asset_materializations_for_node("token_activations")[0].metadata
+        meta = next(
+            e
+            for e in result.asset_materializations_for_node("token_activations")
+            if e.asset_key.path == ["token_activations"]
+        ).metadata
         return {k: meta[k].value for k in ("reused_from_cache", "encoded_now", "chunks_written", "rejected")}
 
     assert run(data) == {
@@ -589,7 +593,11 @@ def test_one_bad_document_at_asset_level(tmp_path):
     assert result.success  # one bad document never fails the run
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert all(checks.values()) and "every_document_accounted_for" in checks, checks
-    meta = result.asset_materializations_for_node("token_activations")[0].metadata
+    meta = next(
+        e
+        for e in result.asset_materializations_for_node("token_activations")
+        if e.asset_key.path == ["token_activations"]
+    ).metadata
     assert (meta["encoded_now"].value, meta["rejected"].value) == (20, 1)
     status = pl.read_parquet(data / "parquet/activation_status/batch.parquet").sort("doc_id")
     (row,) = status.filter(pl.col("status") != "encoded").to_dicts()
