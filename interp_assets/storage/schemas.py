@@ -142,8 +142,8 @@ _TABLES = (
     Table(
         "tokens",
         "dataset",
-        "One row per token with at least one nonzero activation (the tokens token_activations refers to), "
-        "written by the\ntoken_activations step in the same segments.",
+        "One row per token with at least one nonzero activation (the tokens token_activations refers to; "
+        "with a TopK SAE\nevery pooled token), written by the token_activations step in the same segments.",
         (
             col("dataset", "string (dictionary)", "dataset name"),
             col("doc_id", "int32", "document (joins raw_documents.doc_id)"),
