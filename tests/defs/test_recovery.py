@@ -779,6 +779,7 @@ def test_hostile_drop_names_map_to_distinct_safe_datasets(hostile_run):
         "raw_documents",
         "document_rejects",
         "token_activations",
+        "tokens",
         "activation_status",
         "pooled_embeddings",
     ):
