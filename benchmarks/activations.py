@@ -743,10 +743,14 @@ def child_memory(args: argparse.Namespace, n_docs: int) -> dict[str, Any]:
     """
     import torch
 
-    from interp_assets.engine.activation_cache import ActivationCache
+    from interp_assets.engine import activation_cache
 
     setup_torch(args)
-    chunk_docs = inspect.signature(ActivationCache.encode_missing).parameters["max_docs"].default
+    # the cache's chunk size (a module constant now; a default of encode_missing in older versions)
+    chunk_docs = (
+        getattr(activation_cache, "CHUNK_DOCS", None)
+        or inspect.signature(activation_cache.ActivationCache.encode_missing).parameters["max_docs"].default
+    )
     if n_docs < 0:
         n_docs = max(args.docs, 2 * int(chunk_docs))
     texts = load_texts(args.data, args.column, n_docs)
