@@ -288,7 +288,8 @@ def test_definitions_build_the_readers_of_the_data_dir_and_survive_a_bad_file(tm
         assert f"'{key}'" in specs
     assert (
         job
-        == "['copy/activation_status', 'copy/pooled_embeddings', 'copy/token_activations', 'feature_matches']"
+        == "['copy/activation_status', 'copy/pooled_embeddings', 'copy/token_activations', 'copy/tokens', "
+        "'feature_matches']"
     )
     storage = StorageResource(data_dir=str(tmp_path))
     valid = readers_file_sensor(build_sensor_context(resources={"storage": storage}))

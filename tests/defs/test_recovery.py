@@ -804,14 +804,16 @@ def test_warehouse_views_work_and_no_name_reaches_sql(hostile_run):
         ).fetchall()
     finally:
         con.close()
-    # one view per table that has Parquet files: nothing extra, nothing dropped
+    # one view per table that has Parquet files, plus the joined token_activations_wide: nothing extra,
+    # nothing dropped
     assert set(hostile_run["counts"]) >= {
         "raw_documents",
         "token_activations",
         "feature_labels",
         "diff_reports",
     }
-    assert objects == sorted((t, "VIEW") for t in hostile_run["counts"]), objects
+    views = [*hostile_run["counts"], "token_activations_wide"]
+    assert objects == sorted((t, "VIEW") for t in views), objects
     datasets = query(db, "select distinct dataset from raw_documents order by 1")["dataset"].to_list()
     assert datasets == names
     for ds in names:
