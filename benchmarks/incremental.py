@@ -142,12 +142,19 @@ def run_step(name: str, instance: DagsterInstance, res: dict, data_dir: Path) ->
     result = materialize(assets, partition_key=DATASET, instance=instance, resources=res, run_config=QUIET)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     meta = {
-        k: v.value for k, v in result.asset_materializations_for_node("token_activations")[0].metadata.items()
+        k: v.value
+        for k, v in next(
+            e
+            for e in result.asset_materializations_for_node("token_activations")
+            if e.asset_key.path == ["token_activations"]
+        ).metadata.items()
     }
     checks = {e.check_name: bool(e.passed) for e in result.get_asset_check_evaluations()}
     segments = {}
     for table in SEGMENTED:
-        written = result.asset_materializations_for_node(table)[0].metadata
+        written = next(
+            e for e in result.asset_materializations_for_node(table) if e.asset_key.path == [table]
+        ).metadata
         segments[table] = {
             "written": written["segments_written"].value,
             "kept": written["segments_kept"].value,

@@ -2,8 +2,8 @@
 pooled_embeddings. SST-2 train sentences (shuffled with the seed) are joined into documents of about 16, 64
 and 256 words; each length is one `datasets` partition of about `--tokens` tokens, materialized through
 raw_documents -> token_activations -> pooled_embeddings with the embedded default on CPU. Per length: tokens,
-nonzeros, pooled rows (distinct (document, feature) pairs), their ratio, and the stored bytes of both tables
-from their manifests.
+nonzeros, pooled rows (distinct (document, feature) pairs), their ratio, and the stored bytes of
+token_activations, tokens and pooled_embeddings from their manifests.
 
 Usage: python benchmarks/pooled_rows.py [--tokens 40000] [--lengths 16 64 256] [--seed 0]"""
 
@@ -85,7 +85,7 @@ def main() -> None:
             status = read_table(base, "activation_status", name).collect()
             meta = {
                 t: read_manifest(str(data / "parquet" / t / name))
-                for t in ("token_activations", "pooled_embeddings")
+                for t in ("token_activations", "tokens", "pooled_embeddings")
             }
             stored = {t: sum(s["bytes"] for s in m["segments"]) for t, m in meta.items()}
             rows = {t: m["rows"] for t, m in meta.items()}
@@ -105,6 +105,9 @@ def main() -> None:
                     "token_activations_bytes": stored["token_activations"],
                     "pooled_embeddings_bytes": stored["pooled_embeddings"],
                     "bytes_per_nonzero": stored["token_activations"] / rows["token_activations"],
+                    "tokens_rows": rows["tokens"],
+                    "tokens_bytes": stored["tokens"],
+                    "bytes_per_token_tokens": stored["tokens"] / max(1, rows["tokens"]),
                     "bytes_per_pooled_row": stored["pooled_embeddings"] / rows["pooled_embeddings"],
                     "seconds": round(seconds, 1),
                 }
@@ -114,6 +117,7 @@ def main() -> None:
                 f"{length:>5} words: {r['documents']:>5} docs, "
                 f"{r['pooled_tokens_per_doc']:7.1f} pooled tokens/doc, "
                 f"distinct {r['distinct_fraction']:.3f}, {r['bytes_per_nonzero']:.2f} B/nonzero, "
+                f"tokens {r['bytes_per_token_tokens']:.2f} B/token, "
                 f"{r['bytes_per_pooled_row']:.2f} B/pooled row, {seconds:.1f} s"
             )
     cfg = json.loads((ROOT / "resources" / "default_sae" / "cfg.json").read_text())

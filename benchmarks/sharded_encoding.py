@@ -159,7 +159,11 @@ def run_config(workers: int, rows: list[dict], args: argparse.Namespace, work: P
         run_config=QUIET,
     )
     tables_s = time.perf_counter() - started
-    meta = tables.asset_materializations_for_node("token_activations")[0].metadata
+    meta = next(
+        e
+        for e in tables.asset_materializations_for_node("token_activations")
+        if e.asset_key.path == ["token_activations"]
+    ).metadata
     assert meta["encoded_now"].value == 0 and meta["reader_loaded"].value is False, "shards left documents"
     instance.dispose()
     return {

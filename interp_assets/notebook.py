@@ -116,6 +116,7 @@ class _Store:
     documents: pl.DataFrame  # sorted by doc_id
     pooled: pl.LazyFrame
     token_activations: pl.LazyFrame | None = None
+    tokens: pl.LazyFrame | None = None  # each token's text and offsets (None: token_activations has them)
     labels: pl.DataFrame | None = None
     d_sae: int | None = None
     d_sae_explicit: bool = False
@@ -143,7 +144,7 @@ class Dataset:
         """Open dataset `name` from `<data_dir>/parquet` (default data_dir:
         `interp_assets.storage.paths.data_dir()`).
 
-        Needs raw_documents and pooled_embeddings; token_activations (for `highlight`) and
+        Needs raw_documents and pooled_embeddings; token_activations with tokens (for `highlight`) and
         feature_labels are optional. `d_sae` overrides the SAE width stored with the tables. `reader`: an
         extra reader of `config/readers.json`, whose features (tables under `parquet/readers/<reader>/`)
         are read instead of the default reader's (it has no feature_labels).
@@ -179,19 +180,24 @@ class Dataset:
             )
         ta_path = paths.table_path(base, "token_activations", name)
         labels_path = paths.table_path(docs_base, "feature_labels", name)
-        has_tokens = table_exists(base, "token_activations", name)
+        has_activations = table_exists(base, "token_activations", name)
         stored = _stored_d_sae(table_files(base, "pooled_embeddings", name)) or (
-            _stored_d_sae(table_files(base, "token_activations", name)) if has_tokens else None
+            _stored_d_sae(table_files(base, "token_activations", name)) if has_activations else None
         )
         store = _Store(
             name=name,
             documents=_prepare_documents(pl.read_parquet(docs_path), name),
             pooled=read_table(base, "pooled_embeddings", name),
-            token_activations=read_table(base, "token_activations", name) if has_tokens else None,
+            token_activations=read_table(base, "token_activations", name) if has_activations else None,
+            tokens=read_table(base, "tokens", name) if table_exists(base, "tokens", name) else None,
             labels=pl.read_parquet(labels_path) if reader is None and _exists(labels_path) else None,
             d_sae=d_sae if d_sae is not None else stored,
             d_sae_explicit=d_sae is not None or stored is not None,
-            where={"pooled_embeddings": pooled_path, "token_activations": ta_path},
+            where={
+                "pooled_embeddings": pooled_path,
+                "token_activations": ta_path,
+                "tokens": paths.table_path(base, "tokens", name),
+            },
         )
         return cls(store)
 
@@ -253,10 +259,13 @@ class Dataset:
         pooled: FrameLike,
         *,
         token_activations: FrameLike | None = None,
+        tokens: FrameLike | None = None,
         feature_labels: pl.DataFrame | None = None,
         d_sae: int | None = None,
     ) -> Dataset:
-        """A Dataset over in-memory tables in the README schemas (e.g. the outputs of the pure modules)."""
+        """A Dataset over in-memory tables in the README schemas (e.g. the outputs of the pure modules).
+        `token_activations` may be the wide shape (with token, char_start, char_end); else `tokens` gives
+        each token's text and offsets."""
         docs = as_lazy(documents, f"documents of {name!r}", ["doc_id", "text"]).collect()
         return cls(
             _Store(
@@ -266,6 +275,11 @@ class Dataset:
                 token_activations=None
                 if token_activations is None
                 else as_lazy(token_activations, f"token_activations of {name!r}", ["doc_id", "feature"]),
+                tokens=None
+                if tokens is None
+                else as_lazy(
+                    tokens, f"tokens of {name!r}", ["doc_id", "token_index", "char_start", "char_end"]
+                ),
                 labels=feature_labels,
                 d_sae=d_sae,
                 d_sae_explicit=d_sae is not None,
@@ -513,14 +527,23 @@ class Dataset:
         return pos
 
     def _token_activations(self) -> pl.LazyFrame:
-        """The dataset's token_activations, or a clear error saying what to materialize."""
+        """The dataset's token_activations in the wide shape (each token's text and offsets joined from
+        tokens), or a clear error saying what to materialize."""
+        from interp_assets.storage.parquet import TOKEN_COLUMNS, with_tokens
+
         ta = self._store.token_activations
-        if ta is None:
-            where = self._store.where.get("token_activations", "token_activations")
+        missing = "token_activations" if ta is None else None
+        if ta is not None and not set(TOKEN_COLUMNS) <= set(ta.collect_schema().names()):
+            if self._store.tokens is None:
+                missing = "tokens"
+            else:
+                ta = with_tokens(ta, self._store.tokens)
+        if missing is not None or ta is None:
+            where = self._store.where.get(missing or "tokens", missing)
             raise FileNotFoundError(
-                f"Dataset {self.name!r} has no token_activations ({where}): "
+                f"Dataset {self.name!r} has no {missing} ({where}): "
                 + _MATERIALIZE_HINT.format(asset="token_activations", name=self.name)
-                + "."
+                + " (its step writes tokens too)."
             )
         return ta
 

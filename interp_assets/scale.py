@@ -2,12 +2,13 @@
 a fleet, from the rates our benchmarks measured (`benchmarks/results/*.json`, read by `load_rates`).
 
 Measured (read from the JSON files, never copied here): the engine's FLOP count per token and its share of
-the machine's FLOP floor (activations.json), bytes per stored nonzero by SAE width and k (activations.json),
-and pooled_rows.json (the default SAE, k 16), pooling, label+score, diff and association rates
-(incremental.json, score_scale.json, diff.json, associations.json), distinct (document, feature) pairs per
-document by its nonzeros and pooled bytes per row (pooled_rows.json) and the reader's load time
-(incremental.json). Assumed (parameters of `Assumptions`, each documented there): a GPU's sustained matmul
-rate, prices and raw text bytes per token. `scripts/plan_scale.py` prints it.
+the machine's FLOP floor (activations.json), bytes per stored nonzero by SAE width and k (activations.json,
+and pooled_rows.json: the default SAE, k 16), the tokens table's bytes per token (activations.json),
+pooling, label+score, diff and association rates (incremental.json, score_scale.json, diff.json,
+associations.json), distinct (document, feature) pairs per document by its nonzeros and pooled bytes per
+row (pooled_rows.json) and the reader's load time (incremental.json). Assumed (parameters of
+`Assumptions`, each documented there): a GPU's sustained matmul rate, prices and raw text bytes per token.
+`scripts/plan_scale.py` prints it.
 
 Pure: the standard library only; no Dagster, no torch.
 """
@@ -86,6 +87,7 @@ class Rates:
     cpu_flops_per_s: float  # the engine's achieved FLOP/s on the 2-core benchmark machine (encode only)
     engine_efficiency: float  # achieved / FLOP floor on that machine: taken to hold on a GPU too
     bytes_per_nonzero: list[tuple[int, float, float]]  # (width, k, token_activations bytes per nonzero)
+    tokens_bytes_per_token: float  # the tokens table (text and offsets of each token with a nonzero)
     cache_bytes_per_nonzero: list[tuple[int, float, float]]  # (width, k, activation-cache bytes per nonzero)
     cache_docs_bytes_per_doc: float
     pool_nonzeros_per_s: float
@@ -158,6 +160,7 @@ def load_rates(results_dir: Path | str = RESULTS_DIR) -> Rates:
         cpu_flops_per_s=cpu_flops,
         engine_efficiency=default["floor_fraction"],
         bytes_per_nonzero=bpn,
+        tokens_bytes_per_token=default["bytes_per_token_tokens"],
         cache_bytes_per_nonzero=cache_bpn,
         cache_docs_bytes_per_doc=docs_bytes,
         pool_nonzeros_per_s=pool_rate,
@@ -171,6 +174,7 @@ def load_rates(results_dir: Path | str = RESULTS_DIR) -> Rates:
             "cpu_flops_per_s, engine_efficiency": "activations.json case 'default' (total_flops / encode_s)",
             "bytes_per_nonzero": "activations.json cases (bytes_per_nz_token_activations, _cache), "
             "pooled_rows.json lengths (bytes_per_nonzero)",
+            "tokens_bytes_per_token": "activations.json case 'default' (bytes_per_token_tokens)",
             "distinct_per_doc, pooled_bytes_per_row": "pooled_rows.json lengths",
             "pool_nonzeros_per_s": "incremental.json fastest 'full' step",
             "label_score_s_per_feature": "score_scale.json result (label_score_s / features, 10,000 docs)",
@@ -322,6 +326,7 @@ def plan(
     storage = {
         "raw_documents": {"rows": corpus.documents, "bytes": pooled_tokens * a.raw_bytes_per_token},
         "token_activations": {"rows": nonzeros, "bytes": nonzeros * bpn},
+        "tokens": {"rows": pooled_tokens, "bytes": pooled_tokens * rates.tokens_bytes_per_token},
         "activation_cache": {
             "rows": nonzeros,
             "bytes": nonzeros * cache_bpn + corpus.documents * rates.cache_docs_bytes_per_doc,

@@ -320,6 +320,38 @@ def apply_views(con: duckdb.DuckDBPyConnection, sources: Mapping[str, ViewSource
     return counts
 
 
+# Views over other views, each with the tables it reads: created when every one of them has a view, dropped
+# when one has none. token_activations_wide is token_activations in the shape it had before the tokens
+# table held the token columns (the same join as `interp_assets.storage.parquet.with_tokens`).
+JOINED_VIEWS: dict[str, tuple[tuple[str, ...], str]] = {
+    "token_activations_wide": (
+        ("token_activations", "tokens"),
+        "SELECT a.dataset, a.doc_id, a.token_index, t.token, t.char_start, t.char_end, a.feature, "
+        "a.activation FROM token_activations a JOIN tokens t "
+        "ON a.dataset = t.dataset AND a.doc_id = t.doc_id AND a.token_index = t.token_index",
+    ),
+}
+
+
+def apply_joined_views(con: duckdb.DuckDBPyConnection, tables: Sequence[str]) -> list[str]:
+    """Create or replace each `JOINED_VIEWS` view that reads one of `tables` when all the views it reads
+    exist, else drop it; returns the names of those that exist now. Their rows are not counted (a join
+    over every row would make each refresh pay for it)."""
+    existing = {
+        row[0] for row in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
+    }
+    present = []
+    for name, (reads, sql) in JOINED_VIEWS.items():
+        if not set(reads) & set(tables):
+            continue
+        if set(reads) <= existing:
+            con.execute(f"CREATE OR REPLACE VIEW {sql_identifier(check_table_name(name))} AS {sql}")
+            present.append(name)
+        else:
+            con.execute(f"DROP VIEW IF EXISTS {sql_identifier(check_table_name(name))}")
+    return present
+
+
 def _sources(parquet_base: str, tables: Sequence[str]) -> dict[str, ViewSource]:
     for table in tables:
         check_table_name(table)
@@ -341,15 +373,19 @@ def refresh_views(
     """(Re)build the views over `tables` in `db_path` with a short read-write connection.
 
     Returns row counts of the tables that have Parquet files; views of tables without files are dropped.
-    Each table is refreshed on its own: one that fails keeps its previous view and is named in the
-    `ViewRefreshError` raised once all the others are current.
+    The `JOINED_VIEWS` over them follow (`apply_joined_views`). Each table is refreshed on its own: one
+    that fails keeps its previous view and is named in the `ViewRefreshError` raised once all the others
+    are current.
     """
     sources = _sources(parquet_base, tables)
     if db_path != ":memory:":
         os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
     con = _connect(db_path, read_only=False, timeout_s=timeout_s, parquet_base=parquet_base)
     try:
-        return apply_views(con, sources)
+        try:
+            return apply_views(con, sources)
+        finally:  # also after a ViewRefreshError: every view that could be refreshed was
+            apply_joined_views(con, tables)
     finally:
         con.close()
 

@@ -145,8 +145,8 @@ def print_plan(result: dict) -> None:
 def readme_table(args: argparse.Namespace, rates) -> str:
     lines = [
         "| tokens | reader + SAE | fleet | encode | pool | label + score | diff | token_activations "
-        "| activation cache | pooled_embeddings | GPU-hours | cost |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tokens table | activation cache | pooled_embeddings | GPU-hours | cost |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for tokens in TOKEN_COUNTS:
         for preset, gpus, workers in README_SCENARIOS:
@@ -160,6 +160,7 @@ def readme_table(args: argparse.Namespace, rates) -> str:
                 f"| {human_seconds(sec['encode'])} | {human_seconds(sec['pool'])} "
                 f"| {human_seconds(sec['label_score'])} | {human_seconds(sec['diff'])} "
                 f"| {human_bytes(st['token_activations']['bytes'])} "
+                f"| {human_bytes(st['tokens']['bytes'])} "
                 f"| {human_bytes(st['activation_cache']['bytes'])} "
                 f"| {human_bytes(st['pooled_embeddings']['bytes'])} | {res['gpu_hours']:.1f} "
                 f"| ${res['cost_usd']:,.0f} |"

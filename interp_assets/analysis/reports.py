@@ -130,7 +130,8 @@ def examples_for_features(
     """For each feature, the `n` documents with its highest max token activation (ties: lower doc_id).
 
     Each example: doc_id, max_activation, text (the full document) and spans (char_start, char_end of
-    every token where the feature is active, merged). One pass over token_activations for all features.
+    every token where the feature is active, merged). One pass over token_activations for all features
+    (the wide shape: joined with tokens for the offsets).
     """
     feats = sorted({int(f) for f in features})
     result: dict[int, list[dict[str, Any]]] = {f: [] for f in feats}

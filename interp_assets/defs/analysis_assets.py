@@ -42,6 +42,7 @@ from interp_assets.labels import labeling
 from interp_assets.storage.parquet import (
     markdown_preview,
     read_table,
+    read_token_activations_wide,
     table_exists,
     write_bytes_atomic,
     write_table,
@@ -148,7 +149,7 @@ class DiffReportsConfig(Config):
 # scores its top features, and renders the diff.
 _DATASET_TABLES = ("raw_documents", "token_activations", "pooled_embeddings", "activation_status")
 _COMPARISON_TABLES = ("document_sae", "document_features")
-_REPORT_ONLY = ("feature_labels", "feature_scores")
+_REPORT_ONLY = ("feature_labels", "feature_scores", "tokens")  # tokens: the examples' spans
 
 
 @multi_asset(
@@ -240,9 +241,8 @@ def diff_reports(
     labels, scores = _report_labels(storage, diff, a, b, config.top_n)
     top = reports.top_features(diff, config.top_n)
     top_ids = [int(f) for d in ("a", "b") for f in top[d]["feature"].to_list()]
-    needed = pl.Series("feature", top_ids, dtype=pl.Int32)
-    ta_a = read_table(base, "token_activations", a).filter(pl.col("feature").is_in(needed.implode()))
-    ta_b = read_table(base, "token_activations", b).filter(pl.col("feature").is_in(needed.implode()))
+    ta_a = read_token_activations_wide(base, a, top_ids)
+    ta_b = read_token_activations_wide(base, b, top_ids)
     examples = reports.report_examples(
         diff,
         ta_a.collect(),

@@ -3,9 +3,10 @@
 raw_documents -> token_activations -> pooled_embeddings -> feature_labels -> feature_scores -> diff_reports
 
 All but diff_reports are partitioned by dataset; diff_reports is partitioned by comparison (`A__vs__B`)
-and loads the two datasets' partitions explicitly. The side tables document_rejects, activation_status and
-diff_features are assets too: extra outputs (`multi_asset`) of the raw_documents, token_activations and
-diff_reports steps, so ALL_ASSETS holds one definition per step (iterate `.keys` for every asset).
+and loads the two datasets' partitions explicitly. The side tables document_rejects, tokens,
+activation_status and diff_features are assets too: extra outputs (`multi_asset`) of the raw_documents,
+token_activations and diff_reports steps, so ALL_ASSETS holds one definition per step (iterate `.keys` for
+every asset).
 """
 
 from interp_assets.defs.analysis_assets import diff_reports, feature_associations
@@ -39,6 +40,7 @@ WAREHOUSE_TABLES = [
     "raw_documents",
     "document_rejects",
     "token_activations",
+    "tokens",
     "activation_status",
     "pooled_embeddings",
     "feature_labels",

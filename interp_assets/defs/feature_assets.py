@@ -1,5 +1,5 @@
-"""SAE features of each document: token_activations (the reader over every document) with its side table
-activation_status, and pooled_embeddings."""
+"""SAE features of each document: token_activations (the reader over every document) with its side tables
+tokens and activation_status, and pooled_embeddings."""
 
 import hashlib
 import time
@@ -28,7 +28,7 @@ from interp_assets.defs.shared import (
     side_table_output,
     table_out,
 )
-from interp_assets.engine.activation_cache import ActivationCache, token_activations_schema
+from interp_assets.engine.activation_cache import TOKENS_SCHEMA, ActivationCache, token_activations_schema
 from interp_assets.engine.pooling import (
     POOLED_SCHEMA,
     POOLING_VERSION,
@@ -61,10 +61,19 @@ from resources.storage import StorageResource
             group="features",
             kinds={"pytorch", "parquet"},
             code_version=ENGINE_VERSION,
-            description="Every nonzero SAE activation of every pooled token (doc_id, token_index, token, "
-            "offsets, feature, activation). Only new or changed documents go through the model "
-            "(content-hash cache), and only the segments (one per cache chunk) whose documents changed are "
-            "written.",
+            description="Every nonzero SAE activation of every pooled token (doc_id, token_index, feature, "
+            "activation; the token's text and offsets are in tokens). Only new or changed documents go "
+            "through the model (content-hash cache), and only the segments (one per cache chunk) whose "
+            "documents changed are written.",
+        ),
+        "tokens": table_out(
+            "tokens",
+            group="features",
+            kinds={"pytorch", "parquet"},
+            code_version=ENGINE_VERSION,
+            description="Every token with at least one nonzero SAE activation: its text and character "
+            "offsets, once per token (token_activations refers to it by doc_id and token_index; the DuckDB "
+            "view token_activations_wide joins the two). Segments as token_activations'.",
         ),
         "activation_status": table_out(
             "activation_status",
@@ -112,15 +121,19 @@ def read_token_activations(
             context.log.info(f"{dataset}: {total:,} of {docs.height:,} documents need encoding")
 
     # the SAE width travels with the files (a notebook's matrices then have every feature's column)
-    schema = token_activations_schema(identity.activation_dtype).with_metadata(
-        {b"d_sae": str(identity.d_sae).encode()}
-    )
+    schema = token_activations_schema(identity.activation_dtype)
+    schema = schema.with_metadata({**(schema.metadata or {}), b"d_sae": str(identity.d_sae).encode()})
     ids = docs.select("doc_id", "doc_hash")
-    stored = stored_segments(storage.parquet_base, "token_activations", dataset, schema, context.log.warning)
+    base = storage.parquet_base
+    stored = stored_segments(base, "token_activations", dataset, schema, context.log.warning)
+    stored_tokens = stored_segments(base, "tokens", dataset, TOKENS_SCHEMA, context.log.warning)
     # Cached chunks are trusted only once checked, and only those whose segments must be written are read:
     # a damaged one is quarantined here and its documents are encoded again just below.
-    to_read = [s.chunk for s in cache.activation_segments(ids, dataset, schema) if s.name not in stored]
-    cache.verify_chunks(to_read)
+    to_read = {s.chunk for s in cache.activation_segments(ids, dataset, schema) if s.name not in stored}
+    to_read |= {
+        s.chunk for s in cache.activation_segments(ids, dataset, TOKENS_SCHEMA) if s.name not in stored_tokens
+    }
+    cache.verify_chunks(sorted(to_read))
     started = time.perf_counter()
     stats = encode_with_progress(cache, sae_reader, docs, progress, on_start=start)
     seconds = time.perf_counter() - started
@@ -157,6 +170,16 @@ def read_token_activations(
 
     segments = {s.name: KEEP if s.name in stored else StreamedTable(schema, checked_segment(s)) for s in plan}
     kept = [stored[name] for name, value in segments.items() if value is KEEP]
+    # tokens first: once a token_activations segment is committed, its tokens are too
+    token_segments = {
+        s.name: KEEP
+        if s.name in stored_tokens
+        else StreamedTable(TOKENS_SCHEMA, cache.iter_tokens_segment(s, dataset))
+        for s in cache.activation_segments(ids, dataset, TOKENS_SCHEMA)
+    }
+    yield Output(
+        SegmentedTable(TOKENS_SCHEMA, token_segments), output_name="tokens", data_version=DataVersion(version)
+    )
     yield Output(
         SegmentedTable(schema, segments),
         output_name="token_activations",

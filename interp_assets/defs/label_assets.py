@@ -32,7 +32,13 @@ from interp_assets.labels import labeling, scoring
 from interp_assets.labels.embedding import DEFAULT_EMBEDDING_MODEL
 from interp_assets.labels.evidence import HARD_NEGATIVES_MAX_DOCS
 from interp_assets.labels.feature_selection import select_features
-from interp_assets.storage.parquet import markdown_preview, read_table, table_exists
+from interp_assets.storage.parquet import (
+    markdown_preview,
+    read_table,
+    read_token_activations_wide,
+    table_exists,
+    with_tokens,
+)
 from resources.llm import LLMResource
 from resources.storage import StorageResource
 
@@ -80,6 +86,7 @@ def feature_labels(
     context: AssetExecutionContext,
     config: FeatureLabelsConfig,
     token_activations: pl.LazyFrame,
+    tokens: pl.LazyFrame,
     storage: StorageResource,
     llm: LLMResource,
 ):
@@ -127,7 +134,7 @@ def feature_labels(
         associated=_top_associated(base, dataset, config.n_associated),
     )
     features = selected["feature"].to_list()
-    acts = token_activations.filter(pl.col("feature").is_in(features)).collect()
+    acts = with_tokens(token_activations.filter(pl.col("feature").is_in(features)), tokens).collect()
     embeddings = _document_embeddings(storage, docs, config.hard_negatives_max_docs)
     published = (
         labeling.load_published_labels(config.published_labels_path) if config.published_labels_path else None
@@ -288,11 +295,7 @@ def feature_scores(
     labels = feature_labels.collect()
     docs = stored_documents(storage, dataset)
     features = labels["feature"].to_list()
-    acts = (
-        read_table(storage.parquet_base, "token_activations", dataset)
-        .filter(pl.col("feature").is_in(features))
-        .collect()
-    )
+    acts = read_token_activations_wide(storage.parquet_base, dataset, features).collect()
     embeddings = _document_embeddings(storage, docs, split["hard_negatives_max_docs"])
     errors: list[str] = []
     embedded_now = [0]

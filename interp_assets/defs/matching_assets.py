@@ -1,12 +1,13 @@
 """Extra readers and feature_matches: thin Dagster wiring around `interp_assets.defs.readers` (the config) and
 `interp_assets.analysis.matching` (the matching).
 
-Per extra reader `r` (`<data_dir>/config/readers.json`) an asset factory builds `r/token_activations` and
-`r/pooled_embeddings`, partitioned by dataset: the default reader's asset bodies, with the reader resource
-`sae_reader__r` and the tables under `<parquet base>/readers/r/` (IO manager `parquet_io_manager__r`), so
-nothing collides with the default reader's tables; both share the activation cache, keyed by the reader's
-fingerprint. `feature_matches` (one table per dataset) matches each extra reader's features with those of
-the reader named by its `match_with` (default: the default reader) on the documents both encoded.
+Per extra reader `r` (`<data_dir>/config/readers.json`) an asset factory builds `r/token_activations` (with
+its side tables `r/tokens` and `r/activation_status`) and `r/pooled_embeddings`, partitioned by dataset:
+the default reader's asset bodies, with the reader resource `sae_reader__r` and the tables under
+`<parquet base>/readers/r/` (IO manager `parquet_io_manager__r`), so nothing collides with the default
+reader's tables; both share the activation cache, keyed by the reader's fingerprint. `feature_matches` (one
+table per dataset) matches each extra reader's features with those of the reader named by its `match_with`
+(default: the default reader) on the documents both encoded.
 """
 
 from typing import Any
@@ -49,7 +50,7 @@ from interp_assets.defs.shared import (
 from interp_assets.engine.pooling import POOLING_VERSION
 from interp_assets.engine.reader import ENGINE_VERSION
 from interp_assets.labels import labeling
-from interp_assets.storage.parquet import read_table, table_exists
+from interp_assets.storage.parquet import read_table, read_token_activations_wide, table_exists
 from interp_assets.storage.paths import reader_parquet_base
 from io_managers.parquet import ParquetIOManager
 from resources.sae_reader import SAEReaderResource
@@ -131,6 +132,16 @@ def _token_activations_asset(reader: ExtraReader) -> AssetsDefinition:
                 description=f"token_activations of extra reader {reader.name!r} ({where}): every nonzero "
                 "SAE activation of every pooled token, as the default reader's, stored under "
                 f"readers/{reader.name}/.",
+            ),
+            "tokens": table_out(
+                "tokens",
+                io_manager_key=reader_io_manager_key(reader.name),
+                key=reader_asset_key(reader.name, "tokens"),
+                group="features",
+                kinds={"pytorch", "parquet"},
+                code_version=ENGINE_VERSION,
+                description=f"tokens of extra reader {reader.name!r} ({where}): the text and offsets of "
+                "every token with a nonzero activation, as the default reader's.",
             ),
             "activation_status": table_out(
                 "activation_status",
@@ -282,7 +293,7 @@ def _offline_labels(
     """Offline labels (`labeling.label_features`, cached like feature_labels') of `features` of `reader`
     on `dataset` (`docs`: its raw_documents), as "label: description"."""
     base = reader_storage(storage, reader).parquet_base
-    acts = read_table(base, "token_activations", dataset).filter(pl.col("feature").is_in(features)).collect()
+    acts = read_token_activations_wide(base, dataset, features).collect()
     labels = labeling.label_features(
         acts,
         docs,

@@ -14,9 +14,11 @@ file is one object, uploaded whole (a PUT is atomic, so no rename is needed), in
 is committed when its `.docs` object exists, and chunk ids are unique, so concurrent writers never touch
 one another's objects. A local root keeps the local file operations (and their speed).
 
-The token_activations table of a dataset is stored in segments, one per cache chunk holding some of its
-documents (`activation_segments`); a segment's name is a key of its content, so a re-run rewrites only
-the segments whose documents changed.
+The token_activations and tokens tables of a dataset are stored in segments, one per cache chunk holding
+some of its documents (`activation_segments`); a segment's name is a key of its content, so a re-run
+rewrites only the segments whose documents changed. A chunk's rows carry each nonzero's token text and
+offsets; the tables split them: token_activations keeps (doc_id, token_index, feature, activation), tokens
+one row per (doc_id, token_index) with its text and offsets.
 """
 
 from __future__ import annotations
@@ -50,7 +52,13 @@ from interp_assets.storage.checksums import (
     file_record,
     is_sha256,
 )
-from interp_assets.storage.parquet import is_tmp_name, parquet_bytes, write_bytes_atomic, write_parquet_atomic
+from interp_assets.storage.parquet import (
+    is_tmp_name,
+    parquet_bytes,
+    write_bytes_atomic,
+    write_parquet_atomic,
+    zstd_level_hint,
+)
 
 DOC_STATUS_SCHEMA = pa.schema(
     [
@@ -64,19 +72,35 @@ DOC_STATUS_SCHEMA = pa.schema(
 )
 
 
+# token_activations is written once and read many times: zstd at 15 stores it ~2% smaller than at 3 and
+# reads as fast (writing a segment of 700k nonzeros takes about 0.2 s instead of 0.1 s).
+TOKEN_ACTIVATIONS_ZSTD_LEVEL = 15
+
+
 def token_activations_schema(activation_dtype: str = "float16") -> pa.Schema:
-    """Schema of the token_activations table; `activation` is stored as `activation_dtype`."""
-    return pa.schema(
+    """Schema of the token_activations table; `activation` is stored as `activation_dtype`. A token's text
+    and offsets are in the tokens table (`TOKENS_SCHEMA`), once per token instead of once per nonzero."""
+    schema = pa.schema(
         [
             ("dataset", pa.dictionary(pa.int32(), pa.string())),
             ("doc_id", pa.int32()),
             ("token_index", pa.int32()),
-            ("token", pa.dictionary(pa.int32(), pa.string())),
-            ("char_start", pa.int32()),
-            ("char_end", pa.int32()),
             *activation_fields(activation_dtype),
         ]
     )
+    return zstd_level_hint(schema, TOKEN_ACTIVATIONS_ZSTD_LEVEL)
+
+
+TOKENS_SCHEMA = pa.schema(
+    [
+        ("dataset", pa.dictionary(pa.int32(), pa.string())),
+        ("doc_id", pa.int32()),
+        ("token_index", pa.int32()),
+        ("token", pa.dictionary(pa.int32(), pa.string())),
+        ("char_start", pa.int32()),
+        ("char_end", pa.int32()),
+    ]
+)
 
 
 ACTIVATION_STATUS_SCHEMA = pa.schema(
@@ -544,10 +568,9 @@ class ActivationCache:
             segments.append(ActivationSegment(name, chunk, docs))
         return segments
 
-    def iter_segment(
-        self, segment: ActivationSegment, dataset: str, schema: pa.Schema
-    ) -> Iterator[pa.RecordBatch]:
-        """The token_activations rows of one segment (sorted by doc_id, token_index), cast to `schema`.
+    def _segment_rows(self, segment: ActivationSegment, dataset: str) -> pl.DataFrame:
+        """The cached rows of one segment's documents (this chunk's copy of each, first chunk wins), with
+        their doc_id(s) and `dataset`: one row per nonzero, token columns included.
 
         The chunk is verified first (`verify_chunks`); a damaged one is quarantined and this raises."""
         name = f"{segment.chunk}.acts.parquet"
@@ -562,9 +585,24 @@ class ActivationCache:
                 f"Activation cache chunk {self._url(name)} could not be read ({exc}); it was moved to "
                 "quarantine and its documents will be encoded again: run the step again."
             ) from exc
-        # keep only this chunk's copy of each document (first chunk wins), then map hash -> doc_id(s)
-        rows = acts.join(segment.documents, on="doc_hash").sort("doc_id", "token_index", "feature")
-        rows = rows.with_columns(pl.lit(dataset).alias("dataset")).select(schema.names)
+        # map hash -> doc_id(s): a text that occurs twice in the dataset gets both documents' rows
+        return acts.join(segment.documents, on="doc_hash").with_columns(pl.lit(dataset).alias("dataset"))
+
+    def iter_segment(
+        self, segment: ActivationSegment, dataset: str, schema: pa.Schema
+    ) -> Iterator[pa.RecordBatch]:
+        """The token_activations rows of one segment (sorted by doc_id, token_index, feature), cast to
+        `schema`. The chunk is verified first (see `_segment_rows`)."""
+        rows = self._segment_rows(segment, dataset).sort("doc_id", "token_index", "feature")
+        yield from rows.select(schema.names).to_arrow().cast(schema).to_batches(max_chunksize=1_000_000)
+
+    def iter_tokens_segment(
+        self, segment: ActivationSegment, dataset: str, schema: pa.Schema = TOKENS_SCHEMA
+    ) -> Iterator[pa.RecordBatch]:
+        """The tokens rows of one segment: one per (doc_id, token_index) with at least one nonzero, sorted,
+        with the token's text and offsets. The chunk is verified first (see `_segment_rows`)."""
+        rows = self._segment_rows(segment, dataset).select(schema.names)
+        rows = rows.unique(["doc_id", "token_index"], keep="first").sort("doc_id", "token_index")
         yield from rows.to_arrow().cast(schema).to_batches(max_chunksize=1_000_000)
 
     def iter_token_activations(
@@ -577,3 +615,8 @@ class ActivationCache:
         schema = schema or token_activations_schema(self.stored_activation_dtype() or "float16")
         for segment in self.activation_segments(documents, dataset, schema):
             yield from self.iter_segment(segment, dataset, schema)
+
+    def iter_tokens(self, documents: pl.DataFrame, dataset: str) -> Iterator[pa.RecordBatch]:
+        """Stream the tokens rows of `documents` (doc_id, doc_hash), one cache chunk at a time."""
+        for segment in self.activation_segments(documents, dataset, TOKENS_SCHEMA):
+            yield from self.iter_tokens_segment(segment, dataset)

@@ -486,7 +486,8 @@ def load_document_sae(folder: str) -> Any:
 
 
 def document_feature_spans(document_features: Any, documents: Any) -> Any:
-    """Document features in the token_activations shape (one whole-document span per active feature).
+    """Document features in the wide token_activations shape (token_activations joined with tokens: one
+    whole-document span per active feature).
 
     Lets the labelers, scorers and report excerpts that read token activations work on document-level
     features: the feature "fires on" the whole document. Columns: doc_id, token_index, token, char_start,

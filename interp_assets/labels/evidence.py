@@ -143,8 +143,9 @@ def _check_activations(token_activations: pl.DataFrame) -> None:
     missing = [c for c in need if c not in token_activations.columns]
     if missing:
         raise ValueError(
-            f"token_activations frame is missing column(s) {missing}; pass the token_activations table "
-            f"(columns {', '.join(need)}, ...)."
+            f"token_activations frame is missing column(s) {missing}; pass token_activations in the wide "
+            f"shape (columns {', '.join(need)}, ...): joined with tokens "
+            "(`interp_assets.storage.parquet.with_tokens`, or the DuckDB view token_activations_wide)."
         )
 
 

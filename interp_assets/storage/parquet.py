@@ -44,8 +44,10 @@ PREVIEW_CELL_CHARS = 60
 # the `token` column 0.18 -> 0.10 bytes per nonzero) while a pending group stays far below ROW_GROUP_BYTES.
 ROW_GROUP_ROWS = 512 * 1024
 ROW_GROUP_BYTES = 64 * 1024 * 1024
-# zstd's own default level; Arrow's (1) stores token_activations ~2.5% larger for about the same speed.
+# zstd's own default level; Arrow's (1) stores token_activations ~2.5% larger for about the same speed. A
+# schema can ask for another level (`zstd_level_hint`).
 ZSTD_LEVEL = 3
+ZSTD_LEVEL_HINT = b"parquet.zstd_level"
 
 _FLOAT_PHYSICAL = ("FLOAT", "DOUBLE")
 _HAS_BYTE_STREAM_SPLIT = "use_byte_stream_split" in inspect.signature(pq.ParquetWriter.__init__).parameters
@@ -123,6 +125,15 @@ def encoding_hint(field: pa.Field, encoding: str) -> pa.Field:
     return field.with_metadata({**(field.metadata or {}), ENCODING_HINT: encoding.encode()})
 
 
+def zstd_level_hint(schema: pa.Schema, level: int) -> pa.Schema:
+    """`schema` marked to be written with zstd at `level` instead of `ZSTD_LEVEL` (other metadata kept)."""
+    return schema.with_metadata({**(schema.metadata or {}), ZSTD_LEVEL_HINT: str(int(level)).encode()})
+
+
+def _zstd_level(schema: pa.Schema) -> int:
+    return int((schema.metadata or {}).get(ZSTD_LEVEL_HINT, ZSTD_LEVEL))
+
+
 def _encoding_options(schema: pa.Schema) -> dict[str, Any]:
     """Per-column Parquet encodings: dictionary by default, BYTE_STREAM_SPLIT on float leaves.
 
@@ -177,7 +188,7 @@ def _write_stream(
     head: list[pa.RecordBatch] = []
     head_rows = 0
     with pq.ParquetWriter(
-        sink, schema, compression="zstd", compression_level=ZSTD_LEVEL, **_encoding_options(schema)
+        sink, schema, compression="zstd", compression_level=_zstd_level(schema), **_encoding_options(schema)
     ) as writer:
         if table is not None:
             writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
@@ -926,6 +937,35 @@ def read_table(base_path: str, table: str, partition: str | None = None) -> pl.L
         return scan_table_path(path)
     except FileNotFoundError:
         raise missing_table_error(table, partition, path) from None
+
+
+TOKEN_COLUMNS = ("token", "char_start", "char_end")  # a token's text and offsets: the tokens table's
+
+
+def with_tokens(token_activations: pl.LazyFrame, tokens: pl.LazyFrame) -> pl.LazyFrame:
+    """token_activations in the wide shape (dataset, doc_id, token_index, token, char_start, char_end,
+    feature, activation): each row joined with its token's row of the tokens table (doc_id, token_index),
+    in token_activations' order. The DuckDB view token_activations_wide is the same join."""
+    columns = token_activations.collect_schema().names()
+    at = columns.index("token_index") + 1
+    joined = token_activations.join(
+        tokens.select("doc_id", "token_index", *TOKEN_COLUMNS),
+        on=["doc_id", "token_index"],
+        how="inner",
+        maintain_order="left",
+    )
+    return joined.select(*columns[:at], *TOKEN_COLUMNS, *columns[at:])
+
+
+def read_token_activations_wide(
+    base_path: str, partition: str, features: Iterable[int] | None = None
+) -> pl.LazyFrame:
+    """One dataset's token_activations with its tokens' text and offsets (`with_tokens`); only the rows of
+    `features` when given."""
+    acts = read_table(base_path, "token_activations", partition)
+    if features is not None:
+        acts = acts.filter(pl.col("feature").is_in(list(features)))
+    return with_tokens(acts, read_table(base_path, "tokens", partition))
 
 
 def table_files(base_path: str, table: str, partition: str | None = None) -> list[str]:

@@ -127,7 +127,23 @@ _TABLES = (
     Table(
         "token_activations",
         "dataset",
-        "One row per nonzero SAE activation of one token.",
+        "One row per nonzero SAE activation of one token, sorted by (doc_id, token_index, feature) within a "
+        "segment. The token's\ntext and offsets are in `tokens` (same doc_id, token_index); the DuckDB view "
+        "`token_activations_wide` joins the two\n(dataset, doc_id, token_index, token, char_start, char_end, "
+        "feature, activation).",
+        (
+            col("dataset", "string (dictionary)", "dataset name"),
+            col("doc_id", "int32", "document (joins raw_documents.doc_id)"),
+            col("token_index", "int32", "position of the token in the model's input sequence (joins tokens)"),
+            col("feature", "int32", "SAE feature index (dictionary-encoded, zstd)"),
+            col("activation", "float16", _FLOAT16_NOTE),
+        ),
+    ),
+    Table(
+        "tokens",
+        "dataset",
+        "One row per token with at least one nonzero activation (the tokens token_activations refers to; "
+        "with a TopK SAE\nevery pooled token), written by the token_activations step in the same segments.",
         (
             col("dataset", "string (dictionary)", "dataset name"),
             col("doc_id", "int32", "document (joins raw_documents.doc_id)"),
@@ -135,8 +151,6 @@ _TABLES = (
             col("token", "string (dictionary)", "the token text as the tokenizer spells it"),
             col("char_start", "int32", "start offset of the token in `text` (characters)"),
             col("char_end", "int32", "end offset (exclusive)"),
-            col("feature", "int32", "SAE feature index (BYTE_STREAM_SPLIT + zstd)"),
-            col("activation", "float16", _FLOAT16_NOTE),
         ),
     ),
     Table(

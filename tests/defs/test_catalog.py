@@ -9,6 +9,7 @@ GROUPS = {
     "raw_documents": "ingest",
     "document_rejects": "ingest",
     "token_activations": "features",
+    "tokens": "features",
     "activation_status": "features",
     "pooled_embeddings": "features",
     "document_embeddings": "documents",
@@ -70,6 +71,7 @@ def test_lineage_shows_every_table_a_comparison_reads() -> None:
     assert parents == {
         "raw_documents",
         "token_activations",
+        "tokens",
         "pooled_embeddings",
         "activation_status",
         "feature_labels",

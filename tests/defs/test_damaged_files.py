@@ -53,7 +53,11 @@ def test_a_truncated_token_activations_segment_is_written_again(tmp_path: Path) 
     assert again.success
     checks = {e.check_name: e.passed for e in again.get_asset_check_evaluations()}
     assert all(checks.values()), checks
-    meta = again.asset_materializations_for_node("token_activations")[0].metadata
+    meta = next(
+        e
+        for e in again.asset_materializations_for_node("token_activations")
+        if e.asset_key.path == ["token_activations"]
+    ).metadata
     assert meta["encoded_now"].value == 0  # the cache still holds it: rewritten, not re-encoded
     logs = " ".join(str(e) for e in instance.all_logs(again.run_id))
     assert segment.name in logs and "damaged" in logs
@@ -78,7 +82,11 @@ def test_a_corrupt_cache_chunk_is_quarantined_and_its_documents_encoded_again(tm
     # the damaged dataset's documents are encoded again and its table is what it was
     again = materialize(embed, partition_key="first", instance=instance, resources=resources)
     assert again.success
-    meta = again.asset_materializations_for_node("token_activations")[0].metadata
+    meta = next(
+        e
+        for e in again.asset_materializations_for_node("token_activations")
+        if e.asset_key.path == ["token_activations"]
+    ).metadata
     assert meta["encoded_now"].value == 12
     progress = " ".join(str(e) for e in instance.all_logs(again.run_id))
     assert "first: encoding new documents: 12/12 documents" in progress  # the step says how far it is
@@ -110,7 +118,11 @@ def test_flipped_bytes_in_stored_segments_are_found_and_written_again(tmp_path: 
     again = materialize(embed, partition_key="first", instance=instance, resources=resources)
     assert again.success
     assert all(e.passed for e in again.get_asset_check_evaluations())
-    meta = again.asset_materializations_for_node("token_activations")[0].metadata
+    meta = next(
+        e
+        for e in again.asset_materializations_for_node("token_activations")
+        if e.asset_key.path == ["token_activations"]
+    ).metadata
     assert (meta["encoded_now"].value, meta["segments_written"].value) == (0, 1)  # rewritten from the cache
     logs = " ".join(str(e) for e in instance.all_logs(again.run_id))
     for path in damaged:
@@ -136,7 +148,11 @@ def test_flipped_bytes_in_a_cache_chunk_are_found_before_its_rows_are_reused(tmp
     logs = " ".join(str(e) for e in instance.all_logs(again.run_id))
     assert chunk.name in logs and "quarantine" in logs and "content checksum" in logs
     assert (chunk.parent / "quarantine" / chunk.name).exists() and not chunk.exists()
-    meta = again.asset_materializations_for_node("token_activations")[0].metadata
+    meta = next(
+        e
+        for e in again.asset_materializations_for_node("token_activations")
+        if e.asset_key.path == ["token_activations"]
+    ).metadata
     assert meta["encoded_now"].value == 12  # encoded again in the same run, no second run needed
     _same_activations(_content(data, "token_activations", "first"), before)
 

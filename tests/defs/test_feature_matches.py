@@ -110,9 +110,10 @@ def test_each_extra_reader_has_its_own_tables(pipeline) -> None:
         narrow = read_table(str(base / "readers/narrow"), "pooled_embeddings", dataset).collect()
         assert narrow.height and narrow["feature"].max() < D_NARROW
         assert (base / "readers/narrow/token_activations" / dataset / "_manifest.json").exists()
+        assert (base / "readers/narrow/tokens" / dataset / "_manifest.json").exists()
         assert (base / "readers/narrow/activation_status" / f"{dataset}.parquet").exists()
     stored = stored_schemas(str(base / "readers/narrow"))  # the default reader's layout and schemas
-    assert {t for t, _ in stored} == {"token_activations", "activation_status", "pooled_embeddings"}
+    assert {t for t, _ in stored} == {"token_activations", "tokens", "activation_status", "pooled_embeddings"}
     assert [p for (table, _), schema in stored.items() for p in schema_mismatches(table, schema)] == []
 
 
@@ -287,7 +288,8 @@ def test_definitions_build_the_readers_of_the_data_dir_and_survive_a_bad_file(tm
         assert f"'{key}'" in specs
     assert (
         job
-        == "['copy/activation_status', 'copy/pooled_embeddings', 'copy/token_activations', 'feature_matches']"
+        == "['copy/activation_status', 'copy/pooled_embeddings', 'copy/token_activations', 'copy/tokens', "
+        "'feature_matches']"
     )
     storage = StorageResource(data_dir=str(tmp_path))
     valid = readers_file_sensor(build_sensor_context(resources={"storage": storage}))

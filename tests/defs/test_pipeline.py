@@ -211,7 +211,11 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
 
     # Re-running an unchanged dataset encodes nothing.
     again = materialize(embed, partition_key="support_assistant_a", instance=instance, resources=resources)
-    meta = again.asset_materializations_for_node("token_activations")[0].metadata
+    meta = next(
+        e
+        for e in again.asset_materializations_for_node("token_activations")
+        if e.asset_key.path == ["token_activations"]
+    ).metadata
     assert meta["encoded_now"].value == 0 and meta["reused_from_cache"].value == 80
     assert meta["reader_loaded"].value is False  # the fingerprint came from config files, no model load
     again_checks = {e.check_name: e.passed for e in again.get_asset_check_evaluations()}

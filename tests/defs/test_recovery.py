@@ -310,7 +310,11 @@ def test_killed_token_activations_run_resumes_at_dagster_level(tmp_path, request
             "every_document_accounted_for",
             "activations_finite_and_positive",
         } <= set(checks), checks
-        meta = result.asset_materializations_for_node("token_activations")[0].metadata
+        meta = next(
+            e
+            for e in result.asset_materializations_for_node("token_activations")
+            if e.asset_key.path == ["token_activations"]
+        ).metadata
         return {k: meta[k].value for k in ("reused_from_cache", "encoded_now", "chunks_written", "rejected")}
 
     assert run(data) == {
@@ -589,7 +593,11 @@ def test_one_bad_document_at_asset_level(tmp_path):
     assert result.success  # one bad document never fails the run
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert all(checks.values()) and "every_document_accounted_for" in checks, checks
-    meta = result.asset_materializations_for_node("token_activations")[0].metadata
+    meta = next(
+        e
+        for e in result.asset_materializations_for_node("token_activations")
+        if e.asset_key.path == ["token_activations"]
+    ).metadata
     assert (meta["encoded_now"].value, meta["rejected"].value) == (20, 1)
     status = pl.read_parquet(data / "parquet/activation_status/batch.parquet").sort("doc_id")
     (row,) = status.filter(pl.col("status") != "encoded").to_dicts()
@@ -771,6 +779,7 @@ def test_hostile_drop_names_map_to_distinct_safe_datasets(hostile_run):
         "raw_documents",
         "document_rejects",
         "token_activations",
+        "tokens",
         "activation_status",
         "pooled_embeddings",
     ):
@@ -795,14 +804,16 @@ def test_warehouse_views_work_and_no_name_reaches_sql(hostile_run):
         ).fetchall()
     finally:
         con.close()
-    # one view per table that has Parquet files: nothing extra, nothing dropped
+    # one view per table that has Parquet files, plus the joined token_activations_wide: nothing extra,
+    # nothing dropped
     assert set(hostile_run["counts"]) >= {
         "raw_documents",
         "token_activations",
         "feature_labels",
         "diff_reports",
     }
-    assert objects == sorted((t, "VIEW") for t in hostile_run["counts"]), objects
+    views = [*hostile_run["counts"], "token_activations_wide"]
+    assert objects == sorted((t, "VIEW") for t in views), objects
     datasets = query(db, "select distinct dataset from raw_documents order by 1")["dataset"].to_list()
     assert datasets == names
     for ds in names:

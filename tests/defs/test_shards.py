@@ -67,7 +67,11 @@ def test_shards_encode_what_one_step_encodes(tmp_path, monkeypatch):
         assert summary["reused_from_cache"] == 0
         run = materialize(chain, partition_key=DATASET, instance=instance, resources=resources)
         assert run.success
-        meta = run.asset_materializations_for_node("token_activations")[0].metadata
+        meta = next(
+            e
+            for e in run.asset_materializations_for_node("token_activations")
+            if e.asset_key.path == ["token_activations"]
+        ).metadata
         assert meta["encoded_now"].value == 0 and meta["reused_from_cache"].value == N_DOCS
         assert meta["reader_loaded"].value is False  # the tables came from the cache alone
 
@@ -80,7 +84,11 @@ def test_shards_encode_what_one_step_encodes(tmp_path, monkeypatch):
         _drop(whole)
         run = materialize(chain, partition_key=DATASET, instance=instance, resources=local_resources(whole))
         assert run.success
-        meta = run.asset_materializations_for_node("token_activations")[0].metadata
+        meta = next(
+            e
+            for e in run.asset_materializations_for_node("token_activations")
+            if e.asset_key.path == ["token_activations"]
+        ).metadata
         assert meta["encoded_now"].value == N_DOCS
 
     on_shards, in_one_step = _tables(sharded), _tables(whole)

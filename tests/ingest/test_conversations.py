@@ -106,7 +106,7 @@ def test_conversations_through_the_assets_on_the_embedded_reader(tmp_path: Path)
     assert materialize(assets, partition_key="chats", instance=instance, resources=resources).success
     base = str(tmp_path / "parquet")
     texts = read_table(base, "raw_documents", "chats").collect()["text"].to_list()
-    tokens = read_table(base, "token_activations", "chats").collect()
+    tokens = read_table(base, "tokens", "chats").collect()
     status = read_table(base, "activation_status", "chats").collect()
     assert (status["status"] == "encoded").all() and status.height == 3
     # a reader without a chat template reads the transcript as text: offsets index the stored text

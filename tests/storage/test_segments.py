@@ -39,9 +39,11 @@ from interp_assets.storage.parquet import (
     StreamedTable,
     read_manifest,
     read_table,
+    read_token_activations_wide,
     stored_segments,
     table_exists,
     table_files,
+    with_tokens,
     write_table,
 )
 from interp_assets.storage.paths import segments_path, table_path
@@ -55,8 +57,12 @@ SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 SCHEMA = pa.schema([("dataset", pa.string()), ("doc_id", pa.int32()), ("value", pa.float32())])
 BY_NAME = {k.to_user_string(): a for a in ALL_ASSETS for k in a.keys}
 EMBED = [BY_NAME[n] for n in ("raw_documents", "token_activations", "pooled_embeddings")]
-SEGMENTED = ("token_activations", "pooled_embeddings")
-SORT = {"token_activations": ["doc_id", "token_index", "feature"], "pooled_embeddings": ["doc_id", "feature"]}
+SEGMENTED = ("token_activations", "tokens", "pooled_embeddings")
+SORT = {
+    "token_activations": ["doc_id", "token_index", "feature"],
+    "tokens": ["doc_id", "token_index"],
+    "pooled_embeddings": ["doc_id", "feature"],
+}
 
 
 def _rows(start: int, n: int, dataset: str = "p") -> pa.Table:
@@ -322,7 +328,7 @@ def _materialize(data: Path, instance: DagsterInstance, **kwargs: object):
 
 
 def _tables(data: Path) -> dict[str, pl.DataFrame]:
-    """Both segmented tables of partition `ds`, sorted, dictionary columns as plain strings."""
+    """The segmented tables of partition `ds`, sorted, dictionary columns as plain strings."""
     base = str(data / "parquet")
     return {
         t: read_table(base, t, "ds")
@@ -342,7 +348,10 @@ def _segment_names(data: Path, table: str) -> list[str]:
 
 
 def _io_metadata(result, table: str) -> dict:
-    return {k: v.value for k, v in result.asset_materializations_for_node(table)[0].metadata.items()}
+    """The metadata of `table`'s materialization (tokens is written by the token_activations step)."""
+    node = "token_activations" if table == "tokens" else table
+    (event,) = [e for e in result.asset_materializations_for_node(node) if e.asset_key.path == [table]]
+    return {k: v.value for k, v in event.metadata.items()}
 
 
 @pytest.fixture(scope="module")
@@ -448,6 +457,51 @@ def test_warehouse_and_notebook_read_the_asset_tables(incremental):
     assert "<<" in ds.highlight(doc_id=row["doc_id"], feature=row["feature"])
 
 
+def test_tokens_hold_each_active_token_once_with_its_offsets(incremental):
+    """tokens: one row per (doc_id, token_index) that token_activations refers to, no other, and its offsets
+    cut the token's text out of the document (the embedded reader is uncased WordPiece)."""
+    tables = incremental["steps"]["removed"]["tables"]
+    tokens, acts = tables["tokens"], tables["token_activations"]
+    assert tokens.select("doc_id", "token_index").is_duplicated().sum() == 0
+    assert_frame_equal(
+        tokens.select("doc_id", "token_index"),
+        acts.select("doc_id", "token_index").unique().sort("doc_id", "token_index"),
+    )
+    texts = incremental["texts"]
+    for doc_id, token, start, end in tokens.select("doc_id", "token", "char_start", "char_end").iter_rows():
+        assert texts[doc_id][start:end].lower() == token.removeprefix("##"), (doc_id, token, start, end)
+    # with a TopK SAE every pooled token has a nonzero: tokens holds every pooled token of the documents
+    status = read_table(str(incremental["data"] / "parquet"), "activation_status", "ds").collect()
+    per_doc = tokens.group_by("doc_id").len().sort("doc_id")
+    assert per_doc["len"].to_list() == status.sort("doc_id")["pooled_tokens"].to_list()
+
+
+def test_wide_view_and_with_tokens_are_the_join(incremental):
+    """token_activations_wide (DuckDB) and `with_tokens` (Polars) give the same rows: every nonzero with its
+    token's text and offsets, none lost to the join."""
+    data = incremental["data"]
+    base, db = str(data / "parquet"), str(data / "warehouse.duckdb")
+    refresh_views(db, base, WAREHOUSE_TABLES)
+    order = "dataset, doc_id, token_index, feature"
+    view = query(db, f"select * from token_activations_wide order by {order}")
+    wide = (
+        with_tokens(read_table(base, "token_activations", "ds"), read_table(base, "tokens", "ds"))
+        .with_columns(pl.col(pl.Categorical).cast(pl.String), pl.col("activation").cast(pl.Float32))
+        .collect()
+    )
+    assert view.columns == wide.columns == [
+        "dataset", "doc_id", "token_index", "token", "char_start", "char_end", "feature", "activation"
+    ]  # fmt: skip
+    assert view.height == wide.height == incremental["steps"]["removed"]["tables"]["token_activations"].height
+    assert_frame_equal(view, wide.sort("dataset", "doc_id", "token_index", "feature"), check_dtypes=False)
+    assert_frame_equal(
+        wide,
+        read_token_activations_wide(base, "ds")
+        .collect()
+        .with_columns(pl.col(pl.Categorical).cast(pl.String), pl.col("activation").cast(pl.Float32)),
+    )
+
+
 def test_crash_while_writing_segments_keeps_the_previous_table(tmp_path, monkeypatch):
     texts = _sentences(30)
     data = tmp_path / "data"
@@ -465,6 +519,13 @@ def test_crash_while_writing_segments_keeps_the_previous_table(tmp_path, monkeyp
         raise RuntimeError("simulated crash while writing a segment")
 
     monkeypatch.setattr(ActivationCache, "iter_segment", crash_after_first_batch)
+    original_tokens = ActivationCache.iter_tokens_segment
+
+    def tokens_crash_after_first_batch(self, *args, **kwargs):
+        yield next(original_tokens(self, *args, **kwargs))
+        raise RuntimeError("simulated crash while writing a segment")
+
+    monkeypatch.setattr(ActivationCache, "iter_tokens_segment", tokens_crash_after_first_batch)
     _drop(data, texts)
     failed = _materialize(data, instance, raise_on_error=False)
     assert not failed.success
