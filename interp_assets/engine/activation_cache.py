@@ -230,10 +230,10 @@ class ActivationCache:
         with self._fs.open(f"{self._root}/{name}", "rb") as f:
             return pq.read_metadata(f)
 
-    def _read_parquet(self, name: str) -> pl.DataFrame:
+    def _read_parquet(self, name: str, columns: list[str] | None = None) -> pl.DataFrame:
         if self.dir is not None:
-            return pl.read_parquet(self.dir / name)
-        return pl.read_parquet(io.BytesIO(self._read(name)))
+            return pl.read_parquet(self.dir / name, columns=columns)
+        return pl.read_parquet(io.BytesIO(self._read(name)), columns=columns)
 
     def quarantine(self, chunk_id: str, problem: str) -> None:
         """Move the files of a chunk to `quarantine/` and say so (its documents will be encoded again)."""
@@ -568,16 +568,18 @@ class ActivationCache:
             segments.append(ActivationSegment(name, chunk, docs))
         return segments
 
-    def _segment_rows(self, segment: ActivationSegment, dataset: str) -> pl.DataFrame:
+    def _segment_rows(self, segment: ActivationSegment, dataset: str, schema: pa.Schema) -> pl.DataFrame:
         """The cached rows of one segment's documents (this chunk's copy of each, first chunk wins), with
-        their doc_id(s) and `dataset`: one row per nonzero, token columns included.
+        their doc_id(s) and `dataset`: one row per nonzero, with the chunk's columns that `schema` names
+        (only those are read: tokens and token_activations each read the chunk once).
 
         The chunk is verified first (`verify_chunks`); a damaged one is quarantined and this raises."""
         name = f"{segment.chunk}.acts.parquet"
+        columns = ["doc_hash", *(c for c in schema.names if c not in ("dataset", "doc_id"))]
         try:
             if self.verify_chunks([segment.chunk]):
                 raise OSError("it differs from its recorded size or checksum")
-            acts = self._read_parquet(name)
+            acts = self._read_parquet(name, columns)
         except (OSError, pl.exceptions.PolarsError) as exc:
             if self._exists(name):
                 self.quarantine(segment.chunk, f"{name}: {type(exc).__name__}: {exc}")
@@ -593,7 +595,7 @@ class ActivationCache:
     ) -> Iterator[pa.RecordBatch]:
         """The token_activations rows of one segment (sorted by doc_id, token_index, feature), cast to
         `schema`. The chunk is verified first (see `_segment_rows`)."""
-        rows = self._segment_rows(segment, dataset).sort("doc_id", "token_index", "feature")
+        rows = self._segment_rows(segment, dataset, schema).sort("doc_id", "token_index", "feature")
         yield from rows.select(schema.names).to_arrow().cast(schema).to_batches(max_chunksize=1_000_000)
 
     def iter_tokens_segment(
@@ -601,7 +603,7 @@ class ActivationCache:
     ) -> Iterator[pa.RecordBatch]:
         """The tokens rows of one segment: one per (doc_id, token_index) with at least one nonzero, sorted,
         with the token's text and offsets. The chunk is verified first (see `_segment_rows`)."""
-        rows = self._segment_rows(segment, dataset).select(schema.names)
+        rows = self._segment_rows(segment, dataset, schema).select(schema.names)
         rows = rows.unique(["doc_id", "token_index"], keep="first").sort("doc_id", "token_index")
         yield from rows.to_arrow().cast(schema).to_batches(max_chunksize=1_000_000)
 
