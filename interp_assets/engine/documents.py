@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -259,25 +259,31 @@ def train_document_saes(
     return saes, report
 
 
+def _member_activations(sae: Any, embeddings: Any) -> Iterator[tuple[int, np.ndarray]]:
+    """Each member SAE's dense activations `[n, d_sae]` (float32) on `embeddings`, with the offset of its
+    features in the family (member i's feature f is i * d_sae + f). `sae`: one SAE or a list of members."""
+    import torch
+
+    members = list(sae) if isinstance(sae, list | tuple) else [sae]
+    x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+    offset = 0
+    with torch.inference_mode():
+        for member in members:
+            yield offset, member.encode(x).float().numpy()
+            offset += int(member.cfg.d_sae)
+
+
 def encode_documents(sae: Any, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse document features: `(row, feature, activation)` of every nonzero, row = embeddings row.
 
     `sae` is one SAE or a list of ensemble members; member i's feature f comes out as i * d_sae + f.
     """
-    import torch
-
-    members = list(sae) if isinstance(sae, list | tuple) else [sae]
-    x = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
     rows_out, cols_out, vals_out = [], [], []
-    offset = 0
-    with torch.inference_mode():
-        for member in members:
-            feats = member.encode(x).float().numpy()
-            rows, cols = np.nonzero(feats > 0)
-            rows_out.append(rows.astype(np.int64))
-            cols_out.append((cols + offset).astype(np.int32))
-            vals_out.append(feats[rows, cols].astype(np.float32))
-            offset += int(member.cfg.d_sae)
+    for offset, feats in _member_activations(sae, embeddings):
+        rows, cols = np.nonzero(feats > 0)
+        rows_out.append(rows.astype(np.int64))
+        cols_out.append((cols + offset).astype(np.int32))
+        vals_out.append(feats[rows, cols].astype(np.float32))
     rows, cols, vals = np.concatenate(rows_out), np.concatenate(cols_out), np.concatenate(vals_out)
     order = np.lexsort((cols, rows))  # by document, then feature, as one SAE gives them
     return rows[order], cols[order], vals[order]
@@ -286,12 +292,7 @@ def encode_documents(sae: Any, embeddings: np.ndarray) -> tuple[np.ndarray, np.n
 def document_feature_matrix(sae: Any, embeddings: Any) -> np.ndarray:
     """The dense form of `encode_documents`: `[n, n_features]` float32 activations (0 where a feature does
     not fire), member i's feature f in column i * d_sae + f. `embeddings` is a numpy array or a tensor."""
-    import torch
-
-    members = list(sae) if isinstance(sae, list | tuple) else [sae]
-    x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
-    with torch.inference_mode():
-        return np.concatenate([member.encode(x).float().numpy() for member in members], axis=1)
+    return np.concatenate([feats for _, feats in _member_activations(sae, embeddings)], axis=1)
 
 
 # --------------------------------------------------------------------------- lexical profiles
