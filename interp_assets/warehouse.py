@@ -380,7 +380,19 @@ def refresh_views(
     sources = _sources(parquet_base, tables)
     if db_path != ":memory:":
         os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
-    con = _connect(db_path, read_only=False, timeout_s=timeout_s, parquet_base=parquet_base)
+        if not os.path.exists(db_path):
+            created = _create_with_views(db_path, parquet_base, tables, sources)
+            if created is not None:
+                return created
+    return _apply_all(
+        _connect(db_path, read_only=False, timeout_s=timeout_s, parquet_base=parquet_base), tables, sources
+    )
+
+
+def _apply_all(
+    con: duckdb.DuckDBPyConnection, tables: Sequence[str], sources: Mapping[str, ViewSource]
+) -> dict[str, int]:
+    """`apply_views` then `apply_joined_views` on `con`, which is closed afterwards."""
     try:
         try:
             return apply_views(con, sources)
@@ -388,6 +400,41 @@ def refresh_views(
             apply_joined_views(con, tables)
     finally:
         con.close()
+
+
+def _create_with_views(
+    db_path: str, parquet_base: str, tables: Sequence[str], sources: Mapping[str, ViewSource]
+) -> dict[str, int] | None:
+    """Build a new warehouse at a private path and link it into place only once every view is in it, so a
+    reader that sees the file never finds it without its views. Returns the row counts, or None when
+    another process created `db_path` first (the caller then refreshes that one)."""
+    private = f"{db_path}.{os.getpid()}-{random.getrandbits(32):08x}.new"
+    try:
+        con = duckdb.connect(private)
+        try:
+            register_object_store(con, parquet_base)
+        except BaseException:
+            con.close()
+            raise
+        problem: ViewRefreshError | None = None
+        try:
+            counts = _apply_all(con, tables, sources)
+        except ViewRefreshError as exc:  # every other view is in: publish them, then report
+            problem, counts = exc, exc.counts
+        # _apply_all closed the connection, which checkpoints: the file holds everything, no WAL left
+        try:
+            os.link(private, db_path)  # atomic, and fails rather than replace a warehouse made meanwhile
+        except FileExistsError:
+            return None
+        except OSError:  # a filesystem without hard links: refresh in place, as before
+            return None
+        if problem is not None:
+            raise problem
+        return counts
+    finally:
+        for leftover in (private, f"{private}.wal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
 
 
 def refresh_views_with_resource(

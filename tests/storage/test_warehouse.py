@@ -108,6 +108,40 @@ def test_missing_database_is_explained(tmp_path):
         query(str(tmp_path / "nope.duckdb"), "SELECT 1")
 
 
+def test_a_new_warehouse_appears_only_with_its_views(tmp_path, monkeypatch):
+    """Readers wait for the file to exist; the first refresh must not expose it before its views."""
+    import interp_assets.warehouse as warehouse
+
+    base, db = str(tmp_path / "parquet"), tmp_path / "warehouse.duckdb"
+    write_table(base, "raw_documents", "a", _docs("a", 3))
+    write_table(base, "t", "a", _docs("a", 2))
+    seen_while_building: list[bool] = []
+    real_apply_views = warehouse.apply_views
+
+    def watching_apply_views(con, sources):
+        seen_while_building.append(db.exists())
+        return real_apply_views(con, sources)
+
+    monkeypatch.setattr(warehouse, "apply_views", watching_apply_views)
+    assert refresh_views(str(db), base, ["raw_documents", "t"]) == {"raw_documents": 3, "t": 2}
+    assert seen_while_building == [False]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parquet", "warehouse.duckdb"]  # no leftovers
+    assert query(str(db), "SELECT count(*) AS n FROM t")["n"][0] == 2
+
+    # once it exists, refreshes update it in place (readers hold it open; it is never swapped)
+    inode = db.stat().st_ino
+    write_table(base, "t", "b", _docs("b", 4))
+    assert refresh_views(str(db), base, ["raw_documents", "t"]) == {"raw_documents": 3, "t": 6}
+    assert seen_while_building == [False, True] and db.stat().st_ino == inode
+
+    # a view that cannot be built is still reported on a new warehouse, with the good views published
+    db.unlink()
+    (tmp_path / "parquet" / "t" / "b.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ViewRefreshError, match="t:"):
+        refresh_views(str(db), base, ["raw_documents", "t"])
+    assert query(str(db), "SELECT count(*) AS n FROM raw_documents")["n"][0] == 3
+
+
 def test_lock_held_by_another_process_times_out_clearly(tmp_path):
     base, db = str(tmp_path / "parquet"), str(tmp_path / "warehouse.duckdb")
     write_table(base, "t", "a", _docs("a", 1))
