@@ -45,9 +45,9 @@ from interp_assets.causal import effects  # noqa: E402
 from interp_assets.causal.interventions import (  # noqa: E402
     Intervention,
     budget_batches,
+    edit_site,
     intervention_records,
     matched_controls,
-    module_name,
     run_with_intervention,
 )
 from interp_assets.engine.activations import document_batch  # noqa: E402
@@ -153,7 +153,7 @@ def main() -> None:
         "negative": effects.Direction(-probe.vector, probe.held_out_auc, probe.n_negative, probe.n_positive),
     }
 
-    layer = module_name(reader.model, reader.layer_module)
+    layer = edit_site(reader)
     rng = np.random.default_rng(args.seed)
     rows = []
     for direction, side in SIDES.items():

@@ -34,8 +34,8 @@ from interp_assets.causal.interventions import (
     Intervention,
     ShiftScore,
     budget_batches,
+    edit_site,
     intervention_records,
-    module_name,
     next_token_logprob,
     run_with_intervention,
 )
@@ -122,7 +122,7 @@ def document_embeddings(reader: Any, texts: Sequence[str]) -> np.ndarray:
     planned as the engine plans them (length-sorted, at most the reader's token budget)."""
     if not texts:
         return np.zeros((0, 0))
-    layer = module_name(reader.model, reader.layer_module)
+    layer = edit_site(reader)
     ids, mask, _ = document_batch(reader, texts)
     out = None
     for docs, rows, width in budget_batches(mask, reader.token_budget):
@@ -275,7 +275,7 @@ def feature_effects(
     `direction_name` (the target's `comparison` direction: a comparison's, or a criterion's), for causal
     LMs `next_token_logprob`, and with a `document_family` the downstream-feature scores
     (`DOWNSTREAM_SCORES`), all from the same forward passes."""
-    layer = module_name(reader.model, reader.layer_module)
+    layer = edit_site(reader)
     causal = is_causal_lm(reader.model)
     read = reads(logits=causal, family=document_family)
     frames = []

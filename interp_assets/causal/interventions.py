@@ -82,6 +82,74 @@ def _envoy(traced: Any, module_name: str) -> Any:
     return node
 
 
+INPUT_SUFFIX = ":input"  # an edit site `<module>:input` edits the module's input instead of its output
+
+
+def edit_site(reader: Any) -> str:
+    """Where `reader`'s SAE reads, as the edit site the functions here take: its block's dotted name for a
+    `hook_resid_post` SAE (the block's output), `<block>:input` for a `hook_resid_pre` SAE (its input)."""
+    name = module_name(reader.model, reader.layer_module)
+    return name + INPUT_SUFFIX if reader.hook.position == "pre" else name
+
+
+def _split_site(site: str) -> tuple[str, bool]:
+    """(module name, whether the edit is on its input)."""
+    return (site.removesuffix(INPUT_SUFFIX), True) if site.endswith(INPUT_SUFFIX) else (site, False)
+
+
+class _Replay:
+    """Context manager: the blocks of `blocks` (a ModuleList) up to `last` stand in with the outputs they
+    gave on the same rows before (`outputs`), so a forward pass that differs only after them skips them.
+    Each stand-in answers attribute lookups as its block does (models read e.g. `layer.attention_type`)."""
+
+    def __init__(self, blocks: Any, outputs: list[Any]) -> None:
+        self.blocks, self.outputs, self.saved = blocks, outputs, []
+
+    def __enter__(self) -> None:
+        self.saved = [self.blocks[i] for i in range(len(self.outputs))]
+        for i, output in enumerate(self.outputs):
+            self.blocks[i] = _stand_in(self.saved[i], output)
+
+    def __exit__(self, *exc: object) -> None:
+        for i, block in enumerate(self.saved):
+            self.blocks[i] = block
+
+
+def _stand_in(block: Any, output: Any) -> Any:
+    import torch
+
+    class StandIn(torch.nn.Module):
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return output
+
+        def __getattr__(self, name: str) -> Any:
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(block, name)
+
+    return StandIn()
+
+
+def _replayable_blocks(model: Any, site: str) -> tuple[Any, int] | None:
+    """(the ModuleList of blocks that holds the edit site's module, how many of its first blocks every
+    edit at `site` leaves unchanged: through the block for an output edit, before it for an input edit),
+    or None when the site is not a block of such a list."""
+    import torch
+
+    name, on_input = _split_site(site)
+    container, _, index = name.rpartition(".")
+    if not index.isdigit():
+        return None
+    try:
+        blocks = model.get_submodule(container) if container else model
+    except AttributeError:
+        return None
+    if not isinstance(blocks, torch.nn.ModuleList):
+        return None
+    return blocks, int(index) + (0 if on_input else 1)
+
+
 def module_name(model: Any, module: Any) -> str:
     """The dotted name of `module` inside `model` (how nnsight reaches it)."""
     for name, candidate in model.named_modules():
@@ -101,10 +169,11 @@ def run_with_intervention(
     edit_mask: Any | None = None,
     forward_kwargs: dict[str, Any] | None = None,
 ) -> Any:
-    """Run `model` with `intervention` applied to the output of its submodule `layer_name` (through
-    nnsight) and return `read(model output)` (e.g. the logits). None: the unedited forward pass.
-    `edit_mask` [batch, tokens] limits the edit to the tokens the SAE reads (default: every real token);
-    `forward_kwargs` go to the model's forward (e.g. output_hidden_states=True)."""
+    """Run `model` with `intervention` applied at the edit site `layer_name` (`edit_site`: the output of a
+    submodule, or with `:input` its input; through nnsight) and return `read(model output)` (e.g. the
+    logits). None: the unedited forward pass. `edit_mask` [batch, tokens] limits the edit to the tokens
+    the SAE reads (default: every real token); `forward_kwargs` go to the model's forward (e.g.
+    output_hidden_states=True)."""
     args = (model, layer_name, sae, intervention, input_ids, attention_mask, read, edit_mask, forward_kwargs)
     return _traced_forward(*args)[0]
 
@@ -120,24 +189,47 @@ def _traced_forward(
     edit_mask: Any | None = None,
     forward_kwargs: dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
-    """`run_with_intervention`'s forward pass, also returning the layer's hidden state before the edit."""
+    """`run_with_intervention`'s forward pass, also returning the hidden state at the site before the edit."""
     import torch
     from nnsight import NNsight
 
     traced = NNsight(model)
     real = (attention_mask if edit_mask is None else edit_mask).bool()
+    name, on_input = _split_site(layer_name)
     with torch.no_grad():
         with traced.trace(input_ids=input_ids, attention_mask=attention_mask, **(forward_kwargs or {})):
-            layer = _envoy(traced, layer_name)
-            out = layer.output
-            hidden = (out[0] if isinstance(out, tuple) else out).save()
-            if intervention is not None:
-                if isinstance(out, tuple):
-                    layer.output = (edited_hidden(out[0], sae, intervention, real), *out[1:])
-                else:
-                    layer.output = edited_hidden(out, sae, intervention, real)
+            layer = _envoy(traced, name)
+            if on_input:
+                hidden = layer.input.save()
+                if intervention is not None:
+                    layer.input = edited_hidden(layer.input, sae, intervention, real)
+            else:
+                out = layer.output
+                hidden = (out[0] if isinstance(out, tuple) else out).save()
+                if intervention is not None:
+                    if isinstance(out, tuple):
+                        layer.output = (edited_hidden(out[0], sae, intervention, real), *out[1:])
+                    else:
+                        layer.output = edited_hidden(out, sae, intervention, real)
             result = read(traced.output).save()
     return result, hidden
+
+
+def _recorded_forward(blocks: Any, n_blocks: int, args: tuple) -> tuple[Any, Any, list[Any]]:
+    """`_traced_forward(*args)` that also returns what the first `n_blocks` blocks of `blocks` output."""
+    outputs: dict[int, Any] = {}
+    handles = [
+        blocks[i].register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, out))
+        for i in range(n_blocks)
+    ]
+    try:
+        result, hidden = _traced_forward(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(outputs) < n_blocks:  # a block the model skipped: nothing to replay
+        return result, hidden, []
+    return result, hidden, [outputs[i] for i in range(n_blocks)]
 
 
 def next_token_logprob(logits: Any, input_ids: Any, attention_mask: Any) -> np.ndarray:
@@ -234,9 +326,16 @@ def intervention_records(
     edit_mask: Any | None = None,
     forward_kwargs: dict[str, Any] | None = None,
     token_budget: int | None = None,
+    replay: bool = True,
 ) -> pl.DataFrame:
     """Effects of editing `feature` and, as controls, `n_controls` frequency-matched random features and
-    a placebo (strength 0), on the given documents (right-padded rows).
+    a placebo (strength 0), on the given documents (right-padded rows), at the edit site `layer_name`
+    (`edit_site`: a block's output, or with `:input` its input).
+
+    With `replay` (when the site is a block of a ModuleList), the edited passes reuse the outputs of the
+    blocks before the edit from the unedited pass instead of computing them again: the same numbers, for
+    the cost of the blocks after the edit, while those outputs are held (one batch's hidden states per
+    block before the edit).
 
     `edit_mask` [batch, tokens] marks the tokens the SAE reads (edited, and counted for firing); default:
     every real token. `forward_kwargs` go to every forward pass. `token_budget` splits the rows into
@@ -255,6 +354,10 @@ def intervention_records(
     real = (attention_mask if edit_mask is None else edit_mask).bool()
     n_docs = int(input_ids.shape[0])
     batches = budget_batches(attention_mask, token_budget)
+    # Every edited pass shares the blocks before the edit with the unedited one: their outputs are kept
+    # from the unedited pass and replayed (`_Replay`), so edited passes compute only the blocks after it.
+    replayable = _replayable_blocks(model, layer_name) if replay else None
+    recorded: list[list[Any]] = [[] for _ in batches]
 
     scores = dict(score) if isinstance(score, Mapping) else {"score": score}
     d_sae = int(sae.cfg.d_sae)
@@ -265,10 +368,16 @@ def intervention_records(
         values: dict[str, np.ndarray] = {}
         fires_in_doc = np.zeros((n_docs, d_sae), dtype=bool)
         firing_tokens = np.zeros(d_sae)
-        for docs, rows, width in batches:
+        for b, (docs, rows, width) in enumerate(batches):
             ids, mask, edit = input_ids[rows, :width], attention_mask[rows, :width], real[rows, :width]
             args = (model, layer_name, sae, intervention, ids, mask, read, edit, forward_kwargs)
-            out, hidden = _traced_forward(*args)
+            if replayable is None:
+                out, hidden = _traced_forward(*args)
+            elif intervention is None:
+                out, hidden, recorded[b] = _recorded_forward(*replayable, args)
+            else:
+                with _Replay(replayable[0], recorded[b]):
+                    out, hidden = _traced_forward(*args)
             for name, fn in scores.items():
                 part = np.asarray((fn.state if isinstance(fn, ShiftScore) else fn)(out, ids, mask))
                 if name not in values:

@@ -11,7 +11,7 @@ pytest.importorskip("nnsight")
 
 from interp_assets.analysis import reports  # noqa: E402
 from interp_assets.causal import effects  # noqa: E402
-from interp_assets.causal.interventions import Intervention, module_name, run_with_intervention  # noqa: E402
+from interp_assets.causal.interventions import Intervention, edit_site, run_with_intervention  # noqa: E402
 
 
 def test_auc_matches_the_mann_whitney_statistic() -> None:
@@ -175,7 +175,7 @@ def test_the_downstream_read_gives_the_document_familys_own_features(reader, fam
     texts = VILLAGE + FILMS
     at_layer = effects.DocumentFamily(family.saes, layer=layer)
     ids, mask, keep = effects.document_batch(reader, texts)
-    layer_name = module_name(reader.model, reader.layer_module)
+    layer_name = edit_site(reader)
     read = run_with_intervention(
         reader.model,
         layer_name,
@@ -200,7 +200,7 @@ def test_downstream_feature_shift_is_zero_for_the_placebo_and_moves_under_ablati
     feature = _village_feature(reader)
     texts = VILLAGE + FILMS
     ids, mask, keep = effects.document_batch(reader, texts)
-    layer_name = module_name(reader.model, reader.layer_module)
+    layer_name = edit_site(reader)
 
     def shift(strength: float) -> dict[str, np.ndarray]:
         intervention = Intervention(feature, "ablate", strength)

@@ -12,6 +12,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from interp_assets.causal.interventions import (
     Intervention,
+    budget_batches,
+    edit_site,
     edited_hidden,
     intervention_records,
     matched_controls,
@@ -136,7 +138,7 @@ def test_on_the_embedded_encoder_an_ablation_moves_only_the_documents_where_the_
     reader = load_reader(device="cpu")
     texts = ["I want a refund for my order", "The weather is lovely today", "Sorry, my refund is late"]
     enc = reader.tokenizer(texts, return_tensors="pt", padding=True)
-    layer = module_name(reader.model, reader.layer_module)
+    layer = edit_site(reader)
     with torch.no_grad():
         hidden = reader.model(**enc, output_hidden_states=True).hidden_states[reader.hook.layer + 1]
         acts = reader.sae.encode(hidden) * enc["attention_mask"][..., None]
@@ -219,3 +221,57 @@ def test_a_set_of_features_is_edited_at_once_from_the_unedited_activations(setup
     assert torch.equal(edited_hidden(h, sae, Intervention((PLANTED,)), real), single)
     with pytest.raises(ValueError, match="without repeats"):
         Intervention((PLANTED, PLANTED))
+
+
+def test_edited_passes_replay_the_blocks_before_the_edit_and_give_the_same_records(setup: dict) -> None:
+    model, sae = setup["model"], setup["sae"]
+    calls = {"block 0": 0}
+    handle = model.transformer.h[0].register_forward_hook(
+        lambda *_: calls.__setitem__("block 0", calls["block 0"] + 1)
+    )
+    common = dict(score=token_logprob(TARGET), read=_read_logits, n_controls=5, n_boot=200, token_budget=120)
+    args = (model, setup["layer"], sae, setup["ids"], setup["mask"], PLANTED)
+    try:
+        full = intervention_records(*args, **common, replay=False)
+        full_calls, calls["block 0"] = calls["block 0"], 0
+        replayed = intervention_records(*args, **common)
+    finally:
+        handle.remove()
+    n_batches = len(budget_batches(setup["mask"], 120))
+    assert n_batches > 1 and full_calls == n_batches * (1 + 1 + 5 + 1)  # unedited, target, controls, placebo
+    assert calls["block 0"] == n_batches  # only the unedited pass computes the block before the edit
+    assert replayed["feature"].to_list() == full["feature"].to_list()
+    for column in ("baseline_score", "intervention_score", "effect", "side_effect_score"):
+        np.testing.assert_allclose(replayed[column].to_numpy(), full[column].to_numpy(), atol=1e-6)
+    assert isinstance(model.transformer.h[0], type(model.transformer.h[1]))  # the real block is back
+
+
+def test_a_resid_pre_sae_is_edited_at_its_block_input(setup: dict) -> None:
+    """A `hook_resid_pre` SAE reads the input of its block: the edit goes there, not at its output."""
+    model, sae, ids, mask = setup["model"], setup["sae"], setup["ids"], setup["mask"]
+    block = model.transformer.h[1]
+    reader = type("Reader", (), {"model": model, "layer_module": block})()
+    reader.hook = type("Hook", (), {"position": "pre"})()
+    site = edit_site(reader)
+    assert site == "transformer.h.1:input"
+    reader.hook.position = "post"
+    assert edit_site(reader) == "transformer.h.1"
+    intervention = Intervention(PLANTED, "ablate", 1.0)
+
+    def edit_input(_module, args, kwargs):
+        return (edited_hidden(args[0], sae, intervention, mask.bool()), *args[1:]), kwargs
+
+    handle = block.register_forward_pre_hook(edit_input, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            expected = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+    got = run_with_intervention(model, site, sae, intervention, ids, mask, _read_logits)
+    torch.testing.assert_close(got, expected)
+    at_output = run_with_intervention(model, "transformer.h.1", sae, intervention, ids, mask, _read_logits)
+    assert not torch.allclose(at_output, expected)
+    common = dict(score=token_logprob(TARGET), read=_read_logits, n_controls=3, n_boot=100)
+    replayed = intervention_records(model, site, sae, ids, mask, PLANTED, **common)
+    full = intervention_records(model, site, sae, ids, mask, PLANTED, **common, replay=False)
+    np.testing.assert_allclose(replayed["effect"].to_numpy(), full["effect"].to_numpy(), atol=1e-6)
