@@ -50,6 +50,7 @@ from interp_assets.storage.parquet import (
 from resources.storage import StorageResource
 
 ASSOCIATIONS_CODE_VERSION = "1"
+DIFF_REPORTS_CODE_VERSION = "2"  # 2: exact min-p within a feature (adaptive firing)
 
 
 class FeatureAssociationsConfig(Config):
@@ -160,7 +161,7 @@ _REPORT_ONLY = ("feature_labels", "feature_scores", "tokens")  # tokens: the exa
             "diff_features",
             group="analysis",
             kinds={"polars", "parquet"},
-            code_version="2",  # 2: exact min-p within a feature (adaptive firing)
+            code_version=DIFF_REPORTS_CODE_VERSION,
             description="Dataset A against dataset B, one row per (family, feature) active in either: "
             "frequencies, difference with interval, p and BH q value, direction. Written by the diff_reports "
             "step; the report shows its top rows.",
@@ -169,7 +170,7 @@ _REPORT_ONLY = ("feature_labels", "feature_scores", "tokens")  # tokens: the exa
             "diff_reports",
             group="analysis",
             kinds={"polars", "parquet"},
-            code_version="2",  # 2: exact min-p within a feature (adaptive firing)
+            code_version=DIFF_REPORTS_CODE_VERSION,
             description="Dataset A against dataset B: per-feature frequencies, differences with intervals, "
             "two-sided tests with Benjamini-Hochberg FDR (paired when declared), and a Markdown + HTML "
             "report.",
@@ -203,6 +204,11 @@ def diff_reports(
                     f"Comparison {key}: dataset {ds!r} has no {table} yet; materialize the dataset's assets "
                     "(raw_documents through feature_scores) first."
                 )
+    inputs = _diff_inputs_key(context, config, storage, comparison, key)
+    reused = _reuse_diff(context, storage, key, inputs)
+    if reused is not None:
+        yield from reused
+        return
     pooled_a, pooled_b = read_table(base, "pooled_embeddings", a), read_table(base, "pooled_embeddings", b)
     n_a, n_b = encoded_doc_count(storage, a), encoded_doc_count(storage, b)
     d_sae = recorded_d_sae(context, a)
@@ -236,7 +242,9 @@ def diff_reports(
         document["diff"] = document["diff"].with_columns(*identity, pl.lit("document").alias("family"))
         stored.append(document["diff"])
     written = write_table(base, "diff_features", key, pl.concat(stored, how="diagonal_relaxed"))
-    yield side_table_output("diff_features", written)  # before diff_reports, which reads it
+    # before diff_reports, which reads it
+    version = DataVersion(inputs) if inputs else None  # what it was computed from, settings included
+    yield side_table_output("diff_features", written, version, metadata={INPUTS_KEY: inputs})
 
     labels, scores = _report_labels(storage, diff, a, b, config.top_n)
     top = reports.top_features(diff, config.top_n)
@@ -313,12 +321,12 @@ def diff_reports(
             "document_top_features_b": pl.String,
         },
     )
-    labeled = set(labels["feature"].to_list()) if labels is not None else set()
-    unlabeled = [f for f in top_ids if f not in labeled]
     yield Output(
         row,
         output_name="diff_reports",
+        data_version=version,
         metadata={
+            INPUTS_KEY: inputs,
             "report": MetadataValue.md(markdown[:60000]),
             "report_html": MetadataValue.path(str(html_path.resolve())),
             "significant_a": row["significant_a"][0],
@@ -328,12 +336,62 @@ def diff_reports(
             "paired_on": comparison.paired_on or "",
         },
     )
-    yield AssetCheckResult(
+    yield _labeled_check(top_ids, labels)
+
+
+def _labeled_check(top_ids: list[int], labels: pl.DataFrame | None) -> AssetCheckResult:
+    """report_features_labeled: every top feature of the report has a label."""
+    labeled = set(labels["feature"].to_list()) if labels is not None else set()
+    unlabeled = [f for f in top_ids if f not in labeled]
+    return AssetCheckResult(
         check_name="report_features_labeled",
         passed=not unlabeled,
         severity=AssetCheckSeverity.WARN,
         metadata={"unlabeled_top_features": MetadataValue.json(unlabeled)},
     )
+
+
+def _diff_inputs_key(
+    context: AssetExecutionContext,
+    config: DiffReportsConfig,
+    storage: StorageResource,
+    comparison: object,
+    key: str,
+) -> str | None:
+    """What the comparison's diff and report are computed from: the data versions of every table they read
+    that exists (which ones exist is part of the key: labels appearing later change it), the config, the
+    comparison's declaration and the code version."""
+    base = storage.parquet_base
+    a, b = parse_comparison_key(key)
+    wanted = [(t, ds) for ds in (a, b) for t in (*_DATASET_TABLES, *_REPORT_ONLY)]
+    wanted += [(t, key) for t in _COMPARISON_TABLES]
+    present = [(t, p) for t, p in wanted if table_exists(base, t, p)]
+    settings = {"config": config.model_dump(), "comparison": repr(comparison), "present": present}
+    return inputs_key(context.instance, present, settings, DIFF_REPORTS_CODE_VERSION)
+
+
+def _reuse_diff(
+    context: AssetExecutionContext, storage: StorageResource, key: str, inputs: str | None
+) -> list | None:
+    """The step's events when diff_features, diff_reports and both report files are kept as they are
+    (`reuse_stored_output`; the label check evaluated again on the stored top features), else None."""
+    features, report = (
+        reuse_stored_output(context, storage, table, key, inputs, output_name=table)
+        for table in ("diff_features", "diff_reports")
+    )
+    files = [storage.reports_dir / f"{key}.{suffix}" for suffix in ("md", "html")]
+    if features is None or report is None or not all(f.exists() for f in files):
+        return None
+    base = storage.parquet_base
+    row = read_table(base, "diff_reports", key).collect().row(0, named=True)
+    top = {d: [int(f) for f in json.loads(row[f"top_features_{d}"])] for d in ("a", "b")}
+    labels = [  # as `_report_labels` reads them: each direction's from its own dataset
+        read_table(base, "feature_labels", row[f"dataset_{d}"]).filter(pl.col("feature").is_in(top[d]))
+        for d in ("a", "b")
+        if table_exists(base, "feature_labels", row[f"dataset_{d}"])
+    ]
+    labeled = pl.concat([frame.select("feature").collect() for frame in labels]) if labels else None
+    return [features, report, _labeled_check(top["a"] + top["b"], labeled)]
 
 
 def _report_labels(

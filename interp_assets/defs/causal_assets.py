@@ -178,6 +178,10 @@ def feature_effects(
     )
     reused = reuse_stored_output(context, storage, "feature_effects", key, inputs)
     if reused is not None:
+        # a report written again since (e.g. after its file was lost) gets the section back
+        if any(reports.CAUSAL_START not in page for page in _report_pages(storage, key).values()):
+            stored = read_table(base, "feature_effects", key).collect()
+            _write_causal_section(storage, key, effects.effect_summary(stored), config.n_controls)
         return reused
     family = None
     if downstream is not None:
@@ -247,23 +251,7 @@ def feature_effects(
     )
     table = table.join(directions, on="target_feature", how="left")
 
-    labels: dict[int, str] = {}
-    for direction, ds in (("a", a), ("b", b)):
-        if table_exists(base, "feature_labels", ds):
-            wanted = [f for f, d in targets if d == direction]
-            frame = read_table(base, "feature_labels", ds).filter(pl.col("feature").is_in(wanted)).collect()
-            labels.update(dict(zip(frame["feature"].to_list(), frame["label"].to_list(), strict=True)))
-    section = dict(name_a=a, name_b=b, labels=labels, n_controls=config.n_controls)
-    for suffix, render, is_html in (
-        ("md", reports.render_causal_markdown, False),
-        ("html", reports.render_causal_html, True),
-    ):
-        path = storage.reports_dir / f"{key}.{suffix}"
-        if path.exists():
-            page = reports.with_causal_section(
-                path.read_text(encoding="utf-8"), render(summary, **section), html_page=is_html
-            )
-            write_bytes_atomic(str(path), page.encode("utf-8"))
+    _write_causal_section(storage, key, summary, config.n_controls)
 
     shown = summary.select(
         "feature", "direction", "score_name", "documents", "effect", "controls_beyond", "evidence"
@@ -279,6 +267,33 @@ def feature_effects(
             "effects": MetadataValue.md(markdown_preview(shown.to_arrow(), max_rows=shown.height)),
         },
     )
+
+
+def _report_pages(storage: StorageResource, key: str) -> dict[str, str]:
+    """The comparison's report files that exist, by suffix (`md`, `html`), with their text."""
+    paths = {suffix: storage.reports_dir / f"{key}.{suffix}" for suffix in ("md", "html")}
+    return {suffix: path.read_text(encoding="utf-8") for suffix, path in paths.items() if path.exists()}
+
+
+def _write_causal_section(storage: StorageResource, key: str, summary: pl.DataFrame, n_controls: int) -> None:
+    """Put the 'Causal evidence' section of `summary` (`effects.effect_summary`) into the comparison's
+    report files that exist, replacing the one there; each feature named by its label in its side's
+    dataset."""
+    a, b = parse_comparison_key(key)
+    base = storage.parquet_base
+    labels: dict[int, str] = {}
+    for direction, ds in (("a", a), ("b", b)):
+        if table_exists(base, "feature_labels", ds):
+            wanted = summary.filter(pl.col("direction") == direction)["feature"].unique().to_list()
+            frame = read_table(base, "feature_labels", ds).filter(pl.col("feature").is_in(wanted)).collect()
+            labels.update(dict(zip(frame["feature"].to_list(), frame["label"].to_list(), strict=True)))
+    section = dict(name_a=a, name_b=b, labels=labels, n_controls=n_controls)
+    renderers = {"md": reports.render_causal_markdown, "html": reports.render_causal_html}
+    for suffix, page in _report_pages(storage, key).items():
+        page = reports.with_causal_section(
+            page, renderers[suffix](summary, **section), html_page=suffix == "html"
+        )
+        write_bytes_atomic(str(storage.reports_dir / f"{key}.{suffix}"), page.encode("utf-8"))
 
 
 class CriterionEffectsConfig(Config):

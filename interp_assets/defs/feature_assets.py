@@ -193,7 +193,7 @@ def read_token_activations(
             "encode_seconds": round(seconds, 2),
             "reader_fingerprint": identity.fingerprint,
             "d_sae": identity.d_sae,
-            "device": identity.device,
+            "device": sae_reader.get_reader().device if sae_reader.loaded else "not loaded",
             "reader_loaded": sae_reader.loaded,
         },
     )

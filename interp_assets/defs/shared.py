@@ -88,15 +88,18 @@ def table_out(
     )
 
 
-def side_table_output(table: str, written: dict, data_version: DataVersion | None = None) -> Output:
+def side_table_output(
+    table: str, written: dict, data_version: DataVersion | None = None, metadata: dict | None = None
+) -> Output:
     """The output of a side table (an extra asset of a `multi_asset`) that its step already wrote with
     `write_table` (`written`: what that returned): nothing left for the IO manager to write, and the
-    metadata it would have recorded (rows, path, size, columns with their meanings, preview)."""
+    metadata it would have recorded (rows, path, size, columns with their meanings, preview), plus
+    `metadata`."""
     return Output(
         None,
         output_name=table,
         data_version=data_version,
-        metadata=output_metadata(written, column_schema(table)[COLUMN_SCHEMA]),
+        metadata={**output_metadata(written, column_schema(table)[COLUMN_SCHEMA]), **(metadata or {})},
     )
 
 
@@ -153,8 +156,10 @@ def reuse_stored_output(
     partition: str,
     key: str | None,
     this_run: dict | None = None,
+    output_name: str = "result",
 ) -> Output | None:
-    """The stored table, kept as it is, when its last materialization was computed from exactly `key`.
+    """The stored table, kept as it is, when its last materialization was computed from exactly `key`
+    (`output_name`: the output's name, for one asset of a `multi_asset`).
 
     Returns an `Output(None)` (the Parquet IO manager writes nothing) that repeats the last
     materialization's data version and metadata (what describes the table), with `this_run` overriding
@@ -187,6 +192,7 @@ def reuse_stored_output(
     context.log.info(f"{asset} [{partition}]: inputs unchanged since the last run; the stored table is kept.")
     return Output(
         None,
+        output_name=output_name,
         data_version=DataVersion(version) if version else None,
         metadata={**metadata, **checked, **(this_run or {}), "reused_stored_table": True},
     )

@@ -139,17 +139,24 @@ def identity_fingerprint(identity: dict[str, Any]) -> str:
 
 def resolve_device(device: str) -> str:
     """`auto` -> `cuda` when available else `cpu`; `cuda` without a GPU is a clear error."""
+    check_device_name(device)
+    if device in ("cpu", "mps"):
+        return device
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise RuntimeError(
             "device='cuda' was requested but no CUDA GPU is visible; use device='auto' or 'cpu'."
         )
-    if device not in ("cpu",) and not device.startswith("cuda") and device != "mps":
-        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:<n>', 'mps' or 'auto'; got {device!r}.")
     return device
+
+
+def check_device_name(device: str) -> None:
+    """Raise ValueError unless `device` names a device the reader can run on (nothing is imported)."""
+    if device not in ("cpu", "mps", "auto") and not device.startswith("cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:<n>', 'mps' or 'auto'; got {device!r}.")
 
 
 def _sae_files_digest(path: Path) -> str:
@@ -200,8 +207,13 @@ class ReaderIdentity:
 
     identity: dict[str, Any]
     d_sae: int
-    device: str
+    device_setting: str  # as configured ("auto", "cpu", "cuda:0"...): resolving "auto" imports torch
     activation_dtype: str
+
+    @property
+    def device(self) -> str:
+        """The device the reader runs on (`resolve_device` of the setting)."""
+        return resolve_device(self.device_setting)
 
     @property
     def fingerprint(self) -> str:
@@ -263,6 +275,7 @@ def reader_identity(
     hash), so an unchanged run can find its activations cached without loading the model. None for a
     SAELens release (its config lives with the release; `load_reader` knows it after loading)."""
     _check_settings(activation_dtype, chat_role)
+    check_device_name(device)
     if release:
         return None
     sae_dir = _sae_dir(sae_path)
@@ -281,7 +294,7 @@ def reader_identity(
         activation_dtype=activation_dtype,
         chat_role=chat_role,
     )
-    return ReaderIdentity(identity, int(cfg["d_sae"]), resolve_device(device), activation_dtype)
+    return ReaderIdentity(identity, int(cfg["d_sae"]), device, activation_dtype)
 
 
 def load_reader(

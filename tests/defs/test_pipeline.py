@@ -110,6 +110,24 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"report_features_labeled": True}
+
+    def diff_run(config: dict | None = None):
+        run_config = {"ops": {"diff_reports": {"config": config}}} if config else None
+        run = materialize(
+            [by_name["diff_reports"]],
+            partition_key=key,
+            instance=instance,
+            resources=resources,
+            run_config=run_config,
+        )
+        assert run.success
+        reused = {
+            m.asset_key.to_user_string(): "reused_stored_table" in m.metadata
+            for m in run.asset_materializations_for_node("diff_reports")
+        }
+        assert {e.check_name: e.passed for e in run.get_asset_check_evaluations()} == checks
+        return reused
+
     small = {
         "top_n": 1,
         "documents_per_feature": 6,
@@ -125,6 +143,27 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
         run_config={"ops": {"feature_effects": {"config": small}}},
     )
     assert effects_run.success
+
+    # Nothing changed: both tables and the report files are kept; a changed setting or a lost report file
+    # computes the diff again, and feature_effects, unchanged, puts its section back into the new report.
+    report_md = data / "reports" / f"{key}.md"
+    written = report_md.stat().st_mtime_ns
+    assert diff_run() == {"diff_features": True, "diff_reports": True}
+    assert report_md.stat().st_mtime_ns == written
+    assert diff_run({"top_n": 5}) == {"diff_features": False, "diff_reports": False}
+    report_md.unlink()
+    assert diff_run() == {"diff_features": False, "diff_reports": False}
+    assert "## Causal evidence" not in report_md.read_text()
+    effects_again = materialize(
+        [by_name["feature_effects"]],
+        partition_key=key,
+        instance=instance,
+        resources=resources,
+        run_config={"ops": {"feature_effects": {"config": small}}},
+    )
+    assert (
+        "reused_stored_table" in effects_again.asset_materializations_for_node("feature_effects")[0].metadata
+    )
     tiny = {"top_n": 1, "documents_per_feature": 6, "reference_documents": 40, "n_controls": 3, "n_boot": 100}
 
     def criterion_run(criterion: str):

@@ -78,13 +78,19 @@ def test_identity_changes_with_the_sae_weights_and_the_hook(tmp_path: Path) -> N
     assert reader_identity(model=model, sae_path=str(_tiny_sae(tmp_path / "sae2"))).fingerprint != base
 
 
-def test_the_light_identity_imports_neither_transformers_nor_sae_lens() -> None:
+def test_the_light_identity_imports_neither_torch_nor_transformers_nor_sae_lens() -> None:
+    # an unchanged run asks for the identity only: torch alone takes seconds to import
     code = (
-        "import sys; from interp_assets.engine.reader import reader_identity; reader_identity(); "
-        "print(sorted(m for m in ('transformers', 'sae_lens') if m in sys.modules))"
+        "import sys; from interp_assets.engine.reader import reader_identity; "
+        "i = reader_identity(device='auto'); i.fingerprint; "
+        "print(sorted(m for m in ('torch', 'transformers', 'sae_lens') if m in sys.modules)); "
+        "print(i.device_setting, i.device)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.strip().endswith("[]"), out.stdout + out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2] == "[]" and lines[-1] == "auto cpu", out.stdout + out.stderr  # resolved on demand
+    with pytest.raises(ValueError, match="device must be"):
+        reader_identity(device="gpu")
 
 
 def test_a_release_sae_has_no_light_identity_and_a_missing_sae_is_a_clear_error(tmp_path: Path) -> None:
