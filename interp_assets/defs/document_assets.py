@@ -107,7 +107,14 @@ def document_embeddings(
     model = config.model or sae_reader.model
     started = time.perf_counter()
     vectors, computed = cached_document_embeddings(
-        storage, docs, model, config.layer, config.normalize, log=context.log.info
+        storage,
+        docs,
+        model,
+        config.layer,
+        config.normalize,
+        log=context.log.info,
+        device=sae_reader.device,  # where the reader runs (a GPU when there is one)
+        dtype=sae_reader.dtype,
     )
     table = pl.DataFrame(
         {
@@ -118,8 +125,11 @@ def document_embeddings(
         },
         schema=DOCUMENT_EMBEDDINGS_SCHEMA,
     )
+    precision = [] if sae_reader.dtype == "float32" else [sae_reader.dtype]
     version = hashlib.sha256(
-        json.dumps([model, config.layer, config.normalize, sorted(docs["doc_hash"].to_list())]).encode()
+        json.dumps(
+            [model, config.layer, config.normalize, sorted(docs["doc_hash"].to_list()), *precision]
+        ).encode()
     ).hexdigest()[:24]
     return Output(
         table,
@@ -130,6 +140,7 @@ def document_embeddings(
             "model": model,
             "layer": "last" if config.layer is None else config.layer,
             "normalize": config.normalize,
+            "dtype": sae_reader.dtype,
             "embedded_now": computed,
             "seconds": round(time.perf_counter() - started, 2),
         },

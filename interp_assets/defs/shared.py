@@ -269,14 +269,18 @@ def cached_document_embeddings(
     layer: int | None = None,
     normalize: bool = True,
     log: Callable[[str], None] | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> tuple[np.ndarray, int]:
     """Embeddings of `docs` (row i = docs row i) and how many were computed now; the rest come from a cache
-    under `<data_dir>/cache/embeddings/<key>/` keyed by (model, layer, normalize) and document hash: one
-    Parquet part per write, so steps running at once (several workers) each add theirs."""
+    under `<data_dir>/cache/embeddings/<key>/` keyed by (model, layer, normalize, dtype unless float32) and
+    document hash: one Parquet part per write, so steps running at once (several workers) each add theirs.
+    Missing ones are computed on `device` (a reader setting: "auto" is resolved only when one is missing)."""
     from interp_assets.engine.documents import document_embeddings
 
     # "text-as-text": special-token strings in a text are tokenized as text (embeddings made before are stale)
-    key = hashlib.sha256(json.dumps([model, layer, normalize, "text-as-text"]).encode()).hexdigest()[:12]
+    settings = [model, layer, normalize, "text-as-text"] + ([] if dtype == "float32" else [dtype])
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
     folder = storage.cache_dir / "embeddings" / key
     known, parts = _read_embedding_cache(folder, log)
     missing = (
@@ -286,12 +290,16 @@ def cached_document_embeddings(
     )
     if missing.height:
         progress = Progress("embedding documents", missing.height, log) if log is not None else None
+        from interp_assets.engine.reader import resolve_device
+
         vectors = document_embeddings(
             missing["text"].to_list(),
             model,
             layer=layer,
             normalize=normalize,
             on_batch=progress.update if progress is not None else None,
+            device=resolve_device(device),
+            dtype=dtype,
         )
         new = pl.DataFrame(
             {"doc_hash": missing["doc_hash"], "embedding": list(vectors)}, schema=EMBEDDING_SCHEMA

@@ -25,14 +25,13 @@ gets a feature that fires in its documents and few others.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model
+from interp_assets.engine.reader_model import EMBEDDED_READER, shared_reader_model
 from interp_assets.storage.checksums import checksum_problem, file_record
 from interp_assets.storage.parquet import write_bytes_atomic
 
@@ -41,16 +40,10 @@ from interp_assets.storage.parquet import write_bytes_atomic
 DOCUMENT_SAE_VERSION = "3"
 DEFAULT_MEMBERS = 3
 
-_MODELS: dict[str, tuple[Any, Any]] = {}
-_LOCK = threading.Lock()
 
-
-def cached_model(model: str) -> tuple[Any, Any]:
-    """`(tokenizer, model)` of a reader, loaded once per process."""
-    with _LOCK:
-        if model not in _MODELS:
-            _MODELS[model] = load_reader_model(model)
-        return _MODELS[model]
+def cached_model(model: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+    """`(tokenizer, model)` of a reader, loaded once per process (`shared_reader_model`)."""
+    return shared_reader_model(model, device=device, dtype=dtype)
 
 
 def document_embeddings(
@@ -61,8 +54,11 @@ def document_embeddings(
     batch_size: int = 64,
     max_length: int = 256,
     on_batch: Callable[[int], None] | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> np.ndarray:
     """Embed `texts` as an `(n, hidden)` float32 array (row i is text i); `on_batch(done)` hears progress.
+    The model runs on `device` ("cpu", "cuda", "cuda:1", "mps") in `dtype` (float32, bfloat16, float16).
 
     Hidden states of `layer` (an index into the model's hidden states: 0 = embeddings, None or -1 = the
     last layer) are averaged over each text's tokens and, with `normalize`, scaled to unit length.
@@ -70,7 +66,7 @@ def document_embeddings(
     """
     import torch
 
-    tokenizer, net = cached_model(model)
+    tokenizer, net = cached_model(model, device, dtype)
     dim = int(net.config.hidden_size)
     texts = [str(t) for t in texts]
     out = np.zeros((len(texts), dim), dtype=np.float32)
@@ -90,7 +86,7 @@ def document_embeddings(
                 max_length=max_length,
                 return_tensors="pt",
                 split_special_tokens=True,  # "[SEP]" in a text is text
-            )
+            ).to(device)
             mask = enc["attention_mask"].bool()
             if fused is not None:  # hidden states of real tokens only, [n_tokens, d] in row-major order
                 forward, workspace = fused

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from interp_assets.engine.reader_model import EMBEDDED_READER, load_reader_model, resolve_model_path
+from interp_assets.engine.reader_model import EMBEDDED_READER, resolve_model_path, shared_reader_model
 
 # The embedded SAE ships beside the resources (`resources/default_sae/`, SAELens on-disk format).
 DEFAULT_SAE_DIR = str(Path(__file__).resolve().parents[2] / "resources" / "default_sae")
@@ -317,7 +317,7 @@ def load_reader(
     """Load the reader model and the SAE and check that they fit together."""
     _check_settings(activation_dtype, chat_role)
     device = resolve_device(device)
-    tokenizer, net = load_reader_model(model, device=device, dtype=dtype)
+    tokenizer, net = shared_reader_model(model, device=device, dtype=dtype)
     sae, sae_identity = load_sae(
         sae_path=sae_path, release=release, sae_id=sae_id, device=device, dtype=dtype
     )

@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside the functions so that importin
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,21 @@ def load_reader_model(model: str, device: str = "cpu", dtype: str = "float32") -
     net = AutoModel.from_pretrained(path, dtype=torch_dtype, local_files_only=local)
     net.eval().to(device)
     return tokenizer, net
+
+
+_SHARED: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_reader_model(model: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+    """`load_reader_model`'s `(tokenizer, model)`, loaded once per process for each (model, device, dtype):
+    the SAE reader, document embeddings and the label scorer's embedder share one copy. Its users never
+    change the weights; forward hooks are added and removed around each pass."""
+    key = (model, device, dtype)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = load_reader_model(model, device=device, dtype=dtype)
+        return _SHARED[key]
 
 
 def _offline() -> bool:

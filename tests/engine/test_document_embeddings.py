@@ -51,3 +51,16 @@ def test_fused_forward_is_used_for_the_embedded_reader(monkeypatch: pytest.Monke
 def test_layer_out_of_range_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="outside the model's hidden states"):
         document_embeddings(TEXTS, layer=7)
+
+
+def test_the_reader_and_document_embeddings_share_one_model_and_other_precisions_run() -> None:
+    from interp_assets.engine.reader import load_reader
+
+    reader = load_reader(device="cpu")
+    assert reader.model is cached_model(EMBEDDED_READER)[1] is cached_model(EMBEDDED_READER, "cpu")[1]
+    half = document_embeddings(TEXTS, dtype="bfloat16")
+    assert cached_model(EMBEDDED_READER, "cpu", "bfloat16")[1] is not reader.model
+    assert next(cached_model(EMBEDDED_READER, "cpu", "bfloat16")[1].parameters()).dtype == torch.bfloat16
+    full = document_embeddings(TEXTS)
+    cosine = (half * full).sum(axis=1)  # both unit length
+    assert half.dtype == np.float32 and np.all(cosine > 0.98) and not np.array_equal(half, full)
