@@ -74,6 +74,22 @@ def git_state() -> dict[str, Any]:
     return {"commit": head.stdout.strip(), "dirty": [line[3:] for line in dirty.stdout.splitlines()]}
 
 
+def cpu_gflops(seconds: float = 1.0, n: int = 1024) -> float:
+    """How fast this machine multiplies float32 matrices now (numpy's BLAS, all its threads), in GFLOP/s:
+    the best of repeated n x n products over about `seconds`. Recorded beside timings made on machines
+    whose speed changes from hour to hour (shared VMs), so runs can be compared."""
+    import time
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - started) / 1e9)
+    return round(best, 1)
+
+
 def load_average() -> float:
     """The 1-minute load average (how busy the machine was: read it beside every timing)."""
     return os.getloadavg()[0]

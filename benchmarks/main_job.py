@@ -5,9 +5,12 @@ Runs `scripts/run_main_job.py` as a user does (a fresh process each time, warm v
 - per-step seconds from Dagster's step events, and labels_scores_s = feature_labels + feature_scores;
 - from the runs' materialization metadata: documents encoded, whether the reader model was loaded, labels
   and scores computed (not read from a cache), texts embedded.
-Prints a table and writes `benchmarks/results/main_job.json`.
+Prints a table and writes `benchmarks/results/main_job.json`. With `--repeats N` the pair of runs is
+repeated N times, each into its own empty folder; the JSON's "cold" and "unchanged" are then the runs of
+median wall time, and "repeats" lists every run's wall time with the machine's matrix-multiply speed just
+before it (`cpu_gflops`: shared VMs run at different speeds from hour to hour).
 
-    python benchmarks/main_job.py
+    python benchmarks/main_job.py [--repeats 3]
 """
 
 from __future__ import annotations
@@ -24,7 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ROOT, cpu_model, git_state, load_average, print_table, write_results  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    ROOT,
+    cpu_gflops,
+    cpu_model,
+    git_state,
+    load_average,
+    print_table,
+    write_results,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "main_job.json"
 STEP_RE = re.compile(r'Finished execution of step "([^"]+)" in ([0-9.]+)(ms|s|m)')
@@ -84,18 +95,29 @@ def run_metadata(data_dir: Path, since: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--repeats", type=int, default=1, help="pairs of runs, each into an empty folder")
     args = ap.parse_args()
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="main_job_") as tmp:
-        data_dir = Path(tmp) / "data"
-        for phase in ("cold", "unchanged"):
-            since = time.time()
-            run = run_once(data_dir)
-            run |= run_metadata(data_dir, since)
-            run["labels_scores_s"] = round(sum(run["steps_s"].get(s, 0.0) for s in LABEL_STEPS), 1)
-            run["labels_scores_share"] = round(run["labels_scores_s"] / run["wall_s"], 3)
-            results[phase] = run
-            print(f"{phase}: {run['wall_s']} s", flush=True)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1; got {args.repeats}")
+    pairs = []
+    for repeat in range(args.repeats):
+        pair = {}
+        with tempfile.TemporaryDirectory(prefix="main_job_") as tmp:
+            data_dir = Path(tmp) / "data"
+            for phase in ("cold", "unchanged"):
+                gflops = cpu_gflops()
+                since = time.time()
+                run = run_once(data_dir)
+                run |= run_metadata(data_dir, since)
+                run["labels_scores_s"] = round(sum(run["steps_s"].get(s, 0.0) for s in LABEL_STEPS), 1)
+                run["labels_scores_share"] = round(run["labels_scores_s"] / run["wall_s"], 3)
+                run["cpu_gflops"] = gflops
+                pair[phase] = run
+                print(
+                    f"{repeat + 1}/{args.repeats} {phase}: {run['wall_s']} s ({gflops} GFLOP/s)", flush=True
+                )
+        pairs.append(pair)
+    results = {phase: _median_run([p[phase] for p in pairs]) for phase in ("cold", "unchanged")}
     rows = [
         {"phase": phase, **{k: v for k, v in run.items() if k != "steps_s"}} for phase, run in results.items()
     ]
@@ -116,11 +138,27 @@ def main() -> None:
     )
     slowest = sorted(results["cold"]["steps_s"].items(), key=lambda kv: -kv[1])[:8]
     print("\nSlowest steps (cold, seconds over partitions): " + ", ".join(f"{k} {v:.1f}" for k, v in slowest))
+    repeats = [
+        {f"{phase}_wall_s": p[phase]["wall_s"] for phase in p}
+        | {f"{phase}_cpu_gflops": p[phase]["cpu_gflops"] for phase in p}
+        for p in pairs
+    ]
+    if len(pairs) > 1:
+        print(
+            "Every run: "
+            + "; ".join(f"cold {r['cold_wall_s']} s, unchanged {r['unchanged_wall_s']} s" for r in repeats)
+        )
     write_results(
         results
+        | {"repeats": repeats}
         | {"load_avg": load_average(), "cpus": os.cpu_count(), "cpu": cpu_model(), "git": git_state()},
         args.out,
     )
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run of median wall time (the lower middle one of an even number)."""
+    return sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
 
 
 if __name__ == "__main__":
