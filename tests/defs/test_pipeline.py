@@ -135,14 +135,19 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
         "n_controls": 3,
         "n_boot": 100,
     }
-    effects_run = materialize(
-        [by_name["feature_effects"]],
-        partition_key=key,
-        instance=instance,
-        resources=resources,
-        run_config={"ops": {"feature_effects": {"config": small}}},
-    )
-    assert effects_run.success
+
+    def effects_run():
+        run = materialize(
+            [by_name["feature_effects"]],
+            partition_key=key,
+            instance=instance,
+            resources=resources,
+            run_config={"ops": {"feature_effects": {"config": small}}},
+        )
+        assert run.success
+        return run
+
+    effects_run()
 
     # Nothing changed: both tables and the report files are kept; a changed setting or a lost report file
     # computes the diff again, and feature_effects, unchanged, puts its section back into the new report.
@@ -154,13 +159,7 @@ def test_full_chain_on_embedded_default_with_a_bad_drop(tmp_path):
     report_md.unlink()
     assert diff_run() == {"diff_features": False, "diff_reports": False}
     assert "## Causal evidence" not in report_md.read_text()
-    effects_again = materialize(
-        [by_name["feature_effects"]],
-        partition_key=key,
-        instance=instance,
-        resources=resources,
-        run_config={"ops": {"feature_effects": {"config": small}}},
-    )
+    effects_again = effects_run()
     assert (
         "reused_stored_table" in effects_again.asset_materializations_for_node("feature_effects")[0].metadata
     )
