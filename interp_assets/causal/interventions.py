@@ -16,6 +16,7 @@ documents is closest), with bootstrap intervals over documents, in interp-lab's 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ import numpy as np
 import polars as pl
 
 from interp_assets.engine.activations import plan_batches
+from interp_assets.engine.reader_model import model_lock
 
 INTERVENTIONS = ("ablate", "clamp", "steer")
 
@@ -98,8 +100,8 @@ def _split_site(site: str) -> tuple[str, bool]:
 
 
 class _Replay:
-    """Context manager: the blocks of `blocks` (a ModuleList) up to `last` stand in with the outputs they
-    gave on the same rows before (`outputs`), so a forward pass that differs only after them skips them.
+    """Context manager: the first `len(outputs)` blocks of `blocks` (a ModuleList) stand in with the
+    outputs they gave on the same rows before, so a forward pass that differs only after them skips them.
     Each stand-in answers attribute lookups as its block does (models read e.g. `layer.attention_type`)."""
 
     def __init__(self, blocks: Any, outputs: list[Any]) -> None:
@@ -158,6 +160,19 @@ def module_name(model: Any, module: Any) -> str:
     raise ValueError(f"{type(module).__name__} is not a submodule of {type(model).__name__}.")
 
 
+def _holding_model_lock(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `fn(model, ...)` holding `model_lock(model)`: edits add to the model's blocks or swap them, and
+    the model may be shared with other readers and with document embeddings (`shared_reader_model`)."""
+
+    @functools.wraps(fn)
+    def holding(model: Any, *args: Any, **kwargs: Any) -> Any:
+        with model_lock(model):
+            return fn(model, *args, **kwargs)
+
+    return holding
+
+
+@_holding_model_lock
 def run_with_intervention(
     model: Any,
     layer_name: str,
@@ -308,6 +323,7 @@ def budget_batches(attention_mask: Any, token_budget: int | None) -> list[tuple[
     return out
 
 
+@_holding_model_lock
 def intervention_records(
     model: Any,
     layer_name: str,

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from interp_assets.engine.reader_model import EMBEDDED_READER, shared_reader_model
+from interp_assets.engine.reader_model import EMBEDDED_READER, model_lock, shared_reader_model
 from interp_assets.storage.checksums import checksum_problem, file_record
 from interp_assets.storage.parquet import write_bytes_atomic
 
@@ -76,7 +76,7 @@ def document_embeddings(
     hidden_index = hidden_state_index(layer, n_layers)
     fused = _fused_forward(net, hidden_index, n_layers)
     order = np.argsort([len(t) for t in texts], kind="stable")
-    with torch.inference_mode():
+    with model_lock(net), torch.inference_mode():  # the reader may share this model (`model_lock`)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             enc = tokenizer(

@@ -10,12 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from interp_assets.engine.reader_model import EMBEDDED_READER, resolve_model_path, shared_reader_model
+from interp_assets.engine.reader_model import (
+    EMBEDDED_READER,
+    model_lock,
+    resolve_model_path,
+    shared_reader_model,
+)
 
 # The embedded SAE ships beside the resources (`resources/default_sae/`, SAELens on-disk format).
 DEFAULT_SAE_DIR = str(Path(__file__).resolve().parents[2] / "resources" / "default_sae")
@@ -110,8 +114,9 @@ class SAEReader:
         self.identity = identity
         self.activation_dtype = activation_dtype
         self.chat_role = chat_role
-        # one forward pass at a time: the layer hook lives on the shared model (threads share readers)
-        self.forward_lock = threading.Lock()
+        # one forward pass at a time on the model: the layer hook lives on it, and readers, document
+        # embeddings and causal edits share one copy of it (threads share readers)
+        self.forward_lock = model_lock(model)
         self.layer_module = find_layer_module(model, hook.layer)
 
     @property

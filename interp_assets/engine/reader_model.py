@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,18 @@ def load_reader_model(model: str, device: str = "cpu", dtype: str = "float32") -
 
 _SHARED: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 _SHARED_LOCK = threading.Lock()
+_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+
+
+def model_lock(model: Any) -> threading.RLock:
+    """The lock every forward pass on `model` holds: readers add hooks to it, causal edits swap blocks,
+    and one copy of a model serves them all (`shared_reader_model`), so passes from different threads
+    must not interleave. Re-entrant: a step that holds it may run passes of its own."""
+    with _SHARED_LOCK:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
 
 
 def shared_reader_model(model: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:

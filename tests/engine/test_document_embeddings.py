@@ -64,3 +64,22 @@ def test_the_reader_and_document_embeddings_share_one_model_and_other_precisions
     full = document_embeddings(TEXTS)
     cosine = (half * full).sum(axis=1)  # both unit length
     assert half.dtype == np.float32 and np.all(cosine > 0.98) and not np.array_equal(half, full)
+
+
+def test_passes_on_a_shared_model_wait_for_each_other() -> None:
+    """The reader's hooks and the causal edits' stand-in blocks live on the model that document embeddings
+    also run: a pass from another thread waits until the holder of the model's lock is done."""
+    import threading
+
+    from interp_assets.engine.reader import load_reader
+    from interp_assets.engine.reader_model import model_lock
+
+    reader = load_reader(device="cpu")
+    assert reader.forward_lock is model_lock(cached_model(EMBEDDED_READER)[1])
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (document_embeddings(TEXTS[:1]), done.set()))
+    with reader.forward_lock, reader.forward_lock:  # re-entrant: a step may run passes of its own
+        worker.start()
+        assert not done.wait(0.5)  # document_embeddings waits for the lock
+    worker.join(timeout=60)
+    assert done.is_set()
