@@ -77,7 +77,12 @@ def _document_embeddings(storage: StorageResource, docs: pl.DataFrame, max_docs:
     code_version=LABELS_CODE_VERSION,
     pool=MODEL_POOL,
     op_tags=MODEL_STEP_TAGS,
-    deps=[AssetDep("pooled_embeddings"), AssetDep("activation_status"), AssetDep("feature_associations")],
+    deps=[
+        AssetDep("raw_documents"),
+        AssetDep("pooled_embeddings"),
+        AssetDep("activation_status"),
+        AssetDep("feature_associations"),
+    ],
     description="Labels for the features that matter in this dataset (frequent, distinctive against its "
     "comparison partners, requested): published labels, else an LLM when configured, else an offline "
     "contrastive log-odds labeler. Cached by (SAE, feature, evidence).",
@@ -263,6 +268,8 @@ def _split_parameters(config: FeatureLabelsConfig) -> dict[str, int]:
     code_version=SCORES_CODE_VERSION,
     pool=MODEL_POOL,
     op_tags=MODEL_STEP_TAGS,
+    # what it reads beside the labels: the documents and their activations with the token spans
+    deps=[AssetDep("raw_documents"), AssetDep("token_activations"), AssetDep("tokens")],
     description="Every label scored on held-out documents never shown to the labeler: precision, recall, F1, "
     "balanced accuracy, AUC and a bootstrap interval, offline (embedding) and with an LLM when configured.",
 )

@@ -80,6 +80,18 @@ def test_lineage_shows_every_table_a_comparison_reads() -> None:
         "document_features",
         "diff_features",
     }
+    # the labels' and scores' steps read the documents and the token spans besides their inputs
+    labels = {k.to_user_string() for k in graph.get(AssetKey("feature_labels")).parent_keys}
+    assert labels == {
+        "raw_documents",
+        "token_activations",
+        "tokens",
+        "pooled_embeddings",
+        "activation_status",
+        "feature_associations",
+    }
+    scores = {k.to_user_string() for k in graph.get(AssetKey("feature_scores")).parent_keys}
+    assert scores == {"feature_labels", "raw_documents", "token_activations", "tokens"}
     effects = {k.to_user_string() for k in graph.get(AssetKey("feature_effects")).parent_keys}
     assert effects == {"diff_reports", "diff_features", "token_activations", "raw_documents", "document_sae"}
     readers = {k.to_user_string() for k in graph.get(AssetKey("activation_status")).child_keys}
