@@ -44,6 +44,7 @@ from interp_assets.analysis.reports import top_features  # noqa: E402
 from interp_assets.causal import effects  # noqa: E402
 from interp_assets.causal.interventions import (  # noqa: E402
     Intervention,
+    bootstrap_interval,
     budget_batches,
     edit_site,
     intervention_records,
@@ -101,13 +102,6 @@ def set_effects(
         effects.document_feature_l1(base_features, after_features),
         effects.document_features_flipped(base_features, after_features),
     )
-
-
-def interval(values: np.ndarray, seed: int) -> tuple[float, float]:
-    """Bootstrap 95% interval of the mean of `values` (1,000 resamples)."""
-    boot = np.random.default_rng(seed).integers(0, values.size, size=(1000, values.size))
-    low, high = np.percentile(values[boot].mean(axis=1), [2.5, 97.5])
-    return float(low), float(high)
 
 
 def main() -> None:
@@ -243,8 +237,8 @@ def main() -> None:
             control_drops.append(float(c_drop.mean()))
             control_shifts.append(float(c_shift.mean()))
             control_flips.append(float(c_flips.mean()))
-        low, high = interval(drop, args.seed)
-        shift_low, shift_high = interval(shift, args.seed)
+        low, high = bootstrap_interval(drop, seed=args.seed)
+        shift_low, shift_high = bootstrap_interval(shift, seed=args.seed)
         p95 = float(np.percentile(control_drops, 95))
         shift_p95 = float(np.percentile(control_shifts, 95))
         set_rows.append(

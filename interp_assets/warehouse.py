@@ -424,9 +424,7 @@ def _create_with_views(
         # _apply_all closed the connection, which checkpoints: the file holds everything, no WAL left
         try:
             os.link(private, db_path)  # atomic, and fails rather than replace a warehouse made meanwhile
-        except FileExistsError:
-            return None
-        except OSError:  # a filesystem without hard links: refresh in place, as before
+        except OSError:  # made meanwhile (FileExistsError), or no hard links here: refresh in place
             return None
         if problem is not None:
             raise problem

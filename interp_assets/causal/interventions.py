@@ -280,7 +280,8 @@ def matched_controls(rates: np.ndarray, feature: int, n: int, seed: int = 0) -> 
     return candidates[order[:n]].tolist()
 
 
-def _bootstrap(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+def bootstrap_interval(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95% interval of the mean of `values` (`n_boot` seeded resamples; NaN for no values)."""
     if values.size == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
@@ -429,7 +430,7 @@ def intervention_records(
         for name in scores:
             after = per_document(name, edited[name])
             diff = after - base[name]
-            low, high = _bootstrap(diff[on], n_boot, seed)
+            low, high = bootstrap_interval(diff[on], n_boot, seed)
             rows_out.append(
                 {
                     "feature": int(f),

@@ -382,35 +382,32 @@ def _reuse_diff(
     files = [storage.reports_dir / f"{key}.{suffix}" for suffix in ("md", "html")]
     if features is None or report is None or not all(f.exists() for f in files):
         return None
-    base = storage.parquet_base
-    row = read_table(base, "diff_reports", key).collect().row(0, named=True)
+    row = read_table(storage.parquet_base, "diff_reports", key).collect().row(0, named=True)
     top = {d: [int(f) for f in json.loads(row[f"top_features_{d}"])] for d in ("a", "b")}
-    labels = [  # as `_report_labels` reads them: each direction's from its own dataset
-        read_table(base, "feature_labels", row[f"dataset_{d}"]).filter(pl.col("feature").is_in(top[d]))
-        for d in ("a", "b")
-        if table_exists(base, "feature_labels", row[f"dataset_{d}"])
+    labels = _top_rows(storage, "feature_labels", top, *parse_comparison_key(key))
+    return [features, report, _labeled_check(top["a"] + top["b"], pl.concat(labels) if labels else None)]
+
+
+def _top_rows(
+    storage: StorageResource, table: str, top: dict[str, list[int]], a: str, b: str
+) -> list[pl.DataFrame]:
+    """The rows of `table` (feature_labels, feature_scores) for the report's top features `top` (by
+    direction), each direction's from its own dataset, where that dataset has the table."""
+    base = storage.parquet_base
+    return [
+        read_table(base, table, ds).filter(pl.col("feature").is_in(top[d])).collect()
+        for d, ds in (("a", a), ("b", b))
+        if table_exists(base, table, ds)
     ]
-    labeled = pl.concat([frame.select("feature").collect() for frame in labels]) if labels else None
-    return [features, report, _labeled_check(top["a"] + top["b"], labeled)]
 
 
 def _report_labels(
     storage: StorageResource, diff: pl.DataFrame, a: str, b: str, top_n: int
 ) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
     """Labels and scores of the report's top features, each from the dataset where it is more frequent."""
-    base = storage.parquet_base
-    top = reports.top_features(diff, top_n)
-    label_parts, score_parts = [], []
-    for direction, ds in (("a", a), ("b", b)):
-        feats = top[direction]["feature"].to_list()
-        if table_exists(base, "feature_labels", ds):
-            label_parts.append(
-                read_table(base, "feature_labels", ds).filter(pl.col("feature").is_in(feats)).collect()
-            )
-        if table_exists(base, "feature_scores", ds):
-            score_parts.append(
-                read_table(base, "feature_scores", ds).filter(pl.col("feature").is_in(feats)).collect()
-            )
+    top = {d: frame["feature"].to_list() for d, frame in reports.top_features(diff, top_n).items()}
+    label_parts = _top_rows(storage, "feature_labels", top, a, b)
+    score_parts = _top_rows(storage, "feature_scores", top, a, b)
     labels = (
         pl.concat(label_parts, how="diagonal_relaxed").unique("feature", keep="first")
         if label_parts

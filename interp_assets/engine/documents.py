@@ -41,11 +41,6 @@ DOCUMENT_SAE_VERSION = "3"
 DEFAULT_MEMBERS = 3
 
 
-def cached_model(model: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
-    """`(tokenizer, model)` of a reader, loaded once per process (`shared_reader_model`)."""
-    return shared_reader_model(model, device=device, dtype=dtype)
-
-
 def document_embeddings(
     texts: Sequence[str],
     model: str = EMBEDDED_READER,
@@ -66,7 +61,7 @@ def document_embeddings(
     """
     import torch
 
-    tokenizer, net = cached_model(model, device, dtype)
+    tokenizer, net = shared_reader_model(model, device, dtype)
     dim = int(net.config.hidden_size)
     texts = [str(t) for t in texts]
     out = np.zeros((len(texts), dim), dtype=np.float32)

@@ -57,13 +57,14 @@ def load_reader_model(model: str, device: str = "cpu", dtype: str = "float32") -
 _SHARED: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 _SHARED_LOCK = threading.Lock()
 _MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_LOCK = threading.Lock()  # not _SHARED_LOCK: that one is held while a model loads
 
 
 def model_lock(model: Any) -> threading.RLock:
     """The lock every forward pass on `model` holds: readers add hooks to it, causal edits swap blocks,
     and one copy of a model serves them all (`shared_reader_model`), so passes from different threads
     must not interleave. Re-entrant: a step that holds it may run passes of its own."""
-    with _SHARED_LOCK:
+    with _MODEL_LOCKS_LOCK:
         lock = _MODEL_LOCKS.get(model)
         if lock is None:
             lock = _MODEL_LOCKS[model] = threading.RLock()

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from interp_assets.engine import documents
-from interp_assets.engine.documents import cached_model, document_embeddings
-from interp_assets.engine.reader_model import EMBEDDED_READER
+from interp_assets.engine.documents import document_embeddings
+from interp_assets.engine.reader_model import EMBEDDED_READER, shared_reader_model
 
 TEXTS = [
     "A village in the administrative district of Gmina Wola.",
@@ -19,7 +19,7 @@ TEXTS = [
 
 def _reference(texts: list[str], layer: int | None, normalize: bool) -> np.ndarray:
     """The plain Hugging Face forward: hidden states of `layer`, mean over the attention mask."""
-    tokenizer, net = cached_model(EMBEDDED_READER)
+    tokenizer, net = shared_reader_model(EMBEDDED_READER)
     with torch.inference_mode():
         enc = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
         hidden = net(**enc, output_hidden_states=True).hidden_states[-1 if layer is None else layer]
@@ -39,7 +39,7 @@ def test_fused_forward_equals_the_hugging_face_forward(layer: int | None, normal
 
 
 def test_fused_forward_is_used_for_the_embedded_reader(monkeypatch: pytest.MonkeyPatch) -> None:
-    _, net = cached_model(EMBEDDED_READER)
+    _, net = shared_reader_model(EMBEDDED_READER)
     assert documents._fused_forward(net, 6, 6) is not None
     calls = []
     original = documents._fused_forward
@@ -57,10 +57,16 @@ def test_the_reader_and_document_embeddings_share_one_model_and_other_precisions
     from interp_assets.engine.reader import load_reader
 
     reader = load_reader(device="cpu")
-    assert reader.model is cached_model(EMBEDDED_READER)[1] is cached_model(EMBEDDED_READER, "cpu")[1]
+    assert (
+        reader.model
+        is shared_reader_model(EMBEDDED_READER)[1]
+        is shared_reader_model(EMBEDDED_READER, "cpu")[1]
+    )
     half = document_embeddings(TEXTS, dtype="bfloat16")
-    assert cached_model(EMBEDDED_READER, "cpu", "bfloat16")[1] is not reader.model
-    assert next(cached_model(EMBEDDED_READER, "cpu", "bfloat16")[1].parameters()).dtype == torch.bfloat16
+    assert shared_reader_model(EMBEDDED_READER, "cpu", "bfloat16")[1] is not reader.model
+    assert (
+        next(shared_reader_model(EMBEDDED_READER, "cpu", "bfloat16")[1].parameters()).dtype == torch.bfloat16
+    )
     full = document_embeddings(TEXTS)
     cosine = (half * full).sum(axis=1)  # both unit length
     assert half.dtype == np.float32 and np.all(cosine > 0.98) and not np.array_equal(half, full)
@@ -75,7 +81,7 @@ def test_passes_on_a_shared_model_wait_for_each_other() -> None:
     from interp_assets.engine.reader_model import model_lock
 
     reader = load_reader(device="cpu")
-    assert reader.forward_lock is model_lock(cached_model(EMBEDDED_READER)[1])
+    assert reader.forward_lock is model_lock(shared_reader_model(EMBEDDED_READER)[1])
     done = threading.Event()
     worker = threading.Thread(target=lambda: (document_embeddings(TEXTS[:1]), done.set()))
     with reader.forward_lock, reader.forward_lock:  # re-entrant: a step may run passes of its own

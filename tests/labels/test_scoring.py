@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from interp_assets.engine.documents import cached_model
+from interp_assets.engine.reader_model import shared_reader_model
 from interp_assets.labels import embedding
 from interp_assets.labels.embedding import sentence_embeddings
 from interp_assets.labels.evidence import Excerpt, split_evidence, text_hash
@@ -127,7 +127,9 @@ def test_sentence_embeddings_unit_norm_batch_invariant_and_cached() -> None:
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(a, b, atol=2e-5)
     assert a[0] @ a[1] > a[0] @ a[2] + 0.2  # apologies are closer to each other than to the weather
-    assert cached_model(embedding.DEFAULT_EMBEDDING_MODEL) is cached_model(embedding.DEFAULT_EMBEDDING_MODEL)
+    assert shared_reader_model(embedding.DEFAULT_EMBEDDING_MODEL) is shared_reader_model(
+        embedding.DEFAULT_EMBEDDING_MODEL
+    )
     assert sentence_embeddings([]).shape == (0, 384)
 
 
