@@ -52,9 +52,13 @@ class Intervention:
         return self.feature if isinstance(self.feature, tuple) else (int(self.feature),)
 
 
-def edited_hidden(h: Any, sae: Any, intervention: Intervention, real: Any) -> Any:
+def edited_hidden(
+    h: Any, sae: Any, intervention: Intervention, real: Any, activations: Any | None = None
+) -> Any:
     """The hidden state `h` [batch, tokens, d_in] after `intervention`; `real` [batch, tokens] marks the
-    tokens that are not padding (the SAE reads them; padding is never edited)."""
+    tokens that are not padding (the SAE reads them; padding is never edited). `activations` [batch,
+    tokens, k]: the SAE's activations of the intervention's features on `h`, when already known (they are
+    then not encoded again)."""
     import torch
 
     fs = list(intervention.features)
@@ -69,8 +73,10 @@ def edited_hidden(h: Any, sae: Any, intervention: Intervention, real: Any) -> An
     mask = real.to(h.dtype)
     if intervention.kind == "steer":
         return h + s * mask[..., None] * directions.sum(dim=0)
-    with torch.no_grad():
-        a = sae.encode(h)[..., fs].to(h.dtype) * mask[..., None]  # [batch, tokens, k]
+    if activations is None:
+        with torch.no_grad():
+            activations = sae.encode(h)[..., fs]
+    a = activations.to(h.dtype) * mask[..., None]  # [batch, tokens, k]
     if intervention.kind == "ablate":
         return h - (s * a) @ directions
     fires = (a > 0).to(h.dtype)
@@ -203,8 +209,10 @@ def _traced_forward(
     read: Callable[[Any], Any],
     edit_mask: Any | None = None,
     forward_kwargs: dict[str, Any] | None = None,
+    activations: Any | None = None,
 ) -> tuple[Any, Any]:
-    """`run_with_intervention`'s forward pass, also returning the hidden state at the site before the edit."""
+    """`run_with_intervention`'s forward pass, also returning the hidden state at the site before the edit.
+    `activations`: the SAE's activations of the edited features at the site, when known (`edited_hidden`)."""
     import torch
     from nnsight import NNsight
 
@@ -217,15 +225,15 @@ def _traced_forward(
             if on_input:
                 hidden = layer.input.save()
                 if intervention is not None:
-                    layer.input = edited_hidden(layer.input, sae, intervention, real)
+                    layer.input = edited_hidden(layer.input, sae, intervention, real, activations)
             else:
                 out = layer.output
                 hidden = (out[0] if isinstance(out, tuple) else out).save()
                 if intervention is not None:
                     if isinstance(out, tuple):
-                        layer.output = (edited_hidden(out[0], sae, intervention, real), *out[1:])
+                        layer.output = (edited_hidden(out[0], sae, intervention, real, activations), *out[1:])
                     else:
-                        layer.output = edited_hidden(out, sae, intervention, real)
+                        layer.output = edited_hidden(out, sae, intervention, real, activations)
             result = read(traced.output).save()
     return result, hidden
 
@@ -375,6 +383,11 @@ def intervention_records(
     # from the unedited pass and replayed (`_Replay`), so edited passes compute only the blocks after it.
     replayable = _replayable_blocks(model, layer_name) if replay else None
     recorded: list[list[Any]] = [[] for _ in batches]
+    # With replay, every edited pass sees the unedited pass's hidden state at the site: the SAE's
+    # activations of the edited features are encoded once per batch (`site_codes`), not once per pass.
+    site_hidden: list[Any] = [None for _ in batches]
+    site_codes: list[Any] = [None for _ in batches]
+    column: dict[int, int] = {}
 
     scores = dict(score) if isinstance(score, Mapping) else {"score": score}
     d_sae = int(sae.cfg.d_sae)
@@ -392,9 +405,13 @@ def intervention_records(
                 out, hidden = _traced_forward(*args)
             elif intervention is None:
                 out, hidden, recorded[b] = _recorded_forward(*replayable, args)
+                site_hidden[b] = hidden
             else:
+                known = None
+                if site_codes[b] is not None and intervention.kind != "steer":
+                    known = site_codes[b][..., [column[f] for f in intervention.features]]
                 with _Replay(replayable[0], recorded[b]):
-                    out, hidden = _traced_forward(*args)
+                    out, hidden = _traced_forward(*args, activations=known)
             for name, fn in scores.items():
                 part = np.asarray((fn.state if isinstance(fn, ShiftScore) else fn)(out, ids, mask))
                 if name not in values:
@@ -422,6 +439,13 @@ def intervention_records(
     plan = [(feature, s, "target") for s in strengths]
     plan += [(c, s, "random_matched") for c in controls for s in strengths]
     plan.append((feature, 0.0, "placebo"))
+    if replayable is not None:
+        column.update({f: i for i, f in enumerate(dict.fromkeys(f for f, _, _ in plan))})
+        with torch.no_grad():
+            for b, hidden in enumerate(site_hidden):
+                if hidden is not None:
+                    site_codes[b] = sae.encode(hidden)[..., list(column)]
+        site_hidden.clear()
     rows_out = []
     for f, strength, control in plan:
         edited, _, _ = scored(Intervention(f, kind, strength))

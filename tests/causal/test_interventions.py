@@ -225,21 +225,35 @@ def test_a_set_of_features_is_edited_at_once_from_the_unedited_activations(setup
 
 def test_edited_passes_replay_the_blocks_before_the_edit_and_give_the_same_records(setup: dict) -> None:
     model, sae = setup["model"], setup["sae"]
-    calls = {"block 0": 0}
+    calls = {"block 0": 0, "encode": 0}
     handle = model.transformer.h[0].register_forward_hook(
         lambda *_: calls.__setitem__("block 0", calls["block 0"] + 1)
     )
+    encode = sae.encode
+
+    def counted_encode(x):
+        calls["encode"] += 1
+        return encode(x)
+
     common = dict(score=token_logprob(TARGET), read=_read_logits, n_controls=5, n_boot=200, token_budget=120)
     args = (model, setup["layer"], sae, setup["ids"], setup["mask"], PLANTED)
+    sae.encode = counted_encode
     try:
         full = intervention_records(*args, **common, replay=False)
-        full_calls, calls["block 0"] = calls["block 0"], 0
+        full_calls = dict(calls)
+        calls.update({"block 0": 0, "encode": 0})
         replayed = intervention_records(*args, **common)
     finally:
         handle.remove()
+        del sae.encode
     n_batches = len(budget_batches(setup["mask"], 120))
-    assert n_batches > 1 and full_calls == n_batches * (1 + 1 + 5 + 1)  # unedited, target, controls, placebo
+    assert n_batches > 1 and full_calls["block 0"] == n_batches * (
+        1 + 1 + 5 + 1
+    )  # + target, controls, placebo
     assert calls["block 0"] == n_batches  # only the unedited pass computes the block before the edit
+    # the SAE encodes each batch's site twice (which features fire; the edited features' activations), not
+    # once more per edited pass (the placebo edits nothing)
+    assert full_calls["encode"] == n_batches * (1 + 1 + 5) and calls["encode"] == 2 * n_batches
     assert replayed["feature"].to_list() == full["feature"].to_list()
     for column in ("baseline_score", "intervention_score", "effect", "side_effect_score"):
         np.testing.assert_allclose(replayed[column].to_numpy(), full[column].to_numpy(), atol=1e-6)
