@@ -228,11 +228,14 @@ def train_document_saes(
     """
     if config.members < 1:
         raise ValueError(f"A document SAE ensemble needs members >= 1; got members={config.members}.")
-    saes, reports = [], []
-    for i in range(config.members):
-        sae, report = train_document_sae(embeddings, replace(config, seed=config.seed + i))
-        saes.append(sae)
-        reports.append(report | {"seed": config.seed + i})
+    trained = _train_in_parallel(
+        [
+            lambda i=i: train_document_sae(embeddings, replace(config, seed=config.seed + i))
+            for i in range(config.members)
+        ]
+    )
+    saes = [sae for sae, _ in trained]
+    reports = [report | {"seed": config.seed + i} for i, (_, report) in enumerate(trained)]
     first = reports[0]
     report = {
         "d_in": first["d_in"],
@@ -248,6 +251,27 @@ def train_document_saes(
         "member_reports": reports,
     }
     return saes, report
+
+
+def _train_in_parallel(jobs: list[Callable[[], Any]]) -> list[Any]:
+    """Run independent SAE trainings, one per CPU thread torch may use, each on one thread, in order of
+    `jobs`. A small SAE's step is mostly per-operation overhead, which more threads per step do not
+    reduce, while steps of different SAEs overlap. Each SAE starts from its own seed, so the results
+    match training one after another (on our CPU build the same weights bit for bit, one thread or two)."""
+    import torch
+
+    workers = min(len(jobs), torch.get_num_threads())
+    if workers <= 1:
+        return [job() for job in jobs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="document-sae") as pool:
+            return list(pool.map(lambda job: job(), jobs))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _member_activations(sae: Any, embeddings: Any) -> Iterator[tuple[int, np.ndarray]]:

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+# Seeding and initialising an SAE use torch's global random generator: one at a time, so that SAEs trained
+# in parallel threads (`train_document_saes`) start exactly as they would alone.
+_INIT_LOCK = threading.Lock()
 
 
 def shuffled_batches(acts: Any, batch_size: int, seed: int) -> Iterator[Any]:
@@ -56,7 +62,6 @@ def train_topk_sae(
             f"SAE training needs a [n, d_in] array with at least batch_size={batch_size} rows; got shape "
             f"{tuple(acts.shape)}. Give it more data or a smaller batch size."
         )
-    torch.manual_seed(seed)
     d_in = int(acts.shape[1])
     sae_cfg = TopKTrainingSAEConfig(
         d_in=d_in,
@@ -71,7 +76,9 @@ def train_topk_sae(
         decoder_init_norm=0.1,
         metadata=SAEMetadata(**metadata),
     )
-    sae = TopKTrainingSAE(sae_cfg)
+    with _INIT_LOCK:
+        torch.manual_seed(seed)
+        sae = TopKTrainingSAE(sae_cfg)
 
     steps_per_epoch = acts.shape[0] // batch_size
     total_steps = max(1, round(epochs * steps_per_epoch))

@@ -36,6 +36,15 @@ def test_members_are_the_seeded_single_saes_and_share_one_numbering(tmp_path: Pa
     assert report["fraction_variance_explained"] == pytest.approx(
         np.mean([r["fraction_variance_explained"] for r in report["member_reports"]])
     )
+    # members train in parallel threads, each exactly as its seed trains alone
+    for i, member in enumerate(saes):
+        single, _ = train_document_sae(
+            x, DocumentSAEConfig(d_sae=16, k=2, steps=60, batch_size=32, seed=5 + i)
+        )
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            np.testing.assert_allclose(
+                getattr(member, name).detach(), getattr(single, name).detach(), rtol=1e-6
+            )
     # member 1 is exactly the SAE that seed 6 trains alone
     alone, _ = train_document_sae(x, DocumentSAEConfig(d_sae=16, k=2, steps=60, batch_size=32, seed=6))
     rows, feature, value = encode_documents(saes, x)
