@@ -448,22 +448,57 @@ def split_features(
     acts = token_activations.filter(pl.col("feature").is_in(wanted))
     parts = {int(k[0]): v for k, v in acts.partition_by("feature", as_dict=True).items()}
     empty = token_activations.head(0)
-    return {
-        f: _split(
-            docs,
-            index,
-            parts.get(f, empty),
-            f,
-            n_evidence,
-            n_holdout,
-            seed,
-            embeddings,
-            hard_negative_fraction,
-            n_background,
-            n_quantiles,
-        )
-        for f in wanted
-    }
+    params = (n_evidence, n_holdout, seed, hard_negative_fraction, n_background, n_quantiles)
+    inputs = _inputs_digest(docs, index, embeddings, params)
+    out = {}
+    for f in wanted:
+        part = parts.get(f, empty)
+        key = _split_key(inputs, f, part)
+        with _SPLIT_CACHE_LOCK:
+            known = _SPLIT_CACHE.get(key)
+        if known is None:
+            known = _split(docs, index, part, f, n_evidence, n_holdout, seed, embeddings, *params[3:])
+            with _SPLIT_CACHE_LOCK:
+                _SPLIT_CACHE[key] = known
+                while len(_SPLIT_CACHE) > _SPLIT_CACHE_SIZE:
+                    _SPLIT_CACHE.pop(next(iter(_SPLIT_CACHE)))
+        out[f] = known
+    return out
+
+
+# Splits computed in this process, by everything they read: labeling then scoring the same features (the
+# main job, a notebook) splits each feature once.
+_SPLIT_CACHE: dict[str, EvidenceSplit] = {}
+_SPLIT_CACHE_LOCK = threading.Lock()
+_SPLIT_CACHE_SIZE = 1_000  # a split holds up to n_background ids: at most tens of MB
+
+
+def _inputs_digest(
+    docs: pl.DataFrame, index: ContentIndex, embeddings: np.ndarray | None, params: tuple
+) -> bytes:
+    """What every feature's split reads besides its own activations: the documents, their content groups
+    and keys, the embeddings and the settings."""
+    h = hashlib.blake2b(json.dumps(params).encode(), digest_size=16)
+    keys = index.keys.tocsr()
+    for part in (index.group, index.boilerplate, keys.indptr, keys.indices, np.asarray(keys.shape)):
+        h.update(np.ascontiguousarray(part).tobytes() + b"|")
+    h.update(docs["doc_id"].to_numpy().tobytes())
+    h.update("\n".join(docs["doc_hash"].to_list()).encode())
+    h.update("\x00".join(docs["text"].to_list()).encode())
+    if embeddings is not None:
+        h.update(str(embeddings.shape).encode() + np.ascontiguousarray(embeddings).tobytes())
+    return h.digest()
+
+
+def _split_key(inputs: bytes, feature: int, acts: pl.DataFrame) -> str:
+    """The cache key of one feature's split: the shared inputs and the feature's activations (as a set)."""
+    rows = acts.select(pl.col("doc_id").cast(pl.Int64), pl.col("activation").cast(pl.Float64)).sort(
+        "doc_id", "activation"
+    )
+    h = hashlib.blake2b(inputs + int(feature).to_bytes(8, "little", signed=True), digest_size=16)
+    h.update(rows["doc_id"].to_numpy().tobytes())
+    h.update(rows["activation"].to_numpy().tobytes())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -239,3 +239,34 @@ def test_positives_in_several_groups_reach_both_sides() -> None:
         assert split.evidence_positive and split.heldout_positive
         groups = {texts[d] for d in split.evidence_positive} & {texts[d] for d in split.heldout_positive}
         assert not groups  # still whole groups on each side
+
+
+def test_a_feature_split_again_on_the_same_inputs_is_served_from_memory() -> None:
+    """Labeling then scoring split the same features: the second call reuses each split, and any change in
+    what a split reads (the feature's activations, a setting, the content groups) splits it again."""
+    texts = [
+        f"Document {i} about {'rivers' if i % 3 == 0 else 'mountains'} and more words." for i in range(90)
+    ]
+    docs = pl.DataFrame({"doc_id": pl.Series(range(len(texts)), dtype=pl.Int32), "text": texts}).with_columns(
+        pl.col("text").map_elements(text_hash, return_dtype=pl.String).alias("doc_hash")
+    )
+    rules = {0: r"\brivers\b", 1: r"\bmountains\b"}
+    acts = word_activations(texts, rules)
+    first = split_features(acts, docs, list(rules), n_evidence=4, n_holdout=8)
+    again = split_features(acts.reverse(), docs, list(rules), n_evidence=4, n_holdout=8)  # row order: a set
+    assert all(again[f] is first[f] for f in rules)
+    changed = acts.with_columns(
+        pl.when(pl.col("feature") == 1)
+        .then(pl.col("activation") * 2)
+        .otherwise("activation")
+        .alias("activation")
+    )
+    moved = split_features(changed, docs, list(rules), n_evidence=4, n_holdout=8)
+    assert moved[0] is first[0] and moved[1] is not first[1]
+    assert split_features(acts, docs, [0], n_evidence=5, n_holdout=8)[0] is not first[0]
+    paired_groups = ContentIndex(
+        np.arange(len(texts)) // 2, content_index(texts).keys, content_index(texts).boilerplate
+    )
+    assert (
+        split_features(acts, docs, [0], n_evidence=4, n_holdout=8, content=paired_groups)[0] is not first[0]
+    )
