@@ -10,19 +10,27 @@ repeated N times, each into its own empty folder; the JSON's "cold" and "unchang
 median wall time, and "repeats" lists every run's wall time with the machine's matrix-multiply speed just
 before it (`cpu_gflops`: shared VMs run at different speeds from hour to hour).
 
-    python benchmarks/main_job.py [--repeats 3]
+With `--baseline REV` every pair of runs is preceded by the same pair on git revision REV (checked out in
+a temporary worktree, run with this venv): an interleaved comparison on the same machine at the same
+time, which a shared VM's drift between sessions does not blur. The JSON then has "baseline" (REV, its
+median runs and every run's wall time) beside the current tree's.
+
+    python benchmarks/main_job.py [--repeats 3] [--baseline REV]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,12 +50,13 @@ STEP_RE = re.compile(r'Finished execution of step "([^"]+)" in ([0-9.]+)(ms|s|m)
 LABEL_STEPS = ("feature_labels", "feature_scores")
 
 
-def run_once(data_dir: Path) -> dict:
-    """Run the main job into `data_dir`; wall time, per-step seconds (summed over partitions), metadata."""
+def run_once(data_dir: Path, root: Path = ROOT) -> dict:
+    """Run the main job of the tree at `root` into `data_dir`; wall time, per-step seconds (summed over
+    partitions), metadata."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", INTERP_DATA_DIR=str(data_dir))
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "run_main_job.py"), "--data-dir", str(data_dir)],
+        [sys.executable, str(root / "scripts" / "run_main_job.py"), "--data-dir", str(data_dir)],
         env=env,
         capture_output=True,
         text=True,
@@ -96,27 +105,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--repeats", type=int, default=1, help="pairs of runs, each into an empty folder")
+    ap.add_argument("--baseline", help="a git revision whose pair of runs precedes each of this tree's")
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1; got {args.repeats}")
-    pairs = []
-    for repeat in range(args.repeats):
-        pair = {}
-        with tempfile.TemporaryDirectory(prefix="main_job_") as tmp:
-            data_dir = Path(tmp) / "data"
-            for phase in ("cold", "unchanged"):
-                gflops = cpu_gflops()
-                since = time.time()
-                run = run_once(data_dir)
-                run |= run_metadata(data_dir, since)
-                run["labels_scores_s"] = round(sum(run["steps_s"].get(s, 0.0) for s in LABEL_STEPS), 1)
-                run["labels_scores_share"] = round(run["labels_scores_s"] / run["wall_s"], 3)
-                run["cpu_gflops"] = gflops
-                pair[phase] = run
-                print(
-                    f"{repeat + 1}/{args.repeats} {phase}: {run['wall_s']} s ({gflops} GFLOP/s)", flush=True
+    with contextlib.ExitStack() as stack:
+        trees = {"current": ROOT}
+        if args.baseline:
+            trees = {"baseline": stack.enter_context(_worktree(args.baseline))} | trees
+        pairs: dict[str, list[dict]] = {name: [] for name in trees}
+        for repeat in range(args.repeats):
+            for name, root in trees.items():
+                pairs[name].append(
+                    _pair(root, f"{repeat + 1}/{args.repeats}{' ' + name if args.baseline else ''}")
                 )
-        pairs.append(pair)
+    baseline = None
+    if args.baseline:
+        old = {phase: _median_run([p[phase] for p in pairs["baseline"]]) for phase in ("cold", "unchanged")}
+        baseline = {"rev": args.baseline, "commit": _commit(args.baseline)} | old
+        baseline["repeats"] = _repeats(pairs["baseline"])
+    pairs = pairs["current"]
     results = {phase: _median_run([p[phase] for p in pairs]) for phase in ("cold", "unchanged")}
     rows = [
         {"phase": phase, **{k: v for k, v in run.items() if k != "steps_s"}} for phase, run in results.items()
@@ -138,22 +146,74 @@ def main() -> None:
     )
     slowest = sorted(results["cold"]["steps_s"].items(), key=lambda kv: -kv[1])[:8]
     print("\nSlowest steps (cold, seconds over partitions): " + ", ".join(f"{k} {v:.1f}" for k, v in slowest))
-    repeats = [
-        {f"{phase}_wall_s": p[phase]["wall_s"] for phase in p}
-        | {f"{phase}_cpu_gflops": p[phase]["cpu_gflops"] for phase in p}
-        for p in pairs
-    ]
+    repeats = _repeats(pairs)
     if len(pairs) > 1:
         print(
             "Every run: "
             + "; ".join(f"cold {r['cold_wall_s']} s, unchanged {r['unchanged_wall_s']} s" for r in repeats)
         )
+    if baseline is not None:
+        print(
+            f"Baseline {args.baseline} (interleaved, median): cold {baseline['cold']['wall_s']} s, unchanged "
+            f"{baseline['unchanged']['wall_s']} s; this tree: cold {results['cold']['wall_s']} s, unchanged "
+            f"{results['unchanged']['wall_s']} s"
+        )
     write_results(
         results
         | {"repeats": repeats}
+        | ({"baseline": baseline} if baseline is not None else {})
         | {"load_avg": load_average(), "cpus": os.cpu_count(), "cpu": cpu_model(), "git": git_state()},
         args.out,
     )
+
+
+def _pair(root: Path, tag: str) -> dict:
+    """A cold run into an empty folder, then an unchanged one, of the tree at `root`."""
+    pair = {}
+    with tempfile.TemporaryDirectory(prefix="main_job_") as tmp:
+        data_dir = Path(tmp) / "data"
+        for phase in ("cold", "unchanged"):
+            gflops = cpu_gflops()
+            since = time.time()
+            run = run_once(data_dir, root)
+            run |= run_metadata(data_dir, since)
+            run["labels_scores_s"] = round(sum(run["steps_s"].get(s, 0.0) for s in LABEL_STEPS), 1)
+            run["labels_scores_share"] = round(run["labels_scores_s"] / run["wall_s"], 3)
+            run["cpu_gflops"] = gflops
+            pair[phase] = run
+            print(f"{tag} {phase}: {run['wall_s']} s ({gflops} GFLOP/s)", flush=True)
+    return pair
+
+
+def _repeats(pairs: list[dict]) -> list[dict]:
+    return [
+        {f"{phase}_wall_s": p[phase]["wall_s"] for phase in p}
+        | {f"{phase}_cpu_gflops": p[phase]["cpu_gflops"] for phase in p}
+        for p in pairs
+    ]
+
+
+def _commit(rev: str) -> str:
+    return subprocess.run(
+        ["git", "rev-parse", rev], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+@contextlib.contextmanager
+def _worktree(rev: str) -> Iterator[Path]:
+    """A temporary detached git worktree of `rev` (removed afterwards)."""
+    tmp = Path(tempfile.mkdtemp(prefix="main_job_baseline_"))
+    tree = tmp / "tree"
+    made = subprocess.run(
+        ["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        raise SystemExit(f"--baseline {rev}: git could not check it out: {made.stderr.strip()}")
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _median_run(runs: list[dict]) -> dict:
