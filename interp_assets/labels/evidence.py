@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -393,23 +393,38 @@ def _hard_negatives(
     return pool[np.argsort(-sims, kind="stable")[:n]]
 
 
-_INDEX_CACHE: dict[str, ContentIndex] = {}
-_INDEX_CACHE_LOCK = threading.Lock()
+class _Memo:
+    """What this process computed, by key, up to `size` entries (the oldest dropped first); safe across
+    threads, and a value is computed outside the lock (two threads may compute the same one)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: dict[str, Any] = {}
+        self.lock = threading.Lock()
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        with self.lock:
+            if key in self.items:
+                return self.items[key]
+        value = compute()
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.pop(next(iter(self.items)))
+        return value
+
+
+_INDEX_CACHE = _Memo(2)
+# Splits by everything they read: labeling then scoring the same features (the main job, a notebook)
+# splits each feature once. A split holds up to n_background ids: 1,000 of them are at most tens of MB.
+_SPLIT_CACHE = _Memo(1_000)
 
 
 def _content_index(docs: pl.DataFrame) -> ContentIndex:
     """`content_index` of the prepared documents, reused while the same texts (by doc_hash, in order)
     are split again in this process (labeling then scoring, a notebook's per-feature calls)."""
     key = hashlib.blake2b("\n".join(docs["doc_hash"].to_list()).encode(), digest_size=16).hexdigest()
-    with _INDEX_CACHE_LOCK:
-        if key in _INDEX_CACHE:
-            return _INDEX_CACHE[key]
-    index = content_index(docs["text"])
-    with _INDEX_CACHE_LOCK:
-        if len(_INDEX_CACHE) >= 2:
-            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
-        _INDEX_CACHE[key] = index
-    return index
+    return _INDEX_CACHE.get(key, lambda: content_index(docs["text"]))
 
 
 def split_features(
@@ -453,24 +468,13 @@ def split_features(
     out = {}
     for f in wanted:
         part = parts.get(f, empty)
-        key = _split_key(inputs, f, part)
-        with _SPLIT_CACHE_LOCK:
-            known = _SPLIT_CACHE.get(key)
-        if known is None:
-            known = _split(docs, index, part, f, n_evidence, n_holdout, seed, embeddings, *params[3:])
-            with _SPLIT_CACHE_LOCK:
-                _SPLIT_CACHE[key] = known
-                while len(_SPLIT_CACHE) > _SPLIT_CACHE_SIZE:
-                    _SPLIT_CACHE.pop(next(iter(_SPLIT_CACHE)))
-        out[f] = known
+        out[f] = _SPLIT_CACHE.get(
+            _split_key(inputs, f, part),
+            lambda f=f, part=part: _split(
+                docs, index, part, f, n_evidence, n_holdout, seed, embeddings, *params[3:]
+            ),
+        )
     return out
-
-
-# Splits computed in this process, by everything they read: labeling then scoring the same features (the
-# main job, a notebook) splits each feature once.
-_SPLIT_CACHE: dict[str, EvidenceSplit] = {}
-_SPLIT_CACHE_LOCK = threading.Lock()
-_SPLIT_CACHE_SIZE = 1_000  # a split holds up to n_background ids: at most tens of MB
 
 
 def _inputs_digest(

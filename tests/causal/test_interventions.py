@@ -247,9 +247,8 @@ def test_edited_passes_replay_the_blocks_before_the_edit_and_give_the_same_recor
         handle.remove()
         del sae.encode
     n_batches = len(budget_batches(setup["mask"], 120))
-    assert n_batches > 1 and full_calls["block 0"] == n_batches * (
-        1 + 1 + 5 + 1
-    )  # + target, controls, placebo
+    # without replay every pass computes the block before the edit: unedited, target, controls, placebo
+    assert n_batches > 1 and full_calls["block 0"] == n_batches * (1 + 1 + 5 + 1)
     assert calls["block 0"] == n_batches  # only the unedited pass computes the block before the edit
     # the SAE encodes each batch's site twice (which features fire; the edited features' activations), not
     # once more per edited pass (the placebo edits nothing)
