@@ -8,6 +8,7 @@ what a developer has there. Tests that need a data folder of their own still pas
 import atexit
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import uuid
@@ -20,6 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/s3_server.py
 _DATA_DIR = tempfile.mkdtemp(prefix="interp_tests_")
 os.environ["INTERP_DATA_DIR"] = _DATA_DIR
 atexit.register(shutil.rmtree, _DATA_DIR, ignore_errors=True)
+
+# A shell starts a background job (`make test &`, a CI step run with `&`) with SIGINT ignored. Around every
+# in-process run on the main thread Dagster maps SIGTERM to SIGINT's handler, and afterwards leaves SIGTERM
+# ignored too; a run on another thread (several tests run one there) then starts its compute-log `tail`
+# processes ignoring SIGTERM, and Dagster waits 30 s for each to end. Ctrl-C semantics for the tests.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")
