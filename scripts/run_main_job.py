@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -22,6 +23,8 @@ from typing import Any, TextIO
 ROOT = Path(__file__).resolve().parents[1]
 LOG_NAME = "main_job.log"  # under <data_dir>/logs/, rewritten by every run
 TOP_TOKEN, TOP_DOCUMENT, TOP_CRITERIA = 5, 2, 3  # summary rows: keeps the demo's output under 40 lines
+INTERRUPTED_EXIT = 130  # what a shell reports for a command stopped by Ctrl-C
+RESUME_HINT = "What was saved is intact: run the same command again to go on (finished steps are reused)."
 
 
 @contextlib.contextmanager
@@ -101,7 +104,11 @@ class StepTable:
                     ", ".join(notes),
                 )
             )
+        stopped = interrupted(result)
         for event in result.get_step_failure_events():
+            if _interrupted_step(event):
+                out.append(self.line(event.step_key, partition, None, None, "INTERRUPTED"))
+                continue
             error = event.step_failure_data.error
             while error is not None and error.cause is not None:  # Dagster's wrapper -> the asset's error
                 error = error.cause
@@ -111,8 +118,34 @@ class StepTable:
         started = {e.step_key for e in result.all_events if e.is_step_start}
         for node in result.job_def.graph.nodes_in_topological_order:
             if node.name not in started:
-                out.append(self.line(node.name, partition, None, None, "not run: an upstream step failed"))
+                why = "the run was interrupted" if stopped else "an upstream step failed"
+                out.append(self.line(node.name, partition, None, None, f"not run: {why}"))
         return out
+
+
+def interrupted(result: Any) -> bool:
+    """True when a run stopped because the process was told to stop (Ctrl-C, SIGTERM): Dagster then fails
+    the running step as interrupted, or the run itself as terminated unexpectedly."""
+    if any(_interrupted_step(event) for event in result.get_step_failure_events()):
+        return True
+    return any(
+        event.is_run_failure
+        and getattr(getattr(event.event_specific_data, "failure_reason", None), "name", None)
+        == "UNEXPECTED_TERMINATION"
+        for event in result.all_events
+    )
+
+
+def _interrupted_step(event: Any) -> bool:
+    # compared by name: Dagster's ErrorSource and RunFailureReason enums are not public API
+    return getattr(event.step_failure_data.error_source, "name", None) == "INTERRUPT"
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (`kill`, a service manager's stop) stop the script as Ctrl-C does. Dagster maps SIGTERM
+    to SIGINT's handler around each run and leaves that mapping after it; in a background job SIGINT's
+    handler is 'ignore', which would leave the script deaf to SIGTERM between runs."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def summary_lines(db: str, keys: list[str], criteria_of: str | None, query: Callable[..., Any]) -> list[str]:
@@ -246,8 +279,13 @@ def run(args: argparse.Namespace, say: Callable[[str], None], log_path: Path | N
             result = job.execute_in_process(
                 partition_key=partition, instance=instance, raise_on_error=False, tags=tags
             )
+            stop_on_sigterm()
             for line in steps.lines(result, partition):
                 say(line)
+            if interrupted(result):
+                say(f"Interrupted: {job_name} [{partition}] was stopped; the jobs after it were not started.")
+                say(RESUME_HINT)
+                return INTERRUPTED_EXIT
             if not result.success:
                 failed.append(f"{job_name} [{partition}]")
 
@@ -311,8 +349,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if log_path is not None:
             say(f"Running the demo's jobs; Dagster's events, warnings and progress go to {log_path}")
+        stop_on_sigterm()
         try:
             return run(args, say, log_path)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a run (between runs, refreshing the views)
+            say(f"Interrupted. {RESUME_HINT}")
+            return INTERRUPTED_EXIT
         except Exception as exc:  # the traceback is in the log; the console gets what and where
             traceback.print_exc()
             say(f"Failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}")

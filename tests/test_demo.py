@@ -68,6 +68,60 @@ def test_one_line_per_step_with_partition_seconds_rows_or_the_error() -> None:
     assert table.header().index("seconds") == lines[0].index("sst2") + len("a_long_partition_name") + 1
 
 
+@asset(partitions_def=parts, deps=[documents])
+def stopped() -> None:
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the step runs (Dagster's handler is in place)
+    threading.Event().wait(30)  # the interruption is raised here, long before
+
+
+def test_an_interrupted_run_is_told_apart_from_a_failed_one() -> None:
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("demo_parts", ["sst2"])
+    kinds = {}
+    for name, selection in (("interrupted", [documents, stopped]), ("failed", [documents, broken])):
+        result = materialize(selection, partition_key="sst2", instance=instance, raise_on_error=False)
+        kinds[name] = run_main_job.interrupted(result)
+        lines = run_main_job.StepTable(["sst2"]).lines(result, "sst2")
+        if name == "interrupted":
+            assert re.fullmatch(r"stopped +sst2 +INTERRUPTED", lines[-1]), lines
+    assert kinds == {"interrupted": True, "failed": False}
+
+
+def test_sigterm_stops_the_demo_within_seconds_and_starts_no_later_job(tmp_path: Path) -> None:
+    """`kill` (SIGTERM) during the first job, with SIGINT ignored as in a background job: the script stops
+    within seconds, says so, and starts no later job (before, only the running step failed and every
+    later job ran on, failing for want of its input)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("INTERP_DATA_DIR", None)
+    env.pop("DAGSTER_HOME", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "run_main_job.py"), "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # what `command &` does
+    )
+    lines = []
+    try:
+        for line in proc.stdout:  # the step table's header: the jobs start now
+            lines.append(line.rstrip("\n"))
+            if line.startswith("step "):
+                break
+        threading.Event().wait(2)
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines += rest.splitlines()
+    assert proc.returncode == run_main_job.INTERRUPTED_EXIT, "\n".join(lines) + err
+    assert any(line.startswith("Interrupted") for line in lines), lines
+    assert lines[-1] == run_main_job.RESUME_HINT or lines[-1].endswith(run_main_job.RESUME_HINT), lines
+    assert not any(line.startswith(("feature_labels", "document_sae")) for line in lines), lines
+
+
 def _warehouse(tmp_path: Path) -> str:
     base, key = str(tmp_path / "parquet"), "a__vs__b"
     report = {"comparison": key, "significant_a": 1, "significant_b": 2}
