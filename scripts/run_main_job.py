@@ -104,9 +104,11 @@ class StepTable:
                     ", ".join(notes),
                 )
             )
+        from interp_assets.defs.run_recovery import step_was_interrupted
+
         stopped = interrupted(result)
         for event in result.get_step_failure_events():
-            if _interrupted_step(event):
+            if step_was_interrupted(event):
                 out.append(self.line(event.step_key, partition, None, None, "INTERRUPTED"))
                 continue
             error = event.step_failure_data.error
@@ -124,21 +126,10 @@ class StepTable:
 
 
 def interrupted(result: Any) -> bool:
-    """True when a run stopped because the process was told to stop (Ctrl-C, SIGTERM): Dagster then fails
-    the running step as interrupted, or the run itself as terminated unexpectedly."""
-    if any(_interrupted_step(event) for event in result.get_step_failure_events()):
-        return True
-    return any(
-        event.is_run_failure
-        and getattr(getattr(event.event_specific_data, "failure_reason", None), "name", None)
-        == "UNEXPECTED_TERMINATION"
-        for event in result.all_events
-    )
+    """True when the run stopped because the process was told to stop (Ctrl-C, SIGTERM)."""
+    from interp_assets.defs.run_recovery import run_was_interrupted
 
-
-def _interrupted_step(event: Any) -> bool:
-    # compared by name: Dagster's ErrorSource and RunFailureReason enums are not public API
-    return getattr(event.step_failure_data.error_source, "name", None) == "INTERRUPT"
+    return run_was_interrupted(result)
 
 
 def stop_on_sigterm() -> None:

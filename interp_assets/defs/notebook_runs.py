@@ -16,7 +16,7 @@ from dagster import DagsterInstance, materialize
 
 from interp_assets.defs.assets import ALL_ASSETS
 from interp_assets.defs.partitions import datasets_partitions
-from interp_assets.defs.run_recovery import local_run_tags, recover_dead_local_runs
+from interp_assets.defs.run_recovery import local_run_tags, recover_dead_local_runs, run_was_interrupted
 from interp_assets.storage.parquet import write_parquet_atomic
 from interp_assets.storage.paths import check_storage_key
 from resources.local import local_resources
@@ -37,7 +37,8 @@ def materialize_frame(
     """Store `frame` as dataset `name`'s drop and materialize its documents and features.
 
     Uses the Dagster instance of `DAGSTER_HOME` when set (the runs show in the UI), else an ephemeral
-    one. Raises RuntimeError naming the failed step and its error when a step fails.
+    one. Raises RuntimeError naming the failed step and its error when a step fails, KeyboardInterrupt when
+    the run was interrupted (a kernel interrupt, Ctrl-C).
     """
     check_storage_key(name, "dataset name")
     data = Path(data_dir)
@@ -60,6 +61,11 @@ def materialize_frame(
         raise_on_error=False,
         tags=local_run_tags(),
     )
+    if run_was_interrupted(result):  # a kernel interrupt stops the call, as it does any other cell
+        raise KeyboardInterrupt(
+            f"Dataset {name!r} from a DataFrame: interrupted; what was saved is kept, and calling "
+            "from_frame again goes on from there."
+        )
     if not result.success:
         failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
         detail = (

@@ -175,3 +175,23 @@ class LocalProcessRunLauncher(DefaultRunLauncher):
     @classmethod
     def from_config_value(cls, inst_data: Any, config_value: Any) -> LocalProcessRunLauncher:
         return cls(inst_data=inst_data)
+
+
+def step_was_interrupted(event: Any) -> bool:
+    """True for a step failure caused by the process being told to stop (Ctrl-C, SIGTERM, a kernel
+    interrupt) rather than by an error."""
+    # compared by name: Dagster's ErrorSource enum is not public API
+    return getattr(event.step_failure_data.error_source, "name", None) == "INTERRUPT"
+
+
+def run_was_interrupted(result: Any) -> bool:
+    """True when an in-process run (`execute_in_process`, `materialize`) stopped because the process was
+    told to stop: Dagster fails the running step as interrupted, or the run as terminated unexpectedly."""
+    if any(step_was_interrupted(event) for event in result.get_step_failure_events()):
+        return True
+    return any(
+        event.is_run_failure
+        and getattr(getattr(event.event_specific_data, "failure_reason", None), "name", None)
+        == "UNEXPECTED_TERMINATION"
+        for event in result.all_events
+    )

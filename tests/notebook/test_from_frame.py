@@ -1,6 +1,8 @@
 """Dataset.from_frame: a DataFrame goes through the same assets, cache and storage as a dropped file."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,21 @@ def test_a_pandas_frame_with_the_same_texts_is_the_same_dataset(tmp_path: Path) 
     assert second.name == first.name
     assert sorted((tmp_path / "cache" / "activations").rglob("*.acts.parquet")) == chunks  # nothing encoded
     np.testing.assert_array_equal(second.latents().toarray(), first.latents().toarray())
+
+
+class _InterruptedReader(SAEReaderResource):
+    """The reader of a user who interrupts the kernel as the encoding step starts."""
+
+    def get_identity(self):
+        os.kill(os.getpid(), signal.SIGINT)  # Dagster's handler turns it into the step's interruption
+        return super().get_identity()
+
+
+def test_an_interrupted_frame_stops_the_call_and_calling_again_goes_on(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt, match="interrupted; what was saved is kept"):
+        Dataset.from_frame(_frame(), text="body", data_dir=str(tmp_path), reader=_InterruptedReader())
+    ds = Dataset.from_frame(_frame(), text="body", data_dir=str(tmp_path), reader=SAEReaderResource())
+    assert len(ds) == 10 and ds.latents().shape == (10, 4096)
 
 
 def test_bad_frames_are_clear_errors(tmp_path: Path) -> None:
