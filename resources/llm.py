@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -256,8 +256,17 @@ class LLMResource(dg.ConfigurableResource):
                 return exc
 
         workers = max(1, min(self.max_concurrency, len(requests)))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llm") as pool:
-            return list(pool.map(one, requests))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llm")
+        try:
+            futures = [pool.submit(one, messages) for messages in requests]
+            pending = set(futures)
+            while pending:  # short waits: a signal delivered to a worker thread (Ctrl-C, a stopped run)
+                _, pending = wait(pending, timeout=0.25)  # is acted on only when this thread runs again
+            return [future.result() for future in futures]
+        finally:
+            # An interrupt (Ctrl-C, a stopped run) neither waits for nor pays for the requests still queued:
+            # they are cancelled, and the at most `workers` in flight end on their own (within timeout_s).
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _short(text: str, limit: int = 300) -> str:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -162,6 +165,23 @@ def test_map_chat_bounds_concurrency(server: FakeLLMServer) -> None:
     results = resource(server, max_concurrency=3).map_chat([HELLO] * 9)
     assert results == ["slow"] * 9
     assert server.max_in_flight == 3
+
+
+def test_an_interrupt_returns_at_once_and_sends_nothing_more(server: FakeLLMServer) -> None:
+    """Ctrl-C (or a stopped run) while two slow requests are in flight and 18 are queued: the call stops
+    without waiting for the two (up to timeout_s each, with retries) and the queued ones are never sent.
+    Before, this call returned after 25.8 s: the wait for a result never saw a signal delivered to a worker
+    thread, and leaving the pool waited for the requests in flight."""
+    server.enqueue(*[Delay(5.0, Answer("slow"))] * 20)
+    llm = resource(server, max_concurrency=2)
+    ctrl_c = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    ctrl_c.start()
+    with pytest.raises(KeyboardInterrupt):
+        llm.map_chat([HELLO] * 20)
+    assert time.monotonic() - started < 3.0  # 0.3 s to the interrupt; the requests in flight take 5 s
+    threading.Event().wait(1.0)  # a queued request, were any still to be sent, would have been by now
+    assert len(server.requests) <= 2
 
 
 def test_api_key_never_in_logs_reprs_or_errors(
