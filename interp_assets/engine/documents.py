@@ -25,7 +25,9 @@ gets a feature that fires in its documents and few others.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -170,11 +172,13 @@ class DocumentSAEConfig:
     members: int = DEFAULT_MEMBERS
 
 
-def train_document_sae(embeddings: np.ndarray, config: DocumentSAEConfig) -> tuple[Any, dict[str, Any]]:
+def train_document_sae(
+    embeddings: np.ndarray, config: DocumentSAEConfig, stop: threading.Event | None = None
+) -> tuple[Any, dict[str, Any]]:
     """Train a TopK SAE on document embeddings (`[n, d]`); returns `(sae, report)`.
 
     The report holds the size used, samples seen, fraction of variance explained, mean L0 and the dead
-    feature fraction on the training documents.
+    feature fraction on the training documents. Setting `stop` ends the training early (TrainingStopped).
     """
     import torch
 
@@ -202,6 +206,7 @@ def train_document_sae(embeddings: np.ndarray, config: DocumentSAEConfig) -> tup
         seed=config.seed,
         metadata={"hook_name": "document_embedding", "model_name": "document_embeddings"},
         dead_feature_samples=max(10 * batch, 5 * n),
+        stop=stop,
     )
     quality = evaluate_sae(sae, acts)
     report = {
@@ -230,7 +235,7 @@ def train_document_saes(
         raise ValueError(f"A document SAE ensemble needs members >= 1; got members={config.members}.")
     trained = _train_in_parallel(
         [
-            lambda i=i: train_document_sae(embeddings, replace(config, seed=config.seed + i))
+            lambda stop, i=i: train_document_sae(embeddings, replace(config, seed=config.seed + i), stop)
             for i in range(config.members)
         ]
     )
@@ -253,24 +258,34 @@ def train_document_saes(
     return saes, report
 
 
-def _train_in_parallel(jobs: list[Callable[[], Any]]) -> list[Any]:
+def _train_in_parallel(jobs: list[Callable[[threading.Event], Any]]) -> list[Any]:
     """Run independent SAE trainings, one per CPU thread torch may use, each on one thread, in order of
     `jobs`. A small SAE's step is mostly per-operation overhead, which more threads per step do not
     reduce, while steps of different SAEs overlap. Each SAE starts from its own seed, so the results
-    match training one after another (on our CPU build the same weights bit for bit, one thread or two)."""
+    match training one after another (on our CPU build the same weights bit for bit, one thread or two).
+
+    Each job gets a stop event. An interrupt (Ctrl-C, a stopped run) sets it, so the trainings still
+    running end within one step, and is raised again."""
     import torch
 
+    stop = threading.Event()
     workers = min(len(jobs), torch.get_num_threads())
     if workers <= 1:
-        return [job() for job in jobs]
-    from concurrent.futures import ThreadPoolExecutor
-
+        return [job(stop) for job in jobs]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="document-sae")
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="document-sae") as pool:
-            return list(pool.map(lambda job: job(), jobs))
+        futures = [pool.submit(job, stop) for job in jobs]
+        pending = set(futures)
+        while pending:  # short waits: a signal delivered to a worker thread is acted on only when this
+            _, pending = wait(pending, timeout=0.25)  # thread runs again
+        return [future.result() for future in futures]
+    except BaseException:
+        stop.set()
+        raise
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # the running ones end within a step of `stop`
         torch.set_num_threads(threads)
 
 

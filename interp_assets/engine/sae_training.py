@@ -23,8 +23,15 @@ os.environ.setdefault("WANDB_SILENT", "true")
 _INIT_LOCK = threading.Lock()
 
 
-def shuffled_batches(acts: Any, batch_size: int, seed: int) -> Iterator[Any]:
-    """Endless iterator of `[batch_size, d]` batches: a fresh seeded permutation of `acts` every epoch."""
+class TrainingStopped(Exception):
+    """Training was stopped from outside (its `stop` event was set) before it finished."""
+
+
+def shuffled_batches(
+    acts: Any, batch_size: int, seed: int, stop: threading.Event | None = None
+) -> Iterator[Any]:
+    """Endless iterator of `[batch_size, d]` batches: a fresh seeded permutation of `acts` every epoch.
+    Raises TrainingStopped at the next batch once `stop` is set."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -32,6 +39,8 @@ def shuffled_batches(acts: Any, batch_size: int, seed: int) -> Iterator[Any]:
     while True:
         perm = torch.randperm(n, generator=generator)
         for start in range(0, n - batch_size + 1, batch_size):
+            if stop is not None and stop.is_set():
+                raise TrainingStopped("SAE training was stopped before it finished.")
             yield acts[perm[start : start + batch_size]]
 
 
@@ -46,11 +55,13 @@ def train_topk_sae(
     seed: int,
     metadata: dict[str, Any],
     dead_feature_samples: int = 200_000,
+    stop: threading.Event | None = None,
 ) -> tuple[Any, int]:
     """Train a `TopKTrainingSAE` on `acts` (`[n, d_in]` float32) with SAELens's `SAETrainer`.
 
     Returns `(sae, samples_seen)`. A latent counts as dead after about `dead_feature_samples` inputs
-    without firing; the TopK auxiliary loss then revives it.
+    without firing; the TopK auxiliary loss then revives it. Setting `stop` ends the training within one
+    step, raising TrainingStopped.
     """
     import torch
     from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
@@ -96,7 +107,8 @@ def train_topk_sae(
         feature_sampling_window=max(10, steps_per_epoch),
         logger=LoggingConfig(log_to_wandb=False),
     )
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=shuffled_batches(acts, batch_size, seed))
+    batches = shuffled_batches(acts, batch_size, seed, stop)
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches)
 
     # Set the norm scaling factor from all the data instead of letting fit() draw
     # n_batches_for_norm_estimate (default 1000) batches from the training iterator.

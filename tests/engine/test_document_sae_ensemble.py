@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,24 @@ def _clustered_embeddings(n: int = 240, dim: int = 16, seed: int = 0) -> np.ndar
 
 
 CONFIG = DocumentSAEConfig(d_sae=16, k=2, steps=60, batch_size=32, members=3, seed=5)
+
+
+def test_an_interrupt_stops_every_member_within_a_step() -> None:
+    """Ctrl-C (or a stopped run) half a second into training three members of 20,000 steps each (over a
+    minute each): the call raises at once, the members still training stop at their next step, and torch
+    gets its thread count back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    long = DocumentSAEConfig(d_sae=16, k=2, steps=20_000, max_epochs=100_000, batch_size=32, members=3)
+    ctrl_c = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    ctrl_c.start()
+    with pytest.raises(KeyboardInterrupt):
+        train_document_saes(_clustered_embeddings(), long)
+    assert time.monotonic() - started < 10.0
+    assert not [t for t in threading.enumerate() if t.name.startswith("document-sae")]
+    assert torch.get_num_threads() == threads
 
 
 def test_members_are_the_seeded_single_saes_and_share_one_numbering(tmp_path: Path) -> None:
