@@ -11,7 +11,8 @@ Where things live (each package's docstring says what it owns and what it may im
   table's documented columns.
 - `defs/`: everything that imports Dagster: assets, asset checks, sensors, jobs, partitions.
 - `ingest.py` (drops -> documents), `comparisons.py` (declared comparisons, dataset settings),
-  `warehouse.py` (DuckDB views), `notebook.py` (the notebook API), `scale.py` (the sizing model).
+  `warehouse.py` (DuckDB views), `notebook.py` (the notebook API), `scale.py` (the sizing model),
+  `threads.py` (waiting on other threads without going deaf to Ctrl-C).
 
 Only `defs/` imports Dagster, `resources/` or `io_managers/`; `tests/test_layout.py` checks it.
 """

@@ -16,12 +16,14 @@ import random
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
+
+from interp_assets.threads import results_when_done
 
 log = logging.getLogger(__name__)
 
@@ -258,11 +260,7 @@ class LLMResource(dg.ConfigurableResource):
         workers = max(1, min(self.max_concurrency, len(requests)))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llm")
         try:
-            futures = [pool.submit(one, messages) for messages in requests]
-            pending = set(futures)
-            while pending:  # short waits: a signal delivered to a worker thread (Ctrl-C, a stopped run)
-                _, pending = wait(pending, timeout=0.25)  # is acted on only when this thread runs again
-            return [future.result() for future in futures]
+            return results_when_done([pool.submit(one, messages) for messages in requests])
         finally:
             # An interrupt (Ctrl-C, a stopped run) neither waits for nor pays for the requests still queued:
             # they are cancelled, and the at most `workers` in flight end on their own (within timeout_s).

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,6 +36,7 @@ import numpy as np
 from interp_assets.engine.reader_model import EMBEDDED_READER, model_lock, shared_reader_model
 from interp_assets.storage.checksums import checksum_problem, file_record
 from interp_assets.storage.parquet import write_bytes_atomic
+from interp_assets.threads import results_when_done
 
 # bumped when training or encoding changes what document features hold (2: the optional lexical profile;
 # 3: an ensemble of seeded members)
@@ -276,11 +277,7 @@ def _train_in_parallel(jobs: list[Callable[[threading.Event], Any]]) -> list[Any
     torch.set_num_threads(1)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="document-sae")
     try:
-        futures = [pool.submit(job, stop) for job in jobs]
-        pending = set(futures)
-        while pending:  # short waits: a signal delivered to a worker thread is acted on only when this
-            _, pending = wait(pending, timeout=0.25)  # thread runs again
-        return [future.result() for future in futures]
+        return results_when_done([pool.submit(job, stop) for job in jobs])
     except BaseException:
         stop.set()
         raise
