@@ -91,9 +91,13 @@ class DocumentEmbeddingsConfig(Config):
     code_version="1",
     pool=MODEL_POOL,
     op_tags=MODEL_STEP_TAGS,
+    # after token_activations: for BERT readers (the embedded MiniLM) its forward pass carries on to the last
+    # layer and leaves the default embeddings in the cache, so the layers up to the SAE's hook run once
+    deps=["token_activations"],
     description="One embedding per document: the reader's hidden states at one layer, mean-pooled over the "
     "document's tokens and L2-normalized (for the embedded MiniLM: its sentence embedding). Cached by "
-    "content hash.",
+    "content hash; for BERT readers token_activations' forward pass makes the default ones (last layer, "
+    "normalized) on its way.",
 )
 def document_embeddings(
     context: AssetExecutionContext,

@@ -105,9 +105,12 @@ def read_token_activations(
     raw_documents: pl.LazyFrame,
     sae_reader: SAEReaderResource,
     storage: StorageResource,
+    embed_documents: bool = True,
 ):
     """token_activations' body: `sae_reader` reads the partition's documents into tables under
-    `storage.parquet_base` (an extra reader's own base, `interp_assets.defs.matching_assets`)."""
+    `storage.parquet_base` (an extra reader's own base, `interp_assets.defs.matching_assets`). With
+    `embed_documents`, the same pass makes their default document embeddings where the reader allows
+    (`encode_with_progress`)."""
     dataset = context.partition_key
     docs = raw_documents.select("doc_id", *reader_columns(raw_documents.collect_schema().names())).collect()
     identity = sae_reader.get_identity()  # the model itself loads only if a document needs encoding
@@ -135,7 +138,9 @@ def read_token_activations(
     }
     cache.verify_chunks(sorted(to_read))
     started = time.perf_counter()
-    stats = encode_with_progress(cache, sae_reader, docs, progress, on_start=start)
+    stats = encode_with_progress(
+        cache, sae_reader, docs, progress, on_start=start, embeddings_to=storage if embed_documents else None
+    )
     seconds = time.perf_counter() - started
     status = cache.activation_status(ids, dataset)
     version = hashlib.sha256(

@@ -165,7 +165,8 @@ def _token_activations_asset(reader: ExtraReader) -> AssetsDefinition:
     def _asset(context: AssetExecutionContext, raw_documents: pl.LazyFrame):
         sae_reader = _loaded_reader(context, reader.name)
         storage = reader_storage(context.resources.storage, reader.name)
-        yield from read_token_activations(context, raw_documents, sae_reader, storage)
+        # document_embeddings are the default reader's: this reader's pass does not make them
+        yield from read_token_activations(context, raw_documents, sae_reader, storage, embed_documents=False)
 
     return _asset
 

@@ -97,7 +97,7 @@ def encode_shard(
     )
     progress = Progress(f"{dataset} shard {shard['index']}: encoding", 0, context.log.info)
     started = time.perf_counter()
-    stats = encode_with_progress(cache, sae_reader, docs, progress)
+    stats = encode_with_progress(cache, sae_reader, docs, progress, embeddings_to=storage)
     return {
         "dataset": dataset,
         "index": shard["index"],

@@ -262,6 +262,39 @@ def _append_embedding_cache(folder: Path, new: pl.DataFrame, known: pl.DataFrame
             sums_path(part).unlink(missing_ok=True)
 
 
+def _embedding_cache_folder(
+    storage: StorageResource, model: str, layer: int | None, normalize: bool, dtype: str
+) -> Path:
+    """The embeddings cache's folder for one embedding setting."""
+    # "text-as-text": special-token strings in a text are tokenized as text (embeddings made before are stale)
+    settings = [model, layer, normalize, "text-as-text"] + ([] if dtype == "float32" else [dtype])
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
+    return storage.cache_dir / "embeddings" / key
+
+
+def store_document_embeddings(
+    storage: StorageResource, model: str, dtype: str, hashes: list[str], vectors: list[np.ndarray]
+) -> int:
+    """Add document embeddings of the default setting (last layer, normalized: DocumentEmbeddingsConfig's
+    defaults) that the cache lacks, by document hash, as `cached_document_embeddings` would have made
+    them; returns how many were added."""
+    folder = _embedding_cache_folder(storage, model, None, True, dtype)
+    known, parts = _read_embedding_cache(folder)
+    new = pl.DataFrame({"doc_hash": hashes, "embedding": vectors}, schema=EMBEDDING_SCHEMA)
+    new = new.unique("doc_hash", keep="first", maintain_order=True).join(
+        known.select("doc_hash"), on="doc_hash", how="anti"
+    )
+    if new.height:
+        _append_embedding_cache(folder, new, known, parts)
+    return new.height
+
+
+def embedded_document_hashes(storage: StorageResource, model: str, dtype: str) -> set[str]:
+    """The document hashes the embeddings cache holds in the default setting (`store_document_embeddings`)."""
+    known, _ = _read_embedding_cache(_embedding_cache_folder(storage, model, None, True, dtype))
+    return set(known["doc_hash"].to_list())
+
+
 def cached_document_embeddings(
     storage: StorageResource,
     docs: pl.DataFrame,
@@ -278,10 +311,7 @@ def cached_document_embeddings(
     Missing ones are computed on `device` (a reader setting: "auto" is resolved only when one is missing)."""
     from interp_assets.engine.documents import document_embeddings
 
-    # "text-as-text": special-token strings in a text are tokenized as text (embeddings made before are stale)
-    settings = [model, layer, normalize, "text-as-text"] + ([] if dtype == "float32" else [dtype])
-    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
-    folder = storage.cache_dir / "embeddings" / key
+    folder = _embedding_cache_folder(storage, model, layer, normalize, dtype)
     known, parts = _read_embedding_cache(folder, log)
     missing = (
         docs.select("doc_hash", "text")
@@ -351,13 +381,28 @@ def encode_with_progress(
     docs: pl.DataFrame,
     progress: Progress,
     on_start: Callable[[int], None] | None = None,
+    embeddings_to: StorageResource | None = None,
 ) -> Any:
     """`cache.encode_missing(docs)` with `sae_reader`'s reader (loaded only if a document needs encoding),
     reporting documents done to `progress` after every batch; `on_start(n)` hears how many need encoding.
-    Returns the `EncodeStats`."""
-    from interp_assets.engine.activations import encode_texts
+    Returns the `EncodeStats`.
+
+    With `embeddings_to`, when the reader's forward can carry on to the document embeddings
+    (`engine.activations.embeds_documents`: the embedded MiniLM and other BERT encoders) and some of `docs`
+    are not in that storage's embeddings cache yet, the encoding pass also makes their default document
+    embeddings and stores them there: document_embeddings then finds them made, and the blocks up to the
+    SAE's hook run once for both."""
+    from interp_assets.engine.activations import embeds_documents, encode_texts
+    from interp_assets.engine.documents import DOCUMENT_MAX_LENGTH
+
+    def embedding_length(reader: Any) -> int | None:
+        if embeddings_to is None or not embeds_documents(reader):
+            return None
+        known = embedded_document_hashes(embeddings_to, sae_reader.model, sae_reader.dtype)
+        return None if known.issuperset(docs["doc_hash"].to_list()) else DOCUMENT_MAX_LENGTH
 
     chunk_start = [0]  # documents done before the chunk in flight
+    limit: list[int | None] = []  # decided once, when the first chunk needs the reader
 
     def start(total: int) -> None:
         progress.total = total
@@ -369,8 +414,22 @@ def encode_with_progress(
         progress.update(done)
 
     def encode(texts: list[str]) -> Any:
+        reader = sae_reader.get_reader()
+        if not limit:
+            limit.append(embedding_length(reader))
         return encode_texts(
-            sae_reader.get_reader(), texts, on_batch=lambda n: progress.update(chunk_start[0] + n)
+            reader,
+            texts,
+            on_batch=lambda n: progress.update(chunk_start[0] + n),
+            document_embedding_max_length=limit[0],
         )
 
-    return cache.encode_missing(encode, docs, on_chunk=chunk_done, on_start=start)
+    def encoded(hashes: list[str], result: Any) -> None:
+        if result.document_embeddings and embeddings_to is not None:
+            rows = sorted(result.document_embeddings)
+            vectors = [result.document_embeddings[i] for i in rows]
+            store_document_embeddings(
+                embeddings_to, sae_reader.model, sae_reader.dtype, [hashes[i] for i in rows], vectors
+            )
+
+    return cache.encode_missing(encode, docs, on_chunk=chunk_done, on_start=start, on_encoded=encoded)

@@ -465,12 +465,14 @@ class ActivationCache:
         retry_rejected: bool = False,
         on_chunk: Callable[[int, int], None] | None = None,
         on_start: Callable[[int], None] | None = None,
+        on_encoded: Callable[[list[str], EncodedTexts], None] | None = None,
     ) -> EncodeStats:
         """Encode the documents (columns doc_hash, text, and messages for conversations) whose hash is not
         cached yet, chunk by chunk.
 
-        `on_start(n)` hears how many documents need encoding before the first chunk; `on_chunk(done, n)`
-        after each committed chunk."""
+        `on_start(n)` hears how many documents need encoding before the first chunk; `on_encoded(hashes,
+        result)` each chunk's document hashes and what `encode` gave for them, once committed; `on_chunk(done,
+        n)` after each committed chunk."""
         unique = documents.unique("doc_hash", keep="first", maintain_order=True)
         self.sweep_orphans()
         missing = self.missing_documents(unique, retry_rejected=retry_rejected)
@@ -484,6 +486,8 @@ class ActivationCache:
             result = encode([texts[i] for i in rng])
             chunk_hashes = [hashes[i] for i in rng]
             self._commit(chunk_hashes, result)
+            if on_encoded is not None:
+                on_encoded(chunk_hashes, result)
             chunks += 1
             rejected += len(result.errors)
             encoded += len(rng) - len(result.errors)

@@ -49,6 +49,8 @@ class EncodedTexts:
     pooled_tokens: np.ndarray  # tokens eligible for pooling, per document
     truncated: np.ndarray  # bool per document
     errors: dict[int, str] = field(default_factory=dict)  # doc_index -> reason
+    # doc_index -> the document embedding made from the same forward pass (`encode_texts`), when asked for
+    document_embeddings: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -368,8 +370,9 @@ def _batch_arrays(docs: list[_Tokenized], pad_id: int) -> tuple[np.ndarray, np.n
     return ids, real.astype(np.int64), keep
 
 
-def _bert_forward(reader: Any, workspace: Workspace) -> BertForward | None:
-    """The fused BERT forward for the reader's model and hook, or None when the model needs the hooked one.
+def _bert_forward(reader: Any, workspace: Workspace, through_last: bool = False) -> BertForward | None:
+    """The fused BERT forward for the reader's model and hook, or None when the model needs the hooked one;
+    `through_last`: one that can also carry the pass on to the document embeddings.
 
     Built once per workspace (one `encode_texts` call) from the weights as they are then: a reader whose
     model or weights change between calls is never served a stale copy.
@@ -377,9 +380,18 @@ def _bert_forward(reader: Any, workspace: Workspace) -> BertForward | None:
     model, hook = reader.model, reader.hook
 
     def build() -> BertForward | None:
-        return BertForward(model, hook.layer, hook.position) if supports_bert_forward(model) else None
+        if not supports_bert_forward(model):
+            return None
+        return BertForward(model, hook.layer, hook.position, through_last=through_last)
 
-    return workspace.derived(("bert_forward", id(model), hook.layer, hook.position), build)
+    return workspace.derived(("bert_forward", id(model), hook.layer, hook.position, through_last), build)
+
+
+def embeds_documents(reader: Any) -> bool:
+    """Whether `encode_texts` can also give document embeddings for the reader: its model runs the fused
+    BERT forward and reads each text as the document embedding does (no chat template, no added BOS)."""
+    plain = not reader.chat_template and not getattr(reader, "prepend_bos", False)
+    return plain and supports_bert_forward(reader.model)
 
 
 def _pad_id(reader: Any) -> int:
@@ -401,8 +413,11 @@ def document_batch(reader: Any, texts: Sequence[str]) -> tuple[Any, Any, Any]:
     return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(keep)
 
 
-def _encode_batch(reader: Any, docs: list[_Tokenized], workspace: Workspace) -> tuple[np.ndarray, ...]:
-    """Forward one padded batch; return numpy arrays (batch_row, token_index, token_id, feature, value)."""
+def _encode_batch(
+    reader: Any, docs: list[_Tokenized], workspace: Workspace, embed: bool = False
+) -> tuple[np.ndarray, ...]:
+    """Forward one padded batch; return numpy arrays (batch_row, token_index, token_id, feature, value), and
+    with `embed` (`embeds_documents(reader)` must hold) the batch's document embeddings [batch, d] last."""
     import torch
 
     ids_np, mask_np, keep_np = _batch_arrays(docs, _pad_id(reader))
@@ -410,10 +425,17 @@ def _encode_batch(reader: Any, docs: list[_Tokenized], workspace: Workspace) -> 
     ids = torch.from_numpy(ids_np).to(device)
     mask = torch.from_numpy(mask_np).to(device)
     keep = torch.from_numpy(keep_np).to(device)
-    fused = _bert_forward(reader, workspace)
+    fused = _bert_forward(reader, workspace, through_last=embed)
+    embedded: tuple[np.ndarray, ...] = ()
     # Every tensor of the forward pass and the SAE encode dies in this block: serve them from the heap.
     with transient_heap():
-        if fused is not None:
+        if embed:
+            x, pooled = fused.with_document_embeddings(ids, mask, keep, workspace)
+            # the document embedding recipe's last step (`engine.documents.document_embeddings`)
+            pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
+            with own_mappings():
+                embedded = (pooled.cpu().numpy().copy(),)
+        elif fused is not None:
             x = fused(ids, mask, keep, workspace)
         else:
             x = _capture_hidden(reader, ids, mask)[keep]
@@ -432,16 +454,26 @@ def _encode_batch(reader: Any, docs: list[_Tokenized], workspace: Workspace) -> 
             token_id.cpu().numpy().astype(np.int64),
             feats.cpu().numpy().astype(np.int32),
             vals.float().cpu().numpy().astype(np.float32),
+            *embedded,
         )
 
 
 def encode_texts(
-    reader: Any, texts: Sequence[str], on_batch: Callable[[int], None] | None = None
+    reader: Any,
+    texts: Sequence[str],
+    on_batch: Callable[[int], None] | None = None,
+    document_embedding_max_length: int | None = None,
 ) -> EncodedTexts:
     """Encode `texts` with the reader's model and SAE; rows of the result carry `doc_index` into `texts`.
 
-    `on_batch(n)` (if given) hears after each forward batch how many of `texts` are done."""
+    `on_batch(n)` (if given) hears after each forward batch how many of `texts` are done. With
+    `document_embedding_max_length` (the `max_length` of `engine.documents.document_embeddings`), where
+    `embeds_documents(reader)`, the same forward pass carries on through the model's last block and gives
+    the document embedding (last layer, mean-pooled, unit length) of every text read whole within that many
+    tokens, as `document_embeddings` would from its own pass (to float rounding): the blocks up to the hook
+    are computed once for both."""
     tokenized = tokenize_documents(reader, texts)
+    embed = document_embedding_max_length is not None and embeds_documents(reader)
     n = len(texts)
     errors: dict[int, str] = {}
     n_tokens = np.zeros(n, dtype=np.int32)
@@ -459,31 +491,47 @@ def encode_texts(
             pooled[i] = sum(t.keep)
             truncated[i] = t.truncated
     parts: list[tuple[np.ndarray, ...]] = []
+    embeddings: dict[int, np.ndarray] = {}
     workspace = Workspace()
     finished = n - len(good)  # documents that failed tokenization are done already
     for batch in plan_batches([n_tokens[i] for i in good], reader.token_budget):
         doc_idx = [good[j] for j in batch]
-        parts.extend(_encode_with_isolation(reader, doc_idx, tokenized, errors, workspace))
+        found = embeddings if embed else None
+        parts.extend(_encode_with_isolation(reader, doc_idx, tokenized, errors, workspace, found))
         finished += len(doc_idx)
         if on_batch is not None:
             on_batch(finished)
     if activation_dtype(reader) == "float16":
         parts = [_reject_float16_overflow(p, errors) for p in parts]
+    # the texts read exactly as the document embedding reads them: plain text, whole, within its max_length
+    longest = document_embedding_max_length or 0
+    whole = {i for i in good if isinstance(texts[i], str) and not truncated[i] and n_tokens[i] <= longest}
     return EncodedTexts(
         activations=_activation_table(reader, parts, tokenized),
         n_tokens=n_tokens,
         pooled_tokens=pooled,
         truncated=truncated,
         errors=errors,
+        document_embeddings={i: v for i, v in embeddings.items() if i in whole and i not in errors},
     )
 
 
 def _encode_with_isolation(
-    reader: Any, doc_idx: list[int], tokenized: list[Any], errors: dict[int, str], workspace: Workspace
+    reader: Any,
+    doc_idx: list[int],
+    tokenized: list[Any],
+    errors: dict[int, str],
+    workspace: Workspace,
+    embeddings: dict[int, np.ndarray] | None = None,
 ) -> list[tuple[np.ndarray, ...]]:
-    """Encode a batch; if it fails, retry each document alone so only the bad one is rejected."""
+    """Encode a batch; if it fails, retry each document alone so only the bad one is rejected. With
+    `embeddings`, the batch's document embeddings are added to it (by doc_index)."""
     try:
-        b_row, tok_i, tok_id, feat, val = _encode_batch(reader, [tokenized[i] for i in doc_idx], workspace)
+        docs = [tokenized[i] for i in doc_idx]
+        out = _encode_batch(reader, docs, workspace, embed=embeddings is not None)
+        b_row, tok_i, tok_id, feat, val = out[:5]
+        if embeddings is not None:
+            embeddings.update(zip(doc_idx, out[5], strict=True))
         return [(np.asarray(doc_idx, dtype=np.int32)[b_row], tok_i, tok_id, feat, val)]
     except Exception as exc:  # noqa: BLE001
         if len(doc_idx) == 1:
@@ -491,7 +539,7 @@ def _encode_with_isolation(
             return []
         out = []
         for i in doc_idx:
-            out.extend(_encode_with_isolation(reader, [i], tokenized, errors, workspace))
+            out.extend(_encode_with_isolation(reader, [i], tokenized, errors, workspace, embeddings))
         return out
 
 

@@ -41,9 +41,8 @@ def supports_bert_forward(model: Any) -> bool:
 class BertForward:
     """The hidden states a BERT model feeds into (`pre`) or gets out of (`post`) block `layer`."""
 
-    def __init__(self, model: Any, layer: int, position: str) -> None:
-        import torch
-
+    def __init__(self, model: Any, layer: int, position: str, through_last: bool = False) -> None:
+        """`through_last`: also keep the blocks after the hooked one, for `with_document_embeddings`."""
         if not supports_bert_forward(model):
             raise ValueError(f"{type(model).__name__} is not a plain BertModel; use the hooked forward.")
         find_layer_module(model, layer)  # the hooked forward's check: a clear error for a missing layer
@@ -51,27 +50,9 @@ class BertForward:
         self.embeddings = model.embeddings
         self.heads = int(model.config.num_attention_heads)
         self.activation = model.config.hidden_act
-        self.blocks = []
-        with torch.no_grad():
-            for block in model.encoder.layer[:n_blocks]:
-                attn = block.attention
-                self.blocks.append(
-                    {
-                        # [d, 3d]: one matmul gives Q | K | V
-                        "w_qkv": torch.cat(
-                            [attn.self.query.weight, attn.self.key.weight, attn.self.value.weight]
-                        ).t(),
-                        "b_qkv": torch.cat([attn.self.query.bias, attn.self.key.bias, attn.self.value.bias]),
-                        "w_o": attn.output.dense.weight.t(),
-                        "b_o": attn.output.dense.bias,
-                        "norm_attn": attn.output.LayerNorm,
-                        "w_in": block.intermediate.dense.weight.t(),
-                        "b_in": block.intermediate.dense.bias,
-                        "w_out": block.output.dense.weight.t(),
-                        "b_out": block.output.dense.bias,
-                        "norm_out": block.output.LayerNorm,
-                    }
-                )
+        self.blocks = [_block_weights(block) for block in model.encoder.layer[:n_blocks]]
+        after = model.encoder.layer[n_blocks:]
+        self.tail = [_block_weights(block) for block in after] if through_last else None
 
     def __call__(self, input_ids: Any, attention_mask: Any, keep: Any, workspace: Workspace) -> Any:
         """Hidden states [n_kept, d] of the tokens where `keep` [batch, length] is True, in row-major order.
@@ -81,9 +62,23 @@ class BertForward:
         import torch
 
         with torch.inference_mode():
-            return self._forward(input_ids, attention_mask.bool(), keep.bool(), workspace)
+            return self._forward(input_ids, attention_mask.bool(), keep.bool(), workspace, pool=False)[0]
 
-    def _forward(self, ids: Any, real: Any, keep: Any, ws: Workspace) -> Any:
+    def with_document_embeddings(
+        self, input_ids: Any, attention_mask: Any, keep: Any, workspace: Workspace
+    ) -> tuple[Any, Any]:
+        """`(hidden, pooled)`: the hidden states `__call__` gives, computed exactly as it does, and from the
+        same pass carried on through the last block, each document's last hidden states averaged over its
+        real tokens ([batch, d], not normalized): the document embedding recipe (`mean_over_documents`),
+        for the cost of the blocks after the hooked one. Needs `through_last=True`."""
+        import torch
+
+        if self.tail is None:
+            raise ValueError("This BertForward was built without through_last=True; it stops at the hook.")
+        with torch.inference_mode():
+            return self._forward(input_ids, attention_mask.bool(), keep.bool(), workspace, pool=True)
+
+    def _forward(self, ids: Any, real: Any, keep: Any, ws: Workspace, pool: bool) -> tuple[Any, Any]:
         import torch
 
         batch, length = ids.shape
@@ -97,14 +92,35 @@ class BertForward:
         kept = keep.reshape(-1).index_select(0, token_rows)
         key_bias = torch.zeros(batch, 1, length, dtype=x.dtype, device=x.device)
         key_bias.masked_fill_(~real[:, None, :], float("-inf"))
-        for i, block in enumerate(self.blocks):
-            last = i == len(self.blocks) - 1
-            hidden = self._block(block, hidden, token_rows, pad_rows, key_bias, kept if last else None, ws)
-        return hidden if self.blocks else hidden[kept]
+        for block in self.blocks[:-1]:
+            hidden = self._block(block, hidden, token_rows, pad_rows, key_bias, ws)
+        if not self.blocks:
+            full, hooked = hidden, hidden[kept]
+        else:  # the hooked block: the rest runs for the tokens the SAE reads only
+            context = self._attend(self.blocks[-1], hidden, token_rows, pad_rows, key_bias, ws)
+            hooked = self._feed_forward(self.blocks[-1], context[kept], hidden[kept], ws)
+            full = None
+            if pool:  # the other real tokens (special ones) too, in matmuls of their own: `hooked` is as ever
+                full = torch.empty_like(hidden)
+                full[kept] = hooked
+                full[~kept] = self._feed_forward(self.blocks[-1], context[~kept], hidden[~kept], ws)
+        if not pool:
+            return hooked, None
+        for block in self.tail:
+            full = self._block(block, full, token_rows, pad_rows, key_bias, ws)
+        return hooked, mean_over_documents(full, real)
 
     def _block(
-        self, p: dict, hidden: Any, token_rows: Any, pad_rows: Any, key_bias: Any, only: Any, ws: Workspace
+        self, p: dict, hidden: Any, token_rows: Any, pad_rows: Any, key_bias: Any, ws: Workspace
     ) -> Any:
+        """One block on every real token."""
+        context = self._attend(p, hidden, token_rows, pad_rows, key_bias, ws)
+        return self._feed_forward(p, context, hidden, ws)
+
+    def _attend(
+        self, p: dict, hidden: Any, token_rows: Any, pad_rows: Any, key_bias: Any, ws: Workspace
+    ) -> Any:
+        """The attention context [n_real, d] of a block's input `hidden` (before its output projection)."""
         import torch
         import torch.nn.functional as F
 
@@ -129,10 +145,13 @@ class BertForward:
             context = context.view(batch, heads, length, head_dim)
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias.unsqueeze(1))
-        context = context.transpose(1, 2).reshape(batch * length, d).index_select(0, token_rows)
-        if only is not None:  # last block: the rest runs for the tokens the SAE reads only
-            context, hidden = context[only], hidden[only]
-            n = hidden.shape[0]
+        return context.transpose(1, 2).reshape(batch * length, d).index_select(0, token_rows)
+
+    def _feed_forward(self, p: dict, context: Any, hidden: Any, ws: Workspace) -> Any:
+        """The rest of a block for some tokens: output projection, residual, norm, MLP, residual, norm."""
+        import torch
+
+        n = hidden.shape[0]
         attended = p["norm_attn"](torch.addmm(p["b_o"], context, p["w_o"]).add_(hidden))
         inner = torch.addmm(p["b_in"], attended, p["w_in"], out=ws.get("mlp", n, p["w_in"].shape[1], hidden))
         if self.activation == "gelu":
@@ -140,3 +159,35 @@ class BertForward:
         else:
             inner.relu_()
         return p["norm_out"](torch.addmm(p["b_out"], inner, p["w_out"]).add_(attended))
+
+
+def mean_over_documents(tokens: Any, real: Any) -> Any:
+    """Each document's mean of `tokens` [n_real, d] (the real tokens of a right-padded batch in row-major
+    order, as `BertForward` gives them) over its real tokens (`real` [batch, length]): [batch, d]."""
+    import torch
+
+    lengths = real.sum(1)
+    rows = torch.repeat_interleave(torch.arange(real.shape[0], device=tokens.device), lengths)
+    summed = tokens.new_zeros(real.shape[0], tokens.shape[1]).index_add_(0, rows, tokens)
+    return summed / lengths.clamp(min=1).unsqueeze(1).to(summed.dtype)
+
+
+def _block_weights(block: Any) -> dict:
+    """A BertLayer's weights as the fused forward uses them."""
+    import torch
+
+    attn = block.attention
+    with torch.no_grad():
+        return {
+            # [d, 3d]: one matmul gives Q | K | V
+            "w_qkv": torch.cat([attn.self.query.weight, attn.self.key.weight, attn.self.value.weight]).t(),
+            "b_qkv": torch.cat([attn.self.query.bias, attn.self.key.bias, attn.self.value.bias]),
+            "w_o": attn.output.dense.weight.t(),
+            "b_o": attn.output.dense.bias,
+            "norm_attn": attn.output.LayerNorm,
+            "w_in": block.intermediate.dense.weight.t(),
+            "b_in": block.intermediate.dense.bias,
+            "w_out": block.output.dense.weight.t(),
+            "b_out": block.output.dense.bias,
+            "norm_out": block.output.LayerNorm,
+        }

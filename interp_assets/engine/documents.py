@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from interp_assets.engine.bert_forward import mean_over_documents
 from interp_assets.engine.reader_model import EMBEDDED_READER, model_lock, shared_reader_model
 from interp_assets.storage.checksums import checksum_problem, file_record
 from interp_assets.storage.parquet import write_bytes_atomic
@@ -44,13 +45,16 @@ DOCUMENT_SAE_VERSION = "3"
 DEFAULT_MEMBERS = 3
 
 
+DOCUMENT_MAX_LENGTH = 256  # tokens a document embedding reads; longer texts are truncated
+
+
 def document_embeddings(
     texts: Sequence[str],
     model: str = EMBEDDED_READER,
     layer: int | None = None,
     normalize: bool = True,
     batch_size: int = 64,
-    max_length: int = 256,
+    max_length: int = DOCUMENT_MAX_LENGTH,
     on_batch: Callable[[int], None] | None = None,
     device: str = "cpu",
     dtype: str = "float32",
@@ -88,11 +92,7 @@ def document_embeddings(
             mask = enc["attention_mask"].bool()
             if fused is not None:  # hidden states of real tokens only, [n_tokens, d] in row-major order
                 forward, workspace = fused
-                tokens = forward(enc["input_ids"], mask, mask, workspace)
-                lengths = mask.sum(1)
-                rows = torch.repeat_interleave(torch.arange(len(idx)), lengths)
-                summed = tokens.new_zeros(len(idx), tokens.shape[1]).index_add_(0, rows, tokens)
-                pooled = summed / lengths.clamp(min=1).unsqueeze(1).to(summed.dtype)
+                pooled = mean_over_documents(forward(enc["input_ids"], mask, mask, workspace), mask)
             else:
                 if hidden_index == n_layers:
                     hidden = net(**enc).last_hidden_state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,49 @@ def test_single_file_cache_of_earlier_versions_is_read(tmp_path: Path) -> None:
     _vectors(["old"], 5.0).write_parquet(folder.with_suffix(".parquet"))
     known, parts = shared._read_embedding_cache(folder)
     assert parts == [] and known["doc_hash"].to_list() == ["old"]
+
+
+def test_token_pass_makes_the_document_embeddings_document_embeddings_reads(tmp_path: Path) -> None:
+    """On the embedded BERT reader, token_activations' forward pass carries on to the last layer and leaves
+    the default document embeddings in the cache: document_embeddings then embeds only the document longer
+    than its 256 tokens, and its table equals a pass of its own (to rounding). A second token pass (another
+    SAE, the same documents) makes none again."""
+    from dagster import DagsterInstance, materialize
+
+    from interp_assets.defs.assets import ALL_ASSETS
+    from interp_assets.defs.shared import embedded_document_hashes
+    from interp_assets.engine.documents import document_embeddings
+    from interp_assets.engine.reader_model import EMBEDDED_READER
+    from interp_assets.storage.parquet import read_table
+    from resources.local import local_resources
+
+    data = tmp_path / "data"
+    (data / "landing").mkdir(parents=True)
+    texts = [f"Row {i}: the order arrived late and the box was damaged." for i in range(6)]
+    texts.append("A very long complaint about the delivery " * 60)  # over 256 tokens
+    pl.DataFrame({"text": texts}).write_csv(data / "landing" / "tickets.csv")
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("datasets", ["tickets"])
+    resources = local_resources(data)
+    by_name = {k.to_user_string(): a for a in ALL_ASSETS for k in a.keys}
+    steps = [by_name[n] for n in ("raw_documents", "token_activations", "document_embeddings")]
+    result = materialize(steps, partition_key="tickets", instance=instance, resources=resources)
+    assert result.success
+
+    starts = [e.step_key for e in result.all_events if e.event_type_value == "STEP_START"]
+    assert starts.index("token_activations") < starts.index("document_embeddings")
+    embedded = result.asset_materializations_for_node("document_embeddings")[0].metadata["embedded_now"]
+    assert embedded.value == 1  # the long one; the token pass made the other six
+    table = read_table(str(data / "parquet"), "document_embeddings", "tickets").collect().sort("doc_id")
+    stored_texts = read_table(str(data / "parquet"), "raw_documents", "tickets").collect().sort("doc_id")
+    got = np.asarray(table["embedding"].to_list(), dtype=np.float32)
+    np.testing.assert_allclose(got, document_embeddings(stored_texts["text"].to_list()), atol=1e-6)
+
+    # the same documents read again (another SAE: a new activation cache) embed nothing more
+    storage = resources["storage"]
+    before = embedded_document_hashes(storage, EMBEDDED_READER, "float32")
+    assert len(before) == 7
+    parts = sorted((storage.cache_dir / "embeddings").rglob("*.parquet"))
+    shutil.rmtree(storage.activation_cache_root)
+    assert materialize(steps[:2], partition_key="tickets", instance=instance, resources=resources).success
+    assert sorted((storage.cache_dir / "embeddings").rglob("*.parquet")) == parts

@@ -134,3 +134,23 @@ def test_half_precision_matches_the_hooked_forward(dtype):
     ours = BertForward(model, hook.layer, hook.position)(ids, mask, keep, Workspace())
     assert ours.dtype == expected.dtype == getattr(torch, dtype)
     torch.testing.assert_close(ours, expected)  # torch's default tolerances for the dtype
+
+
+@pytest.mark.parametrize("hook", [HookPoint(0, "pre"), HookPoint(3, "post"), HookPoint(5, "post")], ids=str)
+def test_document_embeddings_from_the_same_pass(minilm, hook):
+    """Carried on through the last block, the pass gives each document's mean last hidden state (the
+    Hugging Face forward's, to rounding) and leaves the hooked hidden states exactly as they were."""
+    tokenizer, model = minilm
+    ids, mask, keep = _batch(tokenizer, SHORT + LONG)
+    alone = BertForward(model, hook.layer, hook.position)(ids, mask, keep, Workspace())
+    both = BertForward(model, hook.layer, hook.position, through_last=True)
+    hooked, pooled = both.with_document_embeddings(ids, mask, keep, Workspace())
+    assert torch.equal(hooked, alone)
+    with torch.inference_mode():
+        last = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    weights = mask.unsqueeze(-1).float()
+    expected = (last * weights).sum(1) / weights.sum(1)
+    assert pooled.shape == (len(SHORT) + 1, model.config.hidden_size)
+    torch.testing.assert_close(pooled, expected, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="through_last"):
+        BertForward(model, 3, "post").with_document_embeddings(ids, mask, keep, Workspace())

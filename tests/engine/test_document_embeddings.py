@@ -89,3 +89,32 @@ def test_passes_on_a_shared_model_wait_for_each_other() -> None:
         assert not done.wait(0.5)  # document_embeddings waits for the lock
     worker.join(timeout=60)
     assert done.is_set()
+
+
+def test_the_token_pass_embeds_documents_as_document_embeddings_does() -> None:
+    """encode_texts asked for document embeddings gives the same activations, bit for bit, and each text's
+    document embedding as document_embeddings' own pass does (to rounding); a text longer than the
+    embedding's max_length is left to that pass."""
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, GPT2Model
+
+    from interp_assets.engine.activations import embeds_documents, encode_texts
+    from interp_assets.engine.reader import load_reader
+
+    reader = load_reader()
+    texts = [*TEXTS, "word " * 300]
+    plain = encode_texts(reader, texts)
+    both = encode_texts(reader, texts, document_embedding_max_length=256)
+    assert both.activations.equals(plain.activations)
+    assert not plain.document_embeddings and sorted(both.document_embeddings) == list(range(len(TEXTS)))
+    got = np.stack([both.document_embeddings[i] for i in range(len(TEXTS))])
+    np.testing.assert_allclose(got, document_embeddings(TEXTS), atol=1e-6)
+    assert embeds_documents(reader)
+    # a pass that reads a text otherwise than the document embedding does (a chat template, an added BOS,
+    # a model without the fused forward) gives none
+    net = reader.model
+    assert not embeds_documents(SimpleNamespace(model=net, chat_template=True, prepend_bos=False))
+    assert not embeds_documents(SimpleNamespace(model=net, chat_template=False, prepend_bos=True))
+    gpt2 = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert not embeds_documents(SimpleNamespace(model=gpt2, chat_template=False, prepend_bos=False))
