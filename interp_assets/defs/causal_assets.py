@@ -2,6 +2,7 @@
 and criterion_effects (the same for the features that go with one metadata criterion of a dataset)."""
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -92,6 +93,40 @@ def _sample(ids: list[str], n: int, rng: np.random.Generator) -> list[str]:
     return [ids[i] for i in sorted(rng.choice(len(ids), size=n, replace=False))]
 
 
+def _stored_embeddings_usable(
+    context: AssetExecutionContext, storage: StorageResource, dataset: str, reader: SAEReaderResource
+) -> bool:
+    """Whether `dataset`'s stored document_embeddings were made as the effect scores pool the reader's
+    output (the reader's model and precision, last layer, normalized): their unedited rows can then fix
+    the scores' directions without a forward pass. Loads nothing."""
+    if not table_exists(storage.parquet_base, "document_embeddings", dataset):
+        return False
+    record = latest_materialization(context.instance, "document_embeddings", dataset)
+    metadata = record.asset_materialization.metadata if record is not None else {}
+    found = {
+        m: metadata[m].value if m in metadata else None for m in ("model", "layer", "normalize", "dtype")
+    }
+    return found == {"model": reader.model, "layer": "last", "normalize": True, "dtype": reader.dtype}
+
+
+def _reference_embeddings(
+    storage: StorageResource, dataset: str, docs: pl.DataFrame, use_stored: bool, reader: Any
+) -> np.ndarray:
+    """Unedited document embeddings of `docs` (doc_id, doc_hash, text; row i = docs row i): the dataset's
+    stored document_embeddings where `use_stored` and they hold every one of these documents as they are
+    now (same doc_hash), else from forward passes of `reader`."""
+    if use_stored:
+        stored = read_table(storage.parquet_base, "document_embeddings", dataset).select(
+            "doc_id", "doc_hash", "embedding"
+        )
+        rows = docs.select("doc_id", "doc_hash").join(
+            stored.collect(), on=["doc_id", "doc_hash"], how="left", maintain_order="left"
+        )
+        if rows["embedding"].null_count() == 0:
+            return np.asarray(rows["embedding"].to_list(), dtype=np.float64)
+    return effects.document_embeddings(reader, docs["text"].to_list())
+
+
 def _document_family(
     context: AssetExecutionContext, storage: StorageResource, key: str, reader_model: str
 ) -> tuple[str, int | None, bool] | None:
@@ -144,6 +179,7 @@ def _document_family(
         AssetDep("token_activations", partition_mapping=AllPartitionMapping()),
         AssetDep("raw_documents", partition_mapping=AllPartitionMapping()),
         AssetDep("document_sae"),
+        AssetDep("document_embeddings", partition_mapping=AllPartitionMapping()),
     ],
     description="Causal evidence for the diff's top token-level features: each is ablated inside the reader "
     "(nnsight) on documents where it fires; the shift of the document embedding along the feature's "
@@ -167,9 +203,13 @@ def feature_effects(
         )
     fingerprint = sae_reader.get_identity().fingerprint
     downstream = _document_family(context, storage, key, sae_reader.model)
+    stored_embeddings = {ds: _stored_embeddings_usable(context, storage, ds, sae_reader) for ds in (a, b)}
     upstream = [("diff_reports", key), ("token_activations", a), ("token_activations", b)]
     if downstream is not None:  # the records then depend on the document family too
-        upstream += [("document_sae", key), ("document_embeddings", a), ("document_embeddings", b)]
+        upstream += [("document_sae", key)]
+    upstream += [
+        ("document_embeddings", ds) for ds in (a, b) if downstream is not None or stored_embeddings[ds]
+    ]
     inputs = inputs_key(
         context.instance,
         upstream,
@@ -191,8 +231,8 @@ def feature_effects(
     diff = read_table(base, "diff_features", key).filter(pl.col("family") == "token").collect()
     targets = _targets(diff, config, key)
     side = {"a": a, "b": b}
-    docs = {ds: stored_documents(storage, ds).select("doc_id", "text") for ds in (a, b)}
-    text_of = {ds: dict(docs[ds].iter_rows()) for ds in (a, b)}
+    docs = {ds: stored_documents(storage, ds).select("doc_id", "doc_hash", "text") for ds in (a, b)}
+    text_of = {ds: dict(docs[ds].select("doc_id", "text").iter_rows()) for ds in (a, b)}
     fires = {(feature, ds): _firing_documents(base, ds, feature) for feature, _ in targets for ds in (a, b)}
     rng = np.random.default_rng(config.seed)
     edited: dict[int, list[str]] = {}
@@ -209,7 +249,10 @@ def feature_effects(
     reader = sae_reader.get_reader()
     with reader.forward_lock:
         emb = {
-            ds: effects.document_embeddings(reader, [text_of[ds][d] for d in reference[ds]]) for ds in (a, b)
+            ds: _reference_embeddings(
+                storage, ds, _rows(docs[ds], reference[ds]), stored_embeddings[ds], reader
+            )
+            for ds in (a, b)
         }
         both = np.vstack([emb[a], emb[b]])
         plan = []
@@ -269,6 +312,12 @@ def feature_effects(
     )
 
 
+def _rows(docs: pl.DataFrame, doc_ids: list) -> pl.DataFrame:
+    """The rows of `docs` for `doc_ids`, in that order."""
+    order = pl.DataFrame({"doc_id": doc_ids}, schema={"doc_id": docs.schema["doc_id"]})
+    return order.join(docs, on="doc_id", how="left", maintain_order="left")
+
+
 def _report_pages(storage: StorageResource, key: str) -> dict[str, str]:
     """The comparison's report files that exist, by suffix (`md`, `html`), with their text."""
     paths = {suffix: storage.reports_dir / f"{key}.{suffix}" for suffix in ("md", "html")}
@@ -319,7 +368,12 @@ class CriterionEffectsConfig(Config):
     code_version=EFFECTS_CODE_VERSION,
     pool=MODEL_POOL,
     op_tags=MODEL_STEP_TAGS,
-    deps=[AssetDep("feature_associations"), AssetDep("token_activations"), AssetDep("raw_documents")],
+    deps=[
+        AssetDep("feature_associations"),
+        AssetDep("token_activations"),
+        AssetDep("raw_documents"),
+        AssetDep("document_embeddings"),
+    ],
     description="Causal evidence for the features that go with one metadata criterion (launchpad: "
     "`criterion`, e.g. escalated or topic=billing): each is ablated inside the reader on documents where it "
     "fires, and the document embedding's shift along the criterion (mean embedding of documents where it "
@@ -367,6 +421,7 @@ def criterion_effects(
         )
     )
     text_of = dict(docs.select("doc_id", "text").iter_rows())
+    use_stored = _stored_embeddings_usable(context, storage, dataset, sae_reader)
     rng = np.random.default_rng(config.seed)
     targets = [int(f) for f in top["feature"].to_list()]
     fires = {f: _firing_documents(base, dataset, f) for f in targets}
@@ -380,7 +435,7 @@ def criterion_effects(
     reference = sorted(set(_sample(known, config.reference_documents, rng)) | used)
     reader = sae_reader.get_reader()
     with reader.forward_lock:
-        emb = effects.document_embeddings(reader, [text_of[d] for d in reference])
+        emb = _reference_embeddings(storage, dataset, _rows(docs, reference), use_stored, reader)
         labelled = np.array([holds.get(d) is not None for d in reference])
         held = np.array([bool(holds.get(d)) for d in reference])
         try:
