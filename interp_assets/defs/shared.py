@@ -388,21 +388,26 @@ def encode_with_progress(
     Returns the `EncodeStats`.
 
     With `embeddings_to`, when the reader's forward can carry on to the document embeddings
-    (`engine.activations.embeds_documents`: the embedded MiniLM and other BERT encoders) and some of `docs`
-    are not in that storage's embeddings cache yet, the encoding pass also makes their default document
-    embeddings and stores them there: document_embeddings then finds them made, and the blocks up to the
-    SAE's hook run once for both."""
+    (`engine.activations.embeds_documents`: the embedded MiniLM and other BERT encoders), a chunk with
+    documents that storage's embeddings cache lacks also makes their default document embeddings and stores
+    them there: document_embeddings then finds them made, and the blocks up to the SAE's hook run once for
+    both."""
     from interp_assets.engine.activations import embeds_documents, encode_texts
     from interp_assets.engine.documents import DOCUMENT_MAX_LENGTH
+    from interp_assets.ingest import doc_hash
 
-    def embedding_length(reader: Any) -> int | None:
+    embedded: list[set[str]] = []  # the cache's document hashes, read when the first chunk needs them
+
+    def embedding_length(reader: Any, texts: list[str]) -> int | None:
+        """DOCUMENT_MAX_LENGTH when this chunk has a text the embeddings cache lacks, else None."""
         if embeddings_to is None or not embeds_documents(reader):
             return None
-        known = embedded_document_hashes(embeddings_to, sae_reader.model, sae_reader.dtype)
-        return None if known.issuperset(docs["doc_hash"].to_list()) else DOCUMENT_MAX_LENGTH
+        if not embedded:
+            embedded.append(embedded_document_hashes(embeddings_to, sae_reader.model, sae_reader.dtype))
+        lacking = any(isinstance(t, str) and doc_hash(t) not in embedded[0] for t in texts)
+        return DOCUMENT_MAX_LENGTH if lacking else None
 
     chunk_start = [0]  # documents done before the chunk in flight
-    limit: list[int | None] = []  # decided once, when the first chunk needs the reader
 
     def start(total: int) -> None:
         progress.total = total
@@ -415,13 +420,11 @@ def encode_with_progress(
 
     def encode(texts: list[str]) -> Any:
         reader = sae_reader.get_reader()
-        if not limit:
-            limit.append(embedding_length(reader))
         return encode_texts(
             reader,
             texts,
             on_batch=lambda n: progress.update(chunk_start[0] + n),
-            document_embedding_max_length=limit[0],
+            document_embedding_max_length=embedding_length(reader, texts),
         )
 
     def encoded(hashes: list[str], result: Any) -> None:
