@@ -93,7 +93,14 @@ def test_lineage_shows_every_table_a_comparison_reads() -> None:
     scores = {k.to_user_string() for k in graph.get(AssetKey("feature_scores")).parent_keys}
     assert scores == {"feature_labels", "raw_documents", "token_activations", "tokens"}
     effects = {k.to_user_string() for k in graph.get(AssetKey("feature_effects")).parent_keys}
-    assert effects == {"diff_reports", "diff_features", "token_activations", "raw_documents", "document_sae"}
+    assert effects == {
+        "diff_reports",
+        "diff_features",
+        "token_activations",
+        "raw_documents",
+        "document_sae",
+        "document_embeddings",
+    }
     readers = {k.to_user_string() for k in graph.get(AssetKey("activation_status")).child_keys}
     assert readers == {
         "pooled_embeddings",

@@ -256,7 +256,9 @@ def test_the_embedding_chain_with_tables_and_cache_on_s3_equals_a_local_run(s3_b
     for table in local:
         assert remote[table].height >= len(texts)
         assert_frame_equal(remote[table], local[table])
-    assert not (tmp_path / "remote" / "parquet").exists() and not (tmp_path / "remote" / "cache").exists()
+    # tables and the activation cache are on the store; the embeddings cache stays local (StorageResource)
+    assert not (tmp_path / "remote" / "parquet").exists()
+    assert not (tmp_path / "remote" / "cache" / "activations").exists()
     assert _names(cache)  # the cache's fingerprint folder is on the store
 
     again = run(tmp_path / "remote", remote=True)
