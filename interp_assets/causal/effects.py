@@ -153,7 +153,9 @@ def _logprob_score(read: Any, input_ids: Any, attention_mask: Any) -> np.ndarray
 class DocumentFamily:
     """The document features downstream of the token SAE: a comparison's document SAE (its ensemble
     members, `saes`) and how its input embeddings were made: the reader's hidden states at `layer` (an
-    index into the hidden states, as `engine.documents.document_embeddings` takes it; None: the last),
+    index into the hidden states, as `engine.documents.document_embeddings` takes it; None: the last;
+    counted from the end (negative) when the passes replay the blocks before the edit, whose hidden states
+    they then do not record),
     mean-pooled over each document's tokens, L2-normalized with `normalize`. Documents are read as the
     reader tokenizes them (its truncation: a text longer than document_embeddings' 256 tokens is pooled
     over more of itself here, before and after the edit alike)."""

@@ -2,7 +2,6 @@
 and criterion_effects (the same for the features that go with one metadata criterion of a dataset)."""
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import polars as pl
@@ -21,12 +20,14 @@ from interp_assets.analysis import reports
 from interp_assets.analysis.associations import metadata_criteria
 from interp_assets.causal import effects
 from interp_assets.comparisons import parse_comparison_key
+from interp_assets.defs.document_assets import reader_hook_index
 from interp_assets.defs.partitions import comparisons_partitions, datasets_partitions
 from interp_assets.defs.shared import (
     INPUTS_KEY,
     MODEL_POOL,
     MODEL_STEP_TAGS,
     OWNERS,
+    cached_document_embeddings,
     column_schema,
     inputs_key,
     latest_materialization,
@@ -93,48 +94,28 @@ def _sample(ids: list[str], n: int, rng: np.random.Generator) -> list[str]:
     return [ids[i] for i in sorted(rng.choice(len(ids), size=n, replace=False))]
 
 
-def _stored_embeddings_usable(
-    context: AssetExecutionContext, storage: StorageResource, dataset: str, reader: SAEReaderResource
-) -> bool:
-    """Whether `dataset`'s stored document_embeddings were made as the effect scores pool the reader's
-    output (the reader's model and precision, last layer, normalized): their unedited rows can then fix
-    the scores' directions without a forward pass. Loads nothing."""
-    if not table_exists(storage.parquet_base, "document_embeddings", dataset):
-        return False
-    record = latest_materialization(context.instance, "document_embeddings", dataset)
-    metadata = record.asset_materialization.metadata if record is not None else {}
-    found = {
-        m: metadata[m].value if m in metadata else None for m in ("model", "layer", "normalize", "dtype")
-    }
-    return found == {"model": reader.model, "layer": "last", "normalize": True, "dtype": reader.dtype}
-
-
 def _reference_embeddings(
-    storage: StorageResource, dataset: str, docs: pl.DataFrame, use_stored: bool, reader: Any
+    storage: StorageResource, docs: pl.DataFrame, sae_reader: SAEReaderResource
 ) -> np.ndarray:
-    """Unedited document embeddings of `docs` (doc_id, doc_hash, text; row i = docs row i): the dataset's
-    stored document_embeddings where `use_stored` and they hold every one of these documents as they are
-    now (same doc_hash), else from forward passes of `reader`."""
-    if use_stored:
-        stored = read_table(storage.parquet_base, "document_embeddings", dataset).select(
-            "doc_id", "doc_hash", "embedding"
-        )
-        rows = docs.select("doc_id", "doc_hash").join(
-            stored.collect(), on=["doc_id", "doc_hash"], how="left", maintain_order="left"
-        )
-        if rows["embedding"].null_count() == 0:
-            return np.asarray(rows["embedding"].to_list(), dtype=np.float64)
-    return effects.document_embeddings(reader, docs["text"].to_list())
+    """Unedited document embeddings of `docs` (doc_hash, text; row i = docs row i) as the effect scores pool
+    the reader's output (last layer, normalized): from the embeddings cache, which the token pass fills for
+    BERT readers; the missing ones embedded now."""
+    vectors, _ = cached_document_embeddings(
+        storage, docs, sae_reader.model, None, True, device=sae_reader.device, dtype=sae_reader.dtype
+    )
+    return vectors.astype(np.float64)
 
 
 def _document_family(
-    context: AssetExecutionContext, storage: StorageResource, key: str, reader_model: str
+    context: AssetExecutionContext, storage: StorageResource, key: str, sae_reader: SAEReaderResource
 ) -> tuple[str, int | None, bool] | None:
     """Where the comparison's document SAE is saved, with the layer and normalization its embeddings were
     made with (`effects.DocumentFamily`'s), when its features lie downstream of the reader's edit: None
     (with a log line saying why) when there is no document SAE, its save is damaged, it also reads lexical
-    profiles (token features at the edited hook itself, not downstream of it), or the datasets'
-    document_embeddings came from another model or settings. Loads nothing."""
+    profiles (token features at the edited hook itself, not downstream of it), the datasets'
+    document_embeddings came from another model or settings, or from a layer at or before the edit (the
+    default, the SAE's own layer: set document_embeddings' `layer` to -1 for the last). Loads nothing."""
+    reader_model = sae_reader.model
     base = storage.parquet_base
     if not table_exists(base, "document_sae", key):
         context.log.info(f"feature_effects [{key}]: no document_sae; downstream features not measured.")
@@ -156,6 +137,12 @@ def _document_family(
         why = (
             f"the datasets' document_embeddings (model, layer, normalize) are {found}, not one setting "
             f"recorded for this reader's model {reader_model!r}; materialize document_embeddings again"
+        )
+    edit = reader_hook_index(sae_reader)
+    if why is None and isinstance(layer, int) and 0 <= layer <= edit:
+        why = (
+            f"the document embeddings are the hidden state {layer}, at or before the edit (hidden state "
+            f"{edit}), not downstream of it; materialize document_embeddings with a later layer (e.g. -1)"
         )
     if why is not None:
         context.log.warning(f"feature_effects [{key}]: downstream features not measured: {why}.")
@@ -202,14 +189,10 @@ def feature_effects(
             f"feature_effects [{key}]: no diff_features yet; materialize diff_reports first."
         )
     fingerprint = sae_reader.get_identity().fingerprint
-    downstream = _document_family(context, storage, key, sae_reader.model)
-    stored_embeddings = {ds: _stored_embeddings_usable(context, storage, ds, sae_reader) for ds in (a, b)}
+    downstream = _document_family(context, storage, key, sae_reader)
     upstream = [("diff_reports", key), ("token_activations", a), ("token_activations", b)]
     if downstream is not None:  # the records then depend on the document family too
-        upstream += [("document_sae", key)]
-    upstream += [
-        ("document_embeddings", ds) for ds in (a, b) if downstream is not None or stored_embeddings[ds]
-    ]
+        upstream += [("document_sae", key), ("document_embeddings", a), ("document_embeddings", b)]
     inputs = inputs_key(
         context.instance,
         upstream,
@@ -226,7 +209,11 @@ def feature_effects(
     family = None
     if downstream is not None:
         path, layer, normalize = downstream
-        family = effects.DocumentFamily(load_document_sae(path), layer=layer, normalize=normalize)
+        # counted from the end: an edited pass records the hidden states after the edit only (the blocks
+        # before it are replayed), so the positions from the end are the ones that hold
+        n_hidden = int(sae_reader.get_reader().model.config.num_hidden_layers) + 1
+        from_end = None if layer is None else layer % n_hidden - n_hidden
+        family = effects.DocumentFamily(load_document_sae(path), layer=from_end, normalize=normalize)
 
     diff = read_table(base, "diff_features", key).filter(pl.col("family") == "token").collect()
     targets = _targets(diff, config, key)
@@ -246,14 +233,9 @@ def feature_effects(
         ds: sorted(set(_sample(docs[ds]["doc_id"].to_list(), config.reference_documents, rng)) | used[ds])
         for ds in (a, b)
     }
+    emb = {ds: _reference_embeddings(storage, _rows(docs[ds], reference[ds]), sae_reader) for ds in (a, b)}
     reader = sae_reader.get_reader()
     with reader.forward_lock:
-        emb = {
-            ds: _reference_embeddings(
-                storage, ds, _rows(docs[ds], reference[ds]), stored_embeddings[ds], reader
-            )
-            for ds in (a, b)
-        }
         both = np.vstack([emb[a], emb[b]])
         plan = []
         for feature, direction in targets:
@@ -368,12 +350,7 @@ class CriterionEffectsConfig(Config):
     code_version=EFFECTS_CODE_VERSION,
     pool=MODEL_POOL,
     op_tags=MODEL_STEP_TAGS,
-    deps=[
-        AssetDep("feature_associations"),
-        AssetDep("token_activations"),
-        AssetDep("raw_documents"),
-        AssetDep("document_embeddings"),
-    ],
+    deps=[AssetDep("feature_associations"), AssetDep("token_activations"), AssetDep("raw_documents")],
     description="Causal evidence for the features that go with one metadata criterion (launchpad: "
     "`criterion`, e.g. escalated or topic=billing): each is ablated inside the reader on documents where it "
     "fires, and the document embedding's shift along the criterion (mean embedding of documents where it "
@@ -421,7 +398,6 @@ def criterion_effects(
         )
     )
     text_of = dict(docs.select("doc_id", "text").iter_rows())
-    use_stored = _stored_embeddings_usable(context, storage, dataset, sae_reader)
     rng = np.random.default_rng(config.seed)
     targets = [int(f) for f in top["feature"].to_list()]
     fires = {f: _firing_documents(base, dataset, f) for f in targets}
@@ -435,7 +411,7 @@ def criterion_effects(
     reference = sorted(set(_sample(known, config.reference_documents, rng)) | used)
     reader = sae_reader.get_reader()
     with reader.forward_lock:
-        emb = _reference_embeddings(storage, dataset, _rows(docs, reference), use_stored, reader)
+        emb = _reference_embeddings(storage, _rows(docs, reference), sae_reader)
         labelled = np.array([holds.get(d) is not None for d in reference])
         held = np.array([bool(holds.get(d)) for d in reference])
         try:

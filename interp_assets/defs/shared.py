@@ -273,12 +273,16 @@ def _embedding_cache_folder(
 
 
 def store_document_embeddings(
-    storage: StorageResource, model: str, dtype: str, hashes: list[str], vectors: list[np.ndarray]
+    storage: StorageResource,
+    model: str,
+    dtype: str,
+    layer: int | None,
+    hashes: list[str],
+    vectors: list[np.ndarray],
 ) -> int:
-    """Add document embeddings of the default setting (last layer, normalized: DocumentEmbeddingsConfig's
-    defaults) that the cache lacks, by document hash, as `cached_document_embeddings` would have made
-    them; returns how many were added."""
-    folder = _embedding_cache_folder(storage, model, None, True, dtype)
+    """Add normalized document embeddings at `layer` (None: the last) that the cache lacks, by document
+    hash, as `cached_document_embeddings` would have made them; returns how many were added."""
+    folder = _embedding_cache_folder(storage, model, layer, True, dtype)
     known, parts = _read_embedding_cache(folder)
     new = pl.DataFrame({"doc_hash": hashes, "embedding": vectors}, schema=EMBEDDING_SCHEMA)
     new = new.unique("doc_hash", keep="first", maintain_order=True).join(
@@ -289,9 +293,9 @@ def store_document_embeddings(
     return new.height
 
 
-def embedded_document_hashes(storage: StorageResource, model: str, dtype: str) -> set[str]:
-    """The document hashes the embeddings cache holds in the default setting (`store_document_embeddings`)."""
-    known, _ = _read_embedding_cache(_embedding_cache_folder(storage, model, None, True, dtype))
+def embedded_document_hashes(storage: StorageResource, model: str, dtype: str, layer: int | None) -> set[str]:
+    """The document hashes the embeddings cache holds at `layer`, normalized (`store_document_embeddings`)."""
+    known, _ = _read_embedding_cache(_embedding_cache_folder(storage, model, layer, True, dtype))
     return set(known["doc_hash"].to_list())
 
 
@@ -387,24 +391,29 @@ def encode_with_progress(
     reporting documents done to `progress` after every batch; `on_start(n)` hears how many need encoding.
     Returns the `EncodeStats`.
 
-    With `embeddings_to`, when the reader's forward can carry on to the document embeddings
+    With `embeddings_to`, when the reader's forward can give the document embeddings
     (`engine.activations.embeds_documents`: the embedded MiniLM and other BERT encoders), a chunk with
-    documents that storage's embeddings cache lacks also makes their default document embeddings and stores
-    them there: document_embeddings then finds them made, and the blocks up to the SAE's hook run once for
-    both."""
-    from interp_assets.engine.activations import embeds_documents, encode_texts
+    documents that storage's embeddings cache lacks also makes their normalized document embeddings at the
+    SAE's hook (document_embeddings' default) and at the last layer (the label scorer's) and stores them
+    there: document_embeddings and the scorer then find them made, and the blocks up to the SAE's hook run
+    once for all."""
+    from interp_assets.engine.activations import embeds_documents, encode_texts, hook_hidden_index
     from interp_assets.engine.documents import DOCUMENT_MAX_LENGTH
     from interp_assets.ingest import doc_hash
 
-    embedded: list[set[str]] = []  # the cache's document hashes, read when the first chunk needs them
+    embedded: dict[int | None, set[str]] = {}  # per layer, the cache's hashes, read when first needed
 
     def embedding_length(reader: Any, texts: list[str]) -> int | None:
         """DOCUMENT_MAX_LENGTH when this chunk has a text the embeddings cache lacks, else None."""
         if embeddings_to is None or not embeds_documents(reader):
             return None
-        if not embedded:
-            embedded.append(embedded_document_hashes(embeddings_to, sae_reader.model, sae_reader.dtype))
-        lacking = any(isinstance(t, str) and doc_hash(t) not in embedded[0] for t in texts)
+        for layer in (hook_hidden_index(reader.hook), None):
+            if layer not in embedded:
+                embedded[layer] = embedded_document_hashes(
+                    embeddings_to, sae_reader.model, sae_reader.dtype, layer
+                )
+        hashes = [doc_hash(t) for t in texts if isinstance(t, str)]
+        lacking = any(h not in known for known in embedded.values() for h in hashes)
         return DOCUMENT_MAX_LENGTH if lacking else None
 
     chunk_start = [0]  # documents done before the chunk in flight
@@ -428,11 +437,16 @@ def encode_with_progress(
         )
 
     def encoded(hashes: list[str], result: Any) -> None:
-        if result.document_embeddings and embeddings_to is not None:
-            rows = sorted(result.document_embeddings)
-            vectors = [result.document_embeddings[i] for i in rows]
-            store_document_embeddings(
-                embeddings_to, sae_reader.model, sae_reader.dtype, [hashes[i] for i in rows], vectors
-            )
+        for layer, made in result.document_embeddings.items():
+            if made and embeddings_to is not None:
+                rows = sorted(made)
+                store_document_embeddings(
+                    embeddings_to,
+                    sae_reader.model,
+                    sae_reader.dtype,
+                    layer,
+                    [hashes[i] for i in rows],
+                    [made[i] for i in rows],
+                )
 
     return cache.encode_missing(encode, docs, on_chunk=chunk_done, on_start=start, on_encoded=encoded)

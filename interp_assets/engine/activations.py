@@ -49,8 +49,10 @@ class EncodedTexts:
     pooled_tokens: np.ndarray  # tokens eligible for pooling, per document
     truncated: np.ndarray  # bool per document
     errors: dict[int, str] = field(default_factory=dict)  # doc_index -> reason
-    # doc_index -> the document embedding made from the same forward pass (`encode_texts`), when asked for
-    document_embeddings: dict[int, np.ndarray] = field(default_factory=dict)
+    # document embeddings made from the same forward pass (`encode_texts`), when asked for: layer (as
+    # `engine.documents.document_embeddings` takes it: the hook's hidden-state index, None for the last)
+    # -> doc_index -> embedding
+    document_embeddings: dict[int | None, dict[int, np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass
@@ -417,7 +419,8 @@ def _encode_batch(
     reader: Any, docs: list[_Tokenized], workspace: Workspace, embed: bool = False
 ) -> tuple[np.ndarray, ...]:
     """Forward one padded batch; return numpy arrays (batch_row, token_index, token_id, feature, value), and
-    with `embed` (`embeds_documents(reader)` must hold) the batch's document embeddings [batch, d] last."""
+    with `embed` (`embeds_documents(reader)` must hold) the batch's document embeddings [batch, d] at the
+    hook and at the last layer after them."""
     import torch
 
     ids_np, mask_np, keep_np = _batch_arrays(docs, _pad_id(reader))
@@ -430,11 +433,11 @@ def _encode_batch(
     # Every tensor of the forward pass and the SAE encode dies in this block: serve them from the heap.
     with transient_heap():
         if embed:
-            x, pooled = fused.with_document_embeddings(ids, mask, keep, workspace)
+            x, *pooled = fused.with_document_embeddings(ids, mask, keep, workspace)
             # the document embedding recipe's last step (`engine.documents.document_embeddings`)
-            pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
+            pooled = [torch.nn.functional.normalize(p.float(), p=2, dim=1) for p in pooled]
             with own_mappings():
-                embedded = (pooled.cpu().numpy().copy(),)
+                embedded = tuple(p.cpu().numpy().copy() for p in pooled)
         elif fused is not None:
             x = fused(ids, mask, keep, workspace)
         else:
@@ -468,10 +471,10 @@ def encode_texts(
 
     `on_batch(n)` (if given) hears after each forward batch how many of `texts` are done. With
     `document_embedding_max_length` (the `max_length` of `engine.documents.document_embeddings`), where
-    `embeds_documents(reader)`, the same forward pass carries on through the model's last block and gives
-    the document embedding (last layer, mean-pooled, unit length) of every text read whole within that many
-    tokens, as `document_embeddings` would from its own pass (to float rounding): the blocks up to the hook
-    are computed once for both."""
+    `embeds_documents(reader)`, the same forward pass gives the document embeddings (mean-pooled, unit
+    length) at the SAE's hook and, carried on through the model's last block, at the last layer, of every
+    text read whole within that many tokens, as `document_embeddings` would from its own pass (to float
+    rounding): the blocks up to the hook are computed once for all three."""
     tokenized = tokenize_documents(reader, texts)
     embed = document_embedding_max_length is not None and embeds_documents(reader)
     n = len(texts)
@@ -491,7 +494,7 @@ def encode_texts(
             pooled[i] = sum(t.keep)
             truncated[i] = t.truncated
     parts: list[tuple[np.ndarray, ...]] = []
-    embeddings: dict[int, np.ndarray] = {}
+    embeddings: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # doc_index -> (at the hook, last layer)
     workspace = Workspace()
     finished = n - len(good)  # documents that failed tokenization are done already
     for batch in plan_batches([n_tokens[i] for i in good], reader.token_budget):
@@ -512,8 +515,25 @@ def encode_texts(
         pooled_tokens=pooled,
         truncated=truncated,
         errors=errors,
-        document_embeddings={i: v for i, v in embeddings.items() if i in whole and i not in errors},
+        document_embeddings=_by_layer(reader, embeddings, whole - set(errors)) if embed else {},
     )
+
+
+def hook_hidden_index(hook: Any) -> int:
+    """The hidden-state index (0 = embeddings, i = output of block i - 1) a hook point reads: block L's
+    output (`post`) is index L + 1, its input (`pre`) index L."""
+    return hook.layer + (1 if hook.position == "post" else 0)
+
+
+def _by_layer(
+    reader: Any, embeddings: dict[int, tuple[np.ndarray, np.ndarray]], wanted: set[int]
+) -> dict[int | None, dict[int, np.ndarray]]:
+    """`EncodedTexts.document_embeddings` of the documents in `wanted`: at the hook and at the last layer."""
+    at_hook = hook_hidden_index(reader.hook)
+    return {
+        at_hook: {i: v[0] for i, v in embeddings.items() if i in wanted},
+        None: {i: v[1] for i, v in embeddings.items() if i in wanted},
+    }
 
 
 def _encode_with_isolation(
@@ -522,16 +542,16 @@ def _encode_with_isolation(
     tokenized: list[Any],
     errors: dict[int, str],
     workspace: Workspace,
-    embeddings: dict[int, np.ndarray] | None = None,
+    embeddings: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> list[tuple[np.ndarray, ...]]:
     """Encode a batch; if it fails, retry each document alone so only the bad one is rejected. With
-    `embeddings`, the batch's document embeddings are added to it (by doc_index)."""
+    `embeddings`, the batch's document embeddings (at the hook, last layer) are added to it (by doc_index)."""
     try:
         docs = [tokenized[i] for i in doc_idx]
         out = _encode_batch(reader, docs, workspace, embed=embeddings is not None)
         b_row, tok_i, tok_id, feat, val = out[:5]
         if embeddings is not None:
-            embeddings.update(zip(doc_idx, out[5], strict=True))
+            embeddings.update(zip(doc_idx, zip(out[5], out[6], strict=True), strict=True))
         return [(np.asarray(doc_idx, dtype=np.int32)[b_row], tok_i, tok_id, feat, val)]
     except Exception as exc:  # noqa: BLE001
         if len(doc_idx) == 1:

@@ -66,11 +66,12 @@ class BertForward:
 
     def with_document_embeddings(
         self, input_ids: Any, attention_mask: Any, keep: Any, workspace: Workspace
-    ) -> tuple[Any, Any]:
-        """`(hidden, pooled)`: the hidden states `__call__` gives, computed exactly as it does, and from the
-        same pass carried on through the last block, each document's last hidden states averaged over its
-        real tokens ([batch, d], not normalized): the document embedding recipe (`mean_over_documents`),
-        for the cost of the blocks after the hooked one. Needs `through_last=True`."""
+    ) -> tuple[Any, Any, Any]:
+        """`(hidden, at_hook, last)`: the hidden states `__call__` gives, computed exactly as it does, and
+        from the same pass each document's hidden states averaged over its real tokens ([batch, d], not
+        normalized: the document embedding recipe, `mean_over_documents`) at the hook and, carried on
+        through the last block, at the last layer: for the cost of the blocks after the hooked one. Needs
+        `through_last=True`."""
         import torch
 
         if self.tail is None:
@@ -78,7 +79,7 @@ class BertForward:
         with torch.inference_mode():
             return self._forward(input_ids, attention_mask.bool(), keep.bool(), workspace, pool=True)
 
-    def _forward(self, ids: Any, real: Any, keep: Any, ws: Workspace, pool: bool) -> tuple[Any, Any]:
+    def _forward(self, ids: Any, real: Any, keep: Any, ws: Workspace, pool: bool) -> tuple[Any, ...]:
         import torch
 
         batch, length = ids.shape
@@ -105,10 +106,11 @@ class BertForward:
                 full[kept] = hooked
                 full[~kept] = self._feed_forward(self.blocks[-1], context[~kept], hidden[~kept], ws)
         if not pool:
-            return hooked, None
+            return (hooked,)
+        at_hook = mean_over_documents(full, real)
         for block in self.tail:
             full = self._block(block, full, token_rows, pad_rows, key_bias, ws)
-        return hooked, mean_over_documents(full, real)
+        return hooked, at_hook, mean_over_documents(full, real)
 
     def _block(
         self, p: dict, hidden: Any, token_rows: Any, pad_rows: Any, key_bias: Any, ws: Workspace

@@ -8,7 +8,8 @@ gets a feature that fires in its documents and few others.
 
 - `document_embeddings`: the reader model's hidden states at one layer, mean-pooled over each document's
   tokens (attention mask), L2-normalized. With the last layer of the embedded all-MiniLM-L6-v2 this is its
-  sentence embedding (the sentence-transformers recipe).
+  sentence embedding (the sentence-transformers recipe); the document_embeddings asset's default is the
+  layer the reader's SAE reads.
 - `document_sae_size`: width and k by corpus size (HypotheSAEs' guidance: about 64/k=4 for 1k documents,
   256/8 for 10k, 1024/8 for 100k).
 - `fit_lexical_projection` / `lexical_profiles` / `document_representation`: optionally, what the

@@ -173,7 +173,7 @@ def test_a_damaged_document_sae_is_set_aside_and_trained_again_to_the_same_featu
 
 
 def test_feature_effects_measure_the_document_features_when_the_comparison_has_a_document_sae(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     data = load_dbpedia(DBPEDIA)
     sample = np.random.default_rng(3).choice(data.height, size=120, replace=False)
@@ -216,6 +216,22 @@ def test_feature_effects_measure_the_document_features_when_the_comparison_has_a
     assert materialize(
         [BY_NAME["document_sae"]], partition_key=key, instance=instance, resources=resources
     ).success
+    _, metadata = effects_run()  # the default embeddings are the SAE's own layer: not downstream of the edit
+    assert metadata["downstream_features_measured"].value is False
+
+    last = {"ops": {"document_embeddings": {"config": {"layer": -1}}}}
+    for name in drops:
+        assert materialize(
+            DATASET_ASSETS,
+            selection=["document_embeddings"],
+            partition_key=name,
+            instance=instance,
+            resources=resources,
+            run_config=last,
+        ).success
+    assert materialize(
+        [BY_NAME["document_sae"]], partition_key=key, instance=instance, resources=resources
+    ).success
     after, metadata = effects_run()  # its inputs changed: measured again, now with the document features
     assert metadata["downstream_features_measured"].value is True
     assert set(after["score_name"]) == {
@@ -234,36 +250,3 @@ def test_feature_effects_measure_the_document_features_when_the_comparison_has_a
         p for (table, _), schema in stored_schemas(base).items() for p in schema_mismatches(table, schema)
     ]
     assert not problems, problems
-
-    # The directions' unedited embeddings came from the stored document_embeddings (made by the reader's
-    # model, last layer, normalized); they equal the forward pass's, and a document changed since they
-    # were stored sends the rows to the forward pass.
-    from types import SimpleNamespace
-
-    from interp_assets.causal import effects
-    from interp_assets.defs import causal_assets
-    from interp_assets.defs.shared import stored_documents
-
-    storage, sae_reader = resources["storage"], resources["sae_reader"]
-    context = SimpleNamespace(instance=instance)
-    assert causal_assets._stored_embeddings_usable(context, storage, "small_a", sae_reader)
-    docs = stored_documents(storage, "small_a").select("doc_id", "doc_hash", "text").head(8)
-    reader = sae_reader.get_reader()
-    passes = []
-    forward = effects.document_embeddings
-
-    def counted(*args):
-        passes.append(args)
-        return forward(*args)
-
-    monkeypatch.setattr(effects, "document_embeddings", counted)
-    stored = causal_assets._reference_embeddings(storage, "small_a", docs, True, reader)
-    assert not passes
-    fresh = causal_assets._reference_embeddings(storage, "small_a", docs, False, reader)
-    np.testing.assert_allclose(stored, fresh, atol=1e-5)
-    first = pl.col("doc_id") == docs["doc_id"][0]
-    changed = docs.with_columns(
-        pl.when(first).then(pl.lit("new")).otherwise(pl.col("doc_hash")).alias("doc_hash")
-    )
-    causal_assets._reference_embeddings(storage, "small_a", changed, True, reader)
-    assert len(passes) == 2

@@ -78,10 +78,11 @@ def test_single_file_cache_of_earlier_versions_is_read(tmp_path: Path) -> None:
 
 
 def test_token_pass_makes_the_document_embeddings_document_embeddings_reads(tmp_path: Path) -> None:
-    """On the embedded BERT reader, token_activations' forward pass carries on to the last layer and leaves
-    the default document embeddings in the cache: document_embeddings then embeds only the document longer
-    than its 256 tokens, and its table equals a pass of its own (to rounding). A second token pass (another
-    SAE, the same documents) makes none again."""
+    """On the embedded BERT reader, token_activations' forward pass leaves the document embeddings at the
+    SAE's hook (document_embeddings' default layer) and at the last layer (the label scorer's) in the
+    cache: document_embeddings then embeds only the document longer than its 256 tokens, and its table
+    equals a pass of its own at that layer (to rounding). A second token pass (another SAE, the same
+    documents) makes none again."""
     from dagster import DagsterInstance, materialize
 
     from interp_assets.defs.assets import ALL_ASSETS
@@ -106,17 +107,21 @@ def test_token_pass_makes_the_document_embeddings_document_embeddings_reads(tmp_
 
     starts = [e.step_key for e in result.all_events if e.event_type_value == "STEP_START"]
     assert starts.index("token_activations") < starts.index("document_embeddings")
-    embedded = result.asset_materializations_for_node("document_embeddings")[0].metadata["embedded_now"]
-    assert embedded.value == 1  # the long one; the token pass made the other six
+    metadata = result.asset_materializations_for_node("document_embeddings")[0].metadata
+    assert metadata["layer"].value == 4  # the default SAE reads blocks.3.hook_resid_post
+    assert metadata["embedded_now"].value == 1  # the long one; the token pass made the other six
     table = read_table(str(data / "parquet"), "document_embeddings", "tickets").collect().sort("doc_id")
     stored_texts = read_table(str(data / "parquet"), "raw_documents", "tickets").collect().sort("doc_id")
     got = np.asarray(table["embedding"].to_list(), dtype=np.float32)
-    np.testing.assert_allclose(got, document_embeddings(stored_texts["text"].to_list()), atol=1e-6)
+    np.testing.assert_allclose(got, document_embeddings(stored_texts["text"].to_list(), layer=4), atol=1e-6)
 
-    # the same documents read again (another SAE: a new activation cache) embed nothing more
+    # the last layer's, for the scorer: the six the token pass read whole
     storage = resources["storage"]
-    before = embedded_document_hashes(storage, EMBEDDED_READER, "float32")
-    assert len(before) == 7
+    assert len(embedded_document_hashes(storage, EMBEDDED_READER, "float32", None)) == 6
+    assert len(embedded_document_hashes(storage, EMBEDDED_READER, "float32", 4)) == 7
+    # once the long one has its last-layer embedding too (the scorer would embed it), the same documents
+    # read again (another SAE: a new activation cache) embed nothing more
+    cached_document_embeddings(storage, stored_texts.select("doc_hash", "text"), EMBEDDED_READER)
     parts = sorted((storage.cache_dir / "embeddings").rglob("*.parquet"))
     shutil.rmtree(storage.activation_cache_root)
     assert materialize(steps[:2], partition_key="tickets", instance=instance, resources=resources).success

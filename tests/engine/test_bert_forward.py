@@ -138,19 +138,21 @@ def test_half_precision_matches_the_hooked_forward(dtype):
 
 @pytest.mark.parametrize("hook", [HookPoint(0, "pre"), HookPoint(3, "post"), HookPoint(5, "post")], ids=str)
 def test_document_embeddings_from_the_same_pass(minilm, hook):
-    """Carried on through the last block, the pass gives each document's mean last hidden state (the
-    Hugging Face forward's, to rounding) and leaves the hooked hidden states exactly as they were."""
+    """The pass gives each document's mean hidden state at the hook and, carried on through the last block,
+    at the last layer (the Hugging Face forward's, to rounding), and leaves the hooked hidden states exactly
+    as they were."""
     tokenizer, model = minilm
     ids, mask, keep = _batch(tokenizer, SHORT + LONG)
     alone = BertForward(model, hook.layer, hook.position)(ids, mask, keep, Workspace())
     both = BertForward(model, hook.layer, hook.position, through_last=True)
-    hooked, pooled = both.with_document_embeddings(ids, mask, keep, Workspace())
+    hooked, at_hook, last = both.with_document_embeddings(ids, mask, keep, Workspace())
     assert torch.equal(hooked, alone)
     with torch.inference_mode():
-        last = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     weights = mask.unsqueeze(-1).float()
-    expected = (last * weights).sum(1) / weights.sum(1)
-    assert pooled.shape == (len(SHORT) + 1, model.config.hidden_size)
-    torch.testing.assert_close(pooled, expected, atol=2e-5, rtol=1e-5)
+    index = hook.layer + (1 if hook.position == "post" else 0)
+    for pooled, hidden in ((at_hook, states[index]), (last, states[-1])):
+        assert pooled.shape == (len(SHORT) + 1, model.config.hidden_size)
+        torch.testing.assert_close(pooled, (hidden * weights).sum(1) / weights.sum(1), atol=2e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="through_last"):
         BertForward(model, 3, "post").with_document_embeddings(ids, mask, keep, Workspace())

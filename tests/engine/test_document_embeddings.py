@@ -93,8 +93,8 @@ def test_passes_on_a_shared_model_wait_for_each_other() -> None:
 
 def test_the_token_pass_embeds_documents_as_document_embeddings_does() -> None:
     """encode_texts asked for document embeddings gives the same activations, bit for bit, and each text's
-    document embedding as document_embeddings' own pass does (to rounding); a text longer than the
-    embedding's max_length is left to that pass."""
+    document embeddings at the SAE's hook and at the last layer as document_embeddings' own pass does (to
+    rounding); a text longer than the embedding's max_length is left to that pass."""
     from types import SimpleNamespace
 
     from transformers import GPT2Config, GPT2Model
@@ -107,9 +107,11 @@ def test_the_token_pass_embeds_documents_as_document_embeddings_does() -> None:
     plain = encode_texts(reader, texts)
     both = encode_texts(reader, texts, document_embedding_max_length=256)
     assert both.activations.equals(plain.activations)
-    assert not plain.document_embeddings and sorted(both.document_embeddings) == list(range(len(TEXTS)))
-    got = np.stack([both.document_embeddings[i] for i in range(len(TEXTS))])
-    np.testing.assert_allclose(got, document_embeddings(TEXTS), atol=1e-6)
+    assert not plain.document_embeddings and set(both.document_embeddings) == {4, None}  # blocks.3 post
+    for layer, made in both.document_embeddings.items():
+        assert sorted(made) == list(range(len(TEXTS)))
+        got = np.stack([made[i] for i in range(len(TEXTS))])
+        np.testing.assert_allclose(got, document_embeddings(TEXTS, layer=layer), atol=1e-6)
     assert embeds_documents(reader)
     # a pass that reads a text otherwise than the document embedding does (a chat template, an added BOS,
     # a model without the fused forward) gives none
