@@ -479,8 +479,8 @@ _TABLES = (
             col(
                 "embedding",
                 "list<float32>",
-                "the reader's hidden states at the configured layer (default: last), mean-pooled over the "
-                "document's tokens, L2-normalized (for the embedded MiniLM: its sentence embedding)",
+                "the reader's hidden states at the configured layer (default: the one its SAE reads; "
+                "metadata `layer`), mean-pooled over the document's tokens, L2-normalized",
             ),
         ),
     ),
