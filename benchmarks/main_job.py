@@ -15,13 +15,18 @@ a temporary worktree, run with this venv): an interleaved comparison on the same
 time, which a shared VM's drift between sessions does not blur. The JSON then has "baseline" (REV, its
 median runs and every run's wall time) beside the current tree's.
 
-    python benchmarks/main_job.py [--repeats 3] [--baseline REV]
+`document_family_s` is the document family's share of the run (document_embeddings + document_sae +
+document_features). `--dbpedia N` runs the job on two drops of N random DBpedia documents each (from
+../shared/data, written to a temporary landing folder) instead of the demo.
+
+    python benchmarks/main_job.py [--repeats 3] [--baseline REV] [--dbpedia 1000 --out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -32,6 +37,8 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+
+import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -48,15 +55,18 @@ from benchmarks._common import (  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "main_job.json"
 STEP_RE = re.compile(r'Finished execution of step "([^"]+)" in ([0-9.]+)(ms|s|m)')
 LABEL_STEPS = ("feature_labels", "feature_scores")
+DOCUMENT_STEPS = ("document_embeddings", "document_sae", "document_features")
+DBPEDIA = ROOT.parent / "shared" / "data" / "dbpedia" / "dbpedia.tsv"
 
 
-def run_once(data_dir: Path, root: Path = ROOT) -> dict:
-    """Run the main job of the tree at `root` into `data_dir`; wall time, per-step seconds (summed over
-    partitions), metadata."""
+def run_once(data_dir: Path, root: Path = ROOT, inputs: tuple[Path, Path] | None = None) -> dict:
+    """Run the main job of the tree at `root` into `data_dir` (on `inputs`, (landing folder, comparisons
+    file), instead of the demo's); wall time, per-step seconds (summed over partitions), metadata."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", INTERP_DATA_DIR=str(data_dir))
+    extra = [] if inputs is None else ["--landing", str(inputs[0]), "--comparisons", str(inputs[1])]
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(root / "scripts" / "run_main_job.py"), "--data-dir", str(data_dir)],
+        [sys.executable, str(root / "scripts" / "run_main_job.py"), "--data-dir", str(data_dir), *extra],
         env=env,
         capture_output=True,
         text=True,
@@ -106,10 +116,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--repeats", type=int, default=1, help="pairs of runs, each into an empty folder")
     ap.add_argument("--baseline", help="a git revision whose pair of runs precedes each of this tree's")
+    ap.add_argument("--dbpedia", type=int, default=0, help="two drops of this many DBpedia documents each")
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1; got {args.repeats}")
+    if args.dbpedia < 0:
+        ap.error(f"--dbpedia must be a number of documents per drop; got {args.dbpedia}")
     with contextlib.ExitStack() as stack:
+        inputs = None
+        if args.dbpedia:
+            inputs = dbpedia_inputs(Path(stack.enter_context(tempfile.TemporaryDirectory())), args.dbpedia)
         trees = {"current": ROOT}
         if args.baseline:
             trees = {"baseline": stack.enter_context(_worktree(args.baseline))} | trees
@@ -117,7 +133,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name, root in trees.items():
                 pairs[name].append(
-                    _pair(root, f"{repeat + 1}/{args.repeats}{' ' + name if args.baseline else ''}")
+                    _pair(root, f"{repeat + 1}/{args.repeats}{' ' + name if args.baseline else ''}", inputs)
                 )
     baseline = None
     if args.baseline:
@@ -125,6 +141,7 @@ def main() -> None:
         baseline = {"rev": args.baseline, "commit": _commit(args.baseline)} | old
         baseline["repeats"] = _repeats(pairs["baseline"])
     pairs = pairs["current"]
+    what = f"2 x {args.dbpedia} DBpedia documents" if args.dbpedia else "the demo"
     results = {phase: _median_run([p[phase] for p in pairs]) for phase in ("cold", "unchanged")}
     rows = [
         {"phase": phase, **{k: v for k, v in run.items() if k != "steps_s"}} for phase, run in results.items()
@@ -136,13 +153,15 @@ def main() -> None:
             ("wall s", "wall_s", ".1f"),
             ("labels+scores s", "labels_scores_s", ".1f"),
             ("share", "labels_scores_share", ".0%"),
+            ("document family s", "document_family_s", ".1f"),
+            ("share", "document_family_share", ".0%"),
             ("docs encoded", "documents_encoded", "d"),
             ("reader loads", "reader_loads", "d"),
             ("labels recomputed", "labels_recomputed", "d"),
             ("scores recomputed", "scores_recomputed", "d"),
             ("texts embedded", "texts_embedded", "d"),
         ],
-        title="\nMain job on the demo (scripts/run_main_job.py, a fresh process per run)",
+        title=f"\nMain job on {what} (scripts/run_main_job.py, a fresh process per run)",
     )
     slowest = sorted(results["cold"]["steps_s"].items(), key=lambda kv: -kv[1])[:8]
     print("\nSlowest steps (cold, seconds over partitions): " + ", ".join(f"{k} {v:.1f}" for k, v in slowest))
@@ -162,12 +181,42 @@ def main() -> None:
         results
         | {"repeats": repeats}
         | ({"baseline": baseline} if baseline is not None else {})
-        | {"load_avg": load_average(), "cpus": os.cpu_count(), "cpu": cpu_model(), "git": git_state()},
+        | {
+            "inputs": what,
+            "load_avg": load_average(),
+            "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
+            "git": git_state(),
+        },
         args.out,
     )
 
 
-def _pair(root: Path, tag: str) -> dict:
+def dbpedia_inputs(folder: Path, n_docs: int, seed: int = 0) -> tuple[Path, Path]:
+    """Two drops of `n_docs` distinct random DBpedia documents each and their comparison, under `folder`."""
+    if not DBPEDIA.is_file():
+        raise SystemExit(f"--dbpedia: {DBPEDIA} not found (the shared data beside the repository clone)")
+    frame = pl.read_csv(DBPEDIA, separator="\t", quote_char=None, infer_schema_length=0)
+    texts = (
+        frame.select(pl.col("text").str.strip_chars())
+        .filter(pl.col("text") != "")
+        .unique(maintain_order=True)
+    )
+    if texts.height < 2 * n_docs:
+        raise SystemExit(
+            f"--dbpedia {n_docs}: the sample has {texts.height} distinct texts, fewer than 2 x {n_docs}"
+        )
+    texts = texts.sample(2 * n_docs, seed=seed)
+    landing = folder / "landing"
+    landing.mkdir(parents=True)
+    texts[:n_docs].write_parquet(landing / "dbpedia_a.parquet")
+    texts[n_docs:].write_parquet(landing / "dbpedia_b.parquet")
+    comparisons = folder / "comparisons.json"
+    comparisons.write_text(json.dumps([{"a": "dbpedia_a", "b": "dbpedia_b"}]))
+    return landing, comparisons
+
+
+def _pair(root: Path, tag: str, inputs: tuple[Path, Path] | None = None) -> dict:
     """A cold run into an empty folder, then an unchanged one, of the tree at `root`."""
     pair = {}
     with tempfile.TemporaryDirectory(prefix="main_job_") as tmp:
@@ -175,10 +224,12 @@ def _pair(root: Path, tag: str) -> dict:
         for phase in ("cold", "unchanged"):
             gflops = cpu_gflops()
             since = time.time()
-            run = run_once(data_dir, root)
+            run = run_once(data_dir, root, inputs)
             run |= run_metadata(data_dir, since)
             run["labels_scores_s"] = round(sum(run["steps_s"].get(s, 0.0) for s in LABEL_STEPS), 1)
             run["labels_scores_share"] = round(run["labels_scores_s"] / run["wall_s"], 3)
+            run["document_family_s"] = round(sum(run["steps_s"].get(s, 0.0) for s in DOCUMENT_STEPS), 1)
+            run["document_family_share"] = round(run["document_family_s"] / run["wall_s"], 3)
             run["cpu_gflops"] = gflops
             pair[phase] = run
             print(f"{tag} {phase}: {run['wall_s']} s ({gflops} GFLOP/s)", flush=True)

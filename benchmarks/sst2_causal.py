@@ -131,7 +131,8 @@ def main() -> None:
     )
     tops = top_features(diff, args.top)
     # The document family downstream of the token SAE: trained label-blind on every train sentence's
-    # embedding (the reader's last layer, mean-pooled, L2-normalized: document_embeddings' defaults).
+    # embedding (the reader's last layer, after the edited one, mean-pooled, L2-normalized:
+    # document_embeddings with layer -1).
     train_texts = [t for side in SIDES.values() for t in train_docs[side]["text"].to_list()]
     saes, doc_report = train_document_saes(
         document_embeddings(train_texts), DocumentSAEConfig(seed=args.seed)
