@@ -34,7 +34,13 @@ from interp_assets.defs.shared import (
     reuse_stored_output,
     stored_documents,
 )
-from interp_assets.engine.documents import LEXICAL_PROJECTION_FILE, document_sae_problem, load_document_sae
+from interp_assets.engine.documents import (
+    LEXICAL_PROJECTION_FILE,
+    document_sae_problem,
+    hidden_state_index,
+    load_document_sae,
+)
+from interp_assets.engine.reader import model_layer_count
 from interp_assets.storage.parquet import markdown_preview, read_table, table_exists, write_bytes_atomic
 from resources.sae_reader import SAEReaderResource
 from resources.storage import StorageResource
@@ -109,12 +115,13 @@ def _reference_embeddings(
 def _document_family(
     context: AssetExecutionContext, storage: StorageResource, key: str, sae_reader: SAEReaderResource
 ) -> tuple[str, int | None, bool] | None:
-    """Where the comparison's document SAE is saved, with the layer and normalization its embeddings were
-    made with (`effects.DocumentFamily`'s), when its features lie downstream of the reader's edit: None
-    (with a log line saying why) when there is no document SAE, its save is damaged, it also reads lexical
-    profiles (token features at the edited hook itself, not downstream of it), the datasets'
-    document_embeddings came from another model or settings, or from a layer at or before the edit (the
-    default, the SAE's own layer: set document_embeddings' `layer` to -1 for the last). Loads nothing."""
+    """Where the comparison's document SAE is saved, with the layer (counted from the end) and normalization
+    its embeddings were made with (`effects.DocumentFamily`'s), when its features lie downstream of the
+    reader's edit: None (with a log line saying why) when there is no document SAE, its save is damaged,
+    it also reads lexical profiles (token features at the edited hook itself, not downstream of it), the
+    datasets' document_embeddings came from another model or settings, or from a hidden state at or before
+    the edit, however its layer was given (the default, the SAE's own layer: set document_embeddings'
+    `layer` to -1 for the last). Reads the model's configuration; loads no weights."""
     reader_model = sae_reader.model
     base = storage.parquet_base
     if not table_exists(base, "document_sae", key):
@@ -138,16 +145,23 @@ def _document_family(
             f"the datasets' document_embeddings (model, layer, normalize) are {found}, not one setting "
             f"recorded for this reader's model {reader_model!r}; materialize document_embeddings again"
         )
-    edit = reader_hook_index(sae_reader)
-    if why is None and isinstance(layer, int) and 0 <= layer <= edit:
-        why = (
-            f"the document embeddings are the hidden state {layer}, at or before the edit (hidden state "
-            f"{edit}), not downstream of it; materialize document_embeddings with a later layer (e.g. -1)"
-        )
+    from_end = None
+    if why is None:
+        n_layers = model_layer_count(reader_model)
+        index = hidden_state_index(None if layer in (None, "last") else int(layer), n_layers)
+        edit = reader_hook_index(sae_reader)
+        if index <= edit:
+            why = (
+                f"the document embeddings are the hidden state {index}, at or before the edit (hidden state "
+                f"{edit}), not downstream of it; materialize document_embeddings with a later layer (e.g. -1)"
+            )
+        # counted from the end: an edited pass records the hidden states after the edit only (the blocks
+        # before it are replayed), so the positions from the end are the ones that hold
+        from_end = index - (n_layers + 1)
     if why is not None:
         context.log.warning(f"feature_effects [{key}]: downstream features not measured: {why}.")
         return None
-    return path, None if layer in (None, "last") else int(layer), bool(normalize)
+    return path, from_end, bool(normalize)
 
 
 @asset(
@@ -209,11 +223,7 @@ def feature_effects(
     family = None
     if downstream is not None:
         path, layer, normalize = downstream
-        # counted from the end: an edited pass records the hidden states after the edit only (the blocks
-        # before it are replayed), so the positions from the end are the ones that hold
-        n_hidden = int(sae_reader.get_reader().model.config.num_hidden_layers) + 1
-        from_end = None if layer is None else layer % n_hidden - n_hidden
-        family = effects.DocumentFamily(load_document_sae(path), layer=from_end, normalize=normalize)
+        family = effects.DocumentFamily(load_document_sae(path), layer=layer, normalize=normalize)
 
     diff = read_table(base, "diff_features", key).filter(pl.col("family") == "token").collect()
     targets = _targets(diff, config, key)

@@ -380,24 +380,36 @@ def _check_settings(activation_dtype: str, chat_role: str) -> None:
         raise ValueError(f"chat_role must be one of {list(CHAT_ROLES)}; got {chat_role!r}.")
 
 
-def model_config_digest(model: str, config: Any = None) -> str:
-    """Digest of the reader model's configuration, the same whether or not the model is loaded.
-
-    A model in a local folder (the embedded default included) is digested from its `config.json`, read as
-    JSON without importing transformers; a hub id from `config` (the loaded model's) or its AutoConfig.
-    """
+def _model_config_data(model: str, config: Any = None) -> dict[str, Any]:
+    """The model's configuration as a dict: a model in a local folder (the embedded default included) from
+    its `config.json`, read as JSON without importing transformers; a hub id from `config` (the loaded
+    model's) or its AutoConfig."""
     path = resolve_model_path(model)
     file = Path(path) / "config.json"
     if file.is_file():
-        data = json.loads(file.read_text())
-    else:
-        if config is None:
-            from transformers import AutoConfig
+        return json.loads(file.read_text())
+    if config is None:
+        from transformers import AutoConfig
 
-            from interp_assets.engine.reader_model import _offline
+        from interp_assets.engine.reader_model import _offline
 
-            config = AutoConfig.from_pretrained(path, local_files_only=_offline())
-        data = config.to_dict()
+        config = AutoConfig.from_pretrained(path, local_files_only=_offline())
+    return config.to_dict()
+
+
+def model_layer_count(model: str) -> int:
+    """How many blocks the model has (its hidden states are 0 .. this), from its configuration alone."""
+    data = _model_config_data(model)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):  # BERT/Llama, GPT-2, others
+        if isinstance(data.get(name), int):
+            return int(data[name])
+    raise ValueError(f"model {model!r}: its configuration names no layer count (num_hidden_layers, n_layer)")
+
+
+def model_config_digest(model: str, config: Any = None) -> str:
+    """Digest of the reader model's configuration, the same whether or not the model is loaded
+    (`_model_config_data`)."""
+    data = _model_config_data(model, config)
     for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
         data.pop(volatile, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -107,3 +107,18 @@ def test_resource_identity_does_not_load_the_model(tmp_path: Path) -> None:
     assert identity.fingerprint == resource.get_reader().fingerprint
     assert resource.loaded
     assert json.loads(json.dumps(identity.identity)) == identity.identity  # plain JSON: a stable key
+
+
+def test_the_layer_count_comes_from_the_configuration_alone(tmp_path: Path) -> None:
+    """feature_effects resolves a document-embedding layer given from the end (e.g. -3) against this, so
+    that embeddings at or before the edit are never taken for downstream ones."""
+    from interp_assets.engine.reader import model_layer_count
+    from interp_assets.engine.reader_model import EMBEDDED_READER
+
+    assert model_layer_count(EMBEDDED_READER) == 6  # all-MiniLM-L6-v2
+    gpt2 = _tiny_gpt2(tmp_path / "gpt2")
+    assert model_layer_count(str(gpt2)) == 2  # GPT-2 names it n_layer
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({"hidden_size": 16}))
+    with pytest.raises(ValueError, match="names no layer count"):
+        model_layer_count(str(tmp_path / "odd"))
