@@ -56,7 +56,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "main_job.json"
 STEP_RE = re.compile(r'Finished execution of step "([^"]+)" in ([0-9.]+)(ms|s|m)')
 LABEL_STEPS = ("feature_labels", "feature_scores")
 DOCUMENT_STEPS = ("document_embeddings", "document_sae", "document_features")
-DBPEDIA = ROOT.parent / "shared" / "data" / "dbpedia" / "dbpedia.tsv"
 
 
 def run_once(data_dir: Path, root: Path = ROOT, inputs: tuple[Path, Path] | None = None) -> dict:
@@ -194,9 +193,12 @@ def main() -> None:
 
 def dbpedia_inputs(folder: Path, n_docs: int, seed: int = 0) -> tuple[Path, Path]:
     """Two drops of `n_docs` distinct random DBpedia documents each and their comparison, under `folder`."""
-    if not DBPEDIA.is_file():
-        raise SystemExit(f"--dbpedia: {DBPEDIA} not found (the shared data beside the repository clone)")
-    frame = pl.read_csv(DBPEDIA, separator="\t", quote_char=None, infer_schema_length=0)
+    from benchmarks.planted import DBPEDIA, load_dbpedia
+
+    try:
+        frame = load_dbpedia(DBPEDIA)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"--dbpedia: {exc}") from exc
     texts = (
         frame.select(pl.col("text").str.strip_chars())
         .filter(pl.col("text") != "")
