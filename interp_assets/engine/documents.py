@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -38,11 +37,10 @@ from interp_assets.engine.bert_forward import mean_over_documents
 from interp_assets.engine.reader_model import EMBEDDED_READER, model_lock, shared_reader_model
 from interp_assets.storage.checksums import checksum_problem, file_record
 from interp_assets.storage.parquet import write_bytes_atomic
-from interp_assets.threads import results_when_done
 
 # bumped when training or encoding changes what document features hold (2: the optional lexical profile;
-# 3: an ensemble of seeded members)
-DOCUMENT_SAE_VERSION = "3"
+# 3: an ensemble of seeded members; 4: the members train together in one stacked model)
+DOCUMENT_SAE_VERSION = "4"
 DEFAULT_MEMBERS = 3
 
 
@@ -177,15 +175,31 @@ class DocumentSAEConfig:
 def train_document_sae(
     embeddings: np.ndarray, config: DocumentSAEConfig, stop: threading.Event | None = None
 ) -> tuple[Any, dict[str, Any]]:
-    """Train a TopK SAE on document embeddings (`[n, d]`); returns `(sae, report)`.
+    """Train one TopK SAE on document embeddings (`[n, d]`) with seed `config.seed`; `(sae, report)`.
 
     The report holds the size used, samples seen, fraction of variance explained, mean L0 and the dead
     feature fraction on the training documents. Setting `stop` ends the training early (TrainingStopped).
     """
+    saes, report = train_document_saes(embeddings, replace(config, members=1), stop)
+    return saes[0], report["member_reports"][0]
+
+
+def train_document_saes(
+    embeddings: np.ndarray, config: DocumentSAEConfig, stop: threading.Event | None = None
+) -> tuple[list[Any], dict[str, Any]]:
+    """`config.members` document SAEs on the same embeddings, seeds `config.seed + i`; `(saes, report)`.
+
+    The members train together (`sae_training.train_topk_saes`), each exactly as its seed trains alone.
+    The report holds the members' shared size (`d_sae` per member, `k`), `members`, `n_features` (all
+    members' features), each member's report under "member_reports", and the family's quality: mean
+    fraction of variance explained and the dead share of all features.
+    """
     import torch
 
-    from interp_assets.engine.sae_training import evaluate_sae, train_topk_sae
+    from interp_assets.engine.sae_training import evaluate_sae, train_topk_saes
 
+    if config.members < 1:
+        raise ValueError(f"A document SAE ensemble needs members >= 1; got members={config.members}.")
     x = np.asarray(embeddings, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"Document embeddings must be [n_docs >= 2, dim]; got shape {x.shape}.")
@@ -197,94 +211,49 @@ def train_document_sae(
         raise ValueError(f"Document SAE needs 0 < k < d_sae; got k={k}, d_sae={d_sae}.")
     batch = min(config.batch_size, n)
     acts = torch.from_numpy(x)
-    epochs = min(float(config.max_epochs), config.steps / max(1, n // batch))
-    sae, seen = train_topk_sae(
+    seeds = [config.seed + i for i in range(config.members)]
+    saes, seen = train_topk_saes(
         acts,
         d_sae=d_sae,
         k=k,
-        epochs=epochs,
+        seeds=seeds,
+        epochs=min(float(config.max_epochs), config.steps / max(1, n // batch)),
         batch_size=batch,
         lr=config.lr,
-        seed=config.seed,
         metadata={"hook_name": "document_embedding", "model_name": "document_embeddings"},
         dead_feature_samples=max(10 * batch, 5 * n),
         stop=stop,
     )
-    quality = evaluate_sae(sae, acts)
+    reports = []
+    for seed, sae in zip(seeds, saes, strict=True):
+        quality = evaluate_sae(sae, acts)
+        reports.append(
+            {
+                "d_in": int(x.shape[1]),
+                "d_sae": d_sae,
+                "k": k,
+                "n_documents": n,
+                "samples_seen": int(seen),
+                "fraction_variance_explained": float(quality["fraction_variance_explained"]),
+                "mean_l0": float(quality["mean_l0"]),
+                "dead_feature_fraction": float(quality["dead_feature_fraction"]),
+                "seed": seed,
+            }
+        )
     report = {
         "d_in": int(x.shape[1]),
         "d_sae": d_sae,
         "k": k,
-        "n_documents": n,
-        "samples_seen": int(seen),
-        "fraction_variance_explained": float(quality["fraction_variance_explained"]),
-        "mean_l0": float(quality["mean_l0"]),
-        "dead_feature_fraction": float(quality["dead_feature_fraction"]),
-    }
-    return sae, report
-
-
-def train_document_saes(
-    embeddings: np.ndarray, config: DocumentSAEConfig
-) -> tuple[list[Any], dict[str, Any]]:
-    """`config.members` document SAEs on the same embeddings, seeds `config.seed + i`; `(saes, report)`.
-
-    The report holds the members' shared size (`d_sae` per member, `k`), `members`, `n_features` (all
-    members' features), each member's report under "member_reports", and the family's quality: mean
-    fraction of variance explained and the dead share of all features.
-    """
-    if config.members < 1:
-        raise ValueError(f"A document SAE ensemble needs members >= 1; got members={config.members}.")
-    trained = _train_in_parallel(
-        [
-            lambda stop, i=i: train_document_sae(embeddings, replace(config, seed=config.seed + i), stop)
-            for i in range(config.members)
-        ]
-    )
-    saes = [sae for sae, _ in trained]
-    reports = [report | {"seed": config.seed + i} for i, (_, report) in enumerate(trained)]
-    first = reports[0]
-    report = {
-        "d_in": first["d_in"],
-        "d_sae": first["d_sae"],
-        "k": first["k"],
         "members": config.members,
-        "n_features": first["d_sae"] * config.members,
-        "n_documents": first["n_documents"],
-        "samples_seen": int(sum(r["samples_seen"] for r in reports)),
+        "n_features": d_sae * config.members,
+        "n_documents": n,
+        "samples_seen": int(seen) * config.members,
         "fraction_variance_explained": float(np.mean([r["fraction_variance_explained"] for r in reports])),
         "mean_l0": float(np.mean([r["mean_l0"] for r in reports])),
         "dead_feature_fraction": float(np.mean([r["dead_feature_fraction"] for r in reports])),
         "member_reports": reports,
     }
     return saes, report
-
-
-def _train_in_parallel(jobs: list[Callable[[threading.Event], Any]]) -> list[Any]:
-    """Run independent SAE trainings, one per CPU thread torch may use, each on one thread, in order of
-    `jobs`. A small SAE's step is mostly per-operation overhead, which more threads per step do not
-    reduce, while steps of different SAEs overlap. Each SAE starts from its own seed, so the results
-    match training one after another (on our CPU build the same weights bit for bit, one thread or two).
-
-    Each job gets a stop event. An interrupt (Ctrl-C, a stopped run) sets it, so the trainings still
-    running end within one step, and is raised again."""
-    import torch
-
-    stop = threading.Event()
-    workers = min(len(jobs), torch.get_num_threads())
-    if workers <= 1:
-        return [job(stop) for job in jobs]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="document-sae")
-    try:
-        return results_when_done([pool.submit(job, stop) for job in jobs])
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # the running ones end within a step of `stop`
-        torch.set_num_threads(threads)
 
 
 def _member_activations(sae: Any, embeddings: Any) -> Iterator[tuple[int, np.ndarray]]:
