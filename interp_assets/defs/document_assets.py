@@ -175,7 +175,7 @@ class DocumentSAETrainingConfig(Config):
 
     d_sae: int = 0
     k: int = 0
-    steps: int = 3000  # at most; fewer when max_epochs passes over the documents take fewer
+    steps: int = 2000  # at most; fewer when max_epochs passes over the documents take fewer
     max_epochs: int = 200
     lr: float = 1e-3
     seed: int = 0

@@ -164,7 +164,7 @@ class DocumentSAEConfig:
 
     d_sae: int = 0
     k: int = 0
-    steps: int = 3000
+    steps: int = 2000
     max_epochs: int = 200
     batch_size: int = 128
     lr: float = 1e-3
