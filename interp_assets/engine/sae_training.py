@@ -19,7 +19,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 # Seeding and initialising an SAE use torch's global random generator: one at a time, so that SAEs trained
-# in parallel threads (`train_document_saes`) start exactly as they would alone.
+# on several threads at once (runs sharing a process) start exactly as they would alone.
 _INIT_LOCK = threading.Lock()
 
 

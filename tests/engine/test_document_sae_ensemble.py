@@ -34,8 +34,8 @@ CONFIG = DocumentSAEConfig(d_sae=16, k=2, steps=60, batch_size=32, members=3, se
 
 def test_an_interrupt_stops_every_member_within_a_step() -> None:
     """Ctrl-C (or a stopped run) half a second into training three members of 20,000 steps each (over a
-    minute each): the call raises at once, the members still training stop at their next step, and torch
-    gets its thread count back."""
+    minute in all): the call raises within a step, leaves no thread behind, and torch keeps its thread
+    count."""
     import torch
 
     threads = torch.get_num_threads()
@@ -58,7 +58,7 @@ def test_members_are_the_seeded_single_saes_and_share_one_numbering(tmp_path: Pa
     assert report["fraction_variance_explained"] == pytest.approx(
         np.mean([r["fraction_variance_explained"] for r in report["member_reports"]])
     )
-    # members train in parallel threads, each exactly as its seed trains alone
+    # members train stacked, each as its seed trains alone (to float rounding)
     for i, member in enumerate(saes):
         single, _ = train_document_sae(
             x, DocumentSAEConfig(d_sae=16, k=2, steps=60, batch_size=32, seed=5 + i)
