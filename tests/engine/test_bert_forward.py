@@ -126,14 +126,26 @@ def test_each_run_sees_the_weights_and_hook_as_they_are_then():
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_matches_the_hooked_forward(dtype):
+def test_half_precision_is_as_accurate_as_the_hooked_forward(minilm, dtype):
+    """In half precision the two forwards round in different places, and how far apart that leaves them
+    depends on the CPU's kernels (bfloat16 on one host: 6% of values beyond torch's default tolerance,
+    on another none). What must hold everywhere: ours is as close to the float32 forward as the Hugging
+    Face forward in the same dtype is (root-mean-square error relative to the float32 values' scale;
+    measured: bfloat16 0.0084 against 0.0085, float16 0.0011 both; a forward one layer off is at 0.49)."""
     tokenizer, model = load_reader_model(EMBEDDED_READER, dtype=dtype)
     ids, mask, keep = _batch(tokenizer, SHORT + LONG)
     hook = HookPoint(3, "post")
+    reference = _hooked(minilm[1], hook, ids, mask)[keep]
     expected = _hooked(model, hook, ids, mask)[keep]
     ours = BertForward(model, hook.layer, hook.position)(ids, mask, keep, Workspace())
     assert ours.dtype == expected.dtype == getattr(torch, dtype)
-    torch.testing.assert_close(ours, expected)  # torch's default tolerances for the dtype
+    assert ours.shape == reference.shape
+
+    def error(values: torch.Tensor) -> float:
+        return float((values.float() - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt())
+
+    assert error(expected) < 0.02  # the dtype's own rounding, far below a wrong layer's 0.49
+    assert error(ours) <= 1.25 * error(expected) + 1e-4
 
 
 @pytest.mark.parametrize("hook", [HookPoint(0, "pre"), HookPoint(3, "post"), HookPoint(5, "post")], ids=str)
