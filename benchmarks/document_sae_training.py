@@ -44,7 +44,7 @@ from interp_assets.defs.document_assets import reader_hook_index  # noqa: E402
 from interp_assets.engine.documents import (  # noqa: E402
     DocumentSAEConfig,
     document_embeddings,
-    document_sae_size,
+    document_sae_training_settings,
 )
 from interp_assets.engine.sae_training import (  # noqa: E402
     TOPK_PARAMS,
@@ -82,18 +82,9 @@ def main() -> None:
     acts = torch.from_numpy(embeddings)
 
     config = DocumentSAEConfig()
-    d_sae, k = document_sae_size(args.n_docs)
-    batch = min(config.batch_size, args.n_docs)
+    settings = document_sae_training_settings(args.n_docs, config)
+    d_sae, k, batch = settings["d_sae"], settings["k"], settings["batch_size"]
     seeds = [config.seed + i for i in range(config.members)]
-    settings = {
-        "d_sae": d_sae,
-        "k": k,
-        "epochs": min(float(config.max_epochs), config.steps / max(1, args.n_docs // batch)),
-        "batch_size": batch,
-        "lr": config.lr,
-        "metadata": {"hook_name": "document_embedding", "model_name": "document_embeddings"},
-        "dead_feature_samples": max(10 * batch, 5 * args.n_docs),
-    }
 
     runs = []
     for repeat in range(args.repeats):

@@ -172,6 +172,27 @@ class DocumentSAEConfig:
     members: int = DEFAULT_MEMBERS
 
 
+def document_sae_training_settings(n_docs: int, config: DocumentSAEConfig) -> dict[str, Any]:
+    """`train_topk_saes`' settings (all but the seeds) for a document SAE on `n_docs` documents: width and
+    k from `config` or by corpus size (`document_sae_size`), `config.max_epochs` passes over the documents
+    but at most `config.steps` batches, and a latent counted dead after 5 passes without firing."""
+    auto_d, auto_k = document_sae_size(n_docs)
+    d_sae = config.d_sae or auto_d
+    k = config.k or auto_k
+    if not 0 < k < d_sae:
+        raise ValueError(f"Document SAE needs 0 < k < d_sae; got k={k}, d_sae={d_sae}.")
+    batch = min(config.batch_size, n_docs)
+    return {
+        "d_sae": d_sae,
+        "k": k,
+        "epochs": min(float(config.max_epochs), config.steps / max(1, n_docs // batch)),
+        "batch_size": batch,
+        "lr": config.lr,
+        "metadata": {"hook_name": "document_embedding", "model_name": "document_embeddings"},
+        "dead_feature_samples": max(10 * batch, 5 * n_docs),
+    }
+
+
 def train_document_sae(
     embeddings: np.ndarray, config: DocumentSAEConfig, stop: threading.Event | None = None
 ) -> tuple[Any, dict[str, Any]]:
@@ -204,26 +225,11 @@ def train_document_saes(
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"Document embeddings must be [n_docs >= 2, dim]; got shape {x.shape}.")
     n = x.shape[0]
-    auto_d, auto_k = document_sae_size(n)
-    d_sae = config.d_sae or auto_d
-    k = config.k or auto_k
-    if not 0 < k < d_sae:
-        raise ValueError(f"Document SAE needs 0 < k < d_sae; got k={k}, d_sae={d_sae}.")
-    batch = min(config.batch_size, n)
+    settings = document_sae_training_settings(n, config)
+    d_sae, k = settings["d_sae"], settings["k"]
     acts = torch.from_numpy(x)
     seeds = [config.seed + i for i in range(config.members)]
-    saes, seen = train_topk_saes(
-        acts,
-        d_sae=d_sae,
-        k=k,
-        seeds=seeds,
-        epochs=min(float(config.max_epochs), config.steps / max(1, n // batch)),
-        batch_size=batch,
-        lr=config.lr,
-        metadata={"hook_name": "document_embedding", "model_name": "document_embeddings"},
-        dead_feature_samples=max(10 * batch, 5 * n),
-        stop=stop,
-    )
+    saes, seen = train_topk_saes(acts, seeds=seeds, stop=stop, **settings)
     reports = []
     for seed, sae in zip(seeds, saes, strict=True):
         quality = evaluate_sae(sae, acts)

@@ -44,6 +44,15 @@ def shuffled_batches(
             yield acts[perm[start : start + batch_size]]
 
 
+def _check_training_data(acts: Any, batch_size: int) -> None:
+    """Refuse training data that is not `[n, d_in]` with at least one batch of rows."""
+    if acts.ndim != 2 or acts.shape[0] < batch_size:
+        raise ValueError(
+            f"SAE training needs a [n, d_in] array with at least batch_size={batch_size} rows; got shape "
+            f"{tuple(acts.shape)}. Give it more data or a smaller batch size."
+        )
+
+
 def train_topk_sae(
     acts: Any,
     *,
@@ -67,11 +76,7 @@ def train_topk_sae(
     from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE
     from sae_lens.config import SAETrainerConfig  # not re-exported at the top level
 
-    if acts.ndim != 2 or acts.shape[0] < batch_size:
-        raise ValueError(
-            f"SAE training needs a [n, d_in] array with at least batch_size={batch_size} rows; got shape "
-            f"{tuple(acts.shape)}. Give it more data or a smaller batch size."
-        )
+    _check_training_data(acts, batch_size)
     d_in = int(acts.shape[1])
     sae_cfg = _topk_training_config(d_in, d_sae, k, metadata)
     with _INIT_LOCK:
@@ -158,11 +163,7 @@ def train_topk_saes(
 
     if not seeds:
         raise ValueError("train_topk_saes needs at least one seed (one per SAE to train).")
-    if acts.ndim != 2 or acts.shape[0] < batch_size:
-        raise ValueError(
-            f"SAE training needs a [n, d_in] array with at least batch_size={batch_size} rows; got shape "
-            f"{tuple(acts.shape)}. Give it more data or a smaller batch size."
-        )
+    _check_training_data(acts, batch_size)
     n, d_in = int(acts.shape[0]), int(acts.shape[1])
     members = []
     for seed in seeds:
@@ -194,17 +195,10 @@ def train_topk_saes(
     )
     dead_window = max(10, dead_feature_samples // batch_size)
     since_fired = torch.zeros(len(seeds), d_sae)
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    epoch_data = scaled.new_empty(len(seeds), steps_per_epoch * batch_size, d_in)
-    for step in range(total_steps):
-        if stop is not None and stop.is_set():
-            raise TrainingStopped("SAE training was stopped before it finished.")
-        start = (step % steps_per_epoch) * batch_size
-        if start == 0:  # each member's own seeded permutation every epoch, as `shuffled_batches` draws
-            for i, generator in enumerate(generators):
-                order = torch.randperm(n, generator=generator)[: epoch_data.shape[1]]
-                torch.index_select(scaled, 0, order, out=epoch_data[i])
-        x = epoch_data[:, start : start + batch_size]
+    # each member's batches as `train_topk_sae` draws them (its seed's permutation every epoch)
+    batches = [shuffled_batches(scaled, batch_size, seed, stop) for seed in seeds]
+    for _ in range(total_steps):
+        x = torch.stack([next(member_batches) for member_batches in batches])
         fired = topk_step(params, grads, x, k, since_fired > dead_window)
         since_fired += 1
         since_fired.masked_fill_(fired, 0)
@@ -240,7 +234,7 @@ def topk_step(params: list[Any], grads: list[Any], x: Any, k: int, dead: Any) ->
     import torch
 
     W_enc, b_enc, W_dec, b_dec = params
-    members, batch, d_in = x.shape
+    batch = x.shape[1]
     with torch.no_grad():
         norm = W_dec.norm(dim=-1)  # [m, L]
         inv_norm = 1 / norm
